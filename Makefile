@@ -1,0 +1,75 @@
+# pyport build, test and tooling entry points. See README.md.
+#
+# `make`        build the port program (priv/pyport) and the Erlang application (ebin/)
+# `make test`   cargo test + pytest (wire protocol) + Common Test (Erlang API); fails if any fails
+# `make demo`   start the application and run a short, readable script of calls
+
+PYTHON ?= $(shell python3 -c 'import sys; print(sys.executable)' 2>/dev/null)
+CARGO  ?= cargo
+ERLC   ?= erlc
+BUILD  := _build
+
+ERL_SRCS := $(wildcard erl_src/*.erl)
+BEAMS    := $(patsubst erl_src/%.erl,ebin/%.beam,$(ERL_SRCS))
+CT_LOGS  := $(BUILD)/ct_logs
+PLT      := $(BUILD)/pyport.plt
+
+export PYO3_PYTHON := $(PYTHON)
+
+.PHONY: all port erlang test cargo-test pytest ct dialyzer demo bootstrap clean \
+        bench soak fuzz test-matrix
+
+all: port erlang
+
+# cargo is incremental; always asking it keeps priv/pyport in step with PYTHON and the sources.
+port:
+	$(CARGO) build --release --locked 2>&1 | grep -v '^\s*Fresh' || true
+	@test -x target/release/pyport || { echo "cargo build failed" >&2; exit 1; }
+	@mkdir -p priv
+	@cmp -s target/release/pyport priv/pyport || cp target/release/pyport priv/pyport
+
+erlang: $(BEAMS) ebin/pyport.app
+
+ebin/%.beam: erl_src/%.erl $(wildcard erl_src/*.hrl)
+	@mkdir -p ebin
+	$(ERLC) +debug_info +warn_missing_spec -Werror -I erl_src -o ebin $<
+
+ebin/pyport.app: erl_src/pyport.app.src
+	@mkdir -p ebin
+	cp $< $@
+
+# Installs what a fresh Debian machine lacks: Erlang/OTP (with common_test and dialyzer)
+# from the OS packages, and the Python test packages from PyPI.
+bootstrap:
+	@bash scripts/bootstrap.sh "$(PYTHON)"
+
+test: all
+	@rc=0; \
+	$(MAKE) --no-print-directory cargo-test || rc=1; \
+	$(MAKE) --no-print-directory pytest || rc=1; \
+	$(MAKE) --no-print-directory ct || rc=1; \
+	$(MAKE) --no-print-directory dialyzer || rc=1; \
+	exit $$rc
+
+cargo-test:
+	$(CARGO) test --release --locked
+
+pytest: port
+	PYPORT_BIN=$(CURDIR)/priv/pyport $(PYTHON) -m pytest -q pytests
+
+ct: all
+	@mkdir -p $(CT_LOGS)
+	@bash scripts/ct.sh $(CT_LOGS) $(CT_ARGS)
+
+dialyzer: erlang
+	@mkdir -p $(BUILD)
+	@test -f $(PLT) || dialyzer --build_plt --output_plt $(PLT) --apps erts kernel stdlib
+	dialyzer --plt $(PLT) -Wunmatched_returns -Werror_handling ebin
+
+demo: all
+	@erlc -o $(BUILD) examples/pyport_demo.erl 2>/dev/null || { mkdir -p $(BUILD) && erlc -o $(BUILD) examples/pyport_demo.erl; }
+	erl -noshell -pa ebin -pa $(BUILD) -eval 'pyport_demo:main(), halt().'
+
+clean:
+	$(CARGO) clean
+	rm -rf ebin priv/pyport $(BUILD)
