@@ -13,8 +13,8 @@ fn main() {
 
     let config = pyo3_build_config::get();
     let python = config
-        .executable
-        .clone()
+        .executable()
+        .map(str::to_string)
         .or_else(|| std::env::var("PYO3_PYTHON").ok())
         .unwrap_or_else(|| "python3".to_string());
     let out = Command::new(&python)

@@ -1,1 +1,195 @@
-fn main(){}
+//! pyport: runs Python for an Erlang VM, as a port program.
+//!
+//! Threads: the main thread reads request frames and routes them; worker threads run Python
+//! (see `pool`); one thread serves Erlang-side SharedDict get/set; one writes reply frames;
+//! two drain Python's stdout and stderr into log frames. docs/PROTOCOL.md is the contract.
+
+mod config;
+mod convert;
+mod etf;
+mod exec;
+mod framing;
+mod pool;
+mod protocol;
+mod pymodule;
+mod python;
+mod registry;
+mod shared_dict;
+mod shutdown;
+mod stdio;
+
+use crate::config::Config;
+use crate::exec::{Interp, Mode};
+use crate::framing::{FrameReader, Outgoing, ReadError};
+use crate::pool::{Job, Pool, PoolConfig};
+use crate::protocol::Request;
+use crate::registry::Registry;
+use crate::shared_dict::PickleJob;
+use crossbeam_channel::{unbounded, Sender};
+use std::sync::Arc;
+use std::thread;
+
+/// Exit statuses (besides 0 for "input closed"); the Erlang side reports them.
+const EXIT_USAGE: i32 = 2;
+const EXIT_CORRUPT_STREAM: i32 = 3;
+const EXIT_IO: i32 = 4;
+const EXIT_PYTHON_INIT: i32 = 5;
+
+fn main() {
+    let cfg = match Config::from_args(std::env::args().skip(1)) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("pyport: {e}\n{}", config::USAGE);
+            std::process::exit(EXIT_USAGE);
+        }
+    };
+    // SAFETY: setting dispositions before any thread exists. SIGCHLD must be default for
+    // subprocess.wait(); Ctrl-C in the Erlang shell's terminal must not kill Python.
+    unsafe {
+        libc::signal(libc::SIGCHLD, libc::SIG_DFL);
+        libc::signal(libc::SIGINT, libc::SIG_IGN);
+    }
+    let (proto, captured) = match stdio::take_over() {
+        Ok(x) => x,
+        Err(e) => {
+            eprintln!("pyport: cannot set up stdio: {e}");
+            std::process::exit(EXIT_IO);
+        }
+    };
+    let (out_tx, out_rx) = unbounded::<Outgoing>();
+    let output = proto.output;
+    spawn("pyport-writer", move || framing::writer_loop(out_rx, output));
+    if let Err(e) = stdio::start_drains(captured, out_tx.clone()) {
+        fatal(&out_tx, EXIT_IO, &format!("cannot start output drains: {e}"));
+    }
+
+    pymodule::install_registry(Arc::new(Registry::new(cfg.generation)));
+    if let Err(e) = python::initialize(&python::Settings::from_env()) {
+        fatal(&out_tx, EXIT_PYTHON_INIT, &e);
+    }
+    let router = match Router::start(&cfg, out_tx.clone()) {
+        Ok(r) => r,
+        Err(e) => fatal(&out_tx, EXIT_IO, &format!("cannot start threads: {e}")),
+    };
+    let version = pyo3::Python::version_str().split_whitespace().next().unwrap_or("").to_string();
+    router.send(protocol::ready_frame(&version, cfg.workers, cfg.max_workers, cfg.generation));
+
+    let mut reader = FrameReader::new(proto.input, cfg.max_frame);
+    loop {
+        match reader.read_frame() {
+            Ok(frame) => router.route(&frame),
+            Err(ReadError::Eof) => shutdown::exit_now(0),
+            Err(ReadError::TooLarge(n)) => fatal(
+                &out_tx,
+                EXIT_CORRUPT_STREAM,
+                &format!("frame length {n} is over the limit of {} bytes: the stream is corrupt", cfg.max_frame),
+            ),
+            Err(ReadError::Io(e)) => fatal(&out_tx, EXIT_IO, &format!("reading requests: {e}")),
+        }
+    }
+}
+
+fn spawn(name: &str, f: impl FnOnce() + Send + 'static) {
+    if let Err(e) = thread::Builder::new().name(name.into()).spawn(f) {
+        eprintln!("pyport: cannot start thread {name}: {e}");
+        std::process::exit(EXIT_IO);
+    }
+}
+
+/// Logs the reason through the protocol (the Erlang side logs it), then lets the writer
+/// flush and exit with `code`.
+fn fatal(out: &Sender<Outgoing>, code: i32, msg: &str) -> ! {
+    let _ = out.send(Outgoing::Frame(protocol::log_frame("error", "pyport", msg.as_bytes())));
+    let _ = out.send(Outgoing::Exit(code));
+    // The writer exits the process; if it is gone, exit ourselves.
+    thread::sleep(std::time::Duration::from_secs(2));
+    shutdown::exit_now(code)
+}
+
+/// Routes decoded requests: Python work to the pool, SharedDict pickling to its thread,
+/// everything else answered right here without the GIL.
+struct Router {
+    out: Sender<Outgoing>,
+    pool: Arc<Pool>,
+    interp: Arc<Interp>,
+    pickler: Sender<PickleJob>,
+    generation: u64,
+}
+
+impl Router {
+    fn start(cfg: &Config, out: Sender<Outgoing>) -> std::io::Result<Router> {
+        let interp = Arc::new(Interp::new());
+        let pool_cfg = PoolConfig {
+            hot: cfg.workers,
+            max: cfg.max_workers,
+            spare_after: cfg.spare_after,
+            spare_idle: cfg.spare_idle,
+        };
+        let pool = Pool::start(pool_cfg, interp.clone(), out.clone())?;
+        let pickler = shared_dict::start_pickler(out.clone())?;
+        Ok(Router { out, pool, interp, pickler, generation: cfg.generation })
+    }
+
+    fn send(&self, frame: Vec<u8>) {
+        let _ = self.out.send(Outgoing::Frame(frame));
+    }
+
+    fn route(&self, frame: &[u8]) {
+        let req = match protocol::decode_request(frame) {
+            Ok(r) => r,
+            Err(bad) => return self.send(protocol::error_frame(bad.id, bad.to_term())),
+        };
+        match req {
+            Request::Call { id, owner, module, function, payload } => {
+                self.pool.submit(Job::Call { id, owner, module, function, payload })
+            }
+            Request::Eval { id, owner, code, payload } => {
+                self.pool.submit(Job::Code { id, owner, code, payload, mode: Mode::Eval })
+            }
+            Request::Exec { id, owner, code, payload } => {
+                self.pool.submit(Job::Code { id, owner, code, payload, mode: Mode::Exec })
+            }
+            Request::Startup { id, sys_path, code } => self.pool.submit(Job::Startup { id, sys_path, code }),
+            Request::Cancel { id } => self.pool.cancel(id),
+            Request::OwnerDown { owner } => {
+                pymodule::registry().drop_owner(&owner);
+                self.interp.drop_namespace(&owner);
+            }
+            Request::Stats { id } => self.send(self.stats(id)),
+            Request::SdNew { id, owner } => self.send(shared_dict::new(id, owner)),
+            Request::SdGet { id, handle, key } => self.pickle(PickleJob::Get { id, handle, key }),
+            Request::SdSet { id, handle, key, payload } => self.pickle(PickleJob::Set { id, handle, key, payload }),
+            Request::SdDel { id, handle, key } => self.send(shared_dict::del(id, &handle, &key)),
+            Request::SdKeys { id, handle } => self.send(shared_dict::keys(id, &handle)),
+            Request::SdDestroy { id, handle } => self.send(shared_dict::destroy(id, &handle)),
+            Request::SdGiveAway { id, handle, owner } => self.send(shared_dict::give_away(id, &handle, owner)),
+        }
+    }
+
+    fn pickle(&self, job: PickleJob) {
+        // The pickler lives as long as the process.
+        let _ = self.pickler.send(job);
+    }
+
+    fn stats(&self, id: u64) -> Vec<u8> {
+        let reg = pymodule::registry().stats();
+        let pool = self.pool.stats();
+        let entries: [(&str, u64); 8] = [
+            ("dicts", reg.dicts as u64),
+            ("dict_keys", reg.keys as u64),
+            ("dict_bytes", reg.bytes as u64),
+            ("namespaces", self.interp.namespace_count() as u64),
+            ("workers", pool.workers as u64),
+            ("busy_workers", pool.busy as u64),
+            ("queued", pool.queued as u64),
+            ("generation", self.generation),
+        ];
+        protocol::ok_frame(id, |out| {
+            etf::put_map_header(out, entries.len());
+            for (k, v) in entries {
+                etf::put_atom(out, k);
+                etf::put_u64(out, v);
+            }
+        })
+    }
+}

@@ -1,0 +1,78 @@
+//! Command-line settings (docs/PROTOCOL.md, "Command line").
+
+use std::time::Duration;
+
+pub const USAGE: &str = "usage: pyport [--generation N] [--workers N] [--max-workers N] \
+[--spare-after-ms N] [--spare-idle-ms N] [--max-frame-bytes N]";
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub generation: u64,
+    pub workers: usize,
+    pub max_workers: usize,
+    pub spare_after: Duration,
+    pub spare_idle: Duration,
+    pub max_frame: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            generation: 0,
+            workers: 1,
+            max_workers: 16,
+            spare_after: Duration::from_millis(5),
+            spare_idle: Duration::from_secs(30),
+            max_frame: 1 << 30,
+        }
+    }
+}
+
+impl Config {
+    pub fn from_args(args: impl IntoIterator<Item = String>) -> Result<Config, String> {
+        let mut cfg = Config::default();
+        let mut args = args.into_iter();
+        while let Some(flag) = args.next() {
+            let value = args.next().ok_or_else(|| format!("{flag} needs a value"))?;
+            let n: u64 = value.parse().map_err(|_| format!("{flag}: {value:?} is not a non-negative integer"))?;
+            match flag.as_str() {
+                "--generation" => cfg.generation = n,
+                "--workers" => cfg.workers = n as usize,
+                "--max-workers" => cfg.max_workers = n as usize,
+                "--spare-after-ms" => cfg.spare_after = Duration::from_millis(n),
+                "--spare-idle-ms" => cfg.spare_idle = Duration::from_millis(n),
+                "--max-frame-bytes" => cfg.max_frame = n as usize,
+                _ => return Err(format!("unknown option {flag}")),
+            }
+        }
+        if cfg.workers == 0 {
+            return Err("--workers must be at least 1".into());
+        }
+        cfg.max_workers = cfg.max_workers.max(cfg.workers);
+        Ok(cfg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Config, String> {
+        Config::from_args(args.iter().map(|s| s.to_string()))
+    }
+
+    #[test]
+    fn defaults_and_overrides() {
+        assert_eq!(parse(&[]).unwrap(), Config::default());
+        let c = parse(&["--workers", "4", "--max-workers", "2", "--generation", "7"]).unwrap();
+        assert_eq!((c.workers, c.max_workers, c.generation), (4, 4, 7));
+    }
+
+    #[test]
+    fn bad_arguments_are_errors() {
+        assert!(parse(&["--workers"]).is_err());
+        assert!(parse(&["--workers", "x"]).is_err());
+        assert!(parse(&["--workers", "0"]).is_err());
+        assert!(parse(&["--bogus", "1"]).is_err());
+    }
+}

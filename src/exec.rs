@@ -1,0 +1,273 @@
+//! Running requests in Python: process namespaces, cached code objects, call targets and
+//! the shape of Python errors sent back to Erlang.
+//!
+//! Everything here runs on a thread that is attached to the interpreter.
+
+use crate::convert::{self, ConvertError};
+use crate::etf;
+use crate::protocol::{self, atom, binary, tuple, Owner};
+use crate::pymodule::CallCancelled;
+use eetf::Term;
+use parking_lot::Mutex;
+use pyo3::ffi;
+use pyo3::prelude::*;
+use pyo3::types::{PyCode, PyDict, PyList, PyString, PyTuple};
+use std::collections::HashMap;
+use std::ffi::CString;
+
+/// Compiled code objects are cached by source text; this bounds the cache for programs that
+/// generate code (the cache is simply emptied when full).
+const CODE_CACHE_LIMIT: usize = 1024;
+
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Mode {
+    Eval,
+    Exec,
+}
+
+/// The result of a request: a reply frame body ready for the writer.
+pub type Frame = Vec<u8>;
+
+/// State shared by all threads that run Python.
+pub struct Interp {
+    namespaces: Mutex<HashMap<Owner, Py<PyDict>>>,
+    code_cache: Mutex<HashMap<(Mode, String), Py<PyCode>>>,
+}
+
+impl Default for Interp {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Interp {
+    pub fn new() -> Self {
+        Interp { namespaces: Mutex::new(HashMap::new()), code_cache: Mutex::new(HashMap::new()) }
+    }
+
+    pub fn namespace_count(&self) -> usize {
+        self.namespaces.lock().len()
+    }
+
+    /// Forgets an owner's namespace. Safe without the GIL: pyo3 defers the decref to the next
+    /// thread that attaches.
+    pub fn drop_namespace(&self, owner: &Owner) -> bool {
+        let removed = self.namespaces.lock().remove(owner);
+        removed.is_some()
+    }
+
+    /// The owner's globals, created on first use as a fresh `__main__`-like namespace.
+    fn namespace<'py>(&self, py: Python<'py>, owner: &Owner) -> PyResult<Bound<'py, PyDict>> {
+        if let Some(ns) = self.namespaces.lock().get(owner) {
+            return Ok(ns.bind(py).clone());
+        }
+        let ns = PyDict::new(py);
+        ns.set_item("__builtins__", py.import("builtins")?)?;
+        ns.set_item("__name__", "__main__")?;
+        let mut map = self.namespaces.lock();
+        // Another request of the same owner may have raced us here; keep the first.
+        Ok(map.entry(owner.clone()).or_insert_with(|| ns.unbind()).bind(py).clone())
+    }
+
+    fn compile<'py>(&self, py: Python<'py>, code: &str, mode: Mode) -> PyResult<Bound<'py, PyCode>> {
+        let key = (mode, code.to_string());
+        if let Some(c) = self.code_cache.lock().get(&key) {
+            return Ok(c.bind(py).clone());
+        }
+        let src = CString::new(code)
+            .map_err(|_| pyo3::exceptions::PyValueError::new_err("source code contains a NUL byte"))?;
+        let start = match mode {
+            Mode::Eval => ffi::Py_eval_input,
+            Mode::Exec => ffi::Py_file_input,
+        };
+        // SAFETY: GIL held; both strings are NUL-terminated and outlive the call.
+        let compiled = unsafe {
+            let ptr = ffi::Py_CompileString(src.as_ptr(), c"<pyport>".as_ptr(), start);
+            Bound::from_owned_ptr_or_err(py, ptr)?.cast_into::<PyCode>()?
+        };
+        let mut cache = self.code_cache.lock();
+        if cache.len() >= CODE_CACHE_LIMIT {
+            cache.clear();
+        }
+        cache.insert(key, compiled.clone().unbind());
+        Ok(compiled)
+    }
+
+    /// `eval`/`exec`: binds the locals into the owner's namespace, then runs the code there.
+    pub fn run_code(&self, py: Python<'_>, id: u64, owner: &Owner, code: &str, payload: &[u8], mode: Mode) -> Frame {
+        let result = (|| -> Result<Bound<'_, PyAny>, Failure> {
+            let ns = self.namespace(py, owner)?;
+            let locals = convert::decode(py, payload)?;
+            let locals = locals.cast_into::<PyDict>().map_err(|_| Failure::bad("locals must be a map"))?;
+            ns.update(locals.as_mapping())?;
+            let compiled = self.compile(py, code, mode)?;
+            // SAFETY: GIL held; `compiled` is a code object and `ns` a dict.
+            let value = unsafe {
+                let ptr = ffi::PyEval_EvalCode(compiled.as_ptr(), ns.as_ptr(), ns.as_ptr());
+                Bound::from_owned_ptr_or_err(py, ptr)?
+            };
+            Ok(if mode == Mode::Exec { py.None().into_bound(py) } else { value })
+        })();
+        finish(py, id, result)
+    }
+
+    /// `call`: `Module.Function(*Args, **Kwargs)`, or a function of the owner's namespace
+    /// when the module is `__main__`.
+    pub fn run_call(&self, py: Python<'_>, id: u64, owner: &Owner, module: &str, function: &str, payload: &[u8]) -> Frame {
+        let result = (|| -> Result<Bound<'_, PyAny>, Failure> {
+            let target = self.resolve(py, owner, module, function)?;
+            let decoded = convert::decode(py, payload)?;
+            let pair = decoded.cast::<PyTuple>().map_err(|_| Failure::bad("call payload must be {Args, Kwargs}"))?;
+            if pair.len() != 2 {
+                return Err(Failure::bad("call payload must be {Args, Kwargs}"));
+            }
+            let args = pair.get_item(0)?;
+            let args = args.cast::<PyList>().map_err(|_| Failure::bad("Args must be a list"))?;
+            let kwargs = pair.get_item(1)?;
+            let kwargs = kwargs.cast::<PyDict>().map_err(|_| Failure::bad("Kwargs must be a map"))?;
+            let args = PyTuple::new(py, args.iter())?;
+            let kwargs = if kwargs.is_empty() { None } else { Some(kwargs) };
+            Ok(target.call(args, kwargs)?)
+        })();
+        finish(py, id, result)
+    }
+
+    fn resolve<'py>(&self, py: Python<'py>, owner: &Owner, module: &str, function: &str) -> Result<Bound<'py, PyAny>, Failure> {
+        let mut parts = function.split('.');
+        let first = parts.next().unwrap_or_default();
+        let mut target = if module == "__main__" {
+            let ns = self.namespace(py, owner)?;
+            match ns.get_item(first)? {
+                Some(f) => f,
+                None => {
+                    return Err(PyErr::new::<pyo3::exceptions::PyNameError, _>(format!(
+                        "name '{first}' is not defined in this process's namespace"
+                    ))
+                    .into())
+                }
+            }
+        } else {
+            import(py, module)?.getattr(first)?
+        };
+        for part in parts {
+            target = target.getattr(part)?;
+        }
+        if !target.is_callable() {
+            let repr = target.repr().map(|r| r.to_string()).unwrap_or_default();
+            return Err(Failure::Reason(tuple(vec![atom("not_callable"), binary(repr.as_bytes())])));
+        }
+        Ok(target)
+    }
+
+    /// `startup`: prepends sys.path entries and runs code in the real `__main__` module.
+    pub fn run_startup(&self, py: Python<'_>, id: u64, sys_path: &[String], code: &str) -> Frame {
+        let result = (|| -> Result<Bound<'_, PyAny>, Failure> {
+            let path = py.import("sys")?.getattr("path")?;
+            let path = path.cast::<PyList>().map_err(|_| Failure::bad("sys.path is not a list"))?;
+            for (i, p) in sys_path.iter().enumerate() {
+                path.insert(i, p)?;
+            }
+            if !code.is_empty() {
+                let main = py.import("__main__")?.dict();
+                let compiled = self.compile(py, code, Mode::Exec)?;
+                // SAFETY: as in run_code.
+                unsafe {
+                    let ptr = ffi::PyEval_EvalCode(compiled.as_ptr(), main.as_ptr(), main.as_ptr());
+                    Bound::from_owned_ptr_or_err(py, ptr)?;
+                }
+            }
+            Ok(py.None().into_bound(py))
+        })();
+        finish(py, id, result)
+    }
+}
+
+fn import<'py>(py: Python<'py>, module: &str) -> PyResult<Bound<'py, PyAny>> {
+    // sys.modules is a plain dict lookup; the import machinery only runs on a miss.
+    // SAFETY: GIL held; PyImport_GetModuleDict returns a borrowed reference to sys.modules.
+    let modules = unsafe { Bound::from_borrowed_ptr(py, ffi::PyImport_GetModuleDict()) };
+    if let Ok(d) = modules.cast::<PyDict>() {
+        if let Some(m) = d.get_item(module)? {
+            return Ok(m);
+        }
+    }
+    Ok(py.import(module)?.into_any())
+}
+
+/// Why a request failed, before it is turned into an Erlang reason.
+pub enum Failure {
+    Python(PyErr),
+    Convert(ConvertError),
+    Reason(Term),
+}
+
+impl Failure {
+    fn bad(msg: &str) -> Self {
+        Failure::Reason(tuple(vec![atom("bad_request"), binary(msg.as_bytes())]))
+    }
+}
+
+impl From<PyErr> for Failure {
+    fn from(e: PyErr) -> Self {
+        Failure::Python(e)
+    }
+}
+
+impl From<ConvertError> for Failure {
+    fn from(e: ConvertError) -> Self {
+        Failure::Convert(e)
+    }
+}
+
+/// Encodes a result as `{Id, ok, <<Term>>}` or a failure as `{Id, error, Reason}`.
+pub fn finish(py: Python<'_>, id: u64, result: Result<Bound<'_, PyAny>, Failure>) -> Frame {
+    let failure = match result {
+        Ok(value) => {
+            let (mut out, len_at) = protocol::begin_ok_frame(id, 64);
+            out.push(etf::VERSION);
+            match convert::encode(&value, &mut out) {
+                Ok(()) => {
+                    protocol::finish_ok_frame(&mut out, len_at);
+                    return out;
+                }
+                Err(e) => Failure::Convert(e),
+            }
+        }
+        Err(f) => f,
+    };
+    protocol::error_frame(Some(id), failure_reason(py, failure))
+}
+
+pub fn failure_reason(py: Python<'_>, f: Failure) -> Term {
+    match f {
+        Failure::Reason(t) => t,
+        Failure::Python(e) => python_error(py, &e),
+        Failure::Convert(ConvertError::Python(e)) => python_error(py, &e),
+        Failure::Convert(ConvertError::Term(t)) => protocol::term_error_reason(&t),
+        Failure::Convert(ConvertError::DuplicateKey(k)) => tuple(vec![atom("duplicate_key"), binary(k.as_bytes())]),
+        Failure::Convert(ConvertError::Unsupported(m)) => tuple(vec![atom("unsupported_term"), binary(m.as_bytes())]),
+    }
+}
+
+/// `{python, Type, Message, Traceback}`; the cancellation exception becomes `cancelled`.
+pub fn python_error(py: Python<'_>, e: &PyErr) -> Term {
+    if e.is_instance_of::<CallCancelled>(py) {
+        return atom("cancelled");
+    }
+    let ty = e.get_type(py);
+    let name = ty.name().map(|n| n.to_string()).unwrap_or_else(|_| "Exception".into());
+    let value = e.value(py);
+    let message = value.str().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let traceback = format_traceback(py, e).unwrap_or_else(|| format!("{name}: {message}\n"));
+    tuple(vec![atom("python"), atom(&name), binary(message.as_bytes()), binary(traceback.as_bytes())])
+}
+
+fn format_traceback(py: Python<'_>, e: &PyErr) -> Option<String> {
+    let tb = py.import("traceback").ok()?;
+    let lines = tb
+        .call_method1("format_exception", (e.get_type(py), e.value(py), e.traceback(py)))
+        .ok()?;
+    let joined = PyString::new(py, "").call_method1("join", (lines,)).ok()?;
+    joined.extract::<String>().ok()
+}
+

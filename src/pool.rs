@@ -1,0 +1,262 @@
+//! The elastic pool of Python worker threads, and cancellation.
+//!
+//! * Hot workers (`--workers`, default 1: on 2 cores one worker was fastest for GIL-bound
+//!   calls) live for the life of the port.
+//! * When the queue is non-empty and no worker has been idle for `--spare-after-ms`, the
+//!   manager thread starts a spare worker, up to `--max-workers`; spares exit after a while
+//!   without work. So a call that sleeps, blocks or loops never stalls every other caller.
+//! * Each worker attaches to the interpreter once and keeps its thread state for life
+//!   (thread-locals survive between calls); it detaches only while waiting for a job. It
+//!   never blocks on a channel or a lock that another thread holds while waiting for the
+//!   GIL: that deadlocked `threading.Thread.start()` in the prototype.
+//! * Cancelling a running request raises `erlang.CallCancelled` in its worker with
+//!   `PyThreadState_SetAsyncExc`, only while that same request still runs there (checked
+//!   under the GIL), and any pending one is cleared before the worker's next request.
+
+use crate::exec::{Frame, Interp, Mode};
+use crate::framing::Outgoing;
+use crate::protocol::{self, atom, binary, tuple, Owner};
+use crate::pymodule::CallCancelled;
+use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
+use parking_lot::Mutex;
+use pyo3::ffi;
+use pyo3::prelude::*;
+use std::collections::{HashMap, HashSet};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::Duration;
+
+/// Python recursion and our converters recurse; give every Python thread room for both.
+pub const PYTHON_THREAD_STACK: usize = 16 << 20;
+
+pub enum Job {
+    Call { id: u64, owner: Owner, module: String, function: String, payload: Vec<u8> },
+    Code { id: u64, owner: Owner, code: String, payload: Vec<u8>, mode: Mode },
+    Startup { id: u64, sys_path: Vec<String>, code: String },
+}
+
+impl Job {
+    fn id(&self) -> u64 {
+        match self {
+            Job::Call { id, .. } | Job::Code { id, .. } | Job::Startup { id, .. } => *id,
+        }
+    }
+
+    fn run(&self, py: Python<'_>, interp: &Interp) -> Frame {
+        match self {
+            Job::Call { id, owner, module, function, payload } => {
+                interp.run_call(py, *id, owner, module, function, payload)
+            }
+            Job::Code { id, owner, code, payload, mode } => interp.run_code(py, *id, owner, code, payload, *mode),
+            Job::Startup { id, sys_path, code } => interp.run_startup(py, *id, sys_path, code),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct PoolConfig {
+    pub hot: usize,
+    pub max: usize,
+    pub spare_after: Duration,
+    pub spare_idle: Duration,
+}
+
+/// A worker thread as the canceller sees it.
+struct Slot {
+    /// CPython's id for the thread (`threading.get_ident()`).
+    ident: std::os::raw::c_ulong,
+}
+
+#[derive(Default)]
+struct Tracking {
+    queued: HashSet<u64>,
+    /// Cancelled while queued: the worker that dequeues them skips them.
+    cancelled: HashSet<u64>,
+    running: HashMap<u64, Arc<Slot>>,
+}
+
+pub struct Pool {
+    jobs_tx: Sender<Job>,
+    jobs_rx: Receiver<Job>,
+    out: Sender<Outgoing>,
+    interp: Arc<Interp>,
+    cfg: PoolConfig,
+    total: AtomicUsize,
+    idle: AtomicUsize,
+    tracking: Mutex<Tracking>,
+    kick_tx: Sender<()>,
+    cancel_tx: Sender<u64>,
+}
+
+/// Counters for `stats`.
+pub struct PoolStats {
+    pub workers: usize,
+    pub busy: usize,
+    pub queued: usize,
+}
+
+impl Pool {
+    /// Creates the pool and starts its hot workers, the spare manager and the canceller.
+    pub fn start(cfg: PoolConfig, interp: Arc<Interp>, out: Sender<Outgoing>) -> std::io::Result<Arc<Pool>> {
+        let (jobs_tx, jobs_rx) = unbounded();
+        let (kick_tx, kick_rx) = bounded(1);
+        let (cancel_tx, cancel_rx) = unbounded();
+        let pool = Arc::new(Pool {
+            jobs_tx,
+            jobs_rx,
+            out,
+            interp,
+            cfg,
+            total: AtomicUsize::new(0),
+            idle: AtomicUsize::new(0),
+            tracking: Mutex::new(Tracking::default()),
+            kick_tx,
+            cancel_tx,
+        });
+        for _ in 0..cfg.hot.max(1) {
+            pool.spawn_worker(true)?;
+        }
+        let p = pool.clone();
+        thread::Builder::new().name("pyport-spares".into()).spawn(move || p.manage_spares(kick_rx))?;
+        let p = pool.clone();
+        thread::Builder::new()
+            .name("pyport-cancel".into())
+            .spawn(move || cancel_rx.iter().for_each(|id| p.cancel_now(id)))?;
+        Ok(pool)
+    }
+
+    pub fn submit(&self, job: Job) {
+        self.tracking.lock().queued.insert(job.id());
+        // The receiver lives as long as the pool, so this cannot fail.
+        let _ = self.jobs_tx.send(job);
+        if self.idle.load(Ordering::Acquire) == 0 {
+            let _ = self.kick_tx.try_send(());
+        }
+    }
+
+    /// Asks for request `id` to be cancelled (returns at once; the work needs the GIL).
+    pub fn cancel(&self, id: u64) {
+        let _ = self.cancel_tx.send(id);
+    }
+
+    pub fn stats(&self) -> PoolStats {
+        let workers = self.total.load(Ordering::Relaxed);
+        let idle = self.idle.load(Ordering::Relaxed);
+        PoolStats { workers, busy: workers.saturating_sub(idle), queued: self.jobs_rx.len() }
+    }
+
+    fn spawn_worker(self: &Arc<Self>, hot: bool) -> std::io::Result<()> {
+        self.total.fetch_add(1, Ordering::AcqRel);
+        let pool = self.clone();
+        let name = if hot { "pyport-worker" } else { "pyport-spare" };
+        let spawned = thread::Builder::new()
+            .name(name.into())
+            .stack_size(PYTHON_THREAD_STACK)
+            .spawn(move || pool.worker_loop(hot));
+        if spawned.is_err() {
+            self.total.fetch_sub(1, Ordering::AcqRel);
+        }
+        spawned.map(drop)
+    }
+
+    fn manage_spares(self: Arc<Self>, kicks: Receiver<()>) {
+        for () in kicks.iter() {
+            loop {
+                thread::sleep(self.cfg.spare_after);
+                if self.jobs_rx.is_empty() || self.idle.load(Ordering::Acquire) > 0 {
+                    break;
+                }
+                if self.total.load(Ordering::Acquire) >= self.cfg.max || self.spawn_worker(false).is_err() {
+                    break;
+                }
+            }
+        }
+    }
+
+    fn worker_loop(self: Arc<Self>, hot: bool) {
+        Python::attach(|py| {
+            // SAFETY: plain query of the current thread's id.
+            let slot = Arc::new(Slot { ident: unsafe { ffi::PyThread_get_thread_ident() } });
+            loop {
+                self.idle.fetch_add(1, Ordering::AcqRel);
+                let job = py.detach(|| {
+                    if hot {
+                        self.jobs_rx.recv().ok()
+                    } else {
+                        self.jobs_rx.recv_timeout(self.cfg.spare_idle).ok()
+                    }
+                });
+                self.idle.fetch_sub(1, Ordering::AcqRel);
+                let Some(job) = job else { break };
+                let frame = self.run_tracked(py, &slot, &job);
+                let _ = self.out.send(Outgoing::Frame(frame));
+            }
+        });
+        self.total.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    fn run_tracked(&self, py: Python<'_>, slot: &Arc<Slot>, job: &Job) -> Frame {
+        let id = job.id();
+        {
+            let mut t = self.tracking.lock();
+            t.queued.remove(&id);
+            if t.cancelled.remove(&id) {
+                return protocol::error_frame(Some(id), atom("cancelled"));
+            }
+            t.running.insert(id, slot.clone());
+        }
+        let frame = catch_unwind(AssertUnwindSafe(|| job.run(py, &self.interp))).unwrap_or_else(|panic| {
+            let msg = panic_message(&panic);
+            protocol::error_frame(Some(id), tuple(vec![atom("internal_error"), binary(msg.as_bytes())]))
+        });
+        {
+            let mut t = self.tracking.lock();
+            t.running.remove(&id);
+            t.cancelled.remove(&id);
+        }
+        // A cancel that arrived after the code finished must not hit the next request.
+        // SAFETY: GIL held; a NULL exception clears the thread's pending async exception.
+        unsafe {
+            ffi::PyThreadState_SetAsyncExc(slot.ident as _, std::ptr::null_mut());
+        }
+        frame
+    }
+
+    fn cancel_now(&self, id: u64) {
+        let slot = {
+            let mut t = self.tracking.lock();
+            if t.queued.remove(&id) {
+                t.cancelled.insert(id);
+                return;
+            }
+            match t.running.get(&id) {
+                Some(s) => s.clone(),
+                None => return, // already answered
+            }
+        };
+        Python::attach(|py| {
+            // Holding the GIL, the worker cannot finish this request and start another
+            // between our check and the raise.
+            let t = self.tracking.lock();
+            if t.running.get(&id).is_some_and(|s| Arc::ptr_eq(s, &slot)) {
+                let exc = py.get_type::<CallCancelled>();
+                // SAFETY: GIL held; the type object stays alive for the call.
+                unsafe {
+                    ffi::PyThreadState_SetAsyncExc(slot.ident as _, exc.as_ptr());
+                }
+            }
+        });
+    }
+}
+
+fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        s.to_string()
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "panic".to_string()
+    }
+}

@@ -1,0 +1,379 @@
+//! Request envelopes (Erlang → port) and reply frames (port → Erlang).
+//!
+//! Envelopes are small tuples (see docs/PROTOCOL.md). They are validated with
+//! [`etf::validate`] under tight limits first and only then handed to `eetf`, whose decoder
+//! would otherwise panic on tags 68/82, pre-allocate unchecked counts and recurse without
+//! bound. Payloads stay opaque byte strings here: they are decoded straight into Python
+//! objects by `convert`.
+
+use crate::etf::{self, Limits, TermError};
+use eetf::{Atom, Binary, FixInteger, Pid, Term, Tuple};
+use std::fmt;
+
+/// The process that owns state (a namespace, dicts) in the port.
+pub type Owner = Pid;
+
+/// A SharedDict handle as it travels in a request.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Handle {
+    pub generation: u64,
+    pub id: u64,
+    pub token: Vec<u8>,
+}
+
+pub const HANDLE_TAG: &str = "$pyport_shared_dict";
+pub const BYTES_TAG: &str = "$pyport_bytes";
+
+#[derive(Debug)]
+pub enum Request {
+    Call { id: u64, owner: Owner, module: String, function: String, payload: Vec<u8> },
+    Eval { id: u64, owner: Owner, code: String, payload: Vec<u8> },
+    Exec { id: u64, owner: Owner, code: String, payload: Vec<u8> },
+    Startup { id: u64, sys_path: Vec<String>, code: String },
+    Stats { id: u64 },
+    SdNew { id: u64, owner: Owner },
+    SdGet { id: u64, handle: Handle, key: Vec<u8> },
+    SdSet { id: u64, handle: Handle, key: Vec<u8>, payload: Vec<u8> },
+    SdDel { id: u64, handle: Handle, key: Vec<u8> },
+    SdKeys { id: u64, handle: Handle },
+    SdDestroy { id: u64, handle: Handle },
+    SdGiveAway { id: u64, handle: Handle, owner: Owner },
+    Cancel { id: u64 },
+    OwnerDown { owner: Owner },
+}
+
+/// Why an envelope was refused. `id` is known when the envelope got far enough to name it,
+/// so the error can be routed to the waiting caller.
+#[derive(Debug)]
+pub struct BadRequest {
+    pub id: Option<u64>,
+    pub reason: BadReason,
+}
+
+#[derive(Debug)]
+pub enum BadReason {
+    Term(TermError),
+    Shape(String),
+}
+
+impl fmt::Display for BadReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BadReason::Term(e) => write!(f, "{e}"),
+            BadReason::Shape(s) => f.write_str(s),
+        }
+    }
+}
+
+impl BadRequest {
+    /// The Erlang error reason for this refusal.
+    pub fn to_term(&self) -> Term {
+        match &self.reason {
+            BadReason::Term(e) => term_error_reason(e),
+            BadReason::Shape(s) => tuple(vec![atom("bad_request"), binary(s.as_bytes())]),
+        }
+    }
+}
+
+fn shape(id: Option<u64>, msg: impl Into<String>) -> BadRequest {
+    BadRequest { id, reason: BadReason::Shape(msg.into()) }
+}
+
+/// Decodes one request frame body.
+pub fn decode_request(frame: &[u8]) -> Result<Request, BadRequest> {
+    etf::validate(frame, Limits::ENVELOPE)
+        .map_err(|e| BadRequest { id: None, reason: BadReason::Term(e) })?;
+    let term = Term::decode(frame)
+        .map_err(|e| shape(None, format!("undecodable envelope: {e}")))?;
+    let Term::Tuple(Tuple { elements }) = term else {
+        return Err(shape(None, "request is not a tuple"));
+    };
+    let op = match elements.first() {
+        Some(Term::Atom(a)) => a.name.as_str(),
+        _ => return Err(shape(None, "request does not start with an atom")),
+    };
+    // The id, where the request has one, is always the second element.
+    let id = elements.get(1).and_then(as_u64);
+    let f = Fields { op, id, elems: &elements };
+    match (op, elements.len()) {
+        ("call", 6) => Ok(Request::Call {
+            id: f.id()?,
+            owner: f.pid(2)?,
+            module: f.string(3)?,
+            function: f.string(4)?,
+            payload: f.bytes(5)?,
+        }),
+        ("eval", 5) | ("exec", 5) => {
+            let (id, owner, code, payload) = (f.id()?, f.pid(2)?, f.string(3)?, f.bytes(4)?);
+            Ok(if op == "eval" {
+                Request::Eval { id, owner, code, payload }
+            } else {
+                Request::Exec { id, owner, code, payload }
+            })
+        }
+        ("startup", 4) => Ok(Request::Startup { id: f.id()?, sys_path: f.string_list(2)?, code: f.string(3)? }),
+        ("stats", 2) => Ok(Request::Stats { id: f.id()? }),
+        ("sd_new", 3) => Ok(Request::SdNew { id: f.id()?, owner: f.pid(2)? }),
+        ("sd_get", 4) => Ok(Request::SdGet { id: f.id()?, handle: f.handle(2)?, key: f.bytes(3)? }),
+        ("sd_set", 5) => Ok(Request::SdSet {
+            id: f.id()?,
+            handle: f.handle(2)?,
+            key: f.bytes(3)?,
+            payload: f.bytes(4)?,
+        }),
+        ("sd_del", 4) => Ok(Request::SdDel { id: f.id()?, handle: f.handle(2)?, key: f.bytes(3)? }),
+        ("sd_keys", 3) => Ok(Request::SdKeys { id: f.id()?, handle: f.handle(2)? }),
+        ("sd_destroy", 3) => Ok(Request::SdDestroy { id: f.id()?, handle: f.handle(2)? }),
+        ("sd_give_away", 4) => Ok(Request::SdGiveAway { id: f.id()?, handle: f.handle(2)?, owner: f.pid(3)? }),
+        ("cancel", 2) => Ok(Request::Cancel { id: f.id()? }),
+        ("owner_down", 2) => Ok(Request::OwnerDown { owner: f.pid(1)? }),
+        _ => Err(shape(id, format!("unknown request {op}/{}", elements.len()))),
+    }
+}
+
+/// Field accessors that turn a shape mismatch into a [`BadRequest`] naming the field.
+struct Fields<'a> {
+    op: &'a str,
+    id: Option<u64>,
+    elems: &'a [Term],
+}
+
+impl Fields<'_> {
+    fn bad(&self, pos: usize, what: &str) -> BadRequest {
+        shape(self.id, format!("{}: element {} must be {}", self.op, pos + 1, what))
+    }
+
+    fn id(&self) -> Result<u64, BadRequest> {
+        self.id.ok_or_else(|| self.bad(1, "a non-negative integer id"))
+    }
+
+    fn pid(&self, pos: usize) -> Result<Pid, BadRequest> {
+        match &self.elems[pos] {
+            Term::Pid(p) => Ok(p.clone()),
+            _ => Err(self.bad(pos, "a pid")),
+        }
+    }
+
+    fn bytes(&self, pos: usize) -> Result<Vec<u8>, BadRequest> {
+        match &self.elems[pos] {
+            Term::Binary(b) => Ok(b.bytes.clone()),
+            _ => Err(self.bad(pos, "a binary")),
+        }
+    }
+
+    fn string(&self, pos: usize) -> Result<String, BadRequest> {
+        String::from_utf8(self.bytes(pos)?).map_err(|_| self.bad(pos, "a UTF-8 binary"))
+    }
+
+    fn string_list(&self, pos: usize) -> Result<Vec<String>, BadRequest> {
+        let items = match &self.elems[pos] {
+            Term::List(l) => &l.elements,
+            // eetf decodes an all-small-integer list as a ByteList; only [] is valid here.
+            Term::ByteList(b) if b.bytes.is_empty() => return Ok(Vec::new()),
+            _ => return Err(self.bad(pos, "a list of UTF-8 binaries")),
+        };
+        items
+            .iter()
+            .map(|t| match t {
+                Term::Binary(b) => String::from_utf8(b.bytes.clone()).ok(),
+                _ => None,
+            })
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| self.bad(pos, "a list of UTF-8 binaries"))
+    }
+
+    fn handle(&self, pos: usize) -> Result<Handle, BadRequest> {
+        parse_handle(&self.elems[pos]).ok_or_else(|| self.bad(pos, "a SharedDict handle"))
+    }
+}
+
+fn as_u64(t: &Term) -> Option<u64> {
+    match t {
+        Term::FixInteger(FixInteger { value }) => u64::try_from(*value).ok(),
+        Term::BigInteger(b) => u64::try_from(&b.value).ok(),
+        _ => None,
+    }
+}
+
+fn parse_handle(t: &Term) -> Option<Handle> {
+    let Term::Tuple(Tuple { elements }) = t else { return None };
+    match elements.as_slice() {
+        [Term::Atom(tag), gen, id, Term::Binary(token)] if tag.name == HANDLE_TAG => Some(Handle {
+            generation: as_u64(gen)?,
+            id: as_u64(id)?,
+            token: token.bytes.clone(),
+        }),
+        _ => None,
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Building reply terms. Control replies are small and built as eetf terms; they never
+// contain lists of small integers, which eetf would mis-encode as STRING_EXT.
+
+pub fn atom(name: &str) -> Term {
+    Term::Atom(Atom::from(name))
+}
+
+pub fn binary(bytes: &[u8]) -> Term {
+    Term::Binary(Binary::from(bytes))
+}
+
+pub fn tuple(elements: Vec<Term>) -> Term {
+    Term::Tuple(Tuple::from(elements))
+}
+
+pub fn int(v: u64) -> Term {
+    match i32::try_from(v) {
+        Ok(small) => Term::FixInteger(FixInteger::from(small)),
+        Err(_) => Term::BigInteger(eetf::BigInteger::from(v)),
+    }
+}
+
+/// The Erlang reason for a term that could not be decoded.
+pub fn term_error_reason(e: &TermError) -> Term {
+    match e {
+        TermError::TooDeep(limit) => tuple(vec![atom("nesting_too_deep"), int(*limit as u64)]),
+        TermError::Unsupported(_) => tuple(vec![atom("unsupported_term"), binary(e.to_string().as_bytes())]),
+        _ => tuple(vec![atom("bad_term"), binary(e.to_string().as_bytes())]),
+    }
+}
+
+fn encode_term(term: &Term) -> Vec<u8> {
+    let mut out = Vec::with_capacity(64);
+    // Encoding into a Vec cannot fail for the terms built in this module.
+    if term.encode(&mut out).is_err() {
+        out.clear();
+        out.push(etf::VERSION);
+        etf::put_atom(&mut out, "encode_failed");
+    }
+    out
+}
+
+/// `{Id, error, Reason}` (`Id` is `undefined` when the request could not be identified).
+pub fn error_frame(id: Option<u64>, reason: Term) -> Vec<u8> {
+    let id_term = id.map_or_else(|| atom("undefined"), int);
+    encode_term(&tuple(vec![id_term, atom("error"), reason]))
+}
+
+/// Starts `{Id, ok, <<Payload>>}`: the caller appends the payload term (with its version
+/// byte) and then calls [`finish_ok_frame`] to patch the binary's length.
+pub fn begin_ok_frame(id: u64, capacity: usize) -> (Vec<u8>, usize) {
+    let mut out = Vec::with_capacity(capacity + 32);
+    out.push(etf::VERSION);
+    etf::put_tuple_header(&mut out, 3);
+    etf::put_u64(&mut out, id);
+    etf::put_atom(&mut out, "ok");
+    out.push(etf::BINARY);
+    let len_at = out.len();
+    out.extend_from_slice(&[0; 4]);
+    (out, len_at)
+}
+
+pub fn finish_ok_frame(out: &mut [u8], len_at: usize) {
+    let len = (out.len() - len_at - 4) as u32;
+    out[len_at..len_at + 4].copy_from_slice(&len.to_be_bytes());
+}
+
+/// `{Id, ok, <<Payload>>}` for a payload built by `write`, which appends one term body
+/// (without a version byte).
+pub fn ok_frame(id: u64, write: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
+    let (mut out, len_at) = begin_ok_frame(id, 64);
+    out.push(etf::VERSION);
+    write(&mut out);
+    finish_ok_frame(&mut out, len_at);
+    out
+}
+
+pub fn log_frame(level: &str, source: &str, message: &[u8]) -> Vec<u8> {
+    encode_term(&tuple(vec![atom("pyport_log"), atom(level), atom(source), binary(message)]))
+}
+
+pub fn ready_frame(python: &str, workers: usize, max_workers: usize, generation: u64) -> Vec<u8> {
+    let mut map = std::collections::HashMap::new();
+    map.insert(atom("python"), binary(python.as_bytes()));
+    map.insert(atom("os_pid"), int(std::process::id() as u64));
+    map.insert(atom("workers"), int(workers as u64));
+    map.insert(atom("max_workers"), int(max_workers as u64));
+    map.insert(atom("generation"), int(generation));
+    encode_term(&tuple(vec![atom("pyport_ready"), Term::Map(eetf::Map::from(map))]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pid() -> Pid {
+        Pid::new("nonode@nohost", 85, 0, 1)
+    }
+
+    fn enc(t: &Term) -> Vec<u8> {
+        let mut v = Vec::new();
+        t.encode(&mut v).expect("encode");
+        v
+    }
+
+    #[test]
+    fn call_envelope_round_trip() {
+        let t = tuple(vec![
+            atom("call"),
+            int(42),
+            Term::Pid(pid()),
+            binary(b"math"),
+            binary(b"sqrt"),
+            binary(&[131, 106]),
+        ]);
+        match decode_request(&enc(&t)) {
+            Ok(Request::Call { id, owner, module, function, payload }) => {
+                assert_eq!((id, owner, module.as_str(), function.as_str()), (42, pid(), "math", "sqrt"));
+                assert_eq!(payload, vec![131, 106]);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn wrong_field_names_the_id_and_field() {
+        let t = tuple(vec![atom("eval"), int(7), atom("not_a_pid"), binary(b"1"), binary(b"")]);
+        let err = decode_request(&enc(&t)).unwrap_err();
+        assert_eq!(err.id, Some(7));
+        assert!(err.reason.to_string().contains("element 3 must be a pid"), "{}", err.reason);
+    }
+
+    #[test]
+    fn tags_that_crash_eetf_are_refused_before_it_runs() {
+        for tag in [68u8, 82] {
+            let err = decode_request(&[131, 104, 2, tag, 0, 0, 0]).unwrap_err();
+            assert!(matches!(err.reason, BadReason::Term(TermError::UnknownTag(t)) if t == tag));
+        }
+        let err = decode_request(&[131, 108, 255, 255, 255, 255]).unwrap_err();
+        assert!(matches!(err.reason, BadReason::Term(TermError::Truncated)));
+    }
+
+    #[test]
+    fn latin1_atoms_decode() {
+        // OTP 25's default term_to_binary writes ATOM_EXT; {stats, 1} in that form:
+        let frame = [131, 104, 2, 100, 0, 5, b's', b't', b'a', b't', b's', 97, 1];
+        assert!(matches!(decode_request(&frame), Ok(Request::Stats { id: 1 })));
+    }
+
+    #[test]
+    fn handle_parses_and_bad_handle_is_refused() {
+        let h = tuple(vec![atom(HANDLE_TAG), int(3), int(9), binary(&[1; 16])]);
+        let t = tuple(vec![atom("sd_keys"), int(5), h]);
+        match decode_request(&enc(&t)) {
+            Ok(Request::SdKeys { id: 5, handle }) => assert_eq!(handle, Handle { generation: 3, id: 9, token: vec![1; 16] }),
+            other => panic!("unexpected {other:?}"),
+        }
+        let t = tuple(vec![atom("sd_keys"), int(5), atom("nope")]);
+        assert_eq!(decode_request(&enc(&t)).unwrap_err().id, Some(5));
+    }
+
+    #[test]
+    fn ok_frame_is_valid_etf() {
+        let frame = ok_frame(1 << 40, |out| etf::put_atom(out, "undefined"));
+        let term = Term::decode(&frame[..]).expect("decodes");
+        let expected = tuple(vec![int(1 << 40), atom("ok"), binary(&[131, 119, 9, b'u', b'n', b'd', b'e', b'f', b'i', b'n', b'e', b'd'])]);
+        assert_eq!(term, expected);
+    }
+}

@@ -1,0 +1,211 @@
+//! Keeping Python's output off the protocol stream, and forwarding it to Erlang's logger.
+//!
+//! Erlang talks to us over fds 0/1. One stray `print()` on fd 1 was read by Erlang as a
+//! 1.75 GB length prefix and hung every later call; C extensions write to fd 1 and 2 directly
+//! too. So before Python starts, the protocol moves to private close-on-exec descriptors,
+//! fd 0 becomes /dev/null, and fds 1 and 2 become pipes drained by threads of ours. A drain
+//! thread reads continuously, so a flood of output never blocks Python; lines are truncated
+//! and rate limited, and what is dropped is counted and reported, never lost silently.
+
+use crate::framing::Outgoing;
+use crate::protocol;
+use crossbeam_channel::Sender;
+use std::fs::File;
+use std::io::{self, Read};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// Longest line forwarded; the rest is cut and the cut is said.
+pub const MAX_LINE: usize = 4096;
+/// Token bucket: up to `BURST` lines at once, refilled at `LINES_PER_SEC`.
+const BURST: f64 = 200.0;
+const LINES_PER_SEC: f64 = 100.0;
+/// A partial line (no newline yet) is forwarded after this long without more output.
+const PARTIAL_LINE_DELAY: Duration = Duration::from_millis(50);
+
+pub struct Protocol {
+    pub input: File,
+    pub output: File,
+}
+
+pub struct Captured {
+    pub stdout: File,
+    pub stderr: File,
+}
+
+fn cvt(ret: libc::c_int) -> io::Result<libc::c_int> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+fn dup_cloexec(fd: RawFd) -> io::Result<OwnedFd> {
+    // SAFETY: F_DUPFD_CLOEXEC returns a fresh descriptor that we then own.
+    let new = cvt(unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 3) })?;
+    Ok(unsafe { OwnedFd::from_raw_fd(new) })
+}
+
+fn pipe_cloexec() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 fills both descriptors, which we then own.
+    cvt(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) })?;
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+fn dup2(from: RawFd, to: RawFd) -> io::Result<()> {
+    // SAFETY: dup2 onto a standard descriptor number; the old one is closed atomically.
+    cvt(unsafe { libc::dup2(from, to) }).map(drop)
+}
+
+/// Moves the protocol off fds 0/1 and points fds 1/2 at capture pipes. Must run before any
+/// other thread exists and before Python starts.
+pub fn take_over() -> io::Result<(Protocol, Captured)> {
+    let input = dup_cloexec(0)?;
+    let output = dup_cloexec(1)?;
+    let devnull = File::open("/dev/null")?;
+    dup2(devnull.as_raw_fd(), 0)?;
+    let (out_r, out_w) = pipe_cloexec()?;
+    let (err_r, err_w) = pipe_cloexec()?;
+    // dup2 clears close-on-exec on fds 1 and 2, so child processes inherit the pipes and
+    // their output is captured too.
+    dup2(out_w.as_raw_fd(), 1)?;
+    dup2(err_w.as_raw_fd(), 2)?;
+    Ok((
+        Protocol { input: File::from(input), output: File::from(output) },
+        Captured { stdout: File::from(out_r), stderr: File::from(err_r) },
+    ))
+}
+
+/// Starts one drain thread per captured stream.
+pub fn start_drains(captured: Captured, out: Sender<Outgoing>) -> io::Result<()> {
+    let out2 = out.clone();
+    thread::Builder::new()
+        .name("pyport-stdout".into())
+        .spawn(move || Drain::new("info", "stdout", out).run(captured.stdout))?;
+    thread::Builder::new()
+        .name("pyport-stderr".into())
+        .spawn(move || Drain::new("warning", "stderr", out2).run(captured.stderr))?;
+    Ok(())
+}
+
+struct Drain {
+    level: &'static str,
+    source: &'static str,
+    out: Sender<Outgoing>,
+    tokens: f64,
+    refilled: Instant,
+    suppressed: u64,
+}
+
+impl Drain {
+    fn new(level: &'static str, source: &'static str, out: Sender<Outgoing>) -> Self {
+        Drain { level, source, out, tokens: BURST, refilled: Instant::now(), suppressed: 0 }
+    }
+
+    fn run(mut self, mut pipe: File) {
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut pending: Vec<u8> = Vec::new();
+        loop {
+            let wait = if !pending.is_empty() {
+                Some(PARTIAL_LINE_DELAY)
+            } else if self.suppressed > 0 {
+                Some(Duration::from_millis(200))
+            } else {
+                None
+            };
+            if !readable(&pipe, wait) {
+                // Quiet for a moment: forward a partial line, report suppressed lines.
+                if !pending.is_empty() {
+                    self.line(&pending);
+                    pending.clear();
+                }
+                self.report_suppressed();
+                continue;
+            }
+            let n = match pipe.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => break,
+            };
+            pending.extend_from_slice(&buf[..n]);
+            let mut start = 0;
+            while let Some(nl) = pending[start..].iter().position(|&b| b == b'\n') {
+                let line = pending[start..start + nl].to_vec();
+                self.line(&line);
+                start += nl + 1;
+            }
+            pending.drain(..start);
+            if pending.len() > MAX_LINE {
+                let long = std::mem::take(&mut pending);
+                self.line(&long);
+            }
+        }
+        if !pending.is_empty() {
+            self.line(&pending);
+        }
+        self.report_suppressed();
+    }
+
+    fn refill(&mut self) {
+        let now = Instant::now();
+        let gained = now.duration_since(self.refilled).as_secs_f64() * LINES_PER_SEC;
+        self.tokens = (self.tokens + gained).min(BURST);
+        self.refilled = now;
+    }
+
+    fn line(&mut self, raw: &[u8]) {
+        self.refill();
+        if self.tokens < 1.0 {
+            self.suppressed += 1;
+            return;
+        }
+        self.report_suppressed();
+        self.tokens -= 1.0;
+        let line = raw.strip_suffix(b"\r").unwrap_or(raw);
+        if line.len() > MAX_LINE {
+            let mut cut = line[..MAX_LINE].to_vec();
+            cut.extend_from_slice(format!("... [{} more bytes cut]", line.len() - MAX_LINE).as_bytes());
+            self.send(self.level, self.source, &cut);
+        } else {
+            self.send(self.level, self.source, line);
+        }
+    }
+
+    fn report_suppressed(&mut self) {
+        if self.suppressed == 0 {
+            return;
+        }
+        self.refill();
+        if self.tokens < 1.0 {
+            return;
+        }
+        self.tokens -= 1.0;
+        let msg = format!("{} lines of Python {} suppressed (rate limit {} lines/s)", self.suppressed, self.source, LINES_PER_SEC);
+        self.suppressed = 0;
+        self.send("warning", "pyport", msg.as_bytes());
+    }
+
+    fn send(&self, level: &str, source: &str, msg: &[u8]) {
+        let _ = self.out.send(Outgoing::Frame(protocol::log_frame(level, source, msg)));
+    }
+}
+
+/// Waits until `f` is readable; `None` waits forever. Returns false on timeout.
+fn readable(f: &File, wait: Option<Duration>) -> bool {
+    let mut pfd = libc::pollfd { fd: f.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    let timeout = wait.map_or(-1, |d| d.as_millis().min(i32::MAX as u128) as i32);
+    loop {
+        // SAFETY: one valid pollfd.
+        let r = unsafe { libc::poll(&mut pfd, 1, timeout) };
+        if r >= 0 {
+            return r > 0;
+        }
+        if io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
+            return true; // let read() report the problem
+        }
+    }
+}
