@@ -1,0 +1,120 @@
+%% Helpers shared by the pyport Common Test suites (ct_run compiles this module
+%% together with the suites in this directory).
+%%
+%% Liveness bounds are generous (about 10 s): the CI box is a noisy 2-core machine.
+%% Waiting is done by polling with a deadline or by monitors, never by a bare sleep.
+-module(pyport_ct_lib).
+
+-export([start_app/0, stop_app/0, restart_app/0, wait_ready/0,
+         stat/1, stats/0, now_ms/0,
+         wait_until/2, wait_until/3, wait_down/1, wait_down/2,
+         assert_mailbox_empty/0, wait_waiting/1, collect/2,
+         has/2, nest/1, run_in_process/1]).
+
+-define(LIVENESS_MS, 10000).
+
+%% Starts the application and waits until the port answers a trivial call.
+start_app() ->
+    {ok, Apps} = application:ensure_all_started(pyport),
+    ok = wait_ready(),
+    Apps.
+
+stop_app() ->
+    _ = application:stop(pyport),
+    ok.
+
+%% A fresh server and port: used where a test needs exact counts that earlier
+%% test processes (whose namespaces and dicts are freed asynchronously) could disturb.
+restart_app() ->
+    ok = stop_app(),
+    _ = start_app(),
+    ok.
+
+%% Polls py:stats/0 (answered by the port once Python is initialised): unlike a
+%% py:eval it creates no namespace, so exact-count tests keep a clean baseline.
+wait_ready() ->
+    wait_until(fun() ->
+                       case catch py:stats() of
+                           {ok, M} when is_map(M) -> true;
+                           Other -> Other
+                       end
+               end, ?LIVENESS_MS, port_not_ready).
+
+stats() ->
+    {ok, M} = py:stats(),
+    M.
+
+stat(Key) ->
+    maps:get(Key, stats()).
+
+now_ms() ->
+    erlang:monotonic_time(millisecond).
+
+%% Polls Fun until it returns true (or {true, V}, which returns V); fails the
+%% test case with the last value after TimeoutMs.
+wait_until(Fun, TimeoutMs) ->
+    wait_until(Fun, TimeoutMs, condition_not_met).
+
+wait_until(Fun, TimeoutMs, What) ->
+    poll(Fun, now_ms() + TimeoutMs, What).
+
+poll(Fun, Deadline, What) ->
+    case Fun() of
+        true -> ok;
+        {true, V} -> V;
+        Last ->
+            case now_ms() > Deadline of
+                true -> ct:fail({timeout_waiting_for, What, last, Last});
+                false ->
+                    timer:sleep(20),
+                    poll(Fun, Deadline, What)
+            end
+    end.
+
+%% Waits for a process to terminate; returns its exit reason.
+wait_down(Pid) ->
+    wait_down(Pid, ?LIVENESS_MS).
+
+wait_down(Pid, TimeoutMs) ->
+    Ref = erlang:monitor(process, Pid),
+    receive
+        {'DOWN', Ref, process, Pid, Reason} -> Reason
+    after TimeoutMs ->
+            ct:fail({process_did_not_exit, Pid, erlang:process_info(Pid, current_stacktrace)})
+    end.
+
+assert_mailbox_empty() ->
+    receive
+        Msg -> ct:fail({unexpected_message, Msg})
+    after 0 -> ok
+    end.
+
+%% Waits until every process in Pids is blocked in a receive (e.g. waiting for
+%% its reply from the port), so the requests have certainly been issued.
+wait_waiting(Pids) ->
+    wait_until(fun() ->
+                       lists:all(fun(P) ->
+                                         erlang:process_info(P, status) =:= {status, waiting}
+                                 end, Pids)
+               end, ?LIVENESS_MS, callers_blocked).
+
+%% Receives one {Tag, Pid, Result} per pid, in pid order.
+collect(Tag, Pids) ->
+    [receive {Tag, P, R} -> R
+     after ?LIVENESS_MS -> ct:fail({no_result_from, P, Tag})
+     end || P <- Pids].
+
+has(Bin, Part) ->
+    binary:match(Bin, Part) =/= nomatch.
+
+%% N nested lists around the integer 1: exactly N containers deep.
+nest(0) -> 1;
+nest(N) -> [nest(N - 1)].
+
+%% Runs Fun in a fresh process and returns its result (or {crashed, Reason}).
+run_in_process(Fun) ->
+    {Pid, Ref} = spawn_monitor(fun() -> exit({result, Fun()}) end),
+    receive
+        {'DOWN', Ref, process, Pid, {result, R}} -> R;
+        {'DOWN', Ref, process, Pid, Other} -> {crashed, Other}
+    end.
