@@ -58,6 +58,7 @@ all() ->
      unknown_objects,
      unsupported_terms,
      nesting_limit_from_erlang,
+     nesting_limit_call_args,
      nesting_limit_from_python,
      large_values].
 
@@ -123,7 +124,7 @@ integers(_Config) ->
                           same(I),
                           <<"int">> = pytype(I),
                           %% Python holds the exact value
-                          check(<<"str(x) == ", (integer_to_binary(I))/binary, "">>, I),
+                          check(<<"str(x) == '", (integer_to_binary(I))/binary, "'">>, I),
                           {ok, R} = py:eval(<<"x + 1">>, #{x => I}),
                           ?assertEqual(I + 1, R)
                   end, Ints),
@@ -378,13 +379,16 @@ unknown_objects(_Config) ->
     {ok, {python_object, <<"module">>, R2}} = py:eval(<<"__import__('math')">>),
     true = has(R2, <<"math">>),
     ok = py:exec(<<"class Point:\n    def __repr__(self):\n        return 'Point(1, 2)'\n">>),
-    {ok, {python_object, <<"Point">>, <<"Point(1, 2)">>}} = py:eval(<<"Point()">>),
+    %% builtin types by bare name, others module-qualified
+    {ok, {python_object, <<"__main__.Point">>, <<"Point(1, 2)">>}} = py:eval(<<"Point()">>),
+    {ok, {python_object, <<"datetime.date">>, <<"datetime.date(2020, 1, 2)">>}} =
+        py:eval(<<"__import__('datetime').date(2020, 1, 2)">>),
     {ok, [{python_object, <<"object">>, _}, 1]} = py:eval(<<"[object(), 1]">>),
-    {ok, {python_object, <<"Point">>, <<"Point(1, 2)">>}} = py:call('__main__', 'Point', []),
+    {ok, {python_object, <<"__main__.Point">>, <<"Point(1, 2)">>}} = py:call('__main__', 'Point', []),
     %% an object whose repr raises: a clear result either way, never a crash
     ok = py:exec(<<"class BadRepr:\n    def __repr__(self):\n        raise ValueError('no repr')\n">>),
     case py:eval(<<"BadRepr()">>) of
-        {ok, {python_object, <<"BadRepr">>, _}} -> ok;
+        {ok, {python_object, <<"__main__.BadRepr">>, _}} -> ok;
         {error, {python, _, _, _}} -> ok;
         Other -> ct:fail({bad_repr, Other})
     end,
@@ -406,18 +410,48 @@ unsupported_terms(_Config) ->
 %% nesting limit: 1000 levels ok, deeper is {error, {nesting_too_deep, 1000}}
 
 nesting_limit_from_erlang(_Config) ->
-    N1000 = nest(1000),
-    ?assertEqual({ok, N1000}, py:eval(<<"x">>, #{x => N1000})),
-    ?assertEqual({ok, N1000}, py:call('__main__', ident, [N1000])),
-    M1000 = mixed(1000),
-    ?assertEqual({ok, mixed_back(1000)}, py:eval(<<"x">>, #{x => M1000})),
-    {error, {nesting_too_deep, 1000}} = py:eval(<<"x">>, #{x => nest(1001)}),
-    {error, {nesting_too_deep, 1000}} = py:eval(<<"x">>, #{x => mixed(1001)}),
+    %% each container kind alone, and mixed, exactly at and just past the limit
+    Cases = [{K, D} || D <- [1000, 1001], K <- [list, tuple, map, mixed]],
+    Wrong = [{K, D, summary(R)} || {K, D} <- Cases,
+                                   R <- [py:eval(<<"x">>, #{x => deep(K, D)})],
+                                   R =/= expected(K, D)],
+    ?assertEqual([], Wrong),
     {error, {nesting_too_deep, 1000}} = py:call('__main__', ident, [nest(1500)]),
     {error, {nesting_too_deep, 1000}} = py:call('__main__', ident, [], #{v => nest(1500)}),
     {error, {nesting_too_deep, 1000}} = py:eval(<<"x">>, #{x => nest(100000)}),
+    {error, {nesting_too_deep, 1000}} = py:eval(<<"x">>, #{x => deep(tuple, 100000)}),
     {ok, 2} = py:eval(<<"1 + 1">>),
     ok.
+
+%% The limit applies to the value, whichever path it takes: a 1000-level
+%% argument is as acceptable as a 1000-level local.
+nesting_limit_call_args(_Config) ->
+    Wrong = [{Path, K, summary(R)} || K <- [list, tuple, map],
+                                      {Path, R} <- [{args, py:call('__main__', ident, [deep(K, 1000)])},
+                                                    {kwargs, py:call('__main__', ident, [],
+                                                                     #{v => deep(K, 1000)})}],
+                                      R =/= expected(K, 1000)],
+    ?assertEqual([], Wrong),
+    ok.
+
+deep(list, N) -> nest(N);
+deep(tuple, 0) -> 1;
+deep(tuple, N) -> {deep(tuple, N - 1)};
+deep(map, 0) -> 1;
+deep(map, N) -> #{k => deep(map, N - 1)};
+deep(mixed, N) -> mixed(N).
+
+expected(K, D) when D =< 1000 -> {ok, back(K, D)};
+expected(_, _) -> {error, {nesting_too_deep, 1000}}.
+
+back(map, 0) -> 1;
+back(map, N) -> #{<<"k">> => back(map, N - 1)};
+back(mixed, N) -> mixed_back(N);
+back(K, N) -> deep(K, N).
+
+%% results of deep terms are too big to print
+summary({ok, V}) -> {ok, {depth, depth(V)}};
+summary(Other) -> Other.
 
 nesting_limit_from_python(_Config) ->
     ?assertEqual({ok, nest(1000)}, py:eval(<<"pnest(1000)">>)),
@@ -427,6 +461,7 @@ nesting_limit_from_python(_Config) ->
     1000 = depth(D),
     {error, {nesting_too_deep, 1000}} = py:eval(<<"pnest(1001)">>),
     {error, {nesting_too_deep, 1000}} = py:eval(<<"pnest(1001, 'dict')">>),
+    {error, {nesting_too_deep, 1000}} = py:eval(<<"pnest(1001, 'tuple')">>),
     {error, {nesting_too_deep, 1000}} = py:eval(<<"pnest(1500)">>),
     {error, {nesting_too_deep, 1000}} = py:call('__main__', pnest, [1500, <<"mixed">>]),
     {error, {nesting_too_deep, 1000}} = py:eval(<<"pnest(100000)">>),

@@ -28,6 +28,7 @@ all() ->
      values_roundtrip,
      get_default_returned_as_is,
      set_unstorable,
+     deep_values_stored,
      keys_insertion_order,
      keys_same_across_sides,
      destroy_idempotent_and_destroyed_errors,
@@ -275,7 +276,7 @@ values_roundtrip(_Config) ->
              {[1, [2, <<"x">>]], [1, [2, <<"x">>]]}, {{1, <<"a">>, {}}, {1, <<"a">>, {}}},
              {#{a => 1, 2 => [b]}, #{<<"a">> => 1, 2 => [<<"b">>]}},
              {self(), self()}, {Ref, Ref}, {Fun, Fun}, {[self(), {Ref}], [self(), {Ref}]},
-             {nest(1000), nest(1000)}],
+             {nest(100), nest(100)}],
     lists:foreach(fun({I, {In, Expected}}) ->
                           Key = integer_to_binary(I),
                           ok = py:shared_dict_set(SD, Key, In),
@@ -300,11 +301,20 @@ set_unstorable(_Config) ->
     {error, {unsupported_term, _}} = py:shared_dict_set(SD, <<"k">>, [1 | 2]),
     {error, {unsupported_term, _}} = py:shared_dict_set(SD, <<"k">>, <<1:3>>),
     {error, {duplicate_key, _}} = py:shared_dict_set(SD, <<"k">>, #{a => 1, <<"a">> => 2}),
-    {error, {nesting_too_deep, 1000}} = py:shared_dict_set(SD, <<"k">>, nest(1001)),
     %% a failed overwrite keeps the old value
     {error, {unsupported_term, _}} = py:shared_dict_set(SD, <<"keep">>, [a | b]),
     [<<"keep">>] = py:shared_dict_keys(SD),
     1 = py:shared_dict_get(SD, <<"keep">>),
+    undefined = py:shared_dict_get(SD, <<"k">>),
+    ok = py:shared_dict_destroy(SD).
+
+%% The conversion table's nesting limit (1000 levels) holds for stored values:
+%% 1000 levels can be stored and read back, 1001 is refused with the same reason.
+deep_values_stored(_Config) ->
+    {ok, SD} = py:shared_dict_new(),
+    ok = py:shared_dict_set(SD, <<"deep">>, nest(1000)),
+    ?assertEqual(nest(1000), py:shared_dict_get(SD, <<"deep">>)),
+    {error, {nesting_too_deep, 1000}} = py:shared_dict_set(SD, <<"k">>, nest(1001)),
     undefined = py:shared_dict_get(SD, <<"k">>),
     ok = py:shared_dict_destroy(SD).
 
@@ -582,7 +592,7 @@ erlang_reads_python_values(_Config) ->
     ?assertEqual([-1, 2], py:shared_dict_get(SD, <<"neg">>)),
     ?assertEqual([7], py:shared_dict_get(SD, <<"set">>)),
     nan = py:shared_dict_get(SD, <<"nan">>),
-    ?assertEqual({python_object, <<"date">>, <<"datetime.date(2020, 1, 2)">>},
+    ?assertEqual({python_object, <<"datetime.date">>, <<"datetime.date(2020, 1, 2)">>},
                  py:shared_dict_get(SD, <<"date">>)),
     <<"from bytes key">> = py:shared_dict_get(SD, <<"bkey">>),
     ok = py:shared_dict_destroy(SD).
@@ -693,14 +703,22 @@ erlang_ops_not_blocked_by_busy_workers(_Config) ->
     wait_until(fun() -> stat(busy_workers) =:= 0 end, 10000, busy_callers_cancelled),
     ok.
 
-%% Counts in py:stats() follow dicts and keys, and after creating and
-%% abandoning many dicts (and namespaces) through short-lived processes, they
-%% are back to exactly where they started.
-%% Issue 3 asks for 100,000 dicts; this case uses 20,000 (200 processes x 100)
-%% so it finishes well under a minute on the 2-core CI box.
+%% Counts in py:stats() follow dicts and keys; after creating and abandoning
+%% 100,000 dicts (and 1,000 namespaces) through short-lived processes, half of
+%% them killed, the counts are back to exactly where they started, and the
+%% port's RSS, measured after a 20,000-dict warm-up cycle, grew by less than
+%% ?RSS_BOUND_KB. (The whole case takes a few seconds here; on a loaded 2-core
+%% box it stays well inside its 120 s timetrap.)
+-define(RSS_BOUND_KB, 8192).
+
+stats_counts_and_leak() ->
+    [{timetrap, {seconds, 120}}].
+
 stats_counts_and_leak(_Config) ->
+    %% the port's OS pid; this process's namespace is part of the baseline
+    {ok, OsPid} = py:eval(<<"__import__('os').getpid()">>),
     Base = stats(),
-    #{dicts := D0, dict_keys := K0, namespaces := N0} = Base,
+    #{dicts := D0, dict_keys := K0} = Base,
     {ok, SD} = py:shared_dict_new(),
     [ok = py:shared_dict_set(SD, K, K) || K <- [<<"a">>, <<"b">>, <<"c">>]],
     #{dicts := D1, dict_keys := K1} = stats(),
@@ -710,21 +728,38 @@ stats_counts_and_leak(_Config) ->
     #{dict_keys := K2} = stats(),
     ok = py:shared_dict_destroy(SD),
     #{dicts := D0, dict_keys := K0} = stats(),
+    %% warm-up cycle, then the measured one
+    ok = leak_cycle(200, Base),
+    Rss1 = rss_kb(OsPid),
+    ok = leak_cycle(1000, Base),
+    Rss2 = rss_kb(OsPid),
+    ct:log("port RSS after warm-up ~b kB, after 100,000 more dicts ~b kB (growth ~b kB, bound ~b kB)",
+           [Rss1, Rss2, Rss2 - Rss1, ?RSS_BOUND_KB]),
+    true = Rss2 - Rss1 < ?RSS_BOUND_KB,
+    ok.
+
+%% NProcs short-lived processes, 100 dicts each (with a key and a namespace),
+%% in batches of 25; then waits until the counts are back to Base.
+leak_cycle(NProcs, Base) ->
     T0 = now_ms(),
-    NProcs = 200, PerProc = 100, Batch = 25,
+    PerProc = 100, Batch = 25,
     lists:foreach(fun(B) -> leak_batch(B, Batch, PerProc) end, lists:seq(1, NProcs div Batch)),
-    ct:log("created and abandoned ~b dicts in ~b ms", [NProcs * PerProc, now_ms() - T0]),
+    Keys = [dicts, dict_keys, namespaces, dict_bytes],
     Back = fun() ->
                    M = stats(),
-                   case maps:with([dicts, dict_keys, namespaces, dict_bytes], M) =:=
-                       maps:with([dicts, dict_keys, namespaces, dict_bytes], Base) of
+                   case maps:with(Keys, M) =:= maps:with(Keys, Base) of
                        true -> true;
-                       false -> {now, M, base, Base}
+                       false -> {now, maps:with(Keys, M), base, maps:with(Keys, Base)}
                    end
            end,
     wait_until(Back, 30000, counts_back_to_baseline),
-    N0 = stat(namespaces),
+    ct:log("created and abandoned ~b dicts in ~b ms", [NProcs * PerProc, now_ms() - T0]),
     ok.
+
+rss_kb(OsPid) ->
+    {ok, Status} = file:read_file("/proc/" ++ integer_to_list(OsPid) ++ "/status"),
+    {match, [Kb]} = re:run(Status, "VmRSS:\\s+(\\d+) kB", [{capture, all_but_first, binary}]),
+    binary_to_integer(Kb).
 
 leak_batch(B, Batch, PerProc) ->
     Self = self(),
