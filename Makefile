@@ -26,7 +26,7 @@ port:
 	$(CARGO) build --release --locked 2>&1 | grep -v '^\s*Fresh' || true
 	@test -x target/release/pyport || { echo "cargo build failed" >&2; exit 1; }
 	@mkdir -p priv
-	@cmp -s target/release/pyport priv/pyport || cp target/release/pyport priv/pyport
+	@cmp -s target/release/pyport priv/pyport || { cp target/release/pyport priv/pyport.tmp && mv -f priv/pyport.tmp priv/pyport; }
 
 erlang: $(BEAMS) ebin/pyport.app
 

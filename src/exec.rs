@@ -99,6 +99,7 @@ impl Interp {
             let ns = self.namespace(py, owner)?;
             let locals = convert::decode(py, payload)?;
             let locals = locals.cast_into::<PyDict>().map_err(|_| Failure::bad("locals must be a map"))?;
+            check_local_names(&locals)?;
             ns.update(locals.as_mapping())?;
             let compiled = self.compile(py, code, mode)?;
             // SAFETY: GIL held; `compiled` is a code object and `ns` a dict.
@@ -180,6 +181,32 @@ impl Interp {
         })();
         finish(py, id, result)
     }
+}
+
+/// Locals become variables, so their names must be identifiers, and not dunder names or
+/// keywords: binding `__builtins__` would break every later call of the owner. The Erlang
+/// side checks this too (raising `badarg`); this keeps other clients from doing harm.
+fn check_local_names(locals: &Bound<'_, PyDict>) -> Result<(), Failure> {
+    if locals.is_empty() {
+        return Ok(());
+    }
+    let py = locals.py();
+    let iskeyword = py.import("keyword")?.getattr("iskeyword")?;
+    for key in locals.keys() {
+        let ok = match key.cast::<PyString>() {
+            Ok(s) => {
+                let name = s.to_str()?;
+                let dunder = name.len() > 4 && name.starts_with("__") && name.ends_with("__");
+                !dunder && s.call_method0("isidentifier")?.is_truthy()? && !iskeyword.call1((s,))?.is_truthy()?
+            }
+            Err(_) => false,
+        };
+        if !ok {
+            let repr = key.repr().map(|r| r.to_string()).unwrap_or_default();
+            return Err(Failure::bad(&format!("locals key {repr} is not a Python identifier")));
+        }
+    }
+    Ok(())
 }
 
 fn import<'py>(py: Python<'py>, module: &str) -> PyResult<Bound<'py, PyAny>> {

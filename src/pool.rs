@@ -188,8 +188,13 @@ impl Pool {
                         self.jobs_rx.recv_timeout(self.cfg.spare_idle).ok()
                     }
                 });
-                self.idle.fetch_sub(1, Ordering::AcqRel);
+                let idle_now = self.idle.fetch_sub(1, Ordering::AcqRel) - 1;
                 let Some(job) = job else { break };
+                // Work still queued and nobody left to take it: the manager decides whether
+                // to add a spare. (Submitters kick too, but only see the pool as it was.)
+                if idle_now == 0 && !self.jobs_rx.is_empty() {
+                    let _ = self.kick_tx.try_send(());
+                }
                 let frame = self.run_tracked(py, &slot, &job);
                 let _ = self.out.send(Outgoing::Frame(frame));
             }

@@ -144,7 +144,9 @@ impl Fields<'_> {
     }
 
     fn id(&self) -> Result<u64, BadRequest> {
-        self.id.ok_or_else(|| self.bad(1, "a non-negative integer id"))
+        self.id
+            .filter(|id| (1..1 << 63).contains(id))
+            .ok_or_else(|| self.bad(1, "an integer id from 1 to 2^63-1"))
     }
 
     fn pid(&self, pos: usize) -> Result<Pid, BadRequest> {

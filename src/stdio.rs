@@ -167,8 +167,11 @@ impl Drain {
         self.tokens -= 1.0;
         let line = raw.strip_suffix(b"\r").unwrap_or(raw);
         if line.len() > MAX_LINE {
-            let mut cut = line[..MAX_LINE].to_vec();
-            cut.extend_from_slice(format!("... [{} more bytes cut]", line.len() - MAX_LINE).as_bytes());
+            // The whole message, note included, stays within MAX_LINE bytes.
+            let note = format!("... [{} bytes cut]", line.len() + 40 - MAX_LINE);
+            let keep = MAX_LINE - 40;
+            let mut cut = line[..keep].to_vec();
+            cut.extend_from_slice(note.as_bytes());
             self.send(self.level, self.source, &cut);
         } else {
             self.send(self.level, self.source, line);
