@@ -1,0 +1,154 @@
+"""{packet,4} framing, the ready frame, out-of-order replies and the elastic pool."""
+
+import os
+import struct
+import time
+
+from conftest import A, Atom, b2t, frame, t2b
+
+
+def test_ready_frame_first_and_once(port_factory):
+    p = port_factory(["--workers", "2", "--max-workers", "5"], wait_ready=False)
+    # Log lines may precede it, but no reply can.
+    t = p.next_frame()
+    while p.is_log(t):
+        t = p.next_frame()
+    assert p.is_ready(t), "first non-log frame is not pyport_ready: %r" % (t,)
+    info = t[1]
+    assert isinstance(info, dict)
+    assert info[A("os_pid")] == p.proc.pid
+    assert info[A("workers")] == 2
+    assert info[A("max_workers")] == 5
+    version = info[A("python")]
+    if isinstance(version, bytes):
+        version = version.decode()
+    assert str(version).startswith("3."), version
+    # The reported version is the interpreter actually running.
+    import_ver = p.eval_ok("'%d.%d.%d' % __import__('sys').version_info[:3]")
+    assert import_ver.decode() in str(version)
+    for _ in range(3):
+        p.assert_serving()
+    assert len(p.ready) == 0, "pyport_ready sent again: %r" % (p.ready,)
+
+
+def test_ready_reports_defaults(port):
+    info = port.ready[0]
+    assert info[A("workers")] == 1
+    assert info[A("max_workers")] == 16
+
+
+def test_several_frames_in_one_write(port):
+    ids = [port.new_id() for _ in range(5)]
+    data = b"".join(
+        frame(t2b((A("eval"), rid, port.owner, "%d * 2" % i, t2b({})))) for i, rid in enumerate(ids)
+    )
+    port.send_raw(data)
+    for i, rid in enumerate(ids):
+        assert port.ok(rid) == i * 2
+
+
+def test_frame_split_over_many_writes(port):
+    rid = port.new_id()
+    data = frame(t2b((A("eval"), rid, port.owner, "'split' * 3", t2b({}))))
+    for i in range(len(data)):
+        port.send_raw(data[i : i + 1])
+    assert port.ok(rid) == b"splitsplitsplit"
+    # Length prefix alone, then the body in two pieces, with a second frame glued to the end.
+    rid2, rid3 = port.new_id(), port.new_id()
+    f2 = frame(t2b((A("eval"), rid2, port.owner, "2", t2b({}))))
+    f3 = frame(t2b((A("eval"), rid3, port.owner, "3", t2b({}))))
+    port.send_raw(f2[:4])
+    port.send_raw(f2[4:10])
+    port.send_raw(f2[10:] + f3[:3])
+    port.send_raw(f3[3:])
+    assert port.ok(rid2) == 2
+    assert port.ok(rid3) == 3
+
+
+def test_ten_mib_round_trip(port):
+    blob = b"\xff" + os.urandom(10 * 1024 * 1024 - 1)  # not UTF-8: bytes both ways
+    rid = port.eval("v", {"v": blob})
+    assert port.ok(rid, timeout=60) == blob
+    rid = port.call("builtins", "len", [blob])
+    assert port.ok(rid, timeout=60) == len(blob)
+    text = "é" * (5 * 1024 * 1024)  # 10 MiB of UTF-8: str in Python
+    assert port.eval_ok("len(v)", v=text, timeout=60) == len(text)
+    assert port.eval_ok("v[::-1]", v=text, timeout=60) == text.encode()
+
+
+def test_out_of_order_sleep(port):
+    slow = port.eval("__import__('time').sleep(1.5) or 'slow'")
+    fast = port.eval("'fast'")
+    t0 = time.monotonic()
+    first = port.recv()
+    assert first[0] == fast, "the fast call did not overtake the slow one: %r" % (first,)
+    assert time.monotonic() - t0 < 1.0
+    assert port.ok(slow) == b"slow"
+
+
+def test_out_of_order_busy_loop(port):
+    """A GIL-bound loop in one call must not stall another caller."""
+    slow = port.exec(
+        "import time\nt = time.monotonic()\nwhile time.monotonic() - t < 2.0:\n    pass\n"
+    )
+    t0 = time.monotonic()
+    fast = port.eval("1 + 1")
+    assert port.ok(fast) == 2
+    assert time.monotonic() - t0 < 1.5
+    assert port.pending == {}
+    assert port.ok(slow) is None
+
+
+def test_concurrent_sleepers_run_in_parallel(port):
+    t0 = time.monotonic()
+    ids = [port.eval("__import__('time').sleep(1.0) or %d" % i) for i in range(6)]
+    for i, rid in enumerate(ids):
+        assert port.ok(rid) == i
+    elapsed = time.monotonic() - t0
+    assert elapsed < 3.0, "6 parallel sleeps of 1 s took %.2f s" % elapsed
+
+
+def test_max_workers_caps_the_pool(port_factory):
+    p = port_factory(["--workers", "1", "--max-workers", "2"])
+    t0 = time.monotonic()
+    ids = [p.eval("__import__('time').sleep(0.6) or %d" % i) for i in range(4)]
+    for i, rid in enumerate(ids):
+        assert p.ok(rid) == i
+    elapsed = time.monotonic() - t0
+    assert elapsed >= 1.1, "4 sleeps of 0.6 s with 2 workers took only %.2f s" % elapsed
+
+
+def test_large_id_values(port):
+    for rid in (1, 2**31, 2**63 - 1):
+        port.eval("1", rid=rid)
+        t = port.recv()
+        assert t[0] == rid and t[1] == "ok", t
+
+
+def test_huge_length_prefix_exits(port):
+    """A corrupt length prefix must make the port exit promptly (status 3), not hang or try to
+    allocate 4 GiB. stdin stays open: it is the prefix, not EOF, that ends the process."""
+    port.send_raw(struct.pack(">I", 0xFFFFFFF0) + b"\x83h\x02")
+    rc = port.wait_exit(5)
+    assert rc is not None, "port still running 5 s after a 0xFFFFFFF0 length prefix"
+    assert rc == 3, "exit status %r, expected 3 (PROTOCOL.md)" % rc
+
+
+def test_length_prefix_over_max_frame_bytes_exits(port_factory):
+    p = port_factory(["--max-frame-bytes", "4096"])
+    p.assert_serving()
+    body = t2b((A("eval"), p.new_id(), p.owner, "1", t2b({"v": b"x" * 5000})))
+    p.send_raw(struct.pack(">I", len(body)))
+    rc = p.wait_exit(5)
+    assert rc == 3, "exit status %r after a %d-byte prefix with --max-frame-bytes 4096" % (rc, len(body))
+
+
+def test_frame_at_max_frame_bytes_is_served(port_factory):
+    p = port_factory(["--max-frame-bytes", "4096"])
+    rid = p.new_id()
+    code = "len(v)"
+    base = t2b((A("eval"), rid, p.owner, code, t2b({"v": b""})))
+    body = t2b((A("eval"), rid, p.owner, code, t2b({"v": b"\xff" * (4096 - len(base))})))
+    assert len(body) == 4096
+    p.send_body(body)
+    assert p.ok(rid) == 4096 - len(base)

@@ -1,0 +1,132 @@
+"""Process lifecycle: EOF shutdown (also while busy), no orphans, signals, cancellation."""
+
+import os
+import signal
+import time
+
+import pytest
+
+from conftest import A, Atom, describe_error, pid_alive, wait_until
+
+
+def test_eof_when_idle_exits(port):
+    t0 = time.monotonic()
+    port.close_stdin()
+    rc = port.wait_exit(2)
+    assert rc is not None, "port still running 2 s after its stdin closed"
+    assert time.monotonic() - t0 < 2
+
+
+def test_eof_while_worker_sleeps_exits(port):
+    rid = port.exec("import time\ntime.sleep(60)")
+    port.assert_serving()  # the sleeper is really running
+    t0 = time.monotonic()
+    port.close_stdin()
+    rc = port.wait_exit(2.5)
+    assert rc is not None, "port still running 2.5 s after EOF with a worker in time.sleep(60)"
+    assert time.monotonic() - t0 < 2.5
+
+
+def test_eof_while_worker_loops_exits(port):
+    port.exec("while True:\n    pass\n")
+    port.assert_serving()
+    port.close_stdin()
+    assert port.wait_exit(2.5) is not None, "port still running after EOF with a busy loop"
+
+
+def test_children_gone_after_eof(port):
+    pids = port.eval_ok(
+        "[__import__('subprocess').Popen(['sleep', '60']).pid,"
+        " __import__('subprocess').Popen(['sh', '-c', 'sleep 61; true']).pid]"
+    )
+    assert all(pid_alive(p) for p in pids)
+    port.exec("import time\ntime.sleep(60)")
+    port.close_stdin()
+    assert port.wait_exit(2.5) is not None
+    wait_until(lambda: not any(pid_alive(p) for p in pids), 3, "children of the port to exit: %r" % pids)
+
+
+def test_sigchld_default_subprocess_works(port):
+    assert port.eval_ok("__import__('subprocess').run(['sh', '-c', 'exit 7']).returncode") == 7
+    assert port.eval_ok("__import__('subprocess').check_output(['echo', 'hi'])") == b"hi\n"
+    assert port.eval_ok(
+        "(lambda os: os.waitpid(os.spawnlp(os.P_NOWAIT, 'true', 'true'), 0)[1])(__import__('os'))"
+    ) == 0
+
+
+def test_sigint_ignored(port):
+    os.kill(port.proc.pid, signal.SIGINT)
+    port.assert_serving()
+    assert port.proc.poll() is None
+    # Python code running at the time is not interrupted either.
+    rid = port.eval("__import__('time').sleep(0.5) or 'done'")
+    port.assert_serving()
+    os.kill(port.proc.pid, signal.SIGINT)
+    assert port.ok(rid) == b"done"
+
+
+def is_cancel_error(reason):
+    if reason == "cancelled":
+        return True
+    return (
+        isinstance(reason, tuple)
+        and len(reason) == 4
+        and reason[0] == "python"
+        and reason[1] not in ("KeyboardInterrupt", "SystemExit")
+    )
+
+
+def test_cancel_running_busy_loop(port):
+    rid = port.exec("while True:\n    pass\n")
+    port.assert_serving()  # it is running (and the pool still answers)
+    port.cancel(rid)
+    reason = port.err(rid, timeout=10)
+    assert is_cancel_error(reason), reason
+    for _ in range(5):
+        port.assert_serving()
+
+
+def test_cancel_not_swallowed_by_except_exception(port):
+    rid = port.exec(
+        "while True:\n"
+        "    try:\n"
+        "        while True:\n"
+        "            pass\n"
+        "    except Exception:\n"
+        "        pass\n"
+    )
+    port.assert_serving()
+    port.cancel(rid)
+    assert is_cancel_error(port.err(rid, timeout=10))
+    port.assert_serving()
+
+
+def test_cancel_queued_request(port_factory):
+    p = port_factory(["--workers", "1", "--max-workers", "1"])
+    busy = p.eval("__import__('time').sleep(1.0) or 'busy'")
+    queued = p.exec("ran_anyway = True")
+    p.cancel(queued)
+    assert p.err(queued, timeout=10) == "cancelled"
+    assert p.ok(busy) == b"busy"
+    err = p.eval_err("ran_anyway")
+    assert err[0] == "python" and err[1] == "NameError", describe_error(err)
+
+
+def test_cancel_does_not_hit_next_request(port_factory):
+    """The interrupt is cleared between requests: cancelling a request that already finished, or
+    racing the end of one, never raises in whatever that worker runs next."""
+    p = port_factory(["--workers", "1", "--max-workers", "1"])
+    for i in range(30):
+        rid = p.eval("sum(range(%d))" % (i * 1000))
+        p.cancel(rid)
+        status, x = p.result(rid)
+        assert status == "ok" or x == "cancelled" or is_cancel_error(x), (status, x)
+        nxt = p.exec("import time\nt = time.monotonic()\nwhile time.monotonic() - t < 0.01:\n    pass\n")
+        assert p.ok(nxt) is None
+    p.cancel(123456789)  # unknown id: ignored, no reply
+    p.assert_serving()
+
+
+def test_cancel_unknown_id_no_reply(port):
+    port.cancel(987654321)
+    port.assert_serving()
