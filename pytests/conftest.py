@@ -10,6 +10,8 @@ Conventions after decoding (see `norm`):
   * pids, references, ports and funs become `Opaque` (compared by their canonical encoding).
 When encoding (see `enc`), `str` and `bytes` become binaries, `Atom` becomes an atom, None becomes
 `undefined`.
+Beware: Atom("a") == "a" (it is a str), so a dict literal holding both as keys merges them; build
+such maps from erlang-py objects (OtpErlangAtom / OtpErlangBinary) instead.
 """
 
 import os
@@ -608,6 +610,11 @@ def port_factory():
     yield start
     for p in ports:
         p.shutdown()
+        err = p.stderr_text()
+        if err:
+            # Shown by pytest only when the test failed.
+            print("--- pyport %s stderr ---\n%s" % (" ".join(p.args), err[-4000:]))
+        assert not pid_alive(p.proc.pid)
 
 
 @pytest.fixture

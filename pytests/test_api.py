@@ -87,6 +87,15 @@ def test_exception_from_nested_call_has_traceback(port):
     assert b"inner" in r[3] and b"outer" in r[3]
 
 
+def test_odd_exceptions(port):
+    r = port.exec_err("class E(Exception):\n    def __str__(self):\n        raise ValueError('no str')\nraise E()")
+    assert r[0] == "python" and r[1] == "E" and isinstance(r[2], bytes), r
+    r = python_error(port.exec_err("class Ошибка(Exception):\n    pass\nraise Ошибка('x')"), "Ошибка")
+    assert r[2] == b"x"
+    python_error(port.exec_err("raise BaseException('base')"), "BaseException")
+    port.assert_serving()
+
+
 def test_base_exceptions_do_not_kill_the_port(port):
     python_error(port.exec_err("raise SystemExit(3)"), "SystemExit")
     port.assert_serving()
@@ -133,6 +142,27 @@ def test_owner_down_frees_namespace(port):
     wait_until(lambda: namespaces(port) == base, 5, "namespace count back to %d" % base)
     port.owner_down(pid(999))  # unknown owner: no reply, no harm
     port.assert_serving()
+
+
+def test_owner_down_while_its_code_runs(port):
+    o = pid(500)
+    rid = port.exec(
+        "import time\nt = time.monotonic()\nwhile time.monotonic() - t < 0.5:\n"
+        "    counter = globals().get('counter', 0) + 1\n",
+        owner=o,
+    )
+    port.assert_serving()
+    port.owner_down(o)
+    status, x = port.result(rid)
+    assert status == "ok" or x == "cancelled" or x[0] == "python", (status, x)
+    port.assert_serving()
+    python_error(port.eval_err("counter", owner=o), "NameError")
+
+
+def test_closing_python_stdio_fds_does_not_break_the_protocol(port):
+    port.exec_ok("import os\nos.close(0)\nos.close(1)\nos.close(2)")
+    for _ in range(3):
+        port.assert_serving()
 
 
 def test_locals_rebinding_and_odd_keys(port):

@@ -3,6 +3,7 @@ the port keeps serving afterwards (checked with a call whose reply must be the n
 
 import struct
 
+import erlang as etf
 import pytest
 
 from conftest import A, Atom, Raw, deep_list_bytes, pid, t2b
@@ -198,7 +199,8 @@ def test_duplicate_map_keys_in_payload(port):
 
 def test_colliding_map_keys_after_conversion(port):
     """Atom `a` and binary <<"a">> are both Python 'a': an error, never a silent drop."""
-    rid = port.call("builtins", "repr", [{A("a"): 1, "a": 2}])
+    # Built from erlang-py objects: Atom("a") == "a" in Python, so a plain dict would merge them.
+    rid = port.call("builtins", "repr", [{etf.OtpErlangAtom("a"): 1, etf.OtpErlangBinary(b"a"): 2}])
     reason = port.err(rid)
     assert isinstance(reason, tuple) and reason[0] == "duplicate_key", reason
     assert isinstance(reason[1], bytes)
@@ -206,10 +208,11 @@ def test_colliding_map_keys_after_conversion(port):
 
 
 def test_colliding_kwargs_and_locals(port):
-    rid = port.call("builtins", "dict", [], {A("x"): 1, "x": 2})
+    both = {etf.OtpErlangAtom("x"): 1, etf.OtpErlangBinary(b"x"): 2}
+    rid = port.call("builtins", "dict", [], both)
     reason = port.err(rid)
     assert isinstance(reason, tuple) and reason[0] in ("duplicate_key", "bad_request"), reason
-    rid = port.eval("x", {A("x"): 1, "x": 2})
+    rid = port.eval("x", both)
     reason = port.err(rid)
     assert isinstance(reason, tuple) and reason[0] in ("duplicate_key", "bad_request"), reason
     port.assert_serving()

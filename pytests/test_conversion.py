@@ -94,7 +94,6 @@ TO_ERLANG = [
     ("dict", "{'a': 1, 2: [3], (1, 2): 'x'}", {b"a": 1, 2: [3], (1, 2): b"x"}),
     ("frozenset", "frozenset([5])", [5]),
     ("complex", "1j", (A("python_object"), b"complex", b"1j")),
-    ("decimal", "__import__('decimal').Decimal('1.5')", (A("python_object"), b"Decimal", b"Decimal('1.5')")),
     ("range", "range(3)", (A("python_object"), b"range", b"range(0, 3)")),
 ]
 
@@ -107,6 +106,17 @@ def test_python_to_erlang(port, name, code, expected):
         assert isinstance(got, Atom)
 
 
+def type_name_ok(got, qualname):
+    """TypeName is the class name, module-qualified outside builtins (both accepted)."""
+    return got == qualname.encode() or got == qualname.rsplit(".", 1)[-1].encode()
+
+
+def test_python_object_decimal(port):
+    got = port.eval_ok("__import__('decimal').Decimal('1.5')")
+    assert got[0] == "python_object" and isinstance(got[0], Atom), got
+    assert type_name_ok(got[1], "decimal.Decimal") and got[2] == b"Decimal('1.5')", got
+
+
 def test_set_becomes_list(port):
     assert sorted(port.eval_ok("{3, 1, 2}")) == [1, 2, 3]
 
@@ -117,7 +127,8 @@ def test_python_object_tagged(port):
     assert got[0] == "python_object" and isinstance(got[0], Atom)
     assert got[1] == b"object" and got[2].startswith(b"<object object at 0x")
     port.exec_ok("class Thing:\n    def __repr__(self):\n        return 'Thing!'\n")
-    assert port.eval_ok("[Thing()]") == [(A("python_object"), b"Thing", b"Thing!")]
+    [got] = port.eval_ok("[Thing()]")
+    assert got[0] == "python_object" and type_name_ok(got[1], "__main__.Thing") and got[2] == b"Thing!", got
 
 
 def test_repr_raising_does_not_crash(port):
@@ -214,8 +225,37 @@ def test_nesting_too_deep_both_ways(port):
     port.assert_serving()
 
 
+def test_nesting_limit_same_both_ways(port):
+    """One limit both ways. A value of 1001 nested lists is over the limit coming back from
+    Python, so it must be refused going in as well (as a Locals value it is 1002 containers deep
+    counting the map, 1001 not counting it: over 1000 either way); a value that goes in must come
+    back out."""
+    port.exec_ok("x = []\nfor _ in range(1000):\n    x = [x]\n")  # 1001 lists
+    assert port.eval_err("x") == (A("nesting_too_deep"), 1000)
+    assert port.err(port.eval("1", {"v": nested(1000)})) == (A("nesting_too_deep"), 1000)
+    assert port.err(port.call("builtins", "len", [nested(1000)])) == (A("nesting_too_deep"), 1000)
+    for depth in (998, 999):
+        status, _ = port.result(port.eval("1", {"v": nested(depth)}))
+        if status == "ok":
+            assert depth_of(port.eval_ok("v", v=nested(depth))) == depth
+    port.assert_serving()
+
+
 def test_self_referencing_result(port):
     port.exec_ok("l = []\nl.append(l)\nd = {}\nd['d'] = d\n")
     assert port.eval_err("l") == (A("nesting_too_deep"), 1000)
     assert port.eval_err("d") == (A("nesting_too_deep"), 1000)
+    port.assert_serving()
+
+
+def test_latin1_atom_in_payload(port):
+    """ATOM_EXT / SMALL_ATOM_EXT (Latin-1, what OTP 25's default term_to_binary writes): decoded as
+    the right str, or rejected as bad_term; never mojibake, never a crash."""
+    for raw in (b"d\x00\x04caf\xe9", b"s\x04caf\xe9"):
+        rid = port.eval("[type(v).__name__, v]", {"v": Raw(raw)})
+        status, x = port.result(rid)
+        if status == "ok":
+            assert x == [b"str", "café".encode()], x
+        else:
+            assert x[0] == "bad_term", x
     port.assert_serving()

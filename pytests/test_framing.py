@@ -152,3 +152,21 @@ def test_frame_at_max_frame_bytes_is_served(port_factory):
     assert len(body) == 4096
     p.send_body(body)
     assert p.ok(rid) == 4096 - len(base)
+
+
+def test_pipelined_requests_answered_exactly_once(port):
+    """2000 requests in one write (a mix of fast and slightly slow ones): each Id answered once."""
+    ids = [port.new_id() for _ in range(2000)]
+    data = b"".join(
+        frame(t2b((A("eval"), rid, port.owner, "%d if %d %% 97 else __import__('time').sleep(0.01) or %d" % (i, i, i), t2b({}))))
+        for i, rid in enumerate(ids)
+    )
+    port.send_raw(data)
+    seen = {}
+    while len(seen) < len(ids):
+        t = port.recv(timeout=60)
+        assert t[0] not in seen, "second reply for %r" % (t[0],)
+        seen[t[0]] = t
+    for i, rid in enumerate(ids):
+        assert seen[rid][1] == "ok" and b2t(seen[rid][2]) == i, seen[rid]
+    port.assert_serving()

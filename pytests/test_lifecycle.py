@@ -46,6 +46,23 @@ def test_children_gone_after_eof(port):
     wait_until(lambda: not any(pid_alive(p) for p in pids), 3, "children of the port to exit: %r" % pids)
 
 
+def test_protocol_fds_not_inherited(port):
+    """A child started without close_fds (posix_spawn) must not hold the protocol pipes: it
+    would keep them open after the port dies."""
+    code = (
+        "import os, sys, tempfile\n"
+        "out = tempfile.mktemp()\n"
+        "child = \"import os; fds = sorted(int(f) for f in os.listdir('/proc/self/fd')); "
+        "open(%r, 'w').write(repr(fds))\" % out\n"
+        "p = os.posix_spawn(sys.executable, [sys.executable, '-c', child], dict(os.environ))\n"
+        "os.waitpid(p, 0)\n"
+        "fds = open(out).read()\n"
+        "os.unlink(out)\n"
+    )
+    port.exec_ok(code)
+    assert port.eval_ok("fds") == b"[0, 1, 2, 3]"  # 3 is the child's own listdir
+
+
 def test_sigchld_default_subprocess_works(port):
     assert port.eval_ok("__import__('subprocess').run(['sh', '-c', 'exit 7']).returncode") == 7
     assert port.eval_ok("__import__('subprocess').check_output(['echo', 'hi'])") == b"hi\n"

@@ -257,7 +257,9 @@ def test_stores_python_objects(port, sd_handle):
         h=sd_handle,
         p=pid(42),
     )
-    assert found(port, sd_handle, "dec") == (A("found"), (A("python_object"), b"Decimal", b"Decimal('1.5')"))
+    tag, dec = found(port, sd_handle, "dec")
+    assert tag == "found" and dec[0] == "python_object" and dec[2] == b"Decimal('1.5')", dec
+    assert dec[1] in (b"Decimal", b"decimal.Decimal"), dec
     assert found(port, sd_handle, "pid") == (A("found"), Opaque(pid(42)))
     assert found(port, sd_handle, "h") == (A("found"), sd_handle)
     tag, v = found(port, sd_handle, "set")
@@ -356,6 +358,34 @@ def test_wire_ops(port, sd_handle):
     assert port.sd_set(h, "b", 1) == ("error", A("shared_dict_destroyed"))
     assert port.sd_keys(h) == ("error", A("shared_dict_destroyed"))
     assert port.sd_del(h, "b") == ("error", A("shared_dict_destroyed"))
+    port.assert_serving()
+
+
+def test_wire_ops_bad_arguments(port, sd_handle):
+    for op, args in (
+        ("sd_get", (sd_handle, A("k"))),
+        ("sd_get", (sd_handle, 42)),
+        ("sd_del", (sd_handle, [1])),
+        ("sd_get", (42, "k")),
+        ("sd_keys", ((A("$pyport_shared_dict"), 0),)),
+        ("sd_keys", ((A("$pyport_shared_dict"), 0, 1, 2),)),
+        ("sd_destroy", ("not a handle",)),
+        ("sd_set", (sd_handle, "k", b"\x83zz")),
+        ("sd_set", (sd_handle, "k", 5)),
+        ("sd_new", ()),
+        ("sd_give_away", (sd_handle, A("nopid"))),
+    ):
+        status, r = port.sd(op, *args)
+        assert status == "error" and isinstance(r, tuple) and r[0] in ("bad_request", "bad_term"), (op, args, r)
+    assert port.sd_keys(sd_handle) == ("ok", [])
+    port.assert_serving()
+
+
+def test_non_utf8_key_from_erlang(port, sd_handle):
+    assert port.sd_set(sd_handle, b"\xff\xfe", 1) == ("ok", A("ok"))
+    assert found(port, sd_handle, b"\xff\xfe") == (A("found"), 1)
+    assert port.sd_keys(sd_handle) == ("ok", [b"\xff\xfe"])
+    assert port.eval_ok("__import__('erlang').SharedDict(h)[b'\\xff\\xfe']", h=sd_handle) == 1
     port.assert_serving()
 
 
