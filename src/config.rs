@@ -3,7 +3,8 @@
 use std::time::Duration;
 
 pub const USAGE: &str = "usage: pyport [--generation N] [--workers N] [--max-workers N] \
-[--spare-after-ms N] [--spare-idle-ms N] [--max-frame-bytes N]";
+[--spare-after-ms N] [--spare-idle-ms N] [--max-frame-bytes N] [--abandon-after-ms N] \
+[--max-abandoned N] [--oom-score-adj N] [--max-memory-bytes N]";
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
@@ -13,6 +14,13 @@ pub struct Config {
     pub spare_after: Duration,
     pub spare_idle: Duration,
     pub max_frame: usize,
+    /// A cancelled request still running this long later has its worker abandoned.
+    pub abandon_after: Duration,
+    /// More abandoned workers than this: the port exits so that it is restarted.
+    pub max_abandoned: usize,
+    pub oom_score_adj: i32,
+    /// RLIMIT_AS in bytes; 0 for none.
+    pub max_memory: u64,
 }
 
 impl Default for Config {
@@ -24,6 +32,10 @@ impl Default for Config {
             spare_after: Duration::from_millis(5),
             spare_idle: Duration::from_secs(30),
             max_frame: 1 << 30,
+            abandon_after: Duration::from_secs(2),
+            max_abandoned: 4,
+            oom_score_adj: 500,
+            max_memory: 0,
         }
     }
 }
@@ -42,6 +54,10 @@ impl Config {
                 "--spare-after-ms" => cfg.spare_after = Duration::from_millis(n),
                 "--spare-idle-ms" => cfg.spare_idle = Duration::from_millis(n),
                 "--max-frame-bytes" => cfg.max_frame = n as usize,
+                "--abandon-after-ms" => cfg.abandon_after = Duration::from_millis(n),
+                "--max-abandoned" => cfg.max_abandoned = n as usize,
+                "--oom-score-adj" => cfg.oom_score_adj = n.min(1000) as i32,
+                "--max-memory-bytes" => cfg.max_memory = n,
                 _ => return Err(format!("unknown option {flag}")),
             }
         }

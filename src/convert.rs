@@ -58,22 +58,29 @@ type Result<T> = std::result::Result<T, ConvertError>;
 
 /// Decodes a complete versioned term into a Python object.
 pub fn decode<'py>(py: Python<'py>, bytes: &[u8]) -> Result<Bound<'py, PyAny>> {
+    decode_wrapped(py, bytes, 0)
+}
+
+/// Like [`decode`], for a payload whose outer `wrapper_levels` containers are protocol, not
+/// user data (`{Args, Kwargs}` of a call is two, a Locals map one): the nesting limit is
+/// the user's, so those levels are not counted against it.
+pub fn decode_wrapped<'py>(py: Python<'py>, bytes: &[u8], wrapper_levels: usize) -> Result<Bound<'py, PyAny>> {
     let mut r = Reader::new(bytes);
     r.expect_version()?;
-    let v = decode_term(py, &mut r, 0)?;
+    let v = decode_term(py, &mut r, 0, MAX_DEPTH + wrapper_levels)?;
     r.expect_end()?;
     Ok(v)
 }
 
-fn enter(depth: usize) -> Result<usize> {
-    if depth + 1 > MAX_DEPTH {
+fn enter(depth: usize, limit: usize) -> Result<usize> {
+    if depth + 1 > limit {
         Err(TermError::TooDeep(MAX_DEPTH).into())
     } else {
         Ok(depth + 1)
     }
 }
 
-fn decode_term<'py>(py: Python<'py>, r: &mut Reader<'_>, depth: usize) -> Result<Bound<'py, PyAny>> {
+fn decode_term<'py>(py: Python<'py>, r: &mut Reader<'_>, depth: usize, limit: usize) -> Result<Bound<'py, PyAny>> {
     let start = *r;
     let tag = r.u8()?;
     let obj = match tag {
@@ -99,17 +106,19 @@ fn decode_term<'py>(py: Python<'py>, r: &mut Reader<'_>, depth: usize) -> Result
         }
         etf::NIL => PyList::empty(py).into_any(),
         etf::STRING => {
-            // Erlang strings are lists of integers; STRING_EXT is just their compact form.
+            // Erlang strings are lists of integers; STRING_EXT is just their compact form,
+            // and counts as a list for the nesting limit.
+            enter(depth, limit)?;
             let n = r.u16()? as usize;
             PyList::new(py, r.bytes(n)?)?.into_any()
         }
         etf::LIST => {
-            let depth = enter(depth)?;
+            let depth = enter(depth, limit)?;
             let raw = r.u32()?;
             let n = r.count(raw, 1)?;
             let mut items = Vec::with_capacity(n);
             for _ in 0..n {
-                items.push(decode_term(py, r, depth)?);
+                items.push(decode_term(py, r, depth, limit)?);
             }
             if r.u8()? != etf::NIL {
                 return Err(TermError::Unsupported("improper list (its tail is not [])").into());
@@ -117,7 +126,7 @@ fn decode_term<'py>(py: Python<'py>, r: &mut Reader<'_>, depth: usize) -> Result
             PyList::new(py, items)?.into_any()
         }
         etf::SMALL_TUPLE | etf::LARGE_TUPLE => {
-            let depth = enter(depth)?;
+            let depth = enter(depth, limit)?;
             let raw = if tag == etf::SMALL_TUPLE { r.u8()? as u32 } else { r.u32()? };
             let n = r.count(raw, 1)?;
             if let Some(special) = decode_tagged_tuple(py, r, n)? {
@@ -125,19 +134,19 @@ fn decode_term<'py>(py: Python<'py>, r: &mut Reader<'_>, depth: usize) -> Result
             } else {
                 let mut items = Vec::with_capacity(n);
                 for _ in 0..n {
-                    items.push(decode_term(py, r, depth)?);
+                    items.push(decode_term(py, r, depth, limit)?);
                 }
                 PyTuple::new(py, items)?.into_any()
             }
         }
         etf::MAP => {
-            let depth = enter(depth)?;
+            let depth = enter(depth, limit)?;
             let raw = r.u32()?;
             let n = r.count(raw, 2)?;
             let dict = PyDict::new(py);
             for _ in 0..n {
-                let k = decode_term(py, r, depth)?;
-                let v = decode_term(py, r, depth)?;
+                let k = decode_term(py, r, depth, limit)?;
+                let v = decode_term(py, r, depth, limit)?;
                 let before = dict.len();
                 if let Err(e) = dict.set_item(&k, v) {
                     if e.is_instance_of::<PyTypeError>(py) {
@@ -167,7 +176,7 @@ fn decode_term<'py>(py: Python<'py>, r: &mut Reader<'_>, depth: usize) -> Result
         | etf::EXPORT => {
             *r = start;
             let from = r.pos();
-            etf::skip_term(r, depth, Limits::PAYLOAD)?;
+            etf::skip_term(r, depth, Limits { max_depth: limit, max_count: usize::MAX })?;
             let bytes = r.slice(from, r.pos());
             let term = OpaqueTerm::new_checked(bytes).ok_or(TermError::Invalid("malformed opaque term"))?;
             Bound::new(py, term)?.into_any()
@@ -340,16 +349,16 @@ fn encode_term(obj: &Bound<'_, PyAny>, out: &mut Vec<u8>, depth: usize) -> Resul
     } else if let Ok(f) = obj.cast::<PyFloat>() {
         encode_float(f.value(), out);
     } else if let Ok(l) = obj.cast::<PyList>() {
-        let depth = enter(depth)?;
+        let depth = enter(depth, MAX_DEPTH)?;
         encode_list(l, out, depth)?;
     } else if let Ok(t) = obj.cast::<PyTuple>() {
-        let depth = enter(depth)?;
+        let depth = enter(depth, MAX_DEPTH)?;
         etf::put_tuple_header(out, t.len());
         for item in t.iter() {
             encode_term(&item, out, depth)?;
         }
     } else if let Ok(d) = obj.cast::<PyDict>() {
-        let depth = enter(depth)?;
+        let depth = enter(depth, MAX_DEPTH)?;
         encode_dict(d, out, depth)?;
     } else if let Ok(b) = obj.cast::<PyBytes>() {
         etf::put_binary(out, b.as_bytes());
@@ -360,7 +369,7 @@ fn encode_term(obj: &Bound<'_, PyAny>, out: &mut Vec<u8>, depth: usize) -> Resul
     } else if let Some(h) = handle_of(obj) {
         put_handle(out, &h);
     } else if obj.cast::<PySet>().is_ok() || obj.cast::<PyFrozenSet>().is_ok() {
-        let depth = enter(depth)?;
+        let depth = enter(depth, MAX_DEPTH)?;
         let items: Vec<Bound<'_, PyAny>> = obj.try_iter()?.collect::<PyResult<_>>()?;
         encode_seq(py, &items, out, depth)?;
     } else {

@@ -97,7 +97,7 @@ impl Interp {
     pub fn run_code(&self, py: Python<'_>, id: u64, owner: &Owner, code: &str, payload: &[u8], mode: Mode) -> Frame {
         let result = (|| -> Result<Bound<'_, PyAny>, Failure> {
             let ns = self.namespace(py, owner)?;
-            let locals = convert::decode(py, payload)?;
+            let locals = convert::decode_wrapped(py, payload, 1)?;
             let locals = locals.cast_into::<PyDict>().map_err(|_| Failure::bad("locals must be a map"))?;
             check_local_names(&locals)?;
             ns.update(locals.as_mapping())?;
@@ -117,7 +117,7 @@ impl Interp {
     pub fn run_call(&self, py: Python<'_>, id: u64, owner: &Owner, module: &str, function: &str, payload: &[u8]) -> Frame {
         let result = (|| -> Result<Bound<'_, PyAny>, Failure> {
             let target = self.resolve(py, owner, module, function)?;
-            let decoded = convert::decode(py, payload)?;
+            let decoded = convert::decode_wrapped(py, payload, 2)?;
             let pair = decoded.cast::<PyTuple>().map_err(|_| Failure::bad("call payload must be {Args, Kwargs}"))?;
             if pair.len() != 2 {
                 return Err(Failure::bad("call payload must be {Args, Kwargs}"));

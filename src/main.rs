@@ -9,6 +9,7 @@ mod convert;
 mod etf;
 mod exec;
 mod framing;
+mod limits;
 mod pool;
 mod protocol;
 mod pymodule;
@@ -63,9 +64,15 @@ fn main() {
         fatal(&out_tx, EXIT_IO, &format!("cannot start output drains: {e}"));
     }
 
+    for warning in limits::apply(cfg.oom_score_adj, cfg.max_memory) {
+        let _ = out_tx.send(Outgoing::Frame(protocol::log_frame("warning", "pyport", warning.as_bytes())));
+    }
     pymodule::install_registry(Arc::new(Registry::new(cfg.generation)));
     if let Err(e) = python::initialize(&python::Settings::from_env()) {
         fatal(&out_tx, EXIT_PYTHON_INIT, &e);
+    }
+    if let Err(e) = python::raise_recursion_limit() {
+        let _ = out_tx.send(Outgoing::Frame(protocol::log_frame("warning", "pyport", e.as_bytes())));
     }
     let router = match Router::start(&cfg, out_tx.clone()) {
         Ok(r) => r,
@@ -124,6 +131,8 @@ impl Router {
             max: cfg.max_workers,
             spare_after: cfg.spare_after,
             spare_idle: cfg.spare_idle,
+            abandon_after: cfg.abandon_after,
+            max_abandoned: cfg.max_abandoned,
         };
         let pool = Pool::start(pool_cfg, interp.clone(), out.clone())?;
         let pickler = shared_dict::start_pickler(out.clone())?;
@@ -174,7 +183,7 @@ impl Router {
     fn stats(&self, id: u64) -> Vec<u8> {
         let reg = pymodule::registry().stats();
         let pool = self.pool.stats();
-        let entries: [(&str, u64); 8] = [
+        let entries: [(&str, u64); 9] = [
             ("dicts", reg.dicts as u64),
             ("dict_keys", reg.keys as u64),
             ("dict_bytes", reg.bytes as u64),
@@ -182,6 +191,7 @@ impl Router {
             ("workers", pool.workers as u64),
             ("busy_workers", pool.busy as u64),
             ("queued", pool.queued as u64),
+            ("abandoned_workers", pool.abandoned as u64),
             ("generation", self.generation),
         ];
         protocol::ok_frame(id, |out| {

@@ -17,7 +17,7 @@ use crate::exec::{Frame, Interp, Mode};
 use crate::framing::Outgoing;
 use crate::protocol::{self, atom, binary, tuple, Owner};
 use crate::pymodule::CallCancelled;
-use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
+use crossbeam_channel::{bounded, unbounded, Receiver, RecvTimeoutError, Sender};
 use parking_lot::Mutex;
 use pyo3::ffi;
 use pyo3::prelude::*;
@@ -26,7 +26,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Python recursion and our converters recurse; give every Python thread room for both.
 pub const PYTHON_THREAD_STACK: usize = 16 << 20;
@@ -61,7 +61,12 @@ pub struct PoolConfig {
     pub max: usize,
     pub spare_after: Duration,
     pub spare_idle: Duration,
+    pub abandon_after: Duration,
+    pub max_abandoned: usize,
 }
+
+/// Exit status when too many workers are stuck in code that ignores cancellation.
+pub const EXIT_STUCK_WORKERS: i32 = 6;
 
 /// A worker thread as the canceller sees it.
 struct Slot {
@@ -75,6 +80,9 @@ struct Tracking {
     /// Cancelled while queued: the worker that dequeues them skips them.
     cancelled: HashSet<u64>,
     running: HashMap<u64, Arc<Slot>>,
+    /// Running requests that ignored their cancellation: their workers are written off
+    /// (they no longer count against `max`) until the code returns, if ever.
+    abandoned: HashSet<u64>,
 }
 
 pub struct Pool {
@@ -95,6 +103,7 @@ pub struct PoolStats {
     pub workers: usize,
     pub busy: usize,
     pub queued: usize,
+    pub abandoned: usize,
 }
 
 impl Pool {
@@ -123,7 +132,7 @@ impl Pool {
         let p = pool.clone();
         thread::Builder::new()
             .name("pyport-cancel".into())
-            .spawn(move || cancel_rx.iter().for_each(|id| p.cancel_now(id)))?;
+            .spawn(move || p.cancel_loop(cancel_rx))?;
         Ok(pool)
     }
 
@@ -144,7 +153,8 @@ impl Pool {
     pub fn stats(&self) -> PoolStats {
         let workers = self.total.load(Ordering::Relaxed);
         let idle = self.idle.load(Ordering::Relaxed);
-        PoolStats { workers, busy: workers.saturating_sub(idle), queued: self.jobs_rx.len() }
+        let abandoned = self.tracking.lock().abandoned.len();
+        PoolStats { workers, busy: workers.saturating_sub(idle), queued: self.jobs_rx.len(), abandoned }
     }
 
     fn spawn_worker(self: &Arc<Self>, hot: bool) -> std::io::Result<()> {
@@ -168,7 +178,9 @@ impl Pool {
                 if self.jobs_rx.is_empty() || self.idle.load(Ordering::Acquire) > 0 {
                     break;
                 }
-                if self.total.load(Ordering::Acquire) >= self.cfg.max || self.spawn_worker(false).is_err() {
+                let written_off = self.tracking.lock().abandoned.len();
+                let counted = self.total.load(Ordering::Acquire).saturating_sub(written_off);
+                if counted >= self.cfg.max || self.spawn_worker(false).is_err() {
                     break;
                 }
             }
@@ -220,6 +232,7 @@ impl Pool {
             let mut t = self.tracking.lock();
             t.running.remove(&id);
             t.cancelled.remove(&id);
+            t.abandoned.remove(&id);
         }
         // A cancel that arrived after the code finished must not hit the next request.
         // SAFETY: GIL held; a NULL exception clears the thread's pending async exception.
@@ -229,17 +242,45 @@ impl Pool {
         frame
     }
 
-    fn cancel_now(&self, id: u64) {
+    /// Serves cancel requests, then watches each cancelled request: one still running
+    /// `abandon_after` later is stuck in code that ignores the exception (a C call such as a
+    /// long `time.sleep`), so its worker is written off and a spare serves in its place.
+    fn cancel_loop(&self, requests: Receiver<u64>) {
+        let mut watch: Vec<(u64, Arc<Slot>, Instant)> = Vec::new();
+        loop {
+            let next = watch.iter().map(|w| w.2).min();
+            let received = match next {
+                None => requests.recv().map_err(|_| RecvTimeoutError::Disconnected),
+                Some(deadline) => requests.recv_deadline(deadline),
+            };
+            match received {
+                Ok(id) => {
+                    if let Some(slot) = self.cancel_now(id) {
+                        watch.push((id, slot, Instant::now() + self.cfg.abandon_after));
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return,
+            }
+            let now = Instant::now();
+            let (due, later): (Vec<_>, Vec<_>) = watch.drain(..).partition(|w| w.2 <= now);
+            watch = later;
+            for (id, slot, _) in due {
+                self.abandon_if_still_running(id, &slot);
+            }
+        }
+    }
+
+    /// Cancels a queued request, or raises `CallCancelled` in the worker running it (and
+    /// returns that worker, to be watched).
+    fn cancel_now(&self, id: u64) -> Option<Arc<Slot>> {
         let slot = {
             let mut t = self.tracking.lock();
             if t.queued.remove(&id) {
                 t.cancelled.insert(id);
-                return;
+                return None;
             }
-            match t.running.get(&id) {
-                Some(s) => s.clone(),
-                None => return, // already answered
-            }
+            t.running.get(&id)?.clone() // None: already answered
         };
         Python::attach(|py| {
             // Holding the GIL, the worker cannot finish this request and start another
@@ -253,6 +294,34 @@ impl Pool {
                 }
             }
         });
+        Some(slot)
+    }
+
+    fn abandon_if_still_running(&self, id: u64, slot: &Arc<Slot>) {
+        let abandoned = {
+            let mut t = self.tracking.lock();
+            if !t.running.get(&id).is_some_and(|s| Arc::ptr_eq(s, slot)) {
+                return;
+            }
+            t.abandoned.insert(id);
+            t.abandoned.len()
+        };
+        let msg = format!(
+            "request {id} ignored its cancellation for {} ms (blocked in C code?); its worker is \
+             abandoned and a spare serves instead ({abandoned} abandoned, limit {})",
+            self.cfg.abandon_after.as_millis(),
+            self.cfg.max_abandoned
+        );
+        let _ = self.out.send(Outgoing::Frame(protocol::log_frame("warning", "pyport", msg.as_bytes())));
+        // Only a full house of stuck workers warrants a restart.
+        if abandoned > self.cfg.max_abandoned {
+            let msg = format!("{abandoned} workers are stuck in code that ignores cancellation: restarting the port");
+            let _ = self.out.send(Outgoing::Frame(protocol::log_frame("error", "pyport", msg.as_bytes())));
+            let _ = self.out.send(Outgoing::Exit(EXIT_STUCK_WORKERS));
+        }
+        if self.idle.load(Ordering::Acquire) == 0 && !self.jobs_rx.is_empty() {
+            let _ = self.kick_tx.try_send(());
+        }
     }
 }
 

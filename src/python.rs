@@ -85,6 +85,24 @@ unsafe fn check(status: ffi::PyStatus) -> Result<(), String> {
 
 use crate::pymodule::erlang as erlang_module;
 
+/// Python's default recursion limit (1000) cannot pickle a value nested 1000 levels deep
+/// (pickle recurses about twice per level), yet that is the bridge's nesting limit. Worker
+/// threads have 16 MiB stacks, so a higher limit is safe there.
+pub const RECURSION_LIMIT: i64 = 3000;
+
+pub fn raise_recursion_limit() -> Result<(), String> {
+    use pyo3::prelude::*;
+    pyo3::Python::attach(|py| -> pyo3::PyResult<()> {
+        let sys = py.import("sys")?;
+        let current: i64 = sys.call_method0("getrecursionlimit")?.extract()?;
+        if current < RECURSION_LIMIT {
+            sys.call_method1("setrecursionlimit", (RECURSION_LIMIT,))?;
+        }
+        Ok(())
+    })
+    .map_err(|e| format!("cannot raise the recursion limit: {e}"))
+}
+
 /// For unit tests: initialise with the build-time settings (no stdio changes).
 #[cfg(test)]
 pub fn init_for_tests() {
