@@ -73,3 +73,8 @@ demo: all
 clean:
 	$(CARGO) clean
 	rm -rf ebin priv/pyport $(BUILD)
+
+# Builds and tests against every CPython 3.11+ found (pyenv versions, /usr/bin), each in its
+# own target dir, and says which ran. Not part of `make test`.
+test-matrix:
+	@bash scripts/test_matrix.sh

@@ -1,0 +1,52 @@
+%% @doc The examples of README.md, run as written, so that the documentation cannot drift
+%% away from the product.
+-module(readme_SUITE).
+
+-include_lib("common_test/include/ct.hrl").
+
+-export([all/0, init_per_suite/1, end_per_suite/1]).
+-export([intro/1, examples/1, shared_dict/1]).
+
+all() -> [intro, examples, shared_dict].
+
+init_per_suite(Config) ->
+    {ok, _} = application:ensure_all_started(pyport),
+    Config.
+
+end_per_suite(_Config) ->
+    ok = application:stop(pyport).
+
+%% The session at the top of the README.
+intro(_Config) ->
+    {ok, 1.4142135623730951} = py:call(math, sqrt, [2.0]),
+    ok = py:exec(<<"def greet(name):\n    return 'hello ' + name\n">>),
+    {ok, <<"hello joe">>} = py:call('__main__', greet, [<<"joe">>]),
+    {ok, 13} = py:eval(<<"x * x + y">>, #{x => 3, y => 4}),
+    {error, {python, 'ZeroDivisionError', <<"division by zero">>, Tb}} = py:eval(<<"1 / 0">>),
+    <<"Traceback (most recent call last):\n  File \"<pyport>\", line 1, in <module>\n"
+      "ZeroDivisionError: division by zero\n">> = Tb.
+
+%% "Examples" under "API".
+examples(_Config) ->
+    {ok, <<"a-b">>} = py:call(<<"operator">>, add, [<<"a-">>, <<"b">>]),
+    {ok, <<"3.14">>} = py:call(builtins, format, [3.14159, <<".2f">>]),
+    {ok, 16.0} = py:call(math, pow, [2, 4]),
+    {ok, [3, 1]} = py:call(builtins, sorted, [[1, 3]], #{reverse => true}),
+    ok = py:exec(<<"counter = 0\ndef bump(n):\n    global counter\n    counter += n\n    return counter\n">>),
+    {ok, 5} = py:call('__main__', bump, [5]),
+    {ok, 7} = py:call('__main__', bump, [2]),
+    {ok, <<"bytes">>} = py:eval(<<"type(b).__name__">>, #{b => py:bytes(<<"abc">>)}),
+    {ok, <<"str">>} = py:eval(<<"type(s).__name__">>, #{s => <<"abc">>}),
+    {error, timeout} = py:eval(<<"__import__('time').sleep(10)">>, #{}, 100).
+
+%% The Erlang block under "SharedDict".
+shared_dict(_Config) ->
+    {ok, SD} = py:shared_dict_new(),
+    ok = py:shared_dict_set(SD, <<"config">>, #{host => <<"localhost">>, port => 8080}),
+    #{<<"host">> := <<"localhost">>, <<"port">> := 8080} = py:shared_dict_get(SD, <<"config">>),
+    default_value = py:shared_dict_get(SD, <<"missing">>, default_value),
+    undefined = py:shared_dict_get(SD, <<"missing">>),
+    [<<"config">>] = py:shared_dict_keys(SD),
+    ok = py:shared_dict_del(SD, <<"config">>),
+    ok = py:shared_dict_destroy(SD),
+    ok = py:shared_dict_destroy(SD).
