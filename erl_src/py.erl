@@ -1,0 +1,537 @@
+%% @doc Public API of pyport: run Python code in the port program and share
+%% dictionaries with it.
+%%
+%% Every calling process has its own Python namespace (globals) in the port:
+%% what {@link exec/1} defines in a process is visible to that process's later
+%% {@link eval/1}, {@link exec/1} and `call('__main__', F, Args)', not to other
+%% processes, and is freed when the process exits.
+%%
+%% Argument errors (code that is not a binary or string, Args that is not a
+%% proper list, Kwargs/Locals that is not a map, a Locals key that is not a
+%% Python identifier, two keys naming the same variable) raise `error(badarg)'
+%% at the call site. Failures at run time are returned as `{error, Reason}':
+%% <ul>
+%% <li>`{python, Type, Message, Traceback}': Python raised.</li>
+%% <li>`timeout': no answer in time; the Python work was interrupted.</li>
+%% <li>`{pyport_exit, Status}': the port program died while the request ran
+%% (a fresh one is started; namespaces start empty).</li>
+%% <li>`{pyport_unavailable, Why}': no port program is running right now
+%% (`not_started' when the application is not running).</li>
+%% <li>the other reasons listed in `docs/PROTOCOL.md'.</li>
+%% </ul>
+%%
+%% SharedDict functions return plain values and raise on failure:
+%% `error(badarg)', `error({shared_dict_destroyed, SD})',
+%% `error({pyport_unavailable, Why})', `error({pyport_timeout, SD})'.
+-module(py).
+
+-export([call/3, call/4, call/5,
+         eval/1, eval/2, eval/3,
+         exec/1, exec/2, exec/3,
+         bytes/1,
+         shared_dict_new/0, shared_dict_new/1, shared_dict_give_away/2,
+         shared_dict_get/2, shared_dict_get/3, shared_dict_set/3,
+         shared_dict_del/2, shared_dict_keys/1, shared_dict_destroy/1,
+         stats/0]).
+
+-export_type([name/0, code/0, kwargs/0, locals/0, result/1, error_reason/0,
+              shared_dict/0, py_bytes/0]).
+
+-define(SERVER, pyport_server).
+-define(T2B_OPTS, [{minor_version, 2}]).
+-define(SD_TAG, '$pyport_shared_dict').
+-define(IS_HANDLE(SD), (tuple_size(SD) =:= 4 andalso element(1, SD) =:= ?SD_TAG
+                        andalso is_integer(element(2, SD))
+                        andalso is_integer(element(3, SD))
+                        andalso is_binary(element(4, SD)))).
+-define(IS_TIMEOUT(T), (T =:= infinity orelse (is_integer(T) andalso T >= 0))).
+
+-type name() :: atom() | binary() | string().
+%% A Python module or function name.
+-type code() :: binary() | string().
+%% Python source code (UTF-8).
+-type kwargs() :: #{atom() | binary() => term()}.
+%% Keyword arguments of a call.
+-type locals() :: #{atom() | binary() => term()}.
+%% Variables bound in the caller's namespace before code runs.
+-type error_reason() :: timeout
+                      | {python, Type :: atom(), Message :: binary(), Traceback :: binary()}
+                      | {pyport_exit, term()}
+                      | {pyport_unavailable, term()}
+                      | term().
+-type result(T) :: {ok, T} | {error, error_reason()}.
+-opaque shared_dict() :: {'$pyport_shared_dict', Generation :: non_neg_integer(),
+                          Id :: non_neg_integer(), Token :: binary()}.
+%% A SharedDict handle: may be sent to other processes, stored, and passed to
+%% Python (where `erlang.SharedDict(handle)' wraps it).
+-type py_bytes() :: {'$pyport_bytes', binary()}.
+%% A binary that Python receives as `bytes' even if it is valid UTF-8.
+
+%%====================================================================
+%% call / eval / exec
+%%====================================================================
+
+%% @equiv call(Module, Function, Args, #{})
+-spec call(name(), name(), list()) -> result(term()).
+call(Module, Function, Args) ->
+    call(Module, Function, Args, #{}).
+
+%% @equiv call(Module, Function, Args, Kwargs, CallTimeout)
+%% where `CallTimeout' is the app env `call_timeout' (default 30000 ms).
+-spec call(name(), name(), list(), kwargs()) -> result(term()).
+call(Module, Function, Args, Kwargs) ->
+    call(Module, Function, Args, Kwargs, default_timeout(call_timeout, 30000)).
+
+%% @doc Calls `Module.Function(*Args, **Kwargs)' in Python and returns its
+%% result. `Module' `__main__' means the caller's own namespace; any other
+%% module is imported. `Function' may be a dotted path inside the module.
+%% Kwargs keys may be atoms or binaries.
+-spec call(name(), name(), list(), kwargs(), timeout()) -> result(term()).
+call(Module, Function, Args, Kwargs, Timeout)
+  when is_list(Args), is_map(Kwargs), ?IS_TIMEOUT(Timeout) ->
+    M = name(Module),
+    F = name(Function),
+    is_proper_list(Args) orelse erlang:error(badarg),
+    Payload = term_to_binary({Args, kwargs(Kwargs)}, ?T2B_OPTS),
+    Id = new_id(),
+    Frame = term_to_binary({call, Id, self(), M, F, Payload}, ?T2B_OPTS),
+    decoded(request(Id, Frame, Timeout));
+call(_Module, _Function, _Args, _Kwargs, _Timeout) ->
+    erlang:error(badarg).
+
+%% @equiv eval(Code, #{})
+-spec eval(code()) -> result(term()).
+eval(Code) ->
+    eval(Code, #{}).
+
+%% @equiv eval(Code, Locals, CallTimeout)
+%% where `CallTimeout' is the app env `call_timeout' (default 30000 ms).
+-spec eval(code(), locals()) -> result(term()).
+eval(Code, Locals) ->
+    eval(Code, Locals, default_timeout(call_timeout, 30000)).
+
+%% @doc Evaluates the Python expression `Code' in the caller's namespace,
+%% after binding every entry of `Locals' as a variable there, and returns its
+%% value.
+-spec eval(code(), locals(), timeout()) -> result(term()).
+eval(Code, Locals, Timeout) when is_map(Locals), ?IS_TIMEOUT(Timeout) ->
+    C = code(Code),
+    Payload = term_to_binary(locals(Locals), ?T2B_OPTS),
+    Id = new_id(),
+    Frame = term_to_binary({eval, Id, self(), C, Payload}, ?T2B_OPTS),
+    decoded(request(Id, Frame, Timeout));
+eval(_Code, _Locals, _Timeout) ->
+    erlang:error(badarg).
+
+%% @equiv exec(Code, #{}, infinity)
+-spec exec(code()) -> ok | {error, error_reason()}.
+exec(Code) ->
+    exec(Code, #{}, infinity).
+
+%% @equiv exec(Code, Locals, infinity)
+-spec exec(code(), locals()) -> ok | {error, error_reason()}.
+exec(Code, Locals) ->
+    exec(Code, Locals, infinity).
+
+%% @doc Executes the Python statements `Code' in the caller's namespace, after
+%% binding every entry of `Locals' as a variable there. What the code defines
+%% or assigns stays available to the caller's later calls.
+-spec exec(code(), locals(), timeout()) -> ok | {error, error_reason()}.
+exec(Code, Locals, Timeout) when is_map(Locals), ?IS_TIMEOUT(Timeout) ->
+    C = code(Code),
+    Payload = term_to_binary(locals(Locals), ?T2B_OPTS),
+    Id = new_id(),
+    Frame = term_to_binary({exec, Id, self(), C, Payload}, ?T2B_OPTS),
+    case request(Id, Frame, Timeout) of
+        {ok, _Payload} -> ok;
+        {error, _} = Error -> Error
+    end;
+exec(_Code, _Locals, _Timeout) ->
+    erlang:error(badarg).
+
+%% @doc Marks a binary to be passed to Python as `bytes', even when it is valid
+%% UTF-8 (which would otherwise become `str').
+-spec bytes(binary()) -> py_bytes().
+bytes(Bin) when is_binary(Bin) ->
+    {'$pyport_bytes', Bin};
+bytes(_) ->
+    erlang:error(badarg).
+
+%%====================================================================
+%% SharedDict
+%%====================================================================
+
+%% @doc Creates a SharedDict owned by the calling process. It is destroyed when
+%% its owner exits.
+-spec shared_dict_new() -> {ok, shared_dict()}.
+shared_dict_new() ->
+    shared_dict_new(#{}).
+
+%% @doc Creates a SharedDict. Option `owner => Pid' makes `Pid' its owner
+%% instead of the caller.
+-spec shared_dict_new(#{owner => pid()}) -> {ok, shared_dict()}.
+shared_dict_new(Opts) when is_map(Opts) ->
+    Owner = case maps:to_list(Opts) of
+                [] -> self();
+                [{owner, P}] when is_pid(P) -> P;
+                _ -> erlang:error(badarg)
+            end,
+    Id = new_id(),
+    Frame = term_to_binary({sd_new, Id, Owner}, ?T2B_OPTS),
+    Msg = case Owner =:= self() of
+              true -> {request, Id, Frame};
+              false -> {request, Id, Frame, Owner}
+          end,
+    case sd_result(shared_dict_new, request_msg(Id, Msg, sd_timeout())) of
+        {ok, Payload} ->
+            case binary_to_term(Payload) of
+                SD when ?IS_HANDLE(SD) -> {ok, SD};
+                Other -> erlang:error({pyport_bad_reply, Other})
+            end;
+        {error, Reason} ->
+            erlang:error(Reason)
+    end;
+shared_dict_new(_Opts) ->
+    erlang:error(badarg).
+
+%% @doc Hands a SharedDict over to `Pid', which owns it from then on (like
+%% `ets:give_away/3'): it is destroyed when `Pid' exits.
+-spec shared_dict_give_away(shared_dict(), pid()) -> ok.
+shared_dict_give_away(SD, Pid) when ?IS_HANDLE(SD), is_pid(Pid) ->
+    Id = new_id(),
+    Frame = term_to_binary({sd_give_away, Id, SD, Pid}, ?T2B_OPTS),
+    _ = sd_ok(SD, sd_request(SD, Id, {request, Id, Frame, Pid})),
+    ok;
+shared_dict_give_away(_SD, _Pid) ->
+    erlang:error(badarg).
+
+%% @doc The value stored under `Key', or `undefined' if there is none.
+-spec shared_dict_get(shared_dict(), binary()) -> term().
+shared_dict_get(SD, Key) ->
+    shared_dict_get(SD, Key, undefined).
+
+%% @doc The value stored under `Key', or `Default' (as is) if there is none.
+-spec shared_dict_get(shared_dict(), binary(), Default) -> term() | Default.
+shared_dict_get(SD, Key, Default) when ?IS_HANDLE(SD), is_binary(Key) ->
+    Id = new_id(),
+    Frame = term_to_binary({sd_get, Id, SD, Key}, ?T2B_OPTS),
+    case binary_to_term(sd_ok(SD, sd_request(SD, Id, {request, Id, Frame}))) of
+        {found, Value} -> Value;
+        not_found -> Default;
+        Other -> erlang:error({pyport_bad_reply, Other})
+    end;
+shared_dict_get(_SD, _Key, _Default) ->
+    erlang:error(badarg).
+
+%% @doc Stores `Value' (converted to Python and pickled) under `Key'. A value
+%% that cannot be stored gives `{error, Reason}'.
+-spec shared_dict_set(shared_dict(), binary(), term()) -> ok | {error, term()}.
+shared_dict_set(SD, Key, Value) when ?IS_HANDLE(SD), is_binary(Key) ->
+    Id = new_id(),
+    Payload = term_to_binary(Value, ?T2B_OPTS),
+    Frame = term_to_binary({sd_set, Id, SD, Key, Payload}, ?T2B_OPTS),
+    case sd_request(SD, Id, {request, Id, Frame}) of
+        {ok, _} -> ok;
+        {error, _} = Error -> Error
+    end;
+shared_dict_set(_SD, _Key, _Value) ->
+    erlang:error(badarg).
+
+%% @doc Deletes `Key'; `ok' also when it is missing.
+-spec shared_dict_del(shared_dict(), binary()) -> ok.
+shared_dict_del(SD, Key) when ?IS_HANDLE(SD), is_binary(Key) ->
+    Id = new_id(),
+    Frame = term_to_binary({sd_del, Id, SD, Key}, ?T2B_OPTS),
+    _ = sd_ok(SD, sd_request(SD, Id, {request, Id, Frame})),
+    ok;
+shared_dict_del(_SD, _Key) ->
+    erlang:error(badarg).
+
+%% @doc The keys, in insertion order.
+-spec shared_dict_keys(shared_dict()) -> [binary()].
+shared_dict_keys(SD) when ?IS_HANDLE(SD) ->
+    Id = new_id(),
+    Frame = term_to_binary({sd_keys, Id, SD}, ?T2B_OPTS),
+    case binary_to_term(sd_ok(SD, sd_request(SD, Id, {request, Id, Frame}))) of
+        Keys when is_list(Keys) -> Keys;
+        Other -> erlang:error({pyport_bad_reply, Other})
+    end;
+shared_dict_keys(_SD) ->
+    erlang:error(badarg).
+
+%% @doc Destroys the SharedDict. Idempotent: `ok' for a dict that is already
+%% destroyed, by anyone, or whose port has restarted or is not running.
+-spec shared_dict_destroy(shared_dict()) -> ok.
+shared_dict_destroy(SD) when ?IS_HANDLE(SD) ->
+    case is_current(SD) of
+        false ->
+            ok;
+        true ->
+            Id = new_id(),
+            Frame = term_to_binary({sd_destroy, Id, SD}, ?T2B_OPTS),
+            case request_msg(Id, {request, Id, Frame}, sd_timeout()) of
+                {ok, _} -> ok;
+                {error, shared_dict_destroyed} -> ok;
+                {error, {pyport_unavailable, _}} -> ok;
+                {error, {pyport_exit, _}} -> ok;
+                {error, timeout} -> erlang:error({pyport_timeout, SD});
+                {error, Reason} -> erlang:error(Reason)
+            end
+    end;
+shared_dict_destroy(_SD) ->
+    erlang:error(badarg).
+
+%%====================================================================
+%% stats
+%%====================================================================
+
+%% @doc What the port holds (`dicts', `dict_keys', `dict_bytes',
+%% `namespaces', `workers', `busy_workers', `queued', see `docs/PROTOCOL.md')
+%% plus Erlang-side numbers: `pending' requests, `owners' (monitored
+%% processes), `generation', `restarts', `port' (`up' | `down'), `last_exit',
+%% `os_pid'.
+-spec stats() -> {ok, map()} | {error, error_reason()}.
+stats() ->
+    Timeout = sd_timeout(),
+    try gen_server:call(?SERVER, stats, Timeout) of
+        Local when is_map(Local) ->
+            Id = new_id(),
+            Frame = term_to_binary({stats, Id}, ?T2B_OPTS),
+            case decoded(request(Id, Frame, Timeout)) of
+                {ok, Port} when is_map(Port) -> {ok, maps:merge(Port, Local)};
+                {ok, Other} -> {error, {pyport_bad_reply, Other}};
+                {error, _} = Error -> Error
+            end
+    catch
+        exit:{timeout, _} -> {error, timeout};
+        exit:{noproc, _} -> {error, {pyport_unavailable, not_started}};
+        exit:{Reason, _} -> {error, {pyport_unavailable, {server_exit, Reason}}}
+    end.
+
+%%====================================================================
+%% Internal: requests
+%%====================================================================
+
+-spec new_id() -> pos_integer().
+new_id() ->
+    erlang:unique_integer([positive, monotonic]).
+
+-spec request(pos_integer(), binary(), timeout()) -> {ok, binary()} | {error, error_reason()}.
+request(Id, Frame, Timeout) ->
+    request_msg(Id, {request, Id, Frame}, Timeout).
+
+%% The server answers {ok, PayloadBinary} | {error, Reason}. A caller that
+%% times out cancels its request; gen_server:call's alias drops a late reply.
+-spec request_msg(pos_integer(), tuple(), timeout()) ->
+          {ok, binary()} | {error, error_reason()}.
+request_msg(Id, Msg, Timeout) ->
+    try
+        gen_server:call(?SERVER, Msg, Timeout)
+    catch
+        exit:{timeout, _} ->
+            ok = gen_server:cast(?SERVER, {cancel, Id}),
+            {error, timeout};
+        exit:{noproc, _} ->
+            {error, {pyport_unavailable, not_started}};
+        exit:{Reason, _} ->
+            {error, {pyport_unavailable, {server_exit, Reason}}}
+    end.
+
+-spec decoded({ok, binary()} | {error, error_reason()}) -> result(term()).
+decoded({ok, Payload}) ->
+    try binary_to_term(Payload) of
+        Value -> {ok, Value}
+    catch
+        error:badarg -> {error, {pyport_bad_reply, Payload}}
+    end;
+decoded({error, _} = Error) ->
+    Error.
+
+-spec default_timeout(atom(), timeout()) -> timeout().
+default_timeout(Key, Default) ->
+    case application:get_env(pyport, Key) of
+        {ok, T} when ?IS_TIMEOUT(T) -> T;
+        _ -> Default
+    end.
+
+-spec sd_timeout() -> timeout().
+sd_timeout() ->
+    default_timeout(shared_dict_timeout, 5000).
+
+%% A handle from another port generation is destroyed: no need to ask.
+-spec is_current(shared_dict()) -> boolean().
+is_current({?SD_TAG, Gen, _, _}) ->
+    case pyport_server:generation() of
+        undefined -> true;   % never started: let the request say not_started
+        Current -> Gen =:= Current
+    end.
+
+%% Sends a SharedDict request for an existing handle. Failures that are not
+%% about the value itself are raised here.
+-spec sd_request(shared_dict(), pos_integer(), tuple()) -> {ok, binary()} | {error, term()}.
+sd_request(SD, Id, Msg) ->
+    is_current(SD) orelse erlang:error({shared_dict_destroyed, SD}),
+    sd_result(SD, request_msg(Id, Msg, sd_timeout())).
+
+-spec sd_result(shared_dict() | shared_dict_new,
+                {ok, binary()} | {error, error_reason()}) ->
+          {ok, binary()} | {error, term()}.
+sd_result(_SD, {ok, _} = Ok) -> Ok;
+sd_result(SD, {error, shared_dict_destroyed}) -> erlang:error({shared_dict_destroyed, SD});
+sd_result(SD, {error, timeout}) -> erlang:error({pyport_timeout, SD});
+sd_result(_SD, {error, {pyport_unavailable, _} = Reason}) -> erlang:error(Reason);
+sd_result(_SD, {error, {pyport_exit, Status}}) ->
+    erlang:error({pyport_unavailable, {exit_status, Status}});
+sd_result(_SD, {error, _} = Error) -> Error.
+
+-spec sd_ok(shared_dict(), {ok, binary()} | {error, term()}) -> binary().
+sd_ok(_SD, {ok, Payload}) -> Payload;
+sd_ok(_SD, {error, Reason}) -> erlang:error(Reason).
+
+%%====================================================================
+%% Internal: argument checks and normalisation
+%%====================================================================
+
+-spec is_proper_list(list()) -> boolean().
+is_proper_list([]) -> true;
+is_proper_list([_ | T]) -> is_proper_list(T);
+is_proper_list(_) -> false.
+
+-spec name(term()) -> binary().
+name(A) when is_atom(A) -> atom_to_binary(A, utf8);
+name(B) when is_binary(B) -> B;
+name(L) when is_list(L) -> chars(L);
+name(_) -> erlang:error(badarg).
+
+-spec code(term()) -> binary().
+code(B) when is_binary(B) -> B;
+code(L) when is_list(L) -> chars(L);
+code(_) -> erlang:error(badarg).
+
+-spec chars(list()) -> binary().
+chars(L) ->
+    try unicode:characters_to_binary(L) of
+        B when is_binary(B) -> B;
+        _ -> erlang:error(badarg)
+    catch
+        error:badarg -> erlang:error(badarg)
+    end.
+
+%% Kwargs: atom keys become UTF-8 binaries; two keys naming the same
+%% argument (a and <<"a">>) are an argument error.
+-spec kwargs(map()) -> #{binary() => term()}.
+kwargs(Kwargs) when map_size(Kwargs) =:= 0 ->
+    Kwargs;
+kwargs(Kwargs) ->
+    Norm = maps:fold(fun(K, V, Acc) when is_binary(K) -> Acc#{K => V};
+                        (K, V, Acc) when is_atom(K) -> Acc#{atom_to_binary(K, utf8) => V};
+                        (_, _, _) -> erlang:error(badarg)
+                     end, #{}, Kwargs),
+    map_size(Norm) =:= map_size(Kwargs) orelse erlang:error(badarg),
+    Norm.
+
+%% Locals: every key must be a Python identifier, not a dunder name and not a
+%% keyword. Keys are NFKC-normalised as Python normalises identifiers in
+%% source code, so a key binds the variable that code spelling it refers to.
+-spec locals(map()) -> #{binary() => term()}.
+locals(Locals) when map_size(Locals) =:= 0 ->
+    Locals;
+locals(Locals) ->
+    Norm = maps:fold(fun(K, V, Acc) -> Acc#{identifier(K) => V} end, #{}, Locals),
+    map_size(Norm) =:= map_size(Locals) orelse erlang:error(badarg),
+    Norm.
+
+-spec identifier(term()) -> binary().
+identifier(A) when is_atom(A) ->
+    identifier(atom_to_binary(A, utf8));
+identifier(B) when is_binary(B) ->
+    Name = case ascii_identifier(B) of
+               true -> B;
+               non_ascii -> unicode_identifier(B);
+               false -> erlang:error(badarg)
+           end,
+    (is_keyword(Name) orelse is_dunder(Name)) andalso erlang:error(badarg),
+    Name;
+identifier(_) ->
+    erlang:error(badarg).
+
+-spec ascii_identifier(binary()) -> boolean() | non_ascii.
+ascii_identifier(<<C, Rest/binary>>)
+  when (C >= $a andalso C =< $z); (C >= $A andalso C =< $Z); C =:= $_ ->
+    ascii_identifier_rest(Rest);
+ascii_identifier(<<C, _/binary>>) when C >= 128 ->
+    non_ascii;
+ascii_identifier(_) ->
+    false.
+
+-spec ascii_identifier_rest(binary()) -> boolean() | non_ascii.
+ascii_identifier_rest(<<C, Rest/binary>>)
+  when (C >= $a andalso C =< $z); (C >= $A andalso C =< $Z); (C >= $0 andalso C =< $9);
+       C =:= $_ ->
+    ascii_identifier_rest(Rest);
+ascii_identifier_rest(<<>>) ->
+    true;
+ascii_identifier_rest(<<C, _/binary>>) when C >= 128 ->
+    non_ascii;
+ascii_identifier_rest(_) ->
+    false.
+
+%% Python identifiers: XID_Start (or _) followed by XID_Continue, checked
+%% after NFKC normalisation (approximated with Unicode general categories).
+-spec unicode_identifier(binary()) -> binary().
+unicode_identifier(B) ->
+    Norm = try unicode:characters_to_nfkc_binary(B) of
+               N when is_binary(N) -> N;
+               _ -> erlang:error(badarg)
+           catch
+               error:badarg -> erlang:error(badarg)
+           end,
+    Pattern = "\\A[\\p{L}\\p{Nl}_][\\p{L}\\p{Nl}\\p{Mn}\\p{Mc}\\p{Nd}\\p{Pc}]*\\z",
+    case re:run(Norm, Pattern, [unicode, ucp, {capture, none}]) of
+        match -> Norm;
+        nomatch -> erlang:error(badarg)
+    end.
+
+-spec is_dunder(binary()) -> boolean().
+is_dunder(<<"__", _/binary>> = B) when byte_size(B) >= 5 ->
+    binary:part(B, byte_size(B) - 2, 2) =:= <<"__">>;
+is_dunder(_) ->
+    false.
+
+-spec is_keyword(binary()) -> boolean().
+is_keyword(<<"False">>) -> true;
+is_keyword(<<"None">>) -> true;
+is_keyword(<<"True">>) -> true;
+is_keyword(<<"and">>) -> true;
+is_keyword(<<"as">>) -> true;
+is_keyword(<<"assert">>) -> true;
+is_keyword(<<"async">>) -> true;
+is_keyword(<<"await">>) -> true;
+is_keyword(<<"break">>) -> true;
+is_keyword(<<"class">>) -> true;
+is_keyword(<<"continue">>) -> true;
+is_keyword(<<"def">>) -> true;
+is_keyword(<<"del">>) -> true;
+is_keyword(<<"elif">>) -> true;
+is_keyword(<<"else">>) -> true;
+is_keyword(<<"except">>) -> true;
+is_keyword(<<"finally">>) -> true;
+is_keyword(<<"for">>) -> true;
+is_keyword(<<"from">>) -> true;
+is_keyword(<<"global">>) -> true;
+is_keyword(<<"if">>) -> true;
+is_keyword(<<"import">>) -> true;
+is_keyword(<<"in">>) -> true;
+is_keyword(<<"is">>) -> true;
+is_keyword(<<"lambda">>) -> true;
+is_keyword(<<"nonlocal">>) -> true;
+is_keyword(<<"not">>) -> true;
+is_keyword(<<"or">>) -> true;
+is_keyword(<<"pass">>) -> true;
+is_keyword(<<"raise">>) -> true;
+is_keyword(<<"return">>) -> true;
+is_keyword(<<"try">>) -> true;
+is_keyword(<<"while">>) -> true;
+is_keyword(<<"with">>) -> true;
+is_keyword(<<"yield">>) -> true;
+is_keyword(_) -> false.

@@ -1,0 +1,16 @@
+%% @doc The pyport application: starts {@link pyport_sup}, which starts
+%% {@link pyport_server}, the process that owns the port program.
+-module(pyport_app).
+-behaviour(application).
+
+-export([start/2, stop/1]).
+
+%% @doc Application callback: starts the top supervisor.
+-spec start(application:start_type(), term()) -> {ok, pid()} | {error, term()}.
+start(_StartType, _StartArgs) ->
+    pyport_sup:start_link().
+
+%% @doc Application callback: nothing to clean up (the server closes the port).
+-spec stop(term()) -> ok.
+stop(_State) ->
+    ok.

@@ -1,0 +1,481 @@
+%% @doc The process that owns the `priv/pyport' port program.
+%%
+%% The server is deliberately thin. Callers (module {@link py}) encode their
+%% request frames themselves and decode the result payloads themselves; the
+%% server only writes frames to the port, remembers who waits for which request
+%% id, routes replies back and watches the processes that own state in the port
+%% (their Python namespace and SharedDicts).
+%%
+%% When the port program dies, every pending caller is answered
+%% `{error, {pyport_exit, Status}}', the port generation is bumped (so old
+%% SharedDict handles read as destroyed) and a fresh port is started:
+%% immediately after a port that was up and ready, with an exponential back-off
+%% (capped by the `restart_backoff_max' app env) while it keeps dying before it
+%% is ready. While no port runs, requests are answered
+%% `{error, {pyport_unavailable, LastExit}}'.
+%%
+%% The wire protocol is described in `docs/PROTOCOL.md'.
+-module(pyport_server).
+-behaviour(gen_server).
+
+-include_lib("kernel/include/logger.hrl").
+
+-export([start_link/0, generation/0, executable/0]).
+-export([init/1, handle_call/3, handle_cast/2, handle_info/2, terminate/2,
+         code_change/3]).
+
+-define(GEN_KEY, {?MODULE, generation}).
+-define(T2B_OPTS, [{minor_version, 2}]).
+-define(FIRST_BACKOFF, 100).
+
+-type request_id() :: pos_integer().
+-type exit_info() :: not_started | {exit_status, integer()} | {port_exit, term()}
+                   | {spawn_failed, term()}.
+-type waiter() :: gen_server:from() | startup.
+
+-record(state, {
+          port :: port() | undefined,
+          %% Port generation: written into SharedDict handles by the port.
+          gen :: non_neg_integer(),
+          gen_ref :: atomics:atomics_ref(),
+          %% request id => who waits for its reply
+          pending = #{} :: #{request_id() => waiter()},
+          %% monitored pid => {monitor, ids of its pending requests}
+          owners = #{} :: #{pid() => {reference(), [request_id()]}},
+          restarts = 0 :: non_neg_integer(),
+          %% consecutive port exits before a port became ready (crash loop)
+          failures = 0 :: non_neg_integer(),
+          last_exit = not_started :: exit_info(),
+          ready :: map() | undefined,
+          %% id of the start-up request while it runs
+          startup :: request_id() | undefined,
+          os_pid :: non_neg_integer() | undefined,
+          %% true when the port program is its own process-group leader
+          group_leader = false :: boolean(),
+          restart_timer :: reference() | undefined
+         }).
+-type state() :: #state{}.
+
+%%====================================================================
+%% API
+%%====================================================================
+
+%% @doc Starts the server, registered as `pyport_server', and the port program.
+-spec start_link() -> {ok, pid()} | ignore | {error, term()}.
+start_link() ->
+    gen_server:start_link({local, ?MODULE}, ?MODULE, [], []).
+
+%% @doc The current port generation, read without a message to the server.
+%% `undefined' if the server has never run in this VM. SharedDict handles whose
+%% generation differs are destroyed.
+-spec generation() -> non_neg_integer() | undefined.
+generation() ->
+    case persistent_term:get(?GEN_KEY, undefined) of
+        undefined -> undefined;
+        Ref -> atomics:get(Ref, 1)
+    end.
+
+%% @doc The path of the port program: app env `pyport_executable' if set, else
+%% `priv/pyport' of the application (located from this module's `.beam' when
+%% the code path does not name the application directory `pyport').
+-spec executable() -> file:filename().
+executable() ->
+    case application:get_env(pyport, pyport_executable) of
+        {ok, Path} when is_binary(Path) -> binary_to_list(Path);
+        {ok, Path} when is_list(Path) -> Path;
+        _ ->
+            case code:priv_dir(pyport) of
+                {error, bad_name} ->
+                    Ebin = filename:dirname(code:which(?MODULE)),
+                    filename:join([filename:dirname(Ebin), "priv", "pyport"]);
+                Priv ->
+                    filename:join(Priv, "pyport")
+            end
+    end.
+
+%%====================================================================
+%% gen_server callbacks
+%%====================================================================
+
+%% @private
+%% @doc gen_server callback: starts the first port.
+-spec init([]) -> {ok, state()}.
+init([]) ->
+    process_flag(trap_exit, true),
+    Ref = case persistent_term:get(?GEN_KEY, undefined) of
+              undefined ->
+                  R = atomics:new(1, [{signed, false}]),
+                  ok = persistent_term:put(?GEN_KEY, R),
+                  R;
+              R ->
+                  R
+          end,
+    %% A new server never reuses a generation: the previous server's port is gone.
+    Gen = atomics:add_get(Ref, 1, 1),
+    {ok, start_port(#state{gen = Gen, gen_ref = Ref})}.
+
+%% @private
+%% @doc gen_server callback: requests from {@link py} and local stats.
+-spec handle_call(term(), gen_server:from(), state()) ->
+          {reply, term(), state()} | {noreply, state()}.
+handle_call({request, Id, Frame}, From, State) ->
+    request(Id, Frame, From, State);
+handle_call({request, Id, Frame, Owner}, From, State) when is_pid(Owner) ->
+    %% sd_new with an explicit owner, sd_give_away: the owner holds state in
+    %% the port from now on, so it is watched like any requester.
+    request(Id, Frame, From, monitor_owner(Owner, State));
+handle_call(stats, _From, State) ->
+    {reply, local_stats(State), State};
+handle_call(_Other, _From, State) ->
+    {reply, {error, bad_call}, State}.
+
+%% @private
+%% @doc gen_server callback: `{cancel, Id}' from a caller that timed out.
+-spec handle_cast(term(), state()) -> {noreply, state()}.
+handle_cast({cancel, Id}, #state{pending = Pending} = State) ->
+    case maps:take(Id, Pending) of
+        {From, Pending1} ->
+            State1 = forget_owner_id(From, Id, State#state{pending = Pending1}),
+            send_frame(State1, {cancel, Id}),
+            {noreply, State1};
+        error ->
+            {noreply, State}
+    end;
+handle_cast(_Other, State) ->
+    {noreply, State}.
+
+%% @private
+%% @doc gen_server callback: port data, port exit, owner exit, restart timer.
+-spec handle_info(term(), state()) -> {noreply, state()}.
+handle_info({Port, {data, Bin}}, #state{port = Port} = State) ->
+    {noreply, port_data(Bin, State)};
+handle_info({'DOWN', MRef, process, Pid, _Reason}, #state{owners = Owners} = State) ->
+    case maps:take(Pid, Owners) of
+        {{MRef, Ids}, Owners1} ->
+            Pending = lists:foldl(
+                        fun(Id, P) ->
+                                send_frame(State, {cancel, Id}),
+                                maps:remove(Id, P)
+                        end, State#state.pending, Ids),
+            send_frame(State, {owner_down, Pid}),
+            {noreply, State#state{owners = Owners1, pending = Pending}};
+        _ ->
+            {noreply, State}
+    end;
+handle_info({Port, {exit_status, Status}}, #state{port = Port} = State) ->
+    {noreply, port_down({exit_status, Status}, Status, State)};
+handle_info({'EXIT', Port, Reason}, #state{port = Port} = State) ->
+    %% The port closed without an exit status (e.g. a write error).
+    {noreply, port_down({port_exit, Reason}, Reason, State)};
+handle_info({'EXIT', _OldPort, _Reason}, State) ->
+    {noreply, State};
+handle_info({timeout, TRef, restart_port}, #state{restart_timer = TRef} = State) ->
+    {noreply, start_port(State#state{restart_timer = undefined})};
+handle_info(Other, State) ->
+    ?LOG_DEBUG("pyport_server: unexpected message ~tp", [Other]),
+    {noreply, State}.
+
+%% @private
+%% @doc gen_server callback: closes the port and kills its process group.
+-spec terminate(term(), state()) -> ok.
+terminate(_Reason, #state{port = undefined}) ->
+    ok;
+terminate(_Reason, #state{port = Port, gen_ref = Ref} = State) ->
+    _ = atomics:add_get(Ref, 1, 1),
+    _ = (catch erlang:port_close(Port)),
+    kill_group(State),
+    ok.
+
+%% @private
+%% @doc gen_server callback.
+-spec code_change(term(), state(), term()) -> {ok, state()}.
+code_change(_OldVsn, State, _Extra) ->
+    {ok, State}.
+
+%%====================================================================
+%% Requests and replies
+%%====================================================================
+
+-spec request(request_id(), binary(), gen_server:from(), state()) ->
+          {reply, term(), state()} | {noreply, state()}.
+request(_Id, _Frame, _From, #state{port = undefined, last_exit = Exit} = State) ->
+    {reply, {error, {pyport_unavailable, Exit}}, State};
+request(Id, Frame, {Pid, _} = From, #state{port = Port} = State) ->
+    try erlang:port_command(Port, Frame) of
+        true ->
+            State1 = monitor_owner(Pid, Id, State),
+            {noreply, State1#state{pending = maps:put(Id, From, State1#state.pending)}}
+    catch
+        error:badarg ->
+            %% The port is closing; its exit status is on its way.
+            {reply, {error, {pyport_unavailable, closing}}, State}
+    end.
+
+-spec port_data(binary(), state()) -> state().
+port_data(Bin, State) ->
+    try binary_to_term(Bin) of
+        Msg -> port_message(Msg, State)
+    catch
+        error:badarg ->
+            ?LOG_WARNING("pyport: undecodable frame from the port (~b bytes)",
+                         [byte_size(Bin)]),
+            State
+    end.
+
+-spec port_message(term(), state()) -> state().
+port_message({Id, Status, Result}, #state{pending = Pending} = State)
+  when is_integer(Id), (Status =:= ok orelse Status =:= error) ->
+    case maps:take(Id, Pending) of
+        {startup, Pending1} ->
+            startup_result(Status, Result),
+            %% Ready and set up: a later exit is not part of a crash loop.
+            State#state{pending = Pending1, startup = undefined, failures = 0};
+        {From, Pending1} ->
+            gen_server:reply(From, {Status, Result}),
+            forget_owner_id(From, Id, State#state{pending = Pending1});
+        error ->
+            %% Cancelled or timed out: nobody waits for it.
+            State
+    end;
+port_message({pyport_log, Level, Source, Msg}, State) ->
+    log_python(Level, Source, Msg),
+    State;
+port_message({pyport_ready, Info}, State) when is_map(Info) ->
+    ?LOG_INFO("pyport: port ready (generation ~b): ~tp", [State#state.gen, Info]),
+    OsPid = case maps:get(os_pid, Info, State#state.os_pid) of
+                P when is_integer(P), P > 0 -> P;
+                _ -> State#state.os_pid
+            end,
+    Failures = case State#state.startup of
+                   undefined -> 0;     % healthy: a later exit restarts at once
+                   _ -> State#state.failures
+               end,
+    State#state{ready = Info, failures = Failures, os_pid = OsPid,
+                group_leader = is_group_leader(OsPid)};
+port_message({undefined, error, Reason}, State) ->
+    ?LOG_WARNING("pyport: the port could not decode a request: ~tp", [Reason]),
+    State;
+port_message(Other, State) ->
+    ?LOG_WARNING("pyport: unexpected frame from the port: ~tP", [Other, 30]),
+    State.
+
+-spec startup_result(ok | error, term()) -> ok.
+startup_result(ok, _) ->
+    ?LOG_DEBUG("pyport: start-up code done");
+startup_result(error, Reason) ->
+    ?LOG_ERROR("pyport: start-up (sys_path / startup_code) failed: ~tp", [Reason]).
+
+-spec log_python(term(), term(), term()) -> ok.
+log_python(Level0, Source, Msg) ->
+    Level = case Level0 of
+                info -> info;
+                warning -> warning;
+                error -> error;
+                _ -> warning
+            end,
+    %% No `domain': the default handler drops events of unknown domains.
+    Meta = #{pyport_source => Source},
+    case Source of
+        pyport -> ?LOG(Level, "pyport: ~ts", [Msg], Meta);
+        _ -> ?LOG(Level, "python ~p: ~ts", [Source, Msg], Meta)
+    end.
+
+-spec local_stats(state()) -> map().
+local_stats(#state{} = S) ->
+    #{pending => map_size(S#state.pending),
+      owners => map_size(S#state.owners),
+      generation => S#state.gen,
+      restarts => S#state.restarts,
+      port => case S#state.port of undefined -> down; _ -> up end,
+      last_exit => S#state.last_exit,
+      os_pid => S#state.os_pid}.
+
+%%====================================================================
+%% Owners (processes that hold state in the port)
+%%====================================================================
+
+-spec monitor_owner(pid(), state()) -> state().
+monitor_owner(Pid, #state{owners = Owners} = State) ->
+    case maps:is_key(Pid, Owners) of
+        true -> State;
+        false ->
+            MRef = erlang:monitor(process, Pid),
+            State#state{owners = Owners#{Pid => {MRef, []}}}
+    end.
+
+-spec monitor_owner(pid(), request_id(), state()) -> state().
+monitor_owner(Pid, Id, #state{owners = Owners} = State) ->
+    case Owners of
+        #{Pid := {MRef, Ids}} ->
+            State#state{owners = Owners#{Pid := {MRef, [Id | Ids]}}};
+        _ ->
+            MRef = erlang:monitor(process, Pid),
+            State#state{owners = Owners#{Pid => {MRef, [Id]}}}
+    end.
+
+-spec forget_owner_id(gen_server:from(), request_id(), state()) -> state().
+forget_owner_id({Pid, _}, Id, #state{owners = Owners} = State) ->
+    case Owners of
+        #{Pid := {MRef, Ids}} ->
+            State#state{owners = Owners#{Pid := {MRef, lists:delete(Id, Ids)}}};
+        _ ->
+            State
+    end.
+
+%%====================================================================
+%% Port life cycle
+%%====================================================================
+
+-spec start_port(state()) -> state().
+start_port(#state{gen = Gen} = State) ->
+    Exe = executable(),
+    Args = ["--generation", integer_to_list(Gen),
+            "--workers", integer_to_list(env_int(workers, 1)),
+            "--max-workers", integer_to_list(env_int(max_workers, 16))]
+        ++ case application:get_env(pyport, spare_after_ms) of
+               {ok, N} when is_integer(N), N >= 0 -> ["--spare-after-ms", integer_to_list(N)];
+               _ -> []
+           end,
+    try erlang:open_port({spawn_executable, Exe},
+                         [{packet, 4}, binary, exit_status, use_stdio, hide,
+                          {args, Args}]) of
+        Port ->
+            OsPid = case erlang:port_info(Port, os_pid) of
+                        {os_pid, P} -> P;
+                        undefined -> undefined
+                    end,
+            ?LOG_INFO("pyport: started ~ts (generation ~b, os pid ~p)", [Exe, Gen, OsPid]),
+            send_startup(State#state{port = Port, os_pid = OsPid, ready = undefined,
+                                     startup = undefined, group_leader = false})
+    catch
+        error:Reason ->
+            ?LOG_ERROR("pyport: cannot start ~ts: ~tp", [Exe, Reason]),
+            schedule_restart(State#state{port = undefined, os_pid = undefined,
+                                         last_exit = {spawn_failed, Reason}})
+    end.
+
+-spec send_startup(state()) -> state().
+send_startup(State) ->
+    try
+        {[to_binary(P) || P <- sys_path()],
+         to_binary(application:get_env(pyport, startup_code, <<>>))}
+    of
+        {[], <<>>} ->
+            State;
+        {SysPath, Code} ->
+            Id = erlang:unique_integer([positive, monotonic]),
+            send_frame(State, {startup, Id, SysPath, Code}),
+            State#state{pending = maps:put(Id, startup, State#state.pending), startup = Id}
+    catch
+        error:{bad_config, Bad} ->
+            ?LOG_ERROR("pyport: ignoring sys_path / startup_code: not a string: ~tp", [Bad]),
+            State
+    end.
+
+%% The port program exited (or its port closed): answer everyone who waits,
+%% forget all owners (their state died with the port), bump the generation and
+%% restart.
+-spec port_down(exit_info(), term(), state()) -> state().
+port_down(Exit, Status, #state{pending = Pending, owners = Owners} = State) ->
+    kill_group(State),
+    maps:foreach(fun(_Id, startup) -> ok;
+                    (_Id, From) -> gen_server:reply(From, {error, {pyport_exit, Status}})
+                 end, Pending),
+    maps:foreach(fun(_Pid, {MRef, _}) -> erlang:demonitor(MRef, [flush]) end, Owners),
+    Gen = atomics:add_get(State#state.gen_ref, 1, 1),
+    ?LOG_ERROR("pyport: port program exited (~tp) with ~b request(s) pending; "
+               "restarting as generation ~b", [Exit, map_size(Pending), Gen]),
+    State1 = State#state{port = undefined, pending = #{}, owners = #{}, gen = Gen,
+                         restarts = State#state.restarts + 1, last_exit = Exit,
+                         ready = undefined, startup = undefined, os_pid = undefined,
+                         group_leader = false},
+    schedule_restart(State1).
+
+%% First failure after a healthy port: restart now. While ports keep dying
+%% before they are ready (and through their start-up code): 100 ms, 200 ms,
+%% ... up to restart_backoff_max.
+-spec schedule_restart(state()) -> state().
+schedule_restart(#state{failures = 0} = State) ->
+    start_port(State#state{failures = 1});
+schedule_restart(#state{failures = N} = State) ->
+    Max = env_int(restart_backoff_max, 5000),
+    Delay = min(Max, ?FIRST_BACKOFF bsl min(N - 1, 20)),
+    TRef = erlang:start_timer(Delay, self(), restart_port),
+    State#state{failures = N + 1, restart_timer = TRef}.
+
+%% Kill the port program's process group, so that processes Python started die
+%% with it. Only done when the program was its own group leader.
+-spec kill_group(state()) -> ok.
+kill_group(#state{group_leader = true, os_pid = OsPid}) when is_integer(OsPid) ->
+    _ = os:cmd("kill -9 -" ++ integer_to_list(OsPid) ++ " 2>/dev/null"),
+    ok;
+kill_group(_State) ->
+    ok.
+
+-spec is_group_leader(non_neg_integer() | undefined) -> boolean().
+is_group_leader(OsPid) when is_integer(OsPid) ->
+    case file:read_file("/proc/" ++ integer_to_list(OsPid) ++ "/stat") of
+        {ok, Stat} ->
+            %% "pid (comm) state ppid pgrp ...": comm may hold spaces and parens.
+            case string:split(Stat, ")", trailing) of
+                [_, Rest] ->
+                    case string:lexemes(Rest, " ") of
+                        [_State, _PPid, PGrp | _] ->
+                            PGrp =:= integer_to_binary(OsPid);
+                        _ -> false
+                    end;
+                _ -> false
+            end;
+        {error, _} ->
+            false
+    end;
+is_group_leader(undefined) ->
+    false.
+
+-spec send_frame(state(), term()) -> ok.
+send_frame(#state{port = undefined}, _Term) ->
+    ok;
+send_frame(#state{port = Port}, Term) ->
+    try erlang:port_command(Port, term_to_binary(Term, ?T2B_OPTS)) of
+        true -> ok
+    catch
+        error:badarg -> ok
+    end.
+
+%%====================================================================
+%% Helpers
+%%====================================================================
+
+-spec env_int(atom(), integer()) -> integer().
+env_int(Key, Default) ->
+    case application:get_env(pyport, Key) of
+        {ok, N} when is_integer(N) -> N;
+        _ -> Default
+    end.
+
+%% sys_path: a list of directories; a single directory string is accepted too.
+-spec sys_path() -> list().
+sys_path() ->
+    case application:get_env(pyport, sys_path) of
+        {ok, []} -> [];
+        {ok, L} when is_list(L) ->
+            case io_lib:printable_unicode_list(L) of
+                true -> [L];
+                false -> L
+            end;
+        {ok, B} when is_binary(B) -> [B];
+        _ -> []
+    end.
+
+-spec to_binary(term()) -> binary().
+to_binary(B) when is_binary(B) -> B;
+to_binary(A) when is_atom(A) -> atom_to_binary(A, utf8);
+to_binary(L) when is_list(L) ->
+    try unicode:characters_to_binary(L) of
+        B when is_binary(B) -> B;
+        _ -> erlang:error({bad_config, L})
+    catch
+        error:badarg -> erlang:error({bad_config, L})
+    end;
+to_binary(Other) ->
+    erlang:error({bad_config, Other}).
