@@ -78,3 +78,4 @@ clean:
 # own target dir, and says which ran. Not part of `make test`.
 test-matrix:
 	@bash scripts/test_matrix.sh
+include bench/bench.mk

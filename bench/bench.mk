@@ -1,0 +1,26 @@
+# pyport benchmark (issue 5). Included from the main Makefile.
+#
+# `make bench`        full run (7 interleaved rounds, ~2-3 min): table on stdout, JSON + CSV under
+#                     bench/results/ (timestamped and latest.*), PNG chart via bench/plot.py.
+#                     BENCH_ARGS="rounds=3 scale=0.5" passes options to pyport_bench:main/1.
+# `make bench-smoke`  1 round, tiny counts (a few seconds); exits non-zero if any case crashed or
+#                     got a wrong answer. Results go to _build/bench/smoke/, no chart.
+
+BENCH_BUILD := $(BUILD)/bench
+BENCH_BEAMS := $(patsubst bench/%.erl,$(BENCH_BUILD)/%.beam,$(wildcard bench/*.erl))
+BENCH_ARGS  ?=
+
+.PHONY: bench bench-smoke
+
+$(BENCH_BUILD)/%.beam: bench/%.erl
+	@mkdir -p $(BENCH_BUILD)
+	$(ERLC) +debug_info -o $(BENCH_BUILD) $<
+
+bench: all $(BENCH_BEAMS)
+	erl -noshell -pa ebin -pa $(BENCH_BUILD) \
+	    -eval 'pyport_bench:main(string:lexemes("$(BENCH_ARGS)", " ")), halt().'
+	@$(PYTHON) -c 'import matplotlib' 2>/dev/null || $(PYTHON) -m pip install -q matplotlib
+	$(PYTHON) bench/plot.py bench/results/latest.json
+
+bench-smoke: all $(BENCH_BEAMS)
+	erl -noshell -pa ebin -pa $(BENCH_BUILD) -eval 'pyport_bench:main(["smoke"]), halt().'

@@ -1,0 +1,830 @@
+%% @doc pyport benchmark (issue 5): measures pyport against its limits, side by
+%% side, in one run interleaved over several rounds.
+%%
+%% Every round runs every case once, in the same order, and measures each
+%% baseline right next to the figures compared with it. A figure's ratio is
+%% computed per round (figure / baseline of that round); the table shows the
+%% median over rounds, the min..max over rounds and the median ratio.
+%%
+%% Run through `make bench' (full) or `make bench-smoke' (1 round, tiny counts,
+%% exits non-zero on any crash or wrong answer). Arguments (strings):
+%%   "smoke"        tiny counts, 1 round, results under _build/bench/smoke
+%%   "rounds=N"     number of rounds (default 7)
+%%   "out=DIR"      results directory (default bench/results)
+%%   "scale=F"      multiply durations and counts by F (default 1.0)
+-module(pyport_bench).
+-behaviour(gen_server).
+
+-export([main/1]).
+%% gen_server baseline: a trivial server.
+-export([init/1, handle_call/3, handle_cast/2]).
+
+-define(T2B, [{minor_version, 2}]).
+-define(SQRT2, 1.4142135623730951).
+-define(CONC, [1, 4, 16, 64, 256]).
+-define(SWEEP, [1, 2, 4, 16]).
+-define(PAYLOADS, [small_int, bin_1k, bin_100k, map_100, nmap_1k, nmap_100k, list_1m]).
+
+%%====================================================================
+%% Entry point
+%%====================================================================
+
+-spec main([string()]) -> ok.
+main(Args) ->
+    Opts = opts(Args),
+    try run(Opts) of
+        0 -> ok;
+        NErr ->
+            io:format(standard_error, "pyport_bench: ~b error(s), see above~n", [NErr]),
+            erlang:halt(1)
+    catch
+        C:R:St ->
+            io:format(standard_error, "pyport_bench crashed: ~p:~tp~n~tp~n", [C, R, St]),
+            erlang:halt(1)
+    end.
+
+opts(Args) ->
+    Base = #{rounds => 7, out => "bench/results", scale => 1.0, smoke => false},
+    O = lists:foldl(fun opt/2, Base, Args),
+    S = maps:get(scale, O),
+    Sizes = case maps:get(smoke, O) of
+                true ->
+                    #{seq_n => 60, seq_ms => 25, conc_ms => 25, pay_ms => 25, py_n => 300,
+                      min_n => 3};
+                false ->
+                    #{seq_n => round(5000 * S), seq_ms => round(400 * S),
+                      conc_ms => round(400 * S), pay_ms => round(350 * S),
+                      py_n => round(20000 * S), min_n => 10}
+            end,
+    maps:merge(O, Sizes).
+
+opt("smoke", O) -> O#{smoke := true, rounds := 1, out := "_build/bench/smoke"};
+opt("rounds=" ++ N, O) -> O#{rounds := list_to_integer(N)};
+opt("out=" ++ D, O) -> O#{out := D};
+opt("scale=" ++ F, O) ->
+    O#{scale := try list_to_float(F) catch error:badarg -> float(list_to_integer(F)) end};
+opt(Other, _) -> erlang:error({bad_argument, Other}).
+
+run(O) ->
+    put(errors, []),
+    put(passed, 0),
+    put(load_start, loadavg()),
+    %% Application start/stop reports would drown the table.
+    ok = logger:set_primary_config(level, warning),
+    ok = ensure_loaded(),
+    {W0, M0} = {env(workers, 1), env(max_workers, 16)},
+    Default = #{workers => W0, max_workers => M0},
+    rand:seed(exsss, {17, 42, 2024}),
+    Payloads = [{P, payload(P)} || P <- ?PAYLOADS],
+    {ok, Gs} = gen_server:start(?MODULE, [], []),
+    Rounds = maps:get(rounds, O),
+    io:format("pyport_bench: ~b round(s), default pool ~p, ~b scheduler(s)~n",
+              [Rounds, Default, erlang:system_info(schedulers_online)]),
+    T0 = erlang:monotonic_time(millisecond),
+    Results = [begin
+                   Tr = erlang:monotonic_time(millisecond),
+                   Res = round_(R, O, Default, Payloads, Gs),
+                   io:format("round ~b/~b done in ~.1f s~n",
+                             [R, Rounds, (erlang:monotonic_time(millisecond) - Tr) / 1000]),
+                   Res
+               end || R <- lists:seq(1, Rounds)],
+    Meta = meta(O, Default, erlang:monotonic_time(millisecond) - T0),
+    _ = application:stop(pyport),
+    gen_server:stop(Gs),
+    Figs = summarise(figures(), Results),
+    Targets = targets(Figs),
+    case maps:get(smoke, O) of
+        true -> ok;   % keeps `make test' output short; the JSON has everything
+        false ->
+            print_table(Figs, Meta),
+            print_targets(Targets)
+    end,
+    Errors = lists:reverse(get(errors)),
+    write_results(O, Meta, Payloads, Figs, Targets, Errors),
+    case maps:get(smoke, O) of
+        true ->
+            io:format("bench-smoke: ~b passed, ~b failed~n", [get(passed), length(Errors)]);
+        false -> ok
+    end,
+    length(Errors).
+
+ensure_loaded() ->
+    case application:load(pyport) of
+        ok -> ok;
+        {error, {already_loaded, pyport}} -> ok
+    end.
+
+env(K, D) ->
+    case application:get_env(pyport, K) of
+        {ok, V} -> V;
+        undefined -> D
+    end.
+
+%%====================================================================
+%% One round
+%%====================================================================
+
+round_(R, O, Default, Payloads, Gs) ->
+    put(round, R),
+    put(acc, #{}),
+    %% Start-up and idle RSS (default pool).
+    case_(startup, fun() ->
+                           Ms = restart_app(Default),
+                           [{startup_ms, Ms}, {rss_idle_kib, port_rss()}]
+                   end),
+    case_(cat_start, fun() -> [{cat_start_ms, cat_start()}] end),
+    SqrtFrame = call_frame(<<"math">>, <<"sqrt">>, [2.0]),
+    %% Sequential: the pipe floor, then sqrt and eval right after it.
+    case_(cat_seq, fun() ->
+                           Cat = cat_open(),
+                           seq3(cat, O, fun() -> cat_echo(Cat, SqrtFrame) end)
+                   end),
+    case_(gen_call, fun() ->
+                            #{p50 := P50} = seq(O, fun() -> pong = gen_server:call(Gs, ping) end),
+                            [{gen_call_p50_us, P50}]
+                    end),
+    case_(sqrt_seq, fun() ->
+                            seq3(sqrt, O, fun() -> {ok, ?SQRT2} = py:call(math, sqrt, [2.0]) end)
+                    end),
+    case_(eval_seq, fun() ->
+                            seq3(eval, O, fun() ->
+                                                  {ok, 13} = py:eval(<<"x * x + y">>,
+                                                                     #{x => 3, y => 4})
+                                          end)
+                    end),
+    %% Concurrency, default pool.
+    [case_({conc_sqrt, K}, fun() -> conc_figs(sqrt, K, conc(K, O, fun sqrt_call/0)) end)
+     || K <- ?CONC],
+    [case_({conc_sleep, K}, fun() -> conc_figs(sleep, K, conc(K, O, fun sleep_call/0)) end)
+     || K <- ?CONC],
+    %% Payloads: t2b+b2t, then the cat port with the same frame, then the echo.
+    [payload_cases(P, X, O) || {P, X} <- Payloads],
+    %% SharedDict: Erlang side, then Python side.
+    {_, Nmap1k} = lists:keyfind(nmap_1k, 1, Payloads),
+    try sd_setup(Nmap1k) of
+        SD ->
+            sd_cases(SD, O, Nmap1k),
+            ok = py:shared_dict_destroy(SD)
+    catch
+        Class:Reason:Stack -> case_error(sd_setup, Class, Reason, Stack)
+    end,
+    case_(rss_after, fun() -> [{rss_after_kib, port_rss()}] end),
+    %% Worker sweep on a reduced set: 16 sleepers and 64 sqrt callers.
+    [case_({workers, N},
+           fun() ->
+                   Ms = restart_app(#{workers => N, max_workers => N}),
+                   #{cps := Sl} = conc(16, O, fun sleep_call/0),
+                   #{cps := Sq} = conc(64, O, fun sqrt_call/0),
+                   [{fid("w~b_startup_ms", [N]), Ms},
+                    {fid("w~b_sleep16_cps", [N]), Sl},
+                    {fid("w~b_sqrt64_cps", [N]), Sq}]
+           end) || N <- ?SWEEP],
+    get(acc).
+
+%% The dict is owned by the round's process, which outlives the cases.
+sd_setup(Nmap1k) ->
+    {ok, SD} = py:shared_dict_new(),
+    ok = py:shared_dict_set(SD, <<"small">>, 42),
+    ok = py:shared_dict_set(SD, <<"map1k">>, Nmap1k),
+    Nmap1k = py:shared_dict_get(SD, <<"map1k">>),
+    SD.
+
+sd_cases(SD, O, Nmap1k) ->
+    SdOps = [{get_small, fun() -> 42 = py:shared_dict_get(SD, <<"small">>) end},
+             {set_small, fun() -> ok = py:shared_dict_set(SD, <<"small">>, 42) end},
+             {get_1k, fun() -> #{} = py:shared_dict_get(SD, <<"map1k">>) end},
+             {set_1k, fun() -> ok = py:shared_dict_set(SD, <<"map1k">>, Nmap1k) end}],
+    [case_({sd1, Op}, fun() ->
+                              #{p50 := P50, p99 := P99} = seq(O, F),
+                              [{fid("sd1_~s_p50_us", [Op]), P50},
+                               {fid("sd1_~s_p99_us", [Op]), P99}]
+                      end) || {Op, F} <- SdOps],
+    [case_({sd16, Op}, fun() ->
+                               #{cps := Cps, p50 := P50} = conc(16, O, F),
+                               [{fid("sd16_~s_ops", [Op]), Cps},
+                                {fid("sd16_~s_p50_us", [Op]), P50}]
+                       end) || {Op, F} <- SdOps],
+    case_(py_sd, fun() ->
+                         setup_python(),
+                         py_sd_loop(SD, 42, small, O) ++ py_sd_loop(SD, Nmap1k, map1k, O)
+                 end).
+
+sqrt_call() -> {ok, ?SQRT2} = py:call(math, sqrt, [2.0]).
+sleep_call() -> {ok, undefined} = py:call(time, sleep, [0.001]).
+
+seq3(Name, O, F) ->
+    #{p50 := P50, p99 := P99, cps := Cps} = seq(O, F),
+    [{fid("~s_p50_us", [Name]), P50}, {fid("~s_p99_us", [Name]), P99},
+     {fid("~s_cps", [Name]), Cps}].
+
+conc_figs(Name, K, #{p50 := P50, p99 := P99, cps := Cps}) ->
+    [{fid("c~s~b_cps", [Name, K]), Cps}, {fid("c~s~b_p50_us", [Name, K]), P50},
+     {fid("c~s~b_p99_us", [Name, K]), P99}].
+
+payload_cases(P, X, O) ->
+    Frame = call_frame(<<"__main__">>, <<"echo">>, [X]),
+    case_({t2b, P}, fun() ->
+                            #{p50 := T} = seq(O, pay, fun() ->
+                                                              B = term_to_binary(X, ?T2B),
+                                                              _ = binary_to_term(B)
+                                                      end),
+                            [{fid("t2b_~s_us", [P]), T}]
+                    end),
+    case_({cat_frame, P}, fun() ->
+                                  Cat = cat_open(),
+                                  #{p50 := T} = seq(O, pay, fun() -> cat_echo(Cat, Frame) end),
+                                  [{fid("cat_~s_us", [P]), T}]
+                          end),
+    case_({echo, P}, fun() ->
+                             setup_python(),
+                             %% Checked once, outside the timing: an echo must be exact.
+                             case py:call('__main__', echo, [X]) of
+                                 {ok, X} -> ok;
+                                 Other -> erlang:error({echo_mismatch, P, trunc_term(Other)})
+                             end,
+                             #{p50 := T} = seq(O, pay, fun() ->
+                                                               {ok, _} = py:call('__main__', echo, [X])
+                                                       end),
+                             [{fid("echo_~s_us", [P]), T}]
+                     end).
+
+trunc_term(T) ->
+    S = io_lib:format("~tP", [T, 12]),
+    lists:flatten(S).
+
+%% Runs one case in a fresh process (so that no case pays for another's heap
+%% or Python namespace); a crash or a wrong answer is recorded and the run
+%% goes on.
+case_(Name, F) ->
+    {Pid, Mon} = spawn_monitor(fun() ->
+                                       try F() of
+                                           Figs -> exit({case_ok, Figs})
+                                       catch
+                                           C:R:St -> exit({case_failed, C, R, St})
+                                       end
+                               end),
+    receive
+        {'DOWN', Mon, process, Pid, {case_ok, Figs}} ->
+            put(passed, get(passed) + 1),
+            put(acc, maps:merge(get(acc), maps:from_list(Figs)));
+        {'DOWN', Mon, process, Pid, {case_failed, C, R, St}} ->
+            case_error(Name, C, R, St);
+        {'DOWN', Mon, process, Pid, Other} ->
+            case_error(Name, exit, Other, [])
+    after 300000 ->
+            exit(Pid, kill),
+            case_error(Name, exit, case_timeout, [])
+    end.
+
+case_error(Name, C, R, St) ->
+    Where = case St of
+                [{M, F, A, Loc} | _] ->
+                    io_lib:format(" at ~p:~p/~p line ~p",
+                                  [M, F, if is_list(A) -> length(A); true -> A end,
+                                   proplists:get_value(line, Loc)]);
+                _ -> ""
+            end,
+    Msg = lists:flatten([io_lib:format("~p:~0tP", [C, R, 12]), Where]),
+    io:format(standard_error, "ERROR round ~b case ~p: ~ts~n", [get(round), Name, Msg]),
+    put(errors, [#{round => get(round), 'case' => iolist_to_binary(io_lib:format("~p", [Name])),
+                   error => unicode:characters_to_binary(Msg)} | get(errors)]).
+
+fid(Fmt, Args) -> list_to_atom(lists:flatten(io_lib:format(Fmt, Args))).
+
+%%====================================================================
+%% Measuring
+%%====================================================================
+
+%% Sequential calls: a few unmeasured warm-up calls, then up to seq_n timed
+%% calls or seq_ms milliseconds (at least min_n calls).
+seq(O, F) -> seq(O, seq, F).
+
+seq(O, Kind, F) ->
+    {MaxN, Ms} = case Kind of
+                     seq -> {maps:get(seq_n, O), maps:get(seq_ms, O)};
+                     pay -> {maps:get(seq_n, O), maps:get(pay_ms, O)}
+                 end,
+    MinN = maps:get(min_n, O),
+    _ = [F() || _ <- lists:seq(1, max(2, min(20, MaxN div 50)))],
+    Start = now_ns(),
+    Deadline = Start + Ms * 1000000,
+    Samples = seq_loop(F, 0, MaxN, MinN, Deadline, []),
+    Wall = now_ns() - Start,
+    stats(Samples, length(Samples), Wall).
+
+seq_loop(_F, N, MaxN, _MinN, _Deadline, Acc) when N >= MaxN -> Acc;
+seq_loop(F, N, MaxN, MinN, Deadline, Acc) ->
+    T0 = now_ns(),
+    _ = F(),
+    T1 = now_ns(),
+    case N + 1 >= MinN andalso T1 >= Deadline of
+        true -> [T1 - T0 | Acc];
+        false -> seq_loop(F, N + 1, MaxN, MinN, Deadline, [T1 - T0 | Acc])
+    end.
+
+%% K processes, each calling F sequentially for conc_ms milliseconds. Each
+%% does one warm-up call first; all start together. calls/s = all calls /
+%% wall time from the start signal to the last process done.
+conc(K, O, F) ->
+    Ms = maps:get(conc_ms, O),
+    Parent = self(),
+    Ref = make_ref(),
+    Pids = [spawn(fun() -> conc_proc(Parent, Ref, F) end) || _ <- lists:seq(1, K)],
+    Mons = [erlang:monitor(process, P) || P <- Pids],
+    ok = conc_gather(Ref, ready, K),
+    Start = now_ns(),
+    Deadline = Start + Ms * 1000000,
+    [P ! {Ref, go, Deadline} || P <- Pids],
+    {Samples, N} = conc_collect(Ref, K, [], 0),
+    Wall = now_ns() - Start,
+    [erlang:demonitor(M, [flush]) || M <- Mons],
+    stats(Samples, N, Wall).
+
+conc_proc(Parent, Ref, F) ->
+    try
+        _ = F(),
+        Parent ! {Ref, ready},
+        receive {Ref, go, Deadline} -> ok end,
+        Samples = conc_loop(F, Deadline, []),
+        Parent ! {Ref, done, Samples}
+    catch
+        C:R -> Parent ! {Ref, failed, {C, R}}
+    end.
+
+conc_loop(F, Deadline, Acc) ->
+    T0 = now_ns(),
+    _ = F(),
+    T1 = now_ns(),
+    case T1 >= Deadline of
+        true -> [T1 - T0 | Acc];
+        false -> conc_loop(F, Deadline, [T1 - T0 | Acc])
+    end.
+
+conc_gather(_Ref, _What, 0) -> ok;
+conc_gather(Ref, What, N) ->
+    receive
+        {Ref, What} -> conc_gather(Ref, What, N - 1);
+        {Ref, failed, Why} -> erlang:error({caller_failed, Why})
+    after 60000 -> erlang:error({timeout, What})
+    end.
+
+conc_collect(_Ref, 0, Acc, N) -> {Acc, N};
+conc_collect(Ref, K, Acc, N) ->
+    receive
+        {Ref, done, S} -> conc_collect(Ref, K - 1, S ++ Acc, N + length(S));
+        {Ref, failed, Why} -> erlang:error({caller_failed, Why})
+    after 120000 -> erlang:error(conc_timeout)
+    end.
+
+stats(Samples, N, WallNs) ->
+    Sorted = list_to_tuple(lists:sort(Samples)),
+    #{p50 => pct(Sorted, 0.50) / 1000, p99 => pct(Sorted, 0.99) / 1000,
+      cps => N / (WallNs / 1.0e9), n => N}.
+
+pct(T, Q) ->
+    Size = tuple_size(T),
+    element(max(1, min(Size, round(Q * Size + 0.5))), T).
+
+now_ns() -> erlang:monotonic_time(nanosecond).
+
+%%====================================================================
+%% Baselines
+%%====================================================================
+
+%% The frame py:call writes for these arguments (same envelope and size).
+call_frame(M, F, Args) ->
+    Payload = term_to_binary({Args, #{}}, ?T2B),
+    term_to_binary({call, 1 bsl 40, self(), M, F, Payload}, ?T2B).
+
+cat_open() ->
+    open_port({spawn_executable, "/bin/cat"}, [{packet, 4}, binary, use_stdio, exit_status]).
+
+cat_close(Port) ->
+    catch port_close(Port),
+    ok.
+
+cat_echo(Port, Frame) ->
+    true = port_command(Port, Frame),
+    receive
+        {Port, {data, Data}} -> byte_size(Data) =:= byte_size(Frame) orelse erlang:error(cat_short)
+    after 10000 -> erlang:error(cat_timeout)
+    end.
+
+%% Process start and first answered frame: the floor of the application start-up.
+cat_start() ->
+    T0 = now_ns(),
+    P = cat_open(),
+    cat_echo(P, <<131, 97, 1>>),
+    T1 = now_ns(),
+    cat_close(P),
+    (T1 - T0) / 1.0e6.
+
+init([]) -> {ok, nostate}.
+handle_call(ping, _From, S) -> {reply, pong, S}.
+handle_cast(_, S) -> {noreply, S}.
+
+%%====================================================================
+%% Application control
+%%====================================================================
+
+%% Stops the application (waiting until its port program is gone), sets the
+%% pool size, starts it again; returns the ms from start to the first
+%% answered call.
+restart_app(#{workers := W, max_workers := M}) ->
+    Old = try os_pid() catch _:_ -> undefined end,
+    _ = application:stop(pyport),
+    wait_gone(Old, 200),
+    ok = application:set_env(pyport, workers, W),
+    ok = application:set_env(pyport, max_workers, M),
+    T0 = now_ns(),
+    ok = application:start(pyport),
+    {ok, ?SQRT2} = py:call(math, sqrt, [2.0]),
+    T1 = now_ns(),
+    (T1 - T0) / 1.0e6.
+
+wait_gone(undefined, _) -> ok;
+wait_gone(_Pid, 0) -> ok;
+wait_gone(Pid, N) ->
+    case filelib:is_dir("/proc/" ++ integer_to_list(Pid)) of
+        true -> timer:sleep(10), wait_gone(Pid, N - 1);
+        false -> ok
+    end.
+
+os_pid() ->
+    {ok, #{os_pid := P}} = py:stats(),
+    true = is_integer(P),
+    P.
+
+%% VmRSS of the port program in KiB.
+port_rss() ->
+    {ok, Status} = file:read_file("/proc/" ++ integer_to_list(os_pid()) ++ "/status"),
+    {match, [Kb]} = re:run(Status, "VmRSS:\\s+(\\d+) kB", [{capture, all_but_first, binary}]),
+    binary_to_integer(Kb).
+
+%% The calling process's namespace: an identity function for the echo cases
+%% and the Python-side SharedDict timing loop.
+setup_python() ->
+    ok = py:exec(<<"
+import time as _time, pickle as _pickle, erlang as _erlang
+
+def echo(x):
+    return x
+
+def bench_sd_loop(h, n, v):
+    # Interleaved in chunks: SharedDict set/get, then a plain dict that
+    # pickles on store and unpickles on read (the SharedDict pickles with
+    # protocol 5 too). Returns ns per operation.
+    sd = _erlang.SharedDict(h)
+    d = {}
+    dumps, loads, proto = _pickle.dumps, _pickle.loads, _pickle.HIGHEST_PROTOCOL
+    pc = _time.perf_counter
+    sd['k'] = v
+    d['k'] = dumps(v, proto)
+    chunks = 5
+    r = range(max(1, n // chunks))
+    t = [0.0, 0.0, 0.0, 0.0]
+    for _c in range(chunks):
+        t0 = pc()
+        for _ in r:
+            sd['k'] = v
+        t1 = pc()
+        for _ in r:
+            x = sd['k']
+        t2 = pc()
+        for _ in r:
+            d['k'] = dumps(v, proto)
+        t3 = pc()
+        for _ in r:
+            x = loads(d['k'])
+        t4 = pc()
+        t[0] += t1 - t0; t[1] += t2 - t1; t[2] += t3 - t2; t[3] += t4 - t3
+    ops = len(r) * chunks
+    if x != v:
+        raise AssertionError('read back a different value')
+    return [s / ops * 1e9 for s in t]
+">>),
+    ok.
+
+py_sd_loop(SD, V, Tag, O) ->
+    N = case Tag of
+            small -> maps:get(py_n, O);
+            map1k -> max(100, maps:get(py_n, O) div 4)
+        end,
+    {ok, [SdSet, SdGet, PkSet, PkGet]} =
+        py:eval(<<"bench_sd_loop(h, n, v)">>, #{h => SD, n => N, v => V}),
+    [{fid("pysd_set_~s_ns", [Tag]), SdSet}, {fid("pysd_get_~s_ns", [Tag]), SdGet},
+     {fid("pickle_set_~s_ns", [Tag]), PkSet}, {fid("pickle_get_~s_ns", [Tag]), PkGet}].
+
+%%====================================================================
+%% Payloads
+%%====================================================================
+
+payload(small_int) -> 42;
+payload(bin_1k) -> rand:bytes(1024);
+payload(bin_100k) -> rand:bytes(100 * 1024);
+payload(map_100) -> maps:from_list([{iolist_to_binary(io_lib:format("key_~3..0b", [I])), I * 7}
+                                    || I <- lists:seq(1, 100)]);
+payload(nmap_1k) -> nested_map(1024);
+payload(nmap_100k) -> nested_map(100 * 1024);
+%% 1 MiB of ETF: INTEGER_EXT ints (5 bytes each), as a list.
+payload(list_1m) -> lists:seq(1000, 1000 + (1024 * 1024 - 6) div 5 - 1).
+
+%% A map of records (maps nested 3 deep: strings, ints, floats, booleans,
+%% lists), grown until its ETF is at least Bytes long.
+nested_map(Bytes) -> nested_map(Bytes, 1, #{}).
+
+nested_map(Bytes, I, Acc) ->
+    case byte_size(term_to_binary(Acc, ?T2B)) >= Bytes of
+        true -> Acc;
+        false ->
+            Key = iolist_to_binary(io_lib:format("user_~5..0b", [I])),
+            Rec = #{<<"id">> => I,
+                    <<"name">> => iolist_to_binary(["User number ", integer_to_binary(I)]),
+                    <<"active">> => I rem 3 =/= 0,
+                    <<"score">> => I * 1.25,
+                    <<"tags">> => [<<"alpha">>, <<"beta">>, I rem 10],
+                    <<"address">> => #{<<"city">> => <<"Springfield">>,
+                                       <<"zip">> => 10000 + I,
+                                       <<"geo">> => #{<<"lat">> => 1.5, <<"lon">> => -2.25}}},
+            nested_map(Bytes, I + 1, Acc#{Key => Rec})
+    end.
+
+%%====================================================================
+%% Figures, summaries, targets
+%%====================================================================
+
+%% {Id, Group, Label, Unit, Baseline | none}
+figures() ->
+    Pl = fun(P) -> atom_to_list(P) end,
+    [{startup_ms, startup, "app start to first answered call", "ms", cat_start_ms},
+     {cat_start_ms, baseline, "/bin/cat port open + first echo", "ms", none},
+     {rss_idle_kib, rss, "port RSS, idle after start", "KiB", none},
+     {rss_after_kib, rss, "port RSS, after the round", "KiB", rss_idle_kib},
+     {cat_p50_us, baseline, "cat port {packet,4} p50 (sqrt frame)", "us", none},
+     {cat_p99_us, baseline, "cat port p99", "us", none},
+     {cat_cps, baseline, "cat port sequential", "calls/s", none},
+     {gen_call_p50_us, baseline, "gen_server:call p50", "us", none},
+     {sqrt_p50_us, sequential, "py:call math.sqrt p50", "us", cat_p50_us},
+     {sqrt_p99_us, sequential, "py:call math.sqrt p99", "us", cat_p99_us},
+     {sqrt_cps, sequential, "py:call math.sqrt sequential", "calls/s", cat_cps},
+     {eval_p50_us, sequential, "py:eval x*x+y p50", "us", cat_p50_us},
+     {eval_p99_us, sequential, "py:eval x*x+y p99", "us", cat_p99_us},
+     {eval_cps, sequential, "py:eval x*x+y sequential", "calls/s", cat_cps}]
+    ++ lists:append(
+         [[{fid("csqrt~b_cps", [K]), concurrency, lbl("sqrt, ~b caller(s)", [K]), "calls/s", cat_cps},
+           {fid("csqrt~b_p50_us", [K]), concurrency, lbl("sqrt, ~b caller(s) p50", [K]), "us",
+            cat_p50_us},
+           {fid("csqrt~b_p99_us", [K]), concurrency, lbl("sqrt, ~b caller(s) p99", [K]), "us",
+            cat_p99_us}] || K <- ?CONC])
+    ++ lists:append(
+         [[{fid("csleep~b_cps", [K]), concurrency, lbl("sleep 1ms, ~b caller(s)", [K]), "calls/s",
+            base_if(K, csleep1_cps)},
+           {fid("csleep~b_p50_us", [K]), concurrency, lbl("sleep 1ms, ~b caller(s) p50", [K]), "us",
+            base_if(K, csleep1_p50_us)},
+           {fid("csleep~b_p99_us", [K]), concurrency, lbl("sleep 1ms, ~b caller(s) p99", [K]), "us",
+            base_if(K, csleep1_p99_us)}] || K <- ?CONC])
+    ++ lists:append(
+         [[{fid("t2b_~s_us", [P]), baseline, lbl("t2b+b2t ~s", [Pl(P)]), "us", none},
+           {fid("cat_~s_us", [P]), baseline, lbl("cat port, ~s frame", [Pl(P)]), "us", none},
+           {fid("echo_~s_us", [P]), payload, lbl("echo ~s p50", [Pl(P)]), "us",
+            fid("t2b_~s_us", [P])}] || P <- ?PAYLOADS])
+    ++ lists:append(
+         [[{fid("sd1_~s_p50_us", [Op]), shared_dict, lbl("SD Erlang ~s, 1 proc p50", [Op]), "us",
+            sqrt_p50_us},
+           {fid("sd1_~s_p99_us", [Op]), shared_dict, lbl("SD Erlang ~s, 1 proc p99", [Op]), "us",
+            sqrt_p99_us}] || Op <- [get_small, set_small, get_1k, set_1k]])
+    ++ lists:append(
+         [[{fid("sd16_~s_ops", [Op]), shared_dict, lbl("SD Erlang ~s, 16 procs", [Op]), "ops/s",
+            csqrt16_cps},
+           {fid("sd16_~s_p50_us", [Op]), shared_dict, lbl("SD Erlang ~s, 16 procs p50", [Op]),
+            "us", csqrt16_p50_us}] || Op <- [get_small, set_small, get_1k, set_1k]])
+    ++ lists:append(
+         [[{fid("pickle_set_~s_ns", [T]), baseline, lbl("Python dict+pickle set ~s", [T]), "ns/op",
+            none},
+           {fid("pickle_get_~s_ns", [T]), baseline, lbl("Python dict+unpickle get ~s", [T]),
+            "ns/op", none},
+           {fid("pysd_set_~s_ns", [T]), shared_dict, lbl("Python sd[k] = v ~s", [T]), "ns/op",
+            fid("pickle_set_~s_ns", [T])},
+           {fid("pysd_get_~s_ns", [T]), shared_dict, lbl("Python sd[k] get ~s", [T]), "ns/op",
+            fid("pickle_get_~s_ns", [T])}] || T <- [small, map1k]])
+    ++ lists:append(
+         [[{fid("w~b_sleep16_cps", [N]), workers, lbl("~b worker(s): sleep 1ms, 16 callers", [N]),
+            "calls/s", w1_sleep16_cps},
+           {fid("w~b_sqrt64_cps", [N]), workers, lbl("~b worker(s): sqrt, 64 callers", [N]),
+            "calls/s", cat_cps},
+           {fid("w~b_startup_ms", [N]), workers, lbl("~b worker(s): start-up", [N]), "ms",
+            cat_start_ms}] || N <- ?SWEEP]).
+
+base_if(1, _) -> none;
+base_if(_, B) -> B.
+
+lbl(F, A) -> lists:flatten(io_lib:format(F, A)).
+
+summarise(Specs, Rounds) ->
+    [begin
+         Vs = [V || R <- Rounds, {ok, V} <- [maps:find(Id, R)]],
+         Ratios = case Base of
+                      none -> [];
+                      _ -> [V / B || R <- Rounds, {ok, V} <- [maps:find(Id, R)],
+                                     {ok, B} <- [maps:find(Base, R)], B /= 0]
+                  end,
+         #{id => Id, group => G, label => list_to_binary(L), unit => list_to_binary(U),
+           baseline => Base,
+           values => [maps:get(Id, R, null) || R <- Rounds],
+           median => median(Vs), min => lmin(Vs), max => lmax(Vs),
+           ratios => Ratios, ratio_median => median(Ratios), ratio_min => lmin(Ratios),
+           ratio_max => lmax(Ratios)}
+     end || {Id, G, L, U, Base} <- Specs].
+
+median([]) -> null;
+median(L) ->
+    S = lists:sort(L),
+    N = length(S),
+    case N rem 2 of
+        1 -> lists:nth(N div 2 + 1, S);
+        0 -> (lists:nth(N div 2, S) + lists:nth(N div 2 + 1, S)) / 2
+    end.
+
+lmin([]) -> null;
+lmin(L) -> lists:min(L).
+lmax([]) -> null;
+lmax(L) -> lists:max(L).
+
+%% Issue 5 targets: {Id, Text, Figure, '=<' | '>=', Limit}; the figure's ratio
+%% to its baseline is compared with the limit.
+targets(Figs) ->
+    Ts = [{sqrt_p50, "sequential math.sqrt p50 <= 2.0x cat-port p50", sqrt_p50_us, '=<', 2.0},
+          {conc64, "64 callers math.sqrt (default pool) >= 1.5x cat-port sequential calls/s",
+           csqrt64_cps, '>=', 1.5},
+          {echo_100k, "100 KB nested map echo <= 2.0x t2b+b2t", echo_nmap_100k_us, '=<', 2.0},
+          {sd_get, "Erlang SharedDict get (small) <= 1.5x py:call math.sqrt (p50)",
+           sd1_get_small_p50_us, '=<', 1.5},
+          {py_sd_get, "Python sd[k] get <= 2x dict+unpickle", pysd_get_small_ns, '=<', 2.0},
+          {py_sd_set, "Python sd[k] = v <= 2x dict+pickle", pysd_set_small_ns, '=<', 2.0},
+          {sleep_speedup, "16 sleepers: 16 workers >= 12x 1 worker", w16_sleep16_cps, '>=', 12.0}],
+    [begin
+         F = lists:keyfind(Fig, 1, [{maps:get(id, X), X} || X <- Figs]),
+         #{ratio_median := R, ratio_min := Rmin, ratio_max := Rmax, median := V,
+           baseline := B} = element(2, F),
+         #{median := BV} = hd([X || X <- Figs, maps:get(id, X) =:= B]),
+         Met = case R of
+                   null -> null;
+                   _ when Op =:= '=<' -> R =< Lim;
+                   _ -> R >= Lim
+               end,
+         #{id => Id, text => list_to_binary(Text), figure => Fig, baseline => B,
+           op => case Op of '=<' -> <<"<=">>; '>=' -> <<">=">> end, limit => Lim,
+           ratio_median => R, ratio_min => Rmin, ratio_max => Rmax,
+           value_median => V, baseline_median => BV, met => Met}
+     end || {Id, Text, Fig, Op, Lim} <- Ts].
+
+%%====================================================================
+%% Output
+%%====================================================================
+
+print_table(Figs, Meta) ->
+    io:format("~npyport benchmark  ~s  commit ~s  ~s, ~b cores, OTP ~s, Python ~s, ~b round(s)~n",
+              [maps:get(date, Meta), maps:get(commit, Meta), maps:get(cpu, Meta),
+               maps:get(cores, Meta), maps:get(otp, Meta), maps:get(python, Meta),
+               maps:get(rounds, Meta)]),
+    io:format("~-44s ~12s ~23s ~-8s ~8s ~15s  ~s~n",
+              ["figure", "median", "min..max", "unit", "ratio", "ratio min..max", "baseline"]),
+    lists:foreach(
+      fun(#{label := L, unit := U, median := M, min := Mn, max := Mx, baseline := B,
+            ratio_median := R, ratio_min := Rmin, ratio_max := Rmax}) ->
+              io:format("~-44s ~12s ~23s ~-8s ~8s ~15s  ~s~n",
+                        [L, num(M), [num(Mn), "..", num(Mx)], U,
+                         case R of null -> ""; _ -> [num(R), "x"] end,
+                         case R of null -> ""; _ -> [num(Rmin), "..", num(Rmax)] end,
+                         case B of none -> ""; _ -> atom_to_list(B) end])
+      end, Figs).
+
+print_targets(Ts) ->
+    io:format("~nissue 5 targets (median ratio over rounds; min..max):~n"),
+    lists:foreach(
+      fun(#{text := T, ratio_median := R, ratio_min := Rmin, ratio_max := Rmax, met := Met,
+            value_median := V, baseline_median := BV, figure := F, baseline := B}) ->
+              io:format("  ~-8s ~-72s ratio ~sx (~s..~s)  ~s=~s vs ~s=~s~n",
+                        [case Met of true -> "MET"; false -> "NOT MET"; null -> "NO DATA" end,
+                         T, num(R), num(Rmin), num(Rmax), F, num(V), B, num(BV)])
+      end, Ts).
+
+num(null) -> "-";
+num(X) when is_integer(X) -> integer_to_list(X);
+num(X) when abs(X) >= 1000 -> integer_to_list(round(X));
+num(X) when abs(X) >= 100 -> float_to_list(X, [{decimals, 1}]);
+num(X) when abs(X) >= 10 -> float_to_list(X, [{decimals, 2}]);
+num(X) -> float_to_list(X, [{decimals, 3}]).
+
+meta(O, Default, WallMs) ->
+    {{Y, Mo, D}, {H, Mi, S}} = calendar:universal_time(),
+    Stamp = lbl("~4..0b~2..0b~2..0bT~2..0b~2..0b~2..0bZ", [Y, Mo, D, H, Mi, S]),
+    Python = case py:eval(<<"__import__('sys').version.split()[0]">>) of
+                 {ok, V} when is_binary(V) -> binary_to_list(V);
+                 _ -> "?"
+             end,
+    Strs = #{date => lbl("~4..0b-~2..0b-~2..0b ~2..0b:~2..0b:~2..0b UTC", [Y, Mo, D, H, Mi, S]),
+      stamp => Stamp,
+      commit => string:trim(os:cmd("git rev-parse --short HEAD 2>/dev/null")),
+      host => net_adm:localhost(),
+      cpu => cpu_model(),
+      otp => erlang:system_info(otp_release),
+      erts => erlang:system_info(version),
+      python => Python},
+    Meta = maps:map(fun(_, V) -> unicode:characters_to_binary(V) end, Strs),
+    Meta#{cores => erlang:system_info(logical_processors),
+      rounds => maps:get(rounds, O),
+      smoke => maps:get(smoke, O),
+      scale => maps:get(scale, O),
+      default_pool => Default,
+      concurrency => ?CONC,
+      worker_sweep => ?SWEEP,
+      wall_s => WallMs / 1000,
+      loadavg_start => get(load_start),
+      loadavg_end => loadavg(),
+      sizes => maps:with([seq_n, seq_ms, conc_ms, pay_ms, py_n], O)}.
+
+loadavg() ->
+    case file:read_file("/proc/loadavg") of
+        {ok, B} -> hd(binary:split(B, <<" ">>));
+        _ -> null
+    end.
+
+cpu_model() ->
+    case file:read_file("/proc/cpuinfo") of
+        {ok, B} ->
+            case re:run(B, "model name\\s*:\\s*([^\\n]+)", [{capture, all_but_first, list}]) of
+                {match, [M]} -> M;
+                _ -> "?"
+            end;
+        _ -> "?"
+    end.
+
+write_results(O, Meta, Payloads, Figs, Targets, Errors) ->
+    Dir = maps:get(out, O),
+    ok = filelib:ensure_dir(filename:join(Dir, "x")),
+    Pay = [#{name => P, etf_bytes => byte_size(term_to_binary(X, ?T2B)),
+             frame_bytes => byte_size(call_frame(<<"__main__">>, <<"echo">>, [X]))}
+           || {P, X} <- Payloads],
+    Doc = #{meta => Meta, payloads => Pay, figures => Figs, targets => Targets,
+            errors => Errors},
+    Json = json(Doc),
+    Csv = csv(Figs, maps:get(rounds, O)),
+    Base = filename:join(Dir, "pyport_bench-" ++ binary_to_list(maps:get(stamp, Meta))),
+    [begin
+         Tmp = F ++ ".tmp",
+         ok = file:write_file(Tmp, Data),
+         ok = file:rename(Tmp, F)
+     end || {F, Data} <- [{Base ++ ".json", Json}, {Base ++ ".csv", Csv},
+                          {filename:join(Dir, "latest.json"), Json},
+                          {filename:join(Dir, "latest.csv"), Csv}]],
+    io:format("~nresults: ~s.json, ~s.csv (and latest.*)~n", [Base, Base]).
+
+csv(Figs, Rounds) ->
+    Head = ["id,group,label,unit,median,min,max,baseline,ratio_median,ratio_min,ratio_max"
+            | [lbl(",round~b", [R]) || R <- lists:seq(1, Rounds)]],
+    Rows = [[atom_to_list(Id), $,, atom_to_list(G), $,, $", L, $", $,, U, $,,
+             cnum(M), $,, cnum(Mn), $,, cnum(Mx), $,,
+             case B of none -> ""; _ -> atom_to_list(B) end, $,,
+             cnum(R), $,, cnum(Rmin), $,, cnum(Rmax),
+             [[$,, cnum(V)] || V <- Vs]]
+            || #{id := Id, group := G, label := L, unit := U, median := M, min := Mn,
+                 max := Mx, baseline := B, ratio_median := R, ratio_min := Rmin,
+                 ratio_max := Rmax, values := Vs} <- Figs],
+    [lists:join("\n", [Head | Rows]), "\n"].
+
+cnum(null) -> "";
+cnum(X) -> jnum(X).
+
+jnum(X) when is_integer(X) -> integer_to_list(X);
+jnum(X) when is_float(X), abs(X) >= 1 -> float_to_list(X, [{decimals, 4}, compact]);
+jnum(X) when is_float(X) -> float_to_list(X, [short]).
+
+%% A small JSON encoder (OTP 25 has no json module).
+json(null) -> "null";
+json(true) -> "true";
+json(false) -> "false";
+json(none) -> "null";
+json(X) when is_number(X) -> jnum(X);
+json(A) when is_atom(A) -> jstr(atom_to_binary(A, utf8));
+json(B) when is_binary(B) -> jstr(B);
+json(M) when is_map(M) ->
+    Kvs = lists:sort([{key(K), V} || {K, V} <- maps:to_list(M)]),
+    ["{", lists:join(",", [[jstr(K), ":", json(V)] || {K, V} <- Kvs]), "}"];
+%% Lists are arrays: every string in the document is a binary.
+json(L) when is_list(L) ->
+    ["[", lists:join(",", [json(X) || X <- L]), "]"];
+json(T) -> jstr(iolist_to_binary(io_lib:format("~p", [T]))).
+
+key(K) when is_atom(K) -> atom_to_binary(K, utf8);
+key(K) when is_binary(K) -> K;
+key(K) -> iolist_to_binary(io_lib:format("~p", [K])).
+
+jstr(B) ->
+    [$", [esc(C) || C <- unicode:characters_to_list(B)], $"].
+
+esc($") -> "\\\"";
+esc($\\) -> "\\\\";
+esc($\n) -> "\\n";
+esc(C) when C < 32 -> io_lib:format("\\u~4.16.0b", [C]);
+esc(C) -> unicode:characters_to_binary([C]).
