@@ -135,7 +135,8 @@ def main(argv):
     a4.grid(True, axis="y", which="both", alpha=0.3)
     a4.legend(fontsize=8)
 
-    fig.suptitle(f"pyport benchmark — {meta['date']}, commit {meta['commit']}, "
+    commit = meta["commit"] + (" + uncommitted changes" if meta.get("dirty") else "")
+    fig.suptitle(f"pyport benchmark — {meta['date']}, commit {commit}, "
                  f"{meta['cpu']} ({meta['cores']} cores), OTP {meta['otp']}, Python {meta['python']}, "
                  f"{meta['rounds']} round(s); medians, bars = min..max over rounds", fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 0.96))

@@ -683,8 +683,10 @@ targets(Figs) ->
 %%====================================================================
 
 print_table(Figs, Meta) ->
-    io:format("~npyport benchmark  ~s  commit ~s  ~s, ~b cores, OTP ~s, Python ~s, ~b round(s)~n",
-              [maps:get(date, Meta), maps:get(commit, Meta), maps:get(cpu, Meta),
+    io:format("~npyport benchmark  ~s  commit ~s~s  ~s, ~b cores, OTP ~s, Python ~s, ~b round(s)~n",
+              [maps:get(date, Meta), maps:get(commit, Meta),
+               case maps:get(dirty, Meta) of [] -> ""; _ -> " (+uncommitted changes)" end,
+               maps:get(cpu, Meta),
                maps:get(cores, Meta), maps:get(otp, Meta), maps:get(python, Meta),
                maps:get(rounds, Meta)]),
     io:format("~-44s ~12s ~23s ~-8s ~8s ~15s  ~s~n",
@@ -732,7 +734,13 @@ meta(O, Default, WallMs) ->
       erts => erlang:system_info(version),
       python => Python},
     Meta = maps:map(fun(_, V) -> unicode:characters_to_binary(V) end, Strs),
-    Meta#{cores => erlang:system_info(logical_processors),
+    %% Uncommitted changes to what is measured make the commit id approximate.
+    Dirty = [unicode:characters_to_binary(L)
+             || L <- string:lexemes(os:cmd("git status --porcelain --untracked-files=no "
+                                          "-- src erl_src Cargo.toml Cargo.lock build.rs "
+                                          "2>/dev/null"), "\n")],
+    Meta#{dirty => Dirty,
+      cores => erlang:system_info(logical_processors),
       rounds => maps:get(rounds, O),
       smoke => maps:get(smoke, O),
       scale => maps:get(scale, O),
