@@ -44,7 +44,7 @@
                         andalso is_integer(element(2, SD))
                         andalso is_integer(element(3, SD))
                         andalso is_binary(element(4, SD)))).
--define(IS_TIMEOUT(T), (T =:= infinity orelse (is_integer(T) andalso T >= 0))).
+-define(IS_TIMEOUT(T), (T =:= infinity orelse (is_integer(T) andalso T >= 0 andalso T =< 16#FFFFFFFF))).
 
 -type name() :: atom() | binary() | string().
 %% A Python module or function name.
@@ -76,8 +76,8 @@
 call(Module, Function, Args) ->
     call(Module, Function, Args, #{}).
 
-%% @equiv call(Module, Function, Args, Kwargs, CallTimeout)
-%% where `CallTimeout' is the app env `call_timeout' (default 30000 ms).
+%% @doc Same as {@link call/5} with the app env `call_timeout' (default
+%% 30000 ms) as the timeout.
 -spec call(name(), name(), list(), kwargs()) -> result(term()).
 call(Module, Function, Args, Kwargs) ->
     call(Module, Function, Args, Kwargs, default_timeout(call_timeout, 30000)).
@@ -104,8 +104,8 @@ call(_Module, _Function, _Args, _Kwargs, _Timeout) ->
 eval(Code) ->
     eval(Code, #{}).
 
-%% @equiv eval(Code, Locals, CallTimeout)
-%% where `CallTimeout' is the app env `call_timeout' (default 30000 ms).
+%% @doc Same as {@link eval/3} with the app env `call_timeout' (default
+%% 30000 ms) as the timeout.
 -spec eval(code(), locals()) -> result(term()).
 eval(Code, Locals) ->
     eval(Code, Locals, default_timeout(call_timeout, 30000)).

@@ -120,10 +120,14 @@ init([]) ->
           {reply, term(), state()} | {noreply, state()}.
 handle_call({request, Id, Frame}, From, State) ->
     request(Id, Frame, From, State);
-handle_call({request, Id, Frame, Owner}, From, State) when is_pid(Owner) ->
+handle_call({request, Id, Frame, Owner}, From, #state{port = Port} = State)
+  when is_pid(Owner), Port =/= undefined ->
     %% sd_new with an explicit owner, sd_give_away: the owner holds state in
-    %% the port from now on, so it is watched like any requester.
+    %% the port from now on, so it is watched like any requester. (A dead
+    %% owner's 'DOWN' is handled after this frame is written: its dict is freed.)
     request(Id, Frame, From, monitor_owner(Owner, State));
+handle_call({request, Id, Frame, _Owner}, From, State) ->
+    request(Id, Frame, From, State);
 handle_call(stats, _From, State) ->
     {reply, local_stats(State), State};
 handle_call(_Other, _From, State) ->
