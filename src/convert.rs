@@ -104,7 +104,12 @@ fn decode_term<'py>(py: Python<'py>, r: &mut Reader<'_>, depth: usize, limit: us
             let n = r.u32()? as usize;
             binary_object(py, r.bytes(n)?)
         }
-        etf::NIL => PyList::empty(py).into_any(),
+        etf::NIL => {
+            // [] is a list like any other: it counts for the nesting limit, as an empty
+            // Python list does on the way back.
+            enter(depth, limit)?;
+            PyList::empty(py).into_any()
+        }
         etf::STRING => {
             // Erlang strings are lists of integers; STRING_EXT is just their compact form,
             // and counts as a list for the nesting limit.
@@ -625,6 +630,8 @@ mod tests {
             let ok = nested(MAX_DEPTH - 1); // plus the innermost [] = MAX_DEPTH lists
             let obj = decode(py, &ok).unwrap();
             assert_eq!(encode_versioned(&obj).unwrap(), ok);
+            // One more level than the limit, counting the innermost [] as a list.
+            assert!(matches!(decode(py, &nested(MAX_DEPTH)), Err(ConvertError::Term(TermError::TooDeep(_)))));
             let too_deep = nested(MAX_DEPTH + 1);
             assert!(matches!(decode(py, &too_deep), Err(ConvertError::Term(TermError::TooDeep(_)))));
             // A cycle is caught by the same limit instead of overflowing the stack.
