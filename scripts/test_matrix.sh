@@ -12,8 +12,14 @@ run_one() {
   export PYO3_PYTHON="$py" CARGO_TARGET_DIR="$target"
   cargo test --release --locked -q 2>&1 | tail -n 3 || return 1
   cargo build --release --locked -q || return 1
-  "$py" -c 'import pytest, erlang' 2>/dev/null || "$py" -m pip install -q pytest erlang-py || return 1
-  PYPORT_BIN="$PWD/$target/release/pyport" "$py" -m pytest -q pytests 2>&1 | tail -n 1
+  # Test packages go into a folder of our own: a distribution's Python is "externally
+  # managed" (PEP 668) and refuses installs into its site-packages.
+  local deps="$PWD/$target/pydeps"
+  if ! PYTHONPATH="$deps" "$py" -c 'import pytest, erlang' 2>/dev/null; then
+    "$py" -m pip install -q --disable-pip-version-check --target "$deps" pytest erlang-py 2>&1 | grep -v WARNING
+    PYTHONPATH="$deps" "$py" -c 'import pytest, erlang' || return 1
+  fi
+  PYTHONPATH="$deps" PYPORT_BIN="$PWD/$target/release/pyport" "$py" -m pytest -q -p no:cacheprovider pytests 2>&1 | tail -n 1
 }
 
 declare -A seen
