@@ -52,7 +52,9 @@
           os_pid :: non_neg_integer() | undefined,
           %% true when the port program is its own process-group leader
           group_leader = false :: boolean(),
-          restart_timer :: reference() | undefined
+          restart_timer :: reference() | undefined,
+          %% most requests in the port at once (app env max_in_flight)
+          max_in_flight = 10000 :: pos_integer()
          }).
 -type state() :: #state{}.
 
@@ -112,7 +114,8 @@ init([]) ->
           end,
     %% A new server never reuses a generation: the previous server's port is gone.
     Gen = atomics:add_get(Ref, 1, 1),
-    {ok, start_port(#state{gen = Gen, gen_ref = Ref})}.
+    MaxInFlight = max(1, env_int(max_in_flight, 10000)),
+    {ok, start_port(#state{gen = Gen, gen_ref = Ref, max_in_flight = MaxInFlight})}.
 
 %% @private
 %% @doc gen_server callback: requests from {@link py} and local stats.
@@ -204,6 +207,11 @@ code_change(_OldVsn, State, _Extra) ->
           {reply, term(), state()} | {noreply, state()}.
 request(_Id, _Frame, _From, #state{port = undefined, last_exit = Exit} = State) ->
     {reply, {error, {pyport_unavailable, Exit}}, State};
+request(_Id, _Frame, _From, #state{pending = Pending, max_in_flight = Max} = State)
+  when map_size(Pending) >= Max ->
+    %% Back-pressure: a bounded number of requests in the port at once. Callers
+    %% beyond it are told at once instead of queueing without bound.
+    {reply, {error, overloaded}, State};
 request(Id, Frame, {Pid, _} = From, #state{port = Port} = State) ->
     try erlang:port_command(Port, Frame) of
         true ->
@@ -292,7 +300,8 @@ local_stats(#state{} = S) ->
       restarts => S#state.restarts,
       port => case S#state.port of undefined -> down; _ -> up end,
       last_exit => S#state.last_exit,
-      os_pid => S#state.os_pid}.
+      os_pid => S#state.os_pid,
+      max_in_flight => S#state.max_in_flight}.
 
 %%====================================================================
 %% Owners (processes that hold state in the port)
@@ -336,10 +345,11 @@ start_port(#state{gen = Gen} = State) ->
     Args = ["--generation", integer_to_list(Gen),
             "--workers", integer_to_list(env_int(workers, 1)),
             "--max-workers", integer_to_list(env_int(max_workers, 16))]
-        ++ case application:get_env(pyport, spare_after_ms) of
-               {ok, N} when is_integer(N), N >= 0 -> ["--spare-after-ms", integer_to_list(N)];
-               _ -> []
-           end,
+        ++ optional_args([{spare_after_ms, "--spare-after-ms"},
+                          {abandon_after_ms, "--abandon-after-ms"},
+                          {max_abandoned_workers, "--max-abandoned"},
+                          {oom_score_adj, "--oom-score-adj"},
+                          {max_memory_bytes, "--max-memory-bytes"}]),
     try erlang:open_port({spawn_executable, Exe},
                          [{packet, 4}, binary, exit_status, use_stdio, hide,
                           {args, Args}]) of
@@ -449,6 +459,14 @@ send_frame(#state{port = Port}, Term) ->
 %%====================================================================
 %% Helpers
 %%====================================================================
+
+%% Port program flags for the app env keys that are set to a non-negative integer.
+-spec optional_args([{atom(), string()}]) -> [string()].
+optional_args(Keys) ->
+    lists:append([[Flag, integer_to_list(N)]
+                  || {Key, Flag} <- Keys,
+                     {ok, N} <- [application:get_env(pyport, Key)],
+                     is_integer(N), N >= 0]).
 
 -spec env_int(atom(), integer()) -> integer().
 env_int(Key, Default) ->
