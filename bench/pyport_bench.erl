@@ -133,41 +133,34 @@ round_(R, O, Default, Payloads, Gs) ->
                            [{startup_ms, Ms}, {rss_idle_kib, port_rss()}]
                    end),
     case_(cat_start, fun() -> [{cat_start_ms, cat_start()}] end),
+    {_, Nmap1k} = lists:keyfind(nmap_1k, 1, Payloads),
+    SD = try sd_setup(Nmap1k)
+         catch Class:Reason:Stack -> case_error(sd_setup, Class, Reason, Stack), undefined
+         end,
+    %% Sequential calls, interleaved in small blocks with their baselines (the
+    %% cat port with the same frame, gen_server:call), so that the ratios
+    %% survive load that changes from one second to the next.
     SqrtFrame = call_frame(<<"math">>, <<"sqrt">>, [2.0]),
-    %% Sequential: the pipe floor, then sqrt and eval right after it.
-    case_(cat_seq, fun() ->
-                           Cat = cat_open(),
-                           seq3(cat, O, fun() -> cat_echo(Cat, SqrtFrame) end)
-                   end),
-    case_(gen_call, fun() ->
-                            #{p50 := P50} = seq(O, fun() -> pong = gen_server:call(Gs, ping) end),
-                            [{gen_call_p50_us, P50}]
-                    end),
-    case_(sqrt_seq, fun() ->
-                            seq3(sqrt, O, fun() -> {ok, ?SQRT2} = py:call(math, sqrt, [2.0]) end)
-                    end),
-    case_(eval_seq, fun() ->
-                            seq3(eval, O, fun() ->
-                                                  {ok, 13} = py:eval(<<"x * x + y">>,
-                                                                     #{x => 3, y => 4})
-                                          end)
-                    end),
+    case_(sequential,
+          fun() ->
+                  Cat = cat_open(),
+                  Fs = [{cat, fun() -> cat_echo(Cat, SqrtFrame) end},
+                        {gen_call, fun() -> pong = gen_server:call(Gs, ping) end},
+                        {sqrt, fun sqrt_call/0},
+                        {eval, fun() -> {ok, 13} = py:eval(<<"x * x + y">>, #{x => 3, y => 4}) end}]
+                      ++ [{fid("sd1_~s", [Op]), F} || SD =/= undefined, {Op, F} <- sd_ops(SD, Nmap1k)],
+                  lists:append([seq3(Name, St) || {Name, St} <- interleaved(O, seq, Fs)])
+          end),
     %% Concurrency, default pool.
     [case_({conc_sqrt, K}, fun() -> conc_figs(sqrt, K, conc(K, O, fun sqrt_call/0)) end)
      || K <- ?CONC],
     [case_({conc_sleep, K}, fun() -> conc_figs(sleep, K, conc(K, O, fun sleep_call/0)) end)
      || K <- ?CONC],
-    %% Payloads: t2b+b2t, then the cat port with the same frame, then the echo.
-    [payload_cases(P, X, O) || {P, X} <- Payloads],
-    %% SharedDict: Erlang side, then Python side.
-    {_, Nmap1k} = lists:keyfind(nmap_1k, 1, Payloads),
-    try sd_setup(Nmap1k) of
-        SD ->
-            sd_cases(SD, O, Nmap1k),
-            ok = py:shared_dict_destroy(SD)
-    catch
-        Class:Reason:Stack -> case_error(sd_setup, Class, Reason, Stack)
-    end,
+    %% Payloads: t2b+b2t, the cat port with the same frame and the echo, interleaved.
+    [payload_case(P, X, O) || {P, X} <- Payloads],
+    %% SharedDict from 16 processes, and from Python.
+    SD =/= undefined andalso sd_cases(SD, O, Nmap1k),
+    SD =/= undefined andalso py:shared_dict_destroy(SD),
     case_(rss_after, fun() -> [{rss_after_kib, port_rss()}] end),
     %% Worker sweep on a reduced set: 16 sleepers and 64 sqrt callers.
     [case_({workers, N},
@@ -189,21 +182,18 @@ sd_setup(Nmap1k) ->
     Nmap1k = py:shared_dict_get(SD, <<"map1k">>),
     SD.
 
+sd_ops(SD, Nmap1k) ->
+    [{get_small, fun() -> 42 = py:shared_dict_get(SD, <<"small">>) end},
+     {set_small, fun() -> ok = py:shared_dict_set(SD, <<"small">>, 42) end},
+     {get_1k, fun() -> #{} = py:shared_dict_get(SD, <<"map1k">>) end},
+     {set_1k, fun() -> ok = py:shared_dict_set(SD, <<"map1k">>, Nmap1k) end}].
+
 sd_cases(SD, O, Nmap1k) ->
-    SdOps = [{get_small, fun() -> 42 = py:shared_dict_get(SD, <<"small">>) end},
-             {set_small, fun() -> ok = py:shared_dict_set(SD, <<"small">>, 42) end},
-             {get_1k, fun() -> #{} = py:shared_dict_get(SD, <<"map1k">>) end},
-             {set_1k, fun() -> ok = py:shared_dict_set(SD, <<"map1k">>, Nmap1k) end}],
-    [case_({sd1, Op}, fun() ->
-                              #{p50 := P50, p99 := P99} = seq(O, F),
-                              [{fid("sd1_~s_p50_us", [Op]), P50},
-                               {fid("sd1_~s_p99_us", [Op]), P99}]
-                      end) || {Op, F} <- SdOps],
     [case_({sd16, Op}, fun() ->
                                #{cps := Cps, p50 := P50} = conc(16, O, F),
                                [{fid("sd16_~s_ops", [Op]), Cps},
                                 {fid("sd16_~s_p50_us", [Op]), P50}]
-                       end) || {Op, F} <- SdOps],
+                       end) || {Op, F} <- sd_ops(SD, Nmap1k)],
     case_(py_sd, fun() ->
                          setup_python(),
                          py_sd_loop(SD, 42, small, O) ++ py_sd_loop(SD, Nmap1k, map1k, O)
@@ -212,8 +202,7 @@ sd_cases(SD, O, Nmap1k) ->
 sqrt_call() -> {ok, ?SQRT2} = py:call(math, sqrt, [2.0]).
 sleep_call() -> {ok, undefined} = py:call(time, sleep, [0.001]).
 
-seq3(Name, O, F) ->
-    #{p50 := P50, p99 := P99, cps := Cps} = seq(O, F),
+seq3(Name, #{p50 := P50, p99 := P99, cps := Cps}) ->
     [{fid("~s_p50_us", [Name]), P50}, {fid("~s_p99_us", [Name]), P99},
      {fid("~s_cps", [Name]), Cps}].
 
@@ -221,32 +210,23 @@ conc_figs(Name, K, #{p50 := P50, p99 := P99, cps := Cps}) ->
     [{fid("c~s~b_cps", [Name, K]), Cps}, {fid("c~s~b_p50_us", [Name, K]), P50},
      {fid("c~s~b_p99_us", [Name, K]), P99}].
 
-payload_cases(P, X, O) ->
+payload_case(P, X, O) ->
     Frame = call_frame(<<"__main__">>, <<"echo">>, [X]),
-    case_({t2b, P}, fun() ->
-                            #{p50 := T} = seq(O, pay, fun() ->
-                                                              B = term_to_binary(X, ?T2B),
-                                                              _ = binary_to_term(B)
-                                                      end),
-                            [{fid("t2b_~s_us", [P]), T}]
-                    end),
-    case_({cat_frame, P}, fun() ->
-                                  Cat = cat_open(),
-                                  #{p50 := T} = seq(O, pay, fun() -> cat_echo(Cat, Frame) end),
-                                  [{fid("cat_~s_us", [P]), T}]
-                          end),
-    case_({echo, P}, fun() ->
-                             setup_python(),
-                             %% Checked once, outside the timing: an echo must be exact.
-                             case py:call('__main__', echo, [X]) of
-                                 {ok, X} -> ok;
-                                 Other -> erlang:error({echo_mismatch, P, trunc_term(Other)})
-                             end,
-                             #{p50 := T} = seq(O, pay, fun() ->
-                                                               {ok, _} = py:call('__main__', echo, [X])
-                                                       end),
-                             [{fid("echo_~s_us", [P]), T}]
-                     end).
+    case_({payload, P},
+          fun() ->
+                  setup_python(),
+                  %% Checked once, outside the timing: an echo must be exact.
+                  case py:call('__main__', echo, [X]) of
+                      {ok, X} -> ok;
+                      Other -> erlang:error({echo_mismatch, P, trunc_term(Other)})
+                  end,
+                  Cat = cat_open(),
+                  Fs = [{t2b, fun() -> _ = binary_to_term(term_to_binary(X, ?T2B)) end},
+                        {cat, fun() -> cat_echo(Cat, Frame) end},
+                        {echo, fun() -> {ok, _} = py:call('__main__', echo, [X]) end}],
+                  [{fid("~s_~s_us", [Name, P]), T}
+                   || {Name, #{p50 := T}} <- interleaved(O, pay, Fs)]
+          end).
 
 trunc_term(T) ->
     S = io_lib:format("~tP", [T, 12]),
@@ -295,32 +275,48 @@ fid(Fmt, Args) -> list_to_atom(lists:flatten(io_lib:format(Fmt, Args))).
 %% Measuring
 %%====================================================================
 
-%% Sequential calls: a few unmeasured warm-up calls, then up to seq_n timed
-%% calls or seq_ms milliseconds (at least min_n calls).
-seq(O, F) -> seq(O, seq, F).
-
-seq(O, Kind, F) ->
-    {MaxN, Ms} = case Kind of
-                     seq -> {maps:get(seq_n, O), maps:get(seq_ms, O)};
-                     pay -> {maps:get(seq_n, O), maps:get(pay_ms, O)}
-                 end,
+%% Sequential calls of several functions, interleaved: a few unmeasured
+%% warm-up calls of each, then blocks of B timed calls of each in turn, until
+%% the time budget is spent (at least min_n calls each) or each function made
+%% seq_n calls. B is chosen so that a block of the slowest function takes about
+%% 2 ms. calls/s of a function = its calls / the time spent in its blocks.
+interleaved(O, Kind, Fs) ->
+    MaxN = maps:get(seq_n, O),
     MinN = maps:get(min_n, O),
-    _ = [F() || _ <- lists:seq(1, max(2, min(20, MaxN div 50)))],
-    Start = now_ns(),
-    Deadline = Start + Ms * 1000000,
-    Samples = seq_loop(F, 0, MaxN, MinN, Deadline, []),
-    Wall = now_ns() - Start,
-    stats(Samples, length(Samples), Wall).
+    Ms = case Kind of
+             seq -> maps:get(seq_ms, O) * length(Fs);
+             pay -> maps:get(pay_ms, O) * length(Fs)
+         end,
+    Slowest = lists:max([warm_up(F, max(2, min(20, MaxN div 50))) || {_, F} <- Fs]),
+    Block = max(1, min(50, round(2.0e6 / max(1, Slowest)))),
+    Deadline = now_ns() + Ms * 1000000,
+    Init = [{Name, F, [], 0} || {Name, F} <- Fs],
+    Done = interleave_loop(Init, Block, 0, MaxN, MinN, Deadline),
+    [{Name, stats(Samples, length(Samples), Spent)} || {Name, _, Samples, Spent} <- Done].
 
-seq_loop(_F, N, MaxN, _MinN, _Deadline, Acc) when N >= MaxN -> Acc;
-seq_loop(F, N, MaxN, MinN, Deadline, Acc) ->
+%% Median ns of N calls.
+warm_up(F, N) ->
+    Ts = [begin T0 = now_ns(), _ = F(), now_ns() - T0 end || _ <- lists:seq(1, N)],
+    lists:nth((N + 1) div 2, lists:sort(Ts)).
+
+interleave_loop(Acc, Block, N, MaxN, MinN, Deadline) ->
+    B = min(Block, MaxN - N),
+    Acc1 = [begin
+                Ss = timed(F, B, Samples),
+                {Name, F, Ss, Spent + lists:sum(lists:sublist(Ss, B))}
+            end || {Name, F, Samples, Spent} <- Acc],
+    N1 = N + B,
+    case N1 >= MaxN orelse (N1 >= MinN andalso now_ns() >= Deadline) of
+        true -> Acc1;
+        false -> interleave_loop(Acc1, Block, N1, MaxN, MinN, Deadline)
+    end.
+
+timed(_F, 0, Acc) -> Acc;
+timed(F, N, Acc) ->
     T0 = now_ns(),
     _ = F(),
     T1 = now_ns(),
-    case N + 1 >= MinN andalso T1 >= Deadline of
-        true -> [T1 - T0 | Acc];
-        false -> seq_loop(F, N + 1, MaxN, MinN, Deadline, [T1 - T0 | Acc])
-    end.
+    timed(F, N - 1, [T1 - T0 | Acc]).
 
 %% K processes, each calling F sequentially for conc_ms milliseconds. Each
 %% does one warm-up call first; all start together. calls/s = all calls /
