@@ -79,3 +79,4 @@ clean:
 test-matrix:
 	@bash scripts/test_matrix.sh
 include bench/bench.mk
+include fuzz.mk

@@ -9,6 +9,8 @@ mod convert;
 mod etf;
 mod exec;
 mod framing;
+#[cfg(test)]
+mod fuzz;
 mod limits;
 mod pool;
 mod protocol;
