@@ -263,14 +263,7 @@ pub fn skip_term(r: &mut Reader<'_>, depth: usize, limits: Limits) -> Result<()>
             let creation = if tag == NEW_REFERENCE { 1 } else { 4 };
             r.bytes(creation + 4 * words).map(drop)
         }
-        NEW_FUN => {
-            // Size covers the whole fun including the size field itself.
-            let size = r.u32()? as usize;
-            if size < 4 {
-                return Err(TermError::Invalid("fun size field too small"));
-            }
-            r.bytes(size - 4).map(drop)
-        }
+        NEW_FUN => skip_new_fun(r, depth, limits),
         EXPORT => {
             for _ in 0..3 {
                 if depth + 1 > limits.max_depth {
@@ -282,6 +275,38 @@ pub fn skip_term(r: &mut Reader<'_>, depth: usize, limits: Limits) -> Result<()>
         }
         other => Err(TermError::UnknownTag(other)),
     }
+}
+
+/// NEW_FUN_EXT: Size, Arity, Uniq[16], Index, NumFree, Module, OldIndex, OldUniq, Pid,
+/// FreeVars. Its parts are checked one by one (not just skipped by Size): eetf decodes them
+/// and pre-allocates NumFree entries, and the free variables are terms of their own that
+/// must obey the same tag and depth rules.
+fn skip_new_fun(r: &mut Reader<'_>, depth: usize, limits: Limits) -> Result<()> {
+    let start = r.pos() - 1;
+    let size = r.u32()? as usize;
+    r.bytes(1 + 16 + 4)?;
+    let num_free = r.u32()?;
+    let num_free = r.count(num_free, 1)?;
+    if num_free > limits.max_count {
+        return Err(TermError::Invalid("fun has too many free variables"));
+    }
+    let inner = depth + 1;
+    if inner > limits.max_depth {
+        return Err(TermError::TooDeep(limits.max_depth));
+    }
+    let module = r.u8()?;
+    if !is_atom_tag(module) {
+        return Err(TermError::Invalid("fun module is not an atom"));
+    }
+    r.atom_body(module)?;
+    for _ in 0..3 + num_free {
+        skip_term(r, inner, limits)?;
+    }
+    // Size counts from the tag byte's successor, i.e. it includes itself.
+    if r.pos() - start - 1 != size {
+        return Err(TermError::Invalid("fun size field does not match its contents"));
+    }
+    Ok(())
 }
 
 fn skip_node(r: &mut Reader<'_>) -> Result<()> {
@@ -488,6 +513,28 @@ mod tests {
         body.extend(std::iter::repeat(NIL).take(70_001));
         assert!(validate(&versioned(&body), Limits::ENVELOPE).is_err());
         assert_eq!(validate(&versioned(&body), Limits::PAYLOAD), Ok(()));
+    }
+
+    /// `term_to_binary(fun(Y) -> X + Y end)` with X = 5, from erl (OTP 25).
+    const REAL_FUN: &[u8] = &[131,112,0,0,0,186,1,6,83,97,170,70,21,144,209,189,241,235,98,209,166,235,8,0,0,0,42,0,0,0,1,119,8,101,114,108,95,101,118,97,108,97,42,98,0,50,155,13,88,119,13,110,111,110,111,100,101,64,110,111,104,111,115,116,0,0,0,9,0,0,0,0,0,0,0,0,104,6,97,1,108,0,0,0,1,104,2,119,1,88,97,5,106,119,4,110,111,110,101,119,4,110,111,110,101,116,0,0,0,0,108,0,0,0,1,104,5,119,6,99,108,97,117,115,101,97,1,108,0,0,0,1,104,3,119,3,118,97,114,97,1,119,1,89,106,106,108,0,0,0,1,104,5,119,2,111,112,97,1,119,1,43,104,3,119,3,118,97,114,97,1,119,1,88,104,3,119,3,118,97,114,97,1,119,1,89,106,106];
+
+    #[test]
+    fn real_fun_validates_and_lying_fun_fields_do_not() {
+        assert_eq!(validate(REAL_FUN, Limits::PAYLOAD), Ok(()));
+        assert_eq!(validate(REAL_FUN, Limits::ENVELOPE), Ok(()));
+        // NumFree inflated to 0xFFFFFFFF: the input eetf answered by allocating 240 GB.
+        let mut huge = REAL_FUN.to_vec();
+        huge[27..31].copy_from_slice(&[0xFF; 4]);
+        assert!(validate(&huge, Limits::ENVELOPE).is_err());
+        // A Size field that disagrees with the contents.
+        let mut lying = REAL_FUN.to_vec();
+        lying[5] = 185;
+        assert!(validate(&lying, Limits::PAYLOAD).is_err());
+        // A distribution tag hidden among the free variables.
+        let mut hidden = REAL_FUN.to_vec();
+        let env_at = REAL_FUN.len() - 1 - 0; // last byte is the NIL ending the free var's list
+        hidden[env_at] = 82;
+        assert!(validate(&hidden, Limits::PAYLOAD).is_err());
     }
 
     #[test]
