@@ -39,6 +39,9 @@
 
 -define(SERVER, pyport_server).
 -define(T2B_OPTS, [{minor_version, 2}]).
+%% Default of the largest request frame (app env max_frame_bytes, passed to the
+%% port program as --max-frame-bytes): 1 GiB.
+-define(MAX_FRAME, (1 bsl 30)).
 -define(SD_TAG, '$pyport_shared_dict').
 -define(IS_HANDLE(SD), (tuple_size(SD) =:= 4 andalso element(1, SD) =:= ?SD_TAG
                         andalso is_integer(element(2, SD))
@@ -325,6 +328,19 @@ request(Id, Frame, Timeout) ->
 -spec request_msg(pos_integer(), tuple(), timeout()) ->
           {ok, binary()} | {error, error_reason()}.
 request_msg(Id, Msg, Timeout) ->
+    Size = byte_size(element(3, Msg)),
+    case application:get_env(pyport, max_frame_bytes, ?MAX_FRAME) of
+        Max when is_integer(Max), Size > Max ->
+            %% The port program treats a longer frame as a corrupt stream and
+            %% exits: refuse it here, before it costs other callers their requests.
+            {error, {request_too_large, Size, Max}};
+        _ ->
+            send_request(Id, Msg, Timeout)
+    end.
+
+-spec send_request(pos_integer(), tuple(), timeout()) ->
+          {ok, binary()} | {error, error_reason()}.
+send_request(Id, Msg, Timeout) ->
     try
         gen_server:call(?SERVER, Msg, Timeout)
     catch

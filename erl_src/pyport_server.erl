@@ -349,7 +349,8 @@ start_port(#state{gen = Gen} = State) ->
                           {abandon_after_ms, "--abandon-after-ms"},
                           {max_abandoned_workers, "--max-abandoned"},
                           {oom_score_adj, "--oom-score-adj"},
-                          {max_memory_bytes, "--max-memory-bytes"}]),
+                          {max_memory_bytes, "--max-memory-bytes"},
+                          {max_frame_bytes, "--max-frame-bytes"}]),
     try erlang:open_port({spawn_executable, Exe},
                          [{packet, 4}, binary, exit_status, use_stdio, hide,
                           {args, Args}]) of

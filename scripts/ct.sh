@@ -4,7 +4,7 @@
 set -uo pipefail
 logdir=$1; shift
 out=$(mktemp)
-ct_run -noshell -pa "$PWD/ebin" -dir ct_suites -logdir "$logdir" "$@" 2>&1 | tee "$out"
+ct_run -noshell -sname "pyport_ct_$$" -pa "$PWD/ebin" -dir ct_suites -logdir "$logdir" "$@" 2>&1 | tee "$out"
 rc=${PIPESTATUS[0]}
 line=$(grep -E 'TEST COMPLETE' "$out" | tail -n 1)
 passed=$(sed -nE 's/.* ([0-9]+) ok.*/\1/p' <<<"$line")
