@@ -83,8 +83,8 @@ def main(argv):
         if med:
             a2.errorbar([conc[i] for i in keep], med, yerr=err, marker="o", color=color, capsize=3,
                         label=label)
-    hline(a2, "cat_cps", "cat port, sequential", "--")
-    f = figs.get("cat_cps")
+    hline(a2, "cat_alone_cps", "cat port alone, sequential", "--")
+    f = figs.get("cat_alone_cps")
     if f and f["median"] is not None:
         a2.axhline(1.5 * f["median"], linestyle=":", color="tab:blue", linewidth=1,
                    label="target for 64 sqrt callers: 1.5x cat port")
@@ -126,7 +126,7 @@ def main(argv):
         if med:
             a4.bar([x[i] + off for i in keep], med, width, yerr=err, capsize=3, color=color,
                    label=label)
-    hline(a4, "cat_cps", "cat port, sequential", "--")
+    hline(a4, "cat_alone_cps", "cat port alone, sequential", "--")
     a4.set_yscale("log")
     a4.set_xticks(x, [str(n) for n in sweep])
     a4.set_xlabel("workers (workers = max_workers)")

@@ -144,13 +144,25 @@ round_(R, O, Default, Payloads, Gs) ->
     case_(sequential,
           fun() ->
                   Cat = cat_open(),
+                  Raw = raw_open(),
                   Fs = [{cat, fun() -> cat_echo(Cat, SqrtFrame) end},
                         {gen_call, fun() -> pong = gen_server:call(Gs, ping) end},
+                        {raw_sqrt, fun() -> raw_sqrt(Raw) end},
                         {sqrt, fun sqrt_call/0},
                         {eval, fun() -> {ok, 13} = py:eval(<<"x * x + y">>, #{x => 3, y => 4}) end}]
                       ++ [{fid("sd1_~s", [Op]), F} || SD =/= undefined, {Op, F} <- sd_ops(SD, Nmap1k)],
                   lists:append([seq3(Name, St) || {Name, St} <- interleaved(O, seq, Fs)])
           end),
+    %% The cat port alone, as the prototype measured it: the calls/s that the
+    %% concurrency figures are compared with (in the interleaved case above,
+    %% its first calls after a block of Python calls are slower).
+    case_(cat_alone, fun() ->
+                             Cat = cat_open(),
+                             [{cat_alone, St}] =
+                                 interleaved(O, seq, [{cat_alone,
+                                                       fun() -> cat_echo(Cat, SqrtFrame) end}]),
+                             seq3(cat_alone, St)
+                     end),
     %% Concurrency, default pool.
     [case_({conc_sqrt, K}, fun() -> conc_figs(sqrt, K, conc(K, O, fun sqrt_call/0)) end)
      || K <- ?CONC],
@@ -415,6 +427,37 @@ cat_start() ->
     cat_close(P),
     (T1 - T0) / 1.0e6.
 
+%% A second port program driven directly, without py and pyport_server: what
+%% the API layer costs on top of the port itself.
+raw_open() ->
+    Args = ["--generation", "999999", "--workers", "1", "--max-workers", "1"],
+    P = open_port({spawn_executable, pyport_server:executable()},
+                  [{packet, 4}, binary, exit_status, use_stdio, hide, {args, Args}]),
+    raw_ready(P).
+
+raw_ready(P) ->
+    receive
+        {P, {data, B}} ->
+            case binary_to_term(B) of
+                {pyport_ready, _} -> P;
+                _ -> raw_ready(P)
+            end;
+        {P, {exit_status, St}} -> erlang:error({raw_port_exit, St})
+    after 10000 -> erlang:error(raw_port_not_ready)
+    end.
+
+raw_sqrt(P) ->
+    Id = erlang:unique_integer([positive, monotonic]),
+    Payload = term_to_binary({[2.0], #{}}, ?T2B),
+    true = port_command(P, term_to_binary({call, Id, self(), <<"math">>, <<"sqrt">>, Payload},
+                                          ?T2B)),
+    receive
+        {P, {data, B}} ->
+            {Id, ok, Res} = binary_to_term(B),
+            ?SQRT2 = binary_to_term(Res)
+    after 10000 -> erlang:error(raw_port_timeout)
+    end.
+
 init([]) -> {ok, nostate}.
 handle_call(ping, _From, S) -> {reply, pong, S}.
 handle_cast(_, S) -> {noreply, S}.
@@ -558,8 +601,11 @@ figures() ->
      {rss_after_kib, rss, "port RSS, after the round", "KiB", rss_idle_kib},
      {cat_p50_us, baseline, "cat port {packet,4} p50 (sqrt frame)", "us", none},
      {cat_p99_us, baseline, "cat port p99", "us", none},
-     {cat_cps, baseline, "cat port sequential", "calls/s", none},
+     {cat_cps, baseline, "cat port sequential (interleaved)", "calls/s", none},
+     {cat_alone_p50_us, baseline, "cat port alone p50", "us", none},
+     {cat_alone_cps, baseline, "cat port alone sequential", "calls/s", none},
      {gen_call_p50_us, baseline, "gen_server:call p50", "us", none},
+     {raw_sqrt_p50_us, sequential, "raw port frames (no py/server) sqrt p50", "us", cat_p50_us},
      {sqrt_p50_us, sequential, "py:call math.sqrt p50", "us", cat_p50_us},
      {sqrt_p99_us, sequential, "py:call math.sqrt p99", "us", cat_p99_us},
      {sqrt_cps, sequential, "py:call math.sqrt sequential", "calls/s", cat_cps},
@@ -567,7 +613,8 @@ figures() ->
      {eval_p99_us, sequential, "py:eval x*x+y p99", "us", cat_p99_us},
      {eval_cps, sequential, "py:eval x*x+y sequential", "calls/s", cat_cps}]
     ++ lists:append(
-         [[{fid("csqrt~b_cps", [K]), concurrency, lbl("sqrt, ~b caller(s)", [K]), "calls/s", cat_cps},
+         [[{fid("csqrt~b_cps", [K]), concurrency, lbl("sqrt, ~b caller(s)", [K]), "calls/s",
+            cat_alone_cps},
            {fid("csqrt~b_p50_us", [K]), concurrency, lbl("sqrt, ~b caller(s) p50", [K]), "us",
             cat_p50_us},
            {fid("csqrt~b_p99_us", [K]), concurrency, lbl("sqrt, ~b caller(s) p99", [K]), "us",
@@ -607,7 +654,7 @@ figures() ->
          [[{fid("w~b_sleep16_cps", [N]), workers, lbl("~b worker(s): sleep 1ms, 16 callers", [N]),
             "calls/s", w1_sleep16_cps},
            {fid("w~b_sqrt64_cps", [N]), workers, lbl("~b worker(s): sqrt, 64 callers", [N]),
-            "calls/s", cat_cps},
+            "calls/s", cat_alone_cps},
            {fid("w~b_startup_ms", [N]), workers, lbl("~b worker(s): start-up", [N]), "ms",
             cat_start_ms}] || N <- ?SWEEP]).
 
