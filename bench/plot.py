@@ -136,10 +136,11 @@ def main(argv):
     a4.legend(fontsize=8)
 
     commit = meta["commit"] + (" + uncommitted changes" if meta.get("dirty") else "")
-    fig.suptitle(f"pyport benchmark — {meta['date']}, commit {commit}, "
+    fig.suptitle(f"pyport benchmark — {meta['date']}, commit {commit}\n"
                  f"{meta['cpu']} ({meta['cores']} cores), OTP {meta['otp']}, Python {meta['python']}, "
-                 f"{meta['rounds']} round(s); medians, bars = min..max over rounds", fontsize=10)
-    fig.tight_layout(rect=(0, 0, 1, 0.96))
+                 f"{meta['rounds']} round(s); points = medians, bars = min..max over rounds",
+                 fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
     fig.savefig(out, dpi=110)
     print(f"chart: {out}")
     if os.path.basename(src) == "latest.json" and len(argv) <= 2:
