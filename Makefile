@@ -49,6 +49,7 @@ test: all
 	$(MAKE) --no-print-directory pytest || rc=1; \
 	$(MAKE) --no-print-directory ct || rc=1; \
 	$(MAKE) --no-print-directory dialyzer || rc=1; \
+	$(MAKE) --no-print-directory bench-smoke || rc=1; \
 	exit $$rc
 
 cargo-test:
@@ -80,3 +81,4 @@ test-matrix:
 	@bash scripts/test_matrix.sh
 include bench/bench.mk
 include fuzz.mk
+include soak.mk
