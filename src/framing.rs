@@ -1,7 +1,11 @@
 //! `{packet, 4}` framing: a 4-byte big-endian length, then the body.
 
-use crossbeam_channel::Receiver;
+use crossbeam_channel::{unbounded, Receiver, Sender};
+use parking_lot::Mutex;
+use std::fs::File;
 use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::sync::Arc;
+use std::thread;
 
 #[derive(Debug)]
 pub enum ReadError {
@@ -55,17 +59,63 @@ pub enum Outgoing {
     Exit(i32),
 }
 
-/// Writes frames as they come, flushing once per burst (when the queue runs dry), so a
-/// pipelined load costs one `write(2)` per burst rather than per reply.
-pub fn writer_loop(rx: Receiver<Outgoing>, out: impl Write) {
-    let mut w = BufWriter::with_capacity(64 * 1024, out);
+type SharedWriter = Arc<Mutex<BufWriter<File>>>;
+
+/// Where every thread sends its frames. Two ways out, one stream:
+/// * [`Outbox::send`] queues for the writer thread, which flushes once per burst, so a
+///   pipelined load costs one `write(2)` per burst rather than per reply;
+/// * [`Outbox::send_now`] writes and flushes on the calling thread, saving the hand-off to
+///   the writer (a thread wake-up, several microseconds) when nothing else is waiting. It
+///   may block on the pipe, so it must never be called while attached to Python.
+#[derive(Clone)]
+pub struct Outbox {
+    queue: Sender<Outgoing>,
+    direct: SharedWriter,
+}
+
+impl Outbox {
+    /// Creates the outbox and starts the writer thread on `out`.
+    pub fn start(out: File) -> io::Result<Outbox> {
+        let (queue, rx) = unbounded();
+        let direct: SharedWriter = Arc::new(Mutex::new(BufWriter::with_capacity(64 * 1024, out)));
+        let w = direct.clone();
+        thread::Builder::new().name("pyport-writer".into()).spawn(move || writer_loop(rx, w))?;
+        Ok(Outbox { queue, direct })
+    }
+
+    pub fn send(&self, frame: Vec<u8>) {
+        // The writer thread lives as long as the process.
+        let _ = self.queue.send(Outgoing::Frame(frame));
+    }
+
+    pub fn send_now(&self, frame: &[u8]) {
+        let mut w = self.direct.lock();
+        if write_frame(&mut *w, frame).and_then(|_| w.flush()).is_err() {
+            // Erlang closed the port or died: nothing left to serve.
+            crate::shutdown::exit_now(0);
+        }
+    }
+
+    /// Queues a log frame for Erlang's logger.
+    pub fn log(&self, level: &str, source: &str, message: &[u8]) {
+        self.send(crate::protocol::log_frame(level, source, message));
+    }
+
+    /// Asks the writer to flush what is queued and exit the process with `code`.
+    pub fn exit(&self, code: i32) {
+        let _ = self.queue.send(Outgoing::Exit(code));
+    }
+}
+
+fn writer_loop(rx: Receiver<Outgoing>, out: SharedWriter) {
     let mut exit_code = None;
     'outer: while let Ok(first) = rx.recv() {
+        let mut w = out.lock();
         let mut next = Some(first);
         while let Some(msg) = next.take() {
             match msg {
                 Outgoing::Frame(body) => {
-                    if write_frame(&mut w, &body).is_err() {
+                    if write_frame(&mut *w, &body).is_err() {
                         break 'outer;
                     }
                 }
@@ -80,7 +130,7 @@ pub fn writer_loop(rx: Receiver<Outgoing>, out: impl Write) {
             break;
         }
     }
-    let _ = w.flush();
+    let _ = out.lock().flush();
     // The reader end is gone (Erlang closed the port or died) or an exit was requested.
     crate::shutdown::exit_now(exit_code.unwrap_or(0));
 }

@@ -23,12 +23,12 @@ mod stdio;
 
 use crate::config::Config;
 use crate::exec::{Interp, Mode};
-use crate::framing::{FrameReader, Outgoing, ReadError};
+use crate::framing::{FrameReader, Outbox, ReadError};
 use crate::pool::{Job, Pool, PoolConfig};
 use crate::protocol::Request;
 use crate::registry::Registry;
 use crate::shared_dict::PickleJob;
-use crossbeam_channel::{unbounded, Sender};
+use crossbeam_channel::Sender;
 use std::sync::Arc;
 use std::thread;
 
@@ -59,22 +59,26 @@ fn main() {
             std::process::exit(EXIT_IO);
         }
     };
-    let (out_tx, out_rx) = unbounded::<Outgoing>();
-    let output = proto.output;
-    spawn("pyport-writer", move || framing::writer_loop(out_rx, output));
+    let out_tx = match Outbox::start(proto.output) {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("pyport: cannot start the writer: {e}");
+            std::process::exit(EXIT_IO);
+        }
+    };
     if let Err(e) = stdio::start_drains(captured, out_tx.clone()) {
         fatal(&out_tx, EXIT_IO, &format!("cannot start output drains: {e}"));
     }
 
     for warning in limits::apply(cfg.oom_score_adj, cfg.max_memory) {
-        let _ = out_tx.send(Outgoing::Frame(protocol::log_frame("warning", "pyport", warning.as_bytes())));
+        out_tx.log("warning", "pyport", warning.as_bytes());
     }
     pymodule::install_registry(Arc::new(Registry::new(cfg.generation)));
     if let Err(e) = python::initialize(&python::Settings::from_env()) {
         fatal(&out_tx, EXIT_PYTHON_INIT, &e);
     }
     if let Err(e) = python::raise_recursion_limit() {
-        let _ = out_tx.send(Outgoing::Frame(protocol::log_frame("warning", "pyport", e.as_bytes())));
+        out_tx.log("warning", "pyport", e.as_bytes());
     }
     let router = match Router::start(&cfg, out_tx.clone()) {
         Ok(r) => r,
@@ -98,18 +102,11 @@ fn main() {
     }
 }
 
-fn spawn(name: &str, f: impl FnOnce() + Send + 'static) {
-    if let Err(e) = thread::Builder::new().name(name.into()).spawn(f) {
-        eprintln!("pyport: cannot start thread {name}: {e}");
-        std::process::exit(EXIT_IO);
-    }
-}
-
 /// Logs the reason through the protocol (the Erlang side logs it), then lets the writer
 /// flush and exit with `code`.
-fn fatal(out: &Sender<Outgoing>, code: i32, msg: &str) -> ! {
-    let _ = out.send(Outgoing::Frame(protocol::log_frame("error", "pyport", msg.as_bytes())));
-    let _ = out.send(Outgoing::Exit(code));
+fn fatal(out: &Outbox, code: i32, msg: &str) -> ! {
+    out.log("error", "pyport", msg.as_bytes());
+    out.exit(code);
     // The writer exits the process; if it is gone, exit ourselves.
     thread::sleep(std::time::Duration::from_secs(2));
     shutdown::exit_now(code)
@@ -118,7 +115,7 @@ fn fatal(out: &Sender<Outgoing>, code: i32, msg: &str) -> ! {
 /// Routes decoded requests: Python work to the pool, SharedDict pickling to its thread,
 /// everything else answered right here without the GIL.
 struct Router {
-    out: Sender<Outgoing>,
+    out: Outbox,
     pool: Arc<Pool>,
     interp: Arc<Interp>,
     pickler: Sender<PickleJob>,
@@ -126,7 +123,7 @@ struct Router {
 }
 
 impl Router {
-    fn start(cfg: &Config, out: Sender<Outgoing>) -> std::io::Result<Router> {
+    fn start(cfg: &Config, out: Outbox) -> std::io::Result<Router> {
         let interp = Arc::new(Interp::new());
         let pool_cfg = PoolConfig {
             hot: cfg.workers,
@@ -142,7 +139,7 @@ impl Router {
     }
 
     fn send(&self, frame: Vec<u8>) {
-        let _ = self.out.send(Outgoing::Frame(frame));
+        self.out.send(frame);
     }
 
     fn route(&self, frame: &[u8]) {

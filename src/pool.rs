@@ -14,7 +14,7 @@
 //!   under the GIL), and any pending one is cleared before the worker's next request.
 
 use crate::exec::{Frame, Interp, Mode};
-use crate::framing::Outgoing;
+use crate::framing::Outbox;
 use crate::protocol::{self, atom, binary, tuple, Owner};
 use crate::pymodule::CallCancelled;
 use crossbeam_channel::{bounded, unbounded, Receiver, RecvTimeoutError, Sender};
@@ -88,7 +88,7 @@ struct Tracking {
 pub struct Pool {
     jobs_tx: Sender<Job>,
     jobs_rx: Receiver<Job>,
-    out: Sender<Outgoing>,
+    out: Outbox,
     interp: Arc<Interp>,
     cfg: PoolConfig,
     total: AtomicUsize,
@@ -108,7 +108,7 @@ pub struct PoolStats {
 
 impl Pool {
     /// Creates the pool and starts its hot workers, the spare manager and the canceller.
-    pub fn start(cfg: PoolConfig, interp: Arc<Interp>, out: Sender<Outgoing>) -> std::io::Result<Arc<Pool>> {
+    pub fn start(cfg: PoolConfig, interp: Arc<Interp>, out: Outbox) -> std::io::Result<Arc<Pool>> {
         let (jobs_tx, jobs_rx) = unbounded();
         let (kick_tx, kick_rx) = bounded(1);
         let (cancel_tx, cancel_rx) = unbounded();
@@ -191,9 +191,14 @@ impl Pool {
         Python::attach(|py| {
             // SAFETY: plain query of the current thread's id.
             let slot = Arc::new(Slot { ident: unsafe { ffi::PyThread_get_thread_ident() } });
+            let mut reply: Option<Frame> = None;
             loop {
                 self.idle.fetch_add(1, Ordering::AcqRel);
                 let job = py.detach(|| {
+                    // The reply goes out here, detached: writing may block on the pipe.
+                    if let Some(frame) = reply.take() {
+                        self.deliver(frame);
+                    }
                     if hot {
                         self.jobs_rx.recv().ok()
                     } else {
@@ -207,11 +212,23 @@ impl Pool {
                 if idle_now == 0 && !self.jobs_rx.is_empty() {
                     let _ = self.kick_tx.try_send(());
                 }
-                let frame = self.run_tracked(py, &slot, &job);
-                let _ = self.out.send(Outgoing::Frame(frame));
+                reply = Some(self.run_tracked(py, &slot, &job));
+            }
+            if let Some(frame) = reply.take() {
+                self.out.send(frame);
             }
         });
         self.total.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// With no other work waiting, latency wins: write the reply on this thread. Under load,
+    /// queue it, so that the writer batches replies into few writes.
+    fn deliver(&self, frame: Frame) {
+        if self.jobs_rx.is_empty() {
+            self.out.send_now(&frame);
+        } else {
+            self.out.send(frame);
+        }
     }
 
     fn run_tracked(&self, py: Python<'_>, slot: &Arc<Slot>, job: &Job) -> Frame {
@@ -312,12 +329,12 @@ impl Pool {
             self.cfg.abandon_after.as_millis(),
             self.cfg.max_abandoned
         );
-        let _ = self.out.send(Outgoing::Frame(protocol::log_frame("warning", "pyport", msg.as_bytes())));
+        self.out.log("warning", "pyport", msg.as_bytes());
         // Only a full house of stuck workers warrants a restart.
         if abandoned > self.cfg.max_abandoned {
             let msg = format!("{abandoned} workers are stuck in code that ignores cancellation: restarting the port");
-            let _ = self.out.send(Outgoing::Frame(protocol::log_frame("error", "pyport", msg.as_bytes())));
-            let _ = self.out.send(Outgoing::Exit(EXIT_STUCK_WORKERS));
+            self.out.log("error", "pyport", msg.as_bytes());
+            self.out.exit(EXIT_STUCK_WORKERS);
         }
         if self.idle.load(Ordering::Acquire) == 0 && !self.jobs_rx.is_empty() {
             let _ = self.kick_tx.try_send(());

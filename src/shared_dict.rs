@@ -7,7 +7,7 @@
 use crate::convert;
 use crate::etf;
 use crate::exec::{failure_reason, Failure, Frame};
-use crate::framing::Outgoing;
+use crate::framing::Outbox;
 use crate::pool::PYTHON_THREAD_STACK;
 use crate::protocol::{self, atom, Handle};
 use crate::pymodule::{pickle_dumps, pickle_loads, registry};
@@ -68,17 +68,28 @@ pub fn give_away(id: u64, handle: &Handle, owner: protocol::Owner) -> Frame {
 }
 
 /// Starts the thread that serves `get`/`set` and returns its queue.
-pub fn start_pickler(out: Sender<Outgoing>) -> std::io::Result<Sender<PickleJob>> {
+pub fn start_pickler(out: Outbox) -> std::io::Result<Sender<PickleJob>> {
     let (tx, rx) = unbounded::<PickleJob>();
     thread::Builder::new().name("pyport-shared-dict".into()).stack_size(PYTHON_THREAD_STACK).spawn(move || {
-        Python::attach(|py| loop {
-            let Some(job) = py.detach(|| rx.recv().ok()) else { break };
-            let frame = match job {
-                PickleJob::Get { id, handle, key } => get(py, id, &handle, &key),
-                PickleJob::Set { id, handle, key, payload } => set(py, id, &handle, &key, &payload),
-            };
-            if out.send(Outgoing::Frame(frame)).is_err() {
-                break;
+        Python::attach(|py| {
+            let mut reply: Option<Frame> = None;
+            loop {
+                let job = py.detach(|| {
+                    // Written here, detached, as the pool's workers do.
+                    if let Some(frame) = reply.take() {
+                        if rx.is_empty() {
+                            out.send_now(&frame);
+                        } else {
+                            out.send(frame);
+                        }
+                    }
+                    rx.recv().ok()
+                });
+                let Some(job) = job else { break };
+                reply = Some(match job {
+                    PickleJob::Get { id, handle, key } => get(py, id, &handle, &key),
+                    PickleJob::Set { id, handle, key, payload } => set(py, id, &handle, &key, &payload),
+                });
             }
         })
     })?;

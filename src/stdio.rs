@@ -7,9 +7,7 @@
 //! thread reads continuously, so a flood of output never blocks Python; lines are truncated
 //! and rate limited, and what is dropped is counted and reported, never lost silently.
 
-use crate::framing::Outgoing;
-use crate::protocol;
-use crossbeam_channel::Sender;
+use crate::framing::Outbox;
 use std::fs::File;
 use std::io::{self, Read};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -80,7 +78,7 @@ pub fn take_over() -> io::Result<(Protocol, Captured)> {
 }
 
 /// Starts one drain thread per captured stream.
-pub fn start_drains(captured: Captured, out: Sender<Outgoing>) -> io::Result<()> {
+pub fn start_drains(captured: Captured, out: Outbox) -> io::Result<()> {
     let out2 = out.clone();
     thread::Builder::new()
         .name("pyport-stdout".into())
@@ -94,14 +92,14 @@ pub fn start_drains(captured: Captured, out: Sender<Outgoing>) -> io::Result<()>
 struct Drain {
     level: &'static str,
     source: &'static str,
-    out: Sender<Outgoing>,
+    out: Outbox,
     tokens: f64,
     refilled: Instant,
     suppressed: u64,
 }
 
 impl Drain {
-    fn new(level: &'static str, source: &'static str, out: Sender<Outgoing>) -> Self {
+    fn new(level: &'static str, source: &'static str, out: Outbox) -> Self {
         Drain { level, source, out, tokens: BURST, refilled: Instant::now(), suppressed: 0 }
     }
 
@@ -193,7 +191,7 @@ impl Drain {
     }
 
     fn send(&self, level: &str, source: &str, msg: &[u8]) {
-        let _ = self.out.send(Outgoing::Frame(protocol::log_frame(level, source, msg)));
+        self.out.log(level, source, msg);
     }
 }
 
