@@ -1,0 +1,544 @@
+%% Soak (issue 4, item 7): mixed concurrent calls, SharedDict traffic from
+%% Erlang and from Python threads, owner processes dying, and the port
+%% program SIGKILLed every 15 s, for PYPORT_SOAK_SECONDS (default 120; `make
+%% soak' runs 600). At the end:
+%%
+%% - every call was answered: calls issued = calls answered, and every load
+%%   process finished;
+%% - no acknowledged SharedDict write was lost on a live port: each writer
+%%   reads back all its acknowledged keys while its dict's port generation is
+%%   current; a missing or wrong value is a loss, a `shared_dict_destroyed'
+%%   for a dict whose generation is still current is a loss too;
+%% - py:stats() `dicts' and `namespaces' are back to their baseline once the
+%%   owners are dead;
+%% - the port's RSS (VmRSS) in the kill-free tail of the run, after a 10 s
+%%   warm-up, grows by at most 64 MiB, and never exceeds 1 GiB.
+%%
+%% Counts and measurements are printed with ct:pal ("soak: ...").
+-module(soak_SUITE).
+
+-include_lib("common_test/include/ct.hrl").
+-include_lib("stdlib/include/assert.hrl").
+
+-compile([export_all, nowarn_export_all]).
+
+-import(pyport_ct_lib, [now_ms/0, wait_until/3]).
+
+-define(SERVER, pyport_server).
+-define(KILL_EVERY_MS, 15000).
+-define(WARMUP_MS, 10000).
+-define(RSS_GROWTH_MAX, (64 bsl 20)).
+-define(RSS_MAX, (1 bsl 30)).
+-define(CALLERS, 6).
+-define(WRITERS, 3).
+-define(CHURNERS, 2).
+-define(KEYS_PER_DICT, 400).
+
+%% counters
+-define(ISSUED, 1).
+-define(ANSWERED, 2).
+-define(OK, 3).
+-define(WRONG, 4).
+-define(PORT_ERRORS, 5).
+-define(ACKED, 6).
+-define(VERIFIED, 7).
+-define(LOST, 8).
+-define(DESTROYED_SEEN, 9).
+-define(SD_TIMEOUTS, 10).
+-define(OWNERS, 11).
+-define(OWNERS_KILLED, 12).
+-define(PY_THREADS, 13).
+-define(PY_REGRESSIONS, 14).
+-define(DICTS_CYCLED, 15).
+-define(PY_WRITES_SEEN, 16).
+-define(NCOUNTERS, 16).
+
+suite() ->
+    [{timetrap, {seconds, soak_seconds() + 300}}].
+
+all() ->
+    [soak].
+
+init_per_suite(Config) ->
+    _ = pyport_ct_lib:start_app(),
+    Config.
+
+end_per_suite(_Config) ->
+    pyport_ct_lib:stop_app().
+
+soak_seconds() ->
+    case os:getenv("PYPORT_SOAK_SECONDS") of
+        false -> 120;
+        S -> max(20, list_to_integer(string:trim(S)))
+    end.
+
+%%--------------------------------------------------------------------
+
+soak(_Config) ->
+    ok = pyport_ct_lib:restart_app(),
+    Seconds = soak_seconds(),
+    #{dicts := Dicts0, namespaces := Ns0} = pyport_ct_lib:stats(),
+    C = counters:new(?NCOUNTERS, [write_concurrency]),
+    T0 = now_ms(),
+    Deadline = T0 + Seconds * 1000,
+    %% no kills in the last quarter (at least 20 s): leaks and RSS are judged there
+    KillUntil = Deadline - max(20000, Seconds * 250),
+    Wrong = spawn_link(fun() -> wrong_log([]) end),
+    Load = [spawn_monitor(fun() -> caller(Deadline, C, Wrong) end)
+            || _ <- lists:seq(1, ?CALLERS)]
+        ++ [spawn_monitor(fun() -> writer(N, Deadline, C, Wrong) end)
+            || N <- lists:seq(1, ?WRITERS)]
+        ++ [spawn_monitor(fun() -> churner(Deadline, C) end)
+            || _ <- lists:seq(1, ?CHURNERS)],
+    Killer = spawn_link(fun() -> killer(T0 + ?KILL_EVERY_MS, KillUntil, []) end),
+    Rss = spawn_link(fun() -> rss_sampler([]) end),
+    %% every load process finishes (a hung call would keep it alive)
+    Unfinished = [{Pid, Why} || {Pid, Ref} <- Load,
+                                Why <- [receive {'DOWN', Ref, process, Pid, R} -> R
+                                        after max(0, Deadline + 60000 - now_ms()) -> hung
+                                        end],
+                                Why =/= normal],
+    Kills = stop(Killer),
+    Samples = stop(Rss),
+    WrongList = stop(Wrong),
+    ElapsedS = (now_ms() - T0) / 1000,
+    %% leaks: all owners are dead now
+    Final = baseline(Dicts0, Ns0, now_ms() + 10000),
+    Count = fun(I) -> counters:get(C, I) end,
+    Names = [issued, answered, ok, wrong, port_errors, sd_acked_writes, sd_verified_reads,
+             sd_lost, sd_destroyed_seen, sd_timeouts, owners, owners_killed,
+             python_threads, python_counter_regressions, dicts_cycled, python_writes_seen],
+    Totals = maps:from_list(lists:zip(Names, [Count(I) || I <- lists:seq(1, ?NCOUNTERS)])),
+    ct:pal("soak: ~b s (~.1f s elapsed), ~b port kills, ~b answered calls/s: ~999p",
+           [Seconds, ElapsedS, length(Kills), round(Count(?ANSWERED) / ElapsedS), Totals]),
+    ct:pal("soak: baseline dicts ~b, namespaces ~b; final stats ~999p",
+           [Dicts0, Ns0, Final]),
+    {RssReport, RssOk} = rss_report(Samples, lists:max([T0 | Kills])),
+    ct:pal("soak: port RSS ~ts", [RssReport]),
+    ct:pal("soak: wrong results (first 20): ~999p", [WrongList]),
+    %% every check is evaluated and reported before the case fails
+    Checks = [{every_load_process_finished, Unfinished =:= [], Unfinished},
+              {every_call_answered, Count(?ISSUED) =:= Count(?ANSWERED),
+               {Count(?ISSUED), Count(?ANSWERED)}},
+              {no_wrong_results, Count(?WRONG) =:= 0, Count(?WRONG)},
+              {no_lost_acknowledged_writes, Count(?LOST) =:= 0, Count(?LOST)},
+              {python_counters_never_went_back, Count(?PY_REGRESSIONS) =:= 0,
+               Count(?PY_REGRESSIONS)},
+              {dicts_back_to_baseline, maps:get(dicts, Final) =:= Dicts0,
+               {maps:get(dicts, Final), Dicts0}},
+              {namespaces_back_to_baseline, maps:get(namespaces, Final) =:= Ns0,
+               {maps:get(namespaces, Final), Ns0}},
+              {rss_within_bounds, RssOk, lists:flatten(RssReport)},
+              {writes_were_verified, Count(?VERIFIED) > 0, Count(?VERIFIED)},
+              {python_threads_wrote, Count(?PY_WRITES_SEEN) > 0, Count(?PY_WRITES_SEEN)},
+              {owners_churned, Count(?OWNERS) > 0, Count(?OWNERS)},
+              {port_was_killed, Kills =/= [], length(Kills)}],
+    ?assertEqual([], [{Name, Detail} || {Name, false, Detail} <- Checks]),
+    ok.
+
+%% Polls py:stats() until dicts and namespaces are back to their baseline, or
+%% the deadline passes; returns the last stats either way (checked by the caller).
+baseline(Dicts0, Ns0, Deadline) ->
+    case pyport_ct_lib:stats() of
+        #{dicts := Dicts0, namespaces := Ns0} = S -> S;
+        S ->
+            case now_ms() > Deadline of
+                true -> S;
+                false ->
+                    timer:sleep(100),
+                    baseline(Dicts0, Ns0, Deadline)
+            end
+    end.
+
+stop(Pid) ->
+    Pid ! {stop, self()},
+    receive {stopped, Pid, V} -> V
+    after 30000 -> ct:fail({did_not_stop, Pid})
+    end.
+
+%% Collects the first 20 wrong results (details for the report).
+wrong_log(Acc) ->
+    receive
+        {wrong, W} when length(Acc) < 20 -> wrong_log([W | Acc]);
+        {wrong, _} -> wrong_log(Acc);
+        {stop, From} -> From ! {stopped, self(), lists:reverse(Acc)}
+    end.
+
+wrong(Wrong, C, What) ->
+    counters:add(C, ?WRONG, 1),
+    Wrong ! {wrong, What},
+    ok.
+
+%%--------------------------------------------------------------------
+%% Callers: mixed calls, each checked
+
+caller(Deadline, C, Wrong) ->
+    case now_ms() < Deadline of
+        false -> ok;
+        true ->
+            op(rand:uniform(100), C, Wrong),
+            caller(Deadline, C, Wrong)
+    end.
+
+%% Runs one call and classifies its result: Check(Result) is true for a
+%% correct answer.
+checked(C, Wrong, What, Fun, Check) ->
+    counters:add(C, ?ISSUED, 1),
+    R = Fun(),
+    counters:add(C, ?ANSWERED, 1),
+    case R of
+        {error, {pyport_exit, _}} -> counters:add(C, ?PORT_ERRORS, 1);
+        {error, {pyport_unavailable, _}} -> counters:add(C, ?PORT_ERRORS, 1);
+        _ ->
+            case Check(R) of
+                true -> counters:add(C, ?OK, 1);
+                false -> wrong(Wrong, C, {What, R})
+            end
+    end,
+    R.
+
+op(N, C, Wrong) when N =< 35 ->
+    X = rand:uniform(1000000),
+    checked(C, Wrong, sqrt, fun() -> py:call(math, sqrt, [X]) end,
+            fun(R) -> R =:= {ok, math:sqrt(X)} end);
+op(N, C, Wrong) when N =< 55 ->
+    A = rand:uniform(1000), B = rand:uniform(1000), S = rand:bytes(rand:uniform(100)),
+    checked(C, Wrong, eval,
+            fun() -> py:eval(<<"a * b + len(s)">>, #{a => A, b => B, s => py:bytes(S)}) end,
+            fun(R) -> R =:= {ok, A * B + byte_size(S)} end);
+op(N, C, Wrong) when N =< 70 ->
+    X = rand:uniform(1000),
+    Gen = pyport_server:generation(),
+    case checked(C, Wrong, exec,
+                 fun() -> py:exec(<<"def soak_f(x):\n    return [x, x * 2]\n">>) end,
+                 fun(R) -> R =:= ok end) of
+        ok ->
+            checked(C, Wrong, namespace_call,
+                    fun() -> py:call('__main__', soak_f, [X]) end,
+                    fun({ok, V}) -> V =:= [X, X * 2];
+                       %% only a restart between exec and call may empty the namespace
+                       ({error, {python, 'NameError', _, _}}) ->
+                            pyport_server:generation() =/= Gen;
+                       (_) -> false
+                    end);
+        _ ->
+            ok
+    end;
+op(N, C, Wrong) when N =< 78 ->
+    checked(C, Wrong, exception, fun() -> py:eval(<<"1 / 0">>) end,
+            fun({error, {python, 'ZeroDivisionError', _, _}}) -> true;
+               (_) -> false
+            end);
+op(N, C, Wrong) when N =< 84 ->
+    checked(C, Wrong, timeout_sleep,
+            fun() -> py:eval(<<"__import__('time').sleep(0.3)">>, #{}, 50) end,
+            fun(R) -> R =:= {error, timeout} end);
+op(N, C, Wrong) when N =< 88 ->
+    checked(C, Wrong, timeout_loop,
+            fun() -> py:exec(<<"while True:\n    pass\n">>, #{}, 50) end,
+            fun(R) -> R =:= {error, timeout} end);
+op(N, C, Wrong) when N =< 94 ->
+    Bin = rand:bytes(100000),
+    checked(C, Wrong, big, fun() -> py:call(builtins, bytes, [py:bytes(Bin)]) end,
+            fun(R) -> R =:= {ok, Bin} end);
+op(_, C, Wrong) ->
+    checked(C, Wrong, print,
+            fun() -> py:exec(<<"print('soak output line')">>) end,
+            fun(R) -> R =:= ok end).
+
+%%--------------------------------------------------------------------
+%% SharedDict writers: acknowledged writes are read back; a Python thread
+%% writes into the same dict meanwhile
+
+-define(PUMP, <<"
+import threading, time
+from erlang import SharedDict
+def _soak_pump(h):
+    sd = SharedDict(h)
+    n = 0
+    try:
+        while True:
+            n += 1
+            sd['py'] = n
+            sd['py_%d' % (n % 20)] = n
+            if n % 10 == 0:
+                sd.get('e1')
+                len(sd)
+            time.sleep(0.002)
+    except RuntimeError:
+        return
+threading.Thread(target=_soak_pump, args=(h,), daemon=True).start()
+">>).
+
+writer(Id, Deadline, C, Wrong) ->
+    writer_new_dict(Id, Deadline, C, Wrong).
+
+writer_new_dict(Id, Deadline, C, Wrong) ->
+    case now_ms() < Deadline of
+        false -> ok;
+        true ->
+            try py:shared_dict_new() of
+                {ok, SD} ->
+                    case py:exec(?PUMP, #{h => SD}) of
+                        ok -> counters:add(C, ?PY_THREADS, 1);
+                        _ -> ok
+                    end,
+                    writer_loop(Id, SD, 1, #{}, 0, Deadline, C, Wrong)
+            catch
+                error:{pyport_unavailable, _} ->
+                    timer:sleep(100),
+                    writer_new_dict(Id, Deadline, C, Wrong);
+                error:{pyport_timeout, _} ->
+                    counters:add(C, ?SD_TIMEOUTS, 1),
+                    writer_new_dict(Id, Deadline, C, Wrong)
+            end
+    end.
+
+writer_loop(Id, SD, N, Acked, PyLast, Deadline, C, Wrong) when N > ?KEYS_PER_DICT ->
+    %% full: verify, destroy explicitly (from Erlang), start over
+    case verify(SD, Acked, PyLast, C, Wrong) of
+        {ok, _} ->
+            try
+                ok = py:shared_dict_destroy(SD),
+                py:shared_dict_keys(SD)
+            of
+                Keys -> wrong(Wrong, C, {keys_after_destroy, SD, length(Keys)})
+            catch
+                error:{shared_dict_destroyed, SD} -> counters:add(C, ?DICTS_CYCLED, 1);
+                error:{pyport_timeout, _} -> counters:add(C, ?SD_TIMEOUTS, 1)
+            end;
+        gone ->
+            ok
+    end,
+    writer_new_dict(Id, Deadline, C, Wrong);
+writer_loop(Id, SD, N, Acked, PyLast, Deadline, C, Wrong) ->
+    case now_ms() < Deadline of
+        false ->
+            _ = verify(SD, Acked, PyLast, C, Wrong),
+            ok;
+        true ->
+            Key = <<"e", (integer_to_binary(N))/binary>>,
+            Value = {Id, N, rand:bytes(rand:uniform(64))},
+            Acked1 = try py:shared_dict_set(SD, Key, Value) of
+                         ok ->
+                             counters:add(C, ?ACKED, 1),
+                             Acked#{Key => Value};
+                         Other ->
+                             wrong(Wrong, C, {sd_set, Other}),
+                             Acked
+                     catch
+                         error:{pyport_timeout, _} ->
+                             counters:add(C, ?SD_TIMEOUTS, 1),
+                             Acked;
+                         error:_ ->
+                             gone
+                     end,
+            case Acked1 of
+                gone ->
+                    sd_gone(SD, C, Wrong),
+                    writer_new_dict(Id, Deadline, C, Wrong);
+                _ when N rem 25 =:= 0 ->
+                    case verify(SD, Acked1, PyLast, C, Wrong) of
+                        {ok, PyLast1} ->
+                            writer_loop(Id, SD, N + 1, Acked1, PyLast1, Deadline, C, Wrong);
+                        gone ->
+                            writer_new_dict(Id, Deadline, C, Wrong)
+                    end;
+                _ ->
+                    writer_loop(Id, SD, N + 1, Acked1, PyLast, Deadline, C, Wrong)
+            end
+    end.
+
+%% Reads back every acknowledged key (and the keys list, and the Python
+%% thread's counter, which must never go back). Returns {ok, PyCounter}, or
+%% gone when the dict's port died meanwhile.
+verify(SD, Acked, PyLast, C, Wrong) ->
+    try
+        Keys = py:shared_dict_keys(SD),
+        Missing = maps:keys(Acked) -- Keys,
+        Missing =:= [] orelse lost(C, Wrong, {missing_keys, SD, lists:sublist(Missing, 5)}),
+        maps:foreach(fun(K, V) ->
+                             case py:shared_dict_get(SD, K) of
+                                 V -> counters:add(C, ?VERIFIED, 1);
+                                 Other -> lost(C, Wrong, {SD, K, expected, V, got, Other})
+                             end
+                     end, Acked),
+        Py = py:shared_dict_get(SD, <<"py">>, 0),
+        case Py of
+            0 -> ok;
+            _ when Py < PyLast ->
+                counters:add(C, ?PY_REGRESSIONS, 1),
+                Wrong ! {wrong, {python_counter_went_back, SD, PyLast, Py}};
+            _ ->
+                counters:add(C, ?PY_WRITES_SEEN, 1)
+        end,
+        {ok, max(Py, PyLast)}
+    catch
+        error:{pyport_timeout, _} ->
+            counters:add(C, ?SD_TIMEOUTS, 1),
+            {ok, PyLast};
+        error:_ ->
+            sd_gone(SD, C, Wrong),
+            gone
+    end.
+
+lost(C, Wrong, What) ->
+    counters:add(C, ?LOST, 1),
+    Wrong ! {wrong, {lost, What}},
+    ok.
+
+%% A dict operation raised shared_dict_destroyed or pyport_unavailable: fine
+%% if the dict's port has died; a dict of the live port that vanished is a loss.
+sd_gone({_, Gen, _, _} = SD, C, Wrong) ->
+    counters:add(C, ?DESTROYED_SEEN, 1),
+    %% the generation is bumped when the server sees the exit; give it time
+    Live = fun() -> pyport_server:generation() =:= Gen end,
+    case Live() of
+        true ->
+            timer:sleep(2000),
+            case Live() andalso port_up() of
+                true -> lost(C, Wrong, {destroyed_on_live_port, SD});
+                false -> ok
+            end;
+        false ->
+            ok
+    end.
+
+port_up() ->
+    maps:get(port, gen_server:call(?SERVER, stats)) =:= up.
+
+%%--------------------------------------------------------------------
+%% Owner churn: short-lived processes with a namespace, dicts (one given
+%% away) and Python threads; they exit normally, crash, or are killed mid-call
+
+churner(Deadline, C) ->
+    case now_ms() < Deadline of
+        false -> ok;
+        true ->
+            Self = self(),
+            {Pid, Ref} = spawn_monitor(fun() -> owner(Self) end),
+            counters:add(C, ?OWNERS, 1),
+            receive
+                {busy, Pid} ->
+                    case rand:uniform(3) of
+                        1 -> exit(Pid, kill), counters:add(C, ?OWNERS_KILLED, 1);
+                        _ -> Pid ! finish
+                    end
+            after 10000 -> ok
+            end,
+            receive {'DOWN', Ref, process, Pid, _} -> ok
+            after 60000 -> exit(Pid, kill)
+            end,
+            churner(Deadline, C)
+    end.
+
+owner(Churner) ->
+    try
+        {ok, SD} = py:shared_dict_new(),
+        {ok, SD2} = py:shared_dict_new(),
+        [ok = py:shared_dict_set(SD, integer_to_binary(I), lists:seq(1, I)) || I <- lists:seq(1, 5)],
+        ok = py:exec(<<"data = list(range(1000))\n"
+                       "import threading\n"
+                       "from erlang import SharedDict\n"
+                       "def _owner_thread(h):\n"
+                       "    try:\n"
+                       "        SharedDict(h)['from_thread'] = sum(data)\n"
+                       "    except RuntimeError:\n"
+                       "        pass\n"
+                       "threading.Thread(target=_owner_thread, args=(h,)).start()\n">>,
+                     #{h => SD}),
+        Heir = spawn(fun() -> receive _ -> ok after 200 -> ok end end),
+        ok = py:shared_dict_give_away(SD2, Heir)
+    catch
+        _:_ -> ok
+    end,
+    Churner ! {busy, self()},
+    _ = py:eval(<<"__import__('time').sleep(0.2) or len(data)">>, #{}, 5000),
+    receive finish -> ok after 5000 -> ok end,
+    case rand:uniform(2) of
+        1 -> ok;
+        2 -> exit(crash)
+    end.
+
+%%--------------------------------------------------------------------
+%% Port killer and RSS sampler
+
+%% SIGKILLs the port program every 15 s until KillUntil; returns the kill times.
+killer(Next, KillUntil, Kills) ->
+    receive
+        {stop, From} -> From ! {stopped, self(), lists:reverse(Kills)}
+    after max(0, Next - now_ms()) ->
+            case Next =< KillUntil andalso kill_port() of
+                true -> killer(Next + ?KILL_EVERY_MS, KillUntil, [now_ms() | Kills]);
+                false -> killer(Next + ?KILL_EVERY_MS, KillUntil, Kills)
+            end
+    end.
+
+kill_port() ->
+    case gen_server:call(?SERVER, stats) of
+        #{port := up, os_pid := P} when is_integer(P) ->
+            %% make sure the pid is still our port program before killing it
+            case file:read_file("/proc/" ++ integer_to_list(P) ++ "/cmdline") of
+                {ok, Cmd} ->
+                    case binary:match(Cmd, <<"pyport">>) of
+                        nomatch -> false;
+                        _ ->
+                            _ = os:cmd("kill -9 " ++ integer_to_list(P)),
+                            ct:log("soak: killed port ~b", [P]),
+                            true
+                    end;
+                _ -> false
+            end;
+        _ ->
+            false
+    end.
+
+rss_sampler(Acc) ->
+    receive
+        {stop, From} -> From ! {stopped, self(), lists:reverse(Acc)}
+    after 1000 ->
+            rss_sampler(case rss() of
+                            undefined -> Acc;
+                            {Pid, Bytes} -> [{now_ms(), Pid, Bytes} | Acc]
+                        end)
+    end.
+
+rss() ->
+    case catch gen_server:call(?SERVER, stats, 5000) of
+        #{os_pid := P} when is_integer(P) ->
+            case file:read_file("/proc/" ++ integer_to_list(P) ++ "/status") of
+                {ok, Status} ->
+                    case re:run(Status, "VmRSS:\\s+(\\d+) kB", [{capture, all_but_first, binary}]) of
+                        {match, [Kb]} -> {P, binary_to_integer(Kb) * 1024};
+                        _ -> undefined
+                    end;
+                _ -> undefined
+            end;
+        _ ->
+            undefined
+    end.
+
+%% RSS of the last port (the kill-free tail), after the warm-up: first and
+%% last sample and the peak; plus the peak over the whole run.
+rss_report(Samples, LastKill) ->
+    Peak = lists:max([0 | [B || {_, _, B} <- Samples]]),
+    LastPid = case Samples of [] -> none; _ -> element(2, lists:last(Samples)) end,
+    Tail = [{T, B} || {T, P, B} <- Samples, P =:= LastPid, T >= LastKill + ?WARMUP_MS],
+    case Tail of
+        [{T1, First} | _] ->
+            {T2, Last} = lists:last(Tail),
+            TailPeak = lists:max([B || {_, B} <- Tail]),
+            Growth = TailPeak - First,
+            Report = io_lib:format("tail (~b s after warm-up): ~.1f MiB -> ~.1f MiB "
+                                   "(peak ~.1f MiB, growth ~.1f MiB, bound ~b MiB); "
+                                   "peak over the run ~.1f MiB (bound ~b MiB)",
+                                   [round((T2 - T1) / 1000), mib(First), mib(Last), mib(TailPeak),
+                                    mib(Growth), ?RSS_GROWTH_MAX bsr 20, mib(Peak),
+                                    ?RSS_MAX bsr 20]),
+            {Report, Growth =< ?RSS_GROWTH_MAX andalso Peak =< ?RSS_MAX};
+        [] ->
+            {io_lib:format("no samples after the warm-up (~b samples)", [length(Samples)]),
+             false}
+    end.
+
+mib(B) -> B / (1 bsl 20).
