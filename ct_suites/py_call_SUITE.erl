@@ -83,18 +83,13 @@ init_per_testcase(namespace_freed_on_exit, Config) ->
     Config;
 init_per_testcase(config_from_app_env, Config) ->
     Keys = [workers, max_workers, call_timeout, sys_path, startup_code],
-    Saved = [{K, application:get_env(pyport, K)} || K <- Keys],
+    Saved = pyport_ct_lib:save_env(Keys),
     [{saved_env, Saved} | Config];
 init_per_testcase(_, Config) ->
     Config.
 
 end_per_testcase(config_from_app_env, Config) ->
-    ok = pyport_ct_lib:stop_app(),
-    lists:foreach(fun({K, undefined}) -> application:unset_env(pyport, K);
-                     ({K, {ok, V}}) -> application:set_env(pyport, K, V)
-                  end, ?config(saved_env, Config)),
-    _ = pyport_ct_lib:start_app(),
-    ok;
+    pyport_ct_lib:restore_env_and_restart(?config(saved_env, Config));
 end_per_testcase(_, _Config) ->
     ok.
 

@@ -34,7 +34,7 @@ end_per_suite(_Config) ->
 %% A fresh server per case, so a previous crash's restart back-off never
 %% carries over into the next case.
 init_per_testcase(startup_config_reapplied, Config) ->
-    Saved = [{K, application:get_env(pyport, K)} || K <- [sys_path, startup_code]],
+    Saved = pyport_ct_lib:save_env([sys_path, startup_code]),
     ok = pyport_ct_lib:restart_app(),
     [{saved_env, Saved} | Config];
 init_per_testcase(_, Config) ->
@@ -42,12 +42,7 @@ init_per_testcase(_, Config) ->
     Config.
 
 end_per_testcase(startup_config_reapplied, Config) ->
-    ok = pyport_ct_lib:stop_app(),
-    lists:foreach(fun({K, undefined}) -> application:unset_env(pyport, K);
-                     ({K, {ok, V}}) -> application:set_env(pyport, K, V)
-                  end, ?config(saved_env, Config)),
-    _ = pyport_ct_lib:start_app(),
-    ok;
+    pyport_ct_lib:restore_env_and_restart(?config(saved_env, Config));
 end_per_testcase(_, _Config) ->
     ok.
 
@@ -150,12 +145,7 @@ dicts_destroyed_by_crash(_Config) ->
     {error, {pyport_exit, _}} = py:exec(<<"import os; os.abort()">>),
     _ = wait_recovered(now_ms()),
     %% a handle from before the restart is destroyed, never confused with a new dict
-    ?assertError({shared_dict_destroyed, SD}, py:shared_dict_get(SD, <<"k">>)),
-    ?assertError({shared_dict_destroyed, SD}, py:shared_dict_get(SD, <<"k">>, dflt)),
-    ?assertError({shared_dict_destroyed, SD}, py:shared_dict_set(SD, <<"k">>, 1)),
-    ?assertError({shared_dict_destroyed, SD}, py:shared_dict_del(SD, <<"k">>)),
-    ?assertError({shared_dict_destroyed, SD}, py:shared_dict_keys(SD)),
-    ok = py:shared_dict_destroy(SD),
+    ok = pyport_ct_lib:assert_destroyed(SD),
     %% Python sees it destroyed too
     {ok, <<"SharedDict has been destroyed">>} = python_destroyed_message(SD),
     %% new dicts work, and are distinct from the old one

@@ -9,7 +9,10 @@
          stat/1, stats/0, now_ms/0,
          wait_until/2, wait_until/3, wait_down/1, wait_down/2,
          assert_mailbox_empty/0, wait_waiting/1, collect/2,
-         has/2, nest/1, run_in_process/1]).
+         has/2, nest/1, run_in_process/1,
+         save_env/1, restore_env_and_restart/1, assert_destroyed/1]).
+
+-include_lib("stdlib/include/assert.hrl").
 
 -define(LIVENESS_MS, 10000).
 
@@ -118,3 +121,28 @@ run_in_process(Fun) ->
         {'DOWN', Ref, process, Pid, {result, R}} -> R;
         {'DOWN', Ref, process, Pid, Other} -> {crashed, Other}
     end.
+
+%% The current values of the pyport app env keys `Keys', for restore_env_and_restart/1.
+save_env(Keys) ->
+    [{K, application:get_env(pyport, K)} || K <- Keys].
+
+%% Puts back what save_env/1 saw (unsetting keys that were unset) and restarts the
+%% application with it.
+restore_env_and_restart(Saved) ->
+    ok = stop_app(),
+    lists:foreach(fun({K, undefined}) -> application:unset_env(pyport, K);
+                     ({K, {ok, V}}) -> application:set_env(pyport, K, V)
+                  end, Saved),
+    _ = start_app(),
+    ok.
+
+%% Every Erlang-side operation but destroy raises shared_dict_destroyed for SD;
+%% destroy stays idempotent.
+assert_destroyed(SD) ->
+    ?assertError({shared_dict_destroyed, SD}, py:shared_dict_get(SD, <<"k">>)),
+    ?assertError({shared_dict_destroyed, SD}, py:shared_dict_get(SD, <<"k">>, dflt)),
+    ?assertError({shared_dict_destroyed, SD}, py:shared_dict_set(SD, <<"k">>, 1)),
+    ?assertError({shared_dict_destroyed, SD}, py:shared_dict_del(SD, <<"k">>)),
+    ?assertError({shared_dict_destroyed, SD}, py:shared_dict_keys(SD)),
+    ok = py:shared_dict_destroy(SD),
+    ok.

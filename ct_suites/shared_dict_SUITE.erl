@@ -94,13 +94,7 @@ wait_destroyed(SD) ->
                end, 10000, {dict_destroyed, SD}).
 
 assert_destroyed(SD) ->
-    ?assertError({shared_dict_destroyed, SD}, py:shared_dict_get(SD, <<"k">>)),
-    ?assertError({shared_dict_destroyed, SD}, py:shared_dict_get(SD, <<"k">>, dflt)),
-    ?assertError({shared_dict_destroyed, SD}, py:shared_dict_set(SD, <<"k">>, 1)),
-    ?assertError({shared_dict_destroyed, SD}, py:shared_dict_del(SD, <<"k">>)),
-    ?assertError({shared_dict_destroyed, SD}, py:shared_dict_keys(SD)),
-    ok = py:shared_dict_destroy(SD),
-    ok.
+    pyport_ct_lib:assert_destroyed(SD).
 
 %% Python's view of a destroyed dict: every operation raises the documented error.
 assert_destroyed_in_python(SD) ->
