@@ -34,6 +34,14 @@
 //! request envelope (or in a dict key that `convert::describe_key` renders, where eetf runs
 //! before the validator) aborts the port on a free-variable count of 2^32 or a 4 GiB list inside
 //! (allocation failure), overflows its stack on 100,000 levels inside, and panics on tag 82.
+//!
+//! Long run, `make fuzz FUZZ_SECONDS=900` (release, 2-core machine, 2025-11-26): on the
+//! product as committed it aborts within a second on the fun bug above. With those two spots
+//! stubbed locally (funs refused in envelopes, `describe_key` validating before eetf): 900.1 s,
+//! 27,773,118 cases (30,857/s; 7.57 M valid terms, 7.58 M hostile terms, 5.05 M envelopes,
+//! 7.58 M mutated seeds from the 29 seed inputs: 25 files + 4 payloads inside them), 10.4 M
+//! decoded to Python, 2.2 M envelopes accepted, largest input 2.0 MB; no other failure; the test
+//! process's RSS stayed at 24-28 MiB. The 60 s run in `cargo test` does about 1.9 M cases.
 
 use crate::convert::{self, ConvertError};
 use crate::etf::{self, Limits, MAX_DEPTH};
