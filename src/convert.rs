@@ -577,9 +577,13 @@ fn encode_dict(d: &Bound<'_, PyDict>, out: &mut Vec<u8>, depth: usize) -> Result
 fn describe_key(bytes: &[u8]) -> String {
     let mut versioned = vec![etf::VERSION];
     versioned.extend_from_slice(bytes);
+    // Validate before eetf sees the bytes (a match guard would run after the decode).
+    if etf::validate(&versioned, Limits::ENVELOPE).is_err() {
+        return format!("<{} bytes>", bytes.len());
+    }
     match eetf::Term::decode(&versioned[..]) {
-        Ok(t) if etf::validate(&versioned, Limits::ENVELOPE).is_ok() => truncate(t.to_string(), 200),
-        _ => format!("<{} bytes>", bytes.len()),
+        Ok(t) => truncate(t.to_string(), 200),
+        Err(_) => format!("<{} bytes>", bytes.len()),
     }
 }
 

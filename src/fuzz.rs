@@ -275,6 +275,8 @@ impl Term {
             Term::Tuple(items) => 1 + max(&mut items.iter()),
             Term::Map(pairs, _) => 1 + max(&mut pairs.iter().flat_map(|(k, v)| [k, v])),
             Term::Deep { levels, leaf, .. } => levels + leaf.depth(),
+            // A fun's free variables are validated one level down (skip_new_fun).
+            Term::Fun { free, .. } => 1 + max(&mut free.iter()),
             _ => 0,
         }
     }
@@ -302,6 +304,13 @@ impl Term {
             Term::Deep { leaf, .. } => leaf.convertible(),
             Term::OldFloat(f) => f.is_finite(),
             Term::BitBinary(..) | Term::Raw(_) => false,
+            // Funs are walked field by field: a NumFree that lies, or free variables that
+            // are not well-formed terms, make the whole fun invalid. (Well-formed but
+            // unconvertible free variables are fine in an opaque term; requiring
+            // convertible ones keeps this a lower bound on what must decode.)
+            Term::Fun { free, num_free } => {
+                num_free.is_none_or(|n| n as usize == free.len()) && free.iter().all(Term::convertible)
+            }
             _ => true,
         }
     }
