@@ -161,7 +161,7 @@ impl Router {
             Request::Cancel { id } => self.pool.cancel(id),
             Request::OwnerDown { owner } => {
                 pymodule::registry().drop_owner(&owner);
-                self.interp.drop_namespace(&owner);
+                self.pool.owner_down(&owner);
             }
             Request::Stats { id } => self.send(self.stats(id)),
             Request::SdNew { id, owner } => self.send(shared_dict::new(id, owner)),

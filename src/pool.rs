@@ -38,6 +38,14 @@ pub enum Job {
 }
 
 impl Job {
+    /// The process whose namespace the job uses (start-up code has none).
+    fn owner(&self) -> Option<&Owner> {
+        match self {
+            Job::Call { owner, .. } | Job::Code { owner, .. } => Some(owner),
+            Job::Startup { .. } => None,
+        }
+    }
+
     fn id(&self) -> u64 {
         match self {
             Job::Call { id, .. } | Job::Code { id, .. } | Job::Startup { id, .. } => *id,
@@ -83,6 +91,26 @@ struct Tracking {
     /// Running requests that ignored their cancellation: their workers are written off
     /// (they no longer count against `max`) until the code returns, if ever.
     abandoned: HashSet<u64>,
+    /// Jobs queued or running per owner.
+    inflight: HashMap<Owner, usize>,
+    /// Owners reported dead while jobs of theirs were still queued or running: their
+    /// namespace is freed when the last one is done (freeing it earlier let a running job
+    /// recreate it, and it leaked). Their jobs that have not started are skipped.
+    dead: HashSet<Owner>,
+}
+
+impl Tracking {
+    /// One job of `owner` is done (run or skipped). Returns true when the owner is dead and
+    /// this was its last job: its namespace can go now.
+    fn job_done(&mut self, owner: &Owner) -> bool {
+        let Some(n) = self.inflight.get_mut(owner) else { return false };
+        *n -= 1;
+        if *n > 0 {
+            return false;
+        }
+        self.inflight.remove(owner);
+        self.dead.remove(owner)
+    }
 }
 
 pub struct Pool {
@@ -137,11 +165,33 @@ impl Pool {
     }
 
     pub fn submit(&self, job: Job) {
-        self.tracking.lock().queued.insert(job.id());
+        {
+            let mut t = self.tracking.lock();
+            t.queued.insert(job.id());
+            if let Some(owner) = job.owner() {
+                *t.inflight.entry(owner.clone()).or_insert(0) += 1;
+            }
+        }
         // The receiver lives as long as the pool, so this cannot fail.
         let _ = self.jobs_tx.send(job);
         if self.idle.load(Ordering::Acquire) == 0 {
             let _ = self.kick_tx.try_send(());
+        }
+    }
+
+    /// The Erlang process `owner` has exited: frees its namespace now, or, if jobs of
+    /// its are queued or running, when the last of them is done.
+    pub fn owner_down(&self, owner: &Owner) {
+        let busy = {
+            let mut t = self.tracking.lock();
+            let busy = t.inflight.contains_key(owner);
+            if busy {
+                t.dead.insert(owner.clone());
+            }
+            busy
+        };
+        if !busy {
+            self.interp.drop_namespace(owner);
         }
     }
 
@@ -236,7 +286,13 @@ impl Pool {
         {
             let mut t = self.tracking.lock();
             t.queued.remove(&id);
-            if t.cancelled.remove(&id) {
+            let owner_dead = job.owner().is_some_and(|o| t.dead.contains(o));
+            if t.cancelled.remove(&id) || owner_dead {
+                let last = job.owner().is_some_and(|o| t.job_done(o));
+                drop(t);
+                if let (true, Some(owner)) = (last, job.owner()) {
+                    self.interp.drop_namespace(owner);
+                }
                 return protocol::error_frame(Some(id), atom("cancelled"));
             }
             t.running.insert(id, slot.clone());
@@ -245,11 +301,15 @@ impl Pool {
             let msg = panic_message(&panic);
             protocol::error_frame(Some(id), tuple(vec![atom("internal_error"), binary(msg.as_bytes())]))
         });
-        {
+        let free_namespace = {
             let mut t = self.tracking.lock();
             t.running.remove(&id);
             t.cancelled.remove(&id);
             t.abandoned.remove(&id);
+            job.owner().is_some_and(|o| t.job_done(o))
+        };
+        if let (true, Some(owner)) = (free_namespace, job.owner()) {
+            self.interp.drop_namespace(owner);
         }
         // A cancel that arrived after the code finished must not hit the next request.
         // SAFETY: GIL held; a NULL exception clears the thread's pending async exception.
@@ -300,11 +360,14 @@ impl Pool {
             t.running.get(&id)?.clone() // None: already answered
         };
         Python::attach(|py| {
+            // Fetched before taking the lock: the first fetch creates the type, which can
+            // run Python code and let another thread take the GIL, and that thread may be a
+            // worker waiting for this very lock (a deadlock the fault suite caught).
+            let exc = py.get_type::<CallCancelled>();
             // Holding the GIL, the worker cannot finish this request and start another
             // between our check and the raise.
             let t = self.tracking.lock();
             if t.running.get(&id).is_some_and(|s| Arc::ptr_eq(s, &slot)) {
-                let exc = py.get_type::<CallCancelled>();
                 // SAFETY: GIL held; the type object stays alive for the call.
                 unsafe {
                     ffi::PyThreadState_SetAsyncExc(slot.ident as _, exc.as_ptr());
