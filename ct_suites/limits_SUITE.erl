@@ -9,16 +9,18 @@
 all() -> [oversized_request_is_refused_before_the_port, overloaded_when_in_flight_is_full].
 
 init_per_suite(Config) ->
-    ok = application:load(pyport),
+    %% Other suites of the same ct_run may have loaded or started the application.
+    ok = pyport_ct_lib:stop_app(),
+    _ = application:load(pyport),
+    Saved = pyport_ct_lib:save_env([max_frame_bytes, max_in_flight]),
     ok = application:set_env(pyport, max_frame_bytes, 1 bsl 20),
     ok = application:set_env(pyport, max_in_flight, 4),
-    {ok, _} = application:ensure_all_started(pyport),
-    Config.
+    _ = pyport_ct_lib:start_app(),
+    [{saved_env, Saved} | Config].
 
-end_per_suite(_Config) ->
-    ok = application:stop(pyport),
-    ok = application:unset_env(pyport, max_frame_bytes),
-    ok = application:unset_env(pyport, max_in_flight).
+end_per_suite(Config) ->
+    ok = pyport_ct_lib:restore_env_and_restart(?config(saved_env, Config)),
+    pyport_ct_lib:stop_app().
 
 %% A request over max_frame_bytes is refused in the caller; the port (which would
 %% take the oversized frame for a corrupt stream and exit) never sees it.

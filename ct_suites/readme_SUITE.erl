@@ -10,11 +10,11 @@
 all() -> [intro, examples, shared_dict].
 
 init_per_suite(Config) ->
-    {ok, _} = application:ensure_all_started(pyport),
+    _ = pyport_ct_lib:start_app(),
     Config.
 
 end_per_suite(_Config) ->
-    ok = application:stop(pyport).
+    pyport_ct_lib:stop_app().
 
 %% The session at the top of the README.
 intro(_Config) ->

@@ -6,18 +6,19 @@ logdir=$1; shift
 out=$(mktemp)
 ct_run -noshell -sname "pyport_ct_$$" -pa "$PWD/ebin" -dir ct_suites -logdir "$logdir" "$@" 2>&1 | tee "$out"
 rc=${PIPESTATUS[0]}
-line=$(grep -E 'TEST COMPLETE' "$out" | tail -n 1)
-passed=$(sed -nE 's/.* ([0-9]+) ok.*/\1/p' <<<"$line")
-failed=$(sed -nE 's/.* ([0-9]+) failed.*/\1/p' <<<"$line")
-skipped=$(sed -nE 's/.* ([0-9]+) skipped.*/\1/p' <<<"$line")
-auto_skipped=$(grep -oE '[0-9]+ \(auto\)' <<<"$line" | grep -oE '[0-9]+' || true)
+# One TEST COMPLETE line per suite when several -suite are given, one for a whole -dir.
+lines=$(grep -E 'TEST COMPLETE' "$out")
+sum() { grep -oE "[0-9]+ $1" <<<"$lines" | awk '{s += $1} END {print s + 0}'; }
+passed=$(sum ok)
+failed=$(sum failed)
+skipped=$(sum skipped)
 rm -f "$out"
-if [ -z "$line" ]; then
+if [ -z "$lines" ]; then
   echo "ct: no TEST COMPLETE line; ct_run exited $rc"
   echo "0 passed, 1 failed"
   exit $(( rc == 0 ? 1 : rc ))
 fi
-msg="${passed:-0} passed, ${failed:-0} failed"
-[ -n "${skipped}${auto_skipped}" ] && msg="$msg, ${skipped:-${auto_skipped}} skipped"
+msg="$passed passed, $failed failed"
+[ "$skipped" -gt 0 ] && msg="$msg, $skipped skipped"
 echo "$msg"
 exit "$rc"
