@@ -160,14 +160,17 @@ fn decode_term<'py>(d: &mut Decoder<'py>, r: &mut Reader<'_>, depth: usize) -> R
             let depth = enter(depth, limit)?;
             let raw = r.u32()?;
             let n = r.count(raw, 1)?;
-            let mut items = Vec::with_capacity(n);
-            for _ in 0..n {
-                items.push(decode_term(d, r, depth)?);
+            let list = new_list(py, n)?;
+            for i in 0..n {
+                let item = decode_term(d, r, depth)?;
+                // SAFETY: `list` is a fresh list of length n and slot i is empty; SET_ITEM
+                // steals the reference that into_ptr hands over.
+                unsafe { ffi::PyList_SET_ITEM(list.as_ptr(), i as ffi::Py_ssize_t, item.into_ptr()) };
             }
             if r.u8()? != etf::NIL {
                 return Err(TermError::Unsupported("improper list (its tail is not [])").into());
             }
-            PyList::new(py, items)?.into_any()
+            list.into_any()
         }
         etf::SMALL_TUPLE | etf::LARGE_TUPLE => {
             let depth = enter(depth, limit)?;
@@ -232,6 +235,16 @@ fn decode_term<'py>(d: &mut Decoder<'py>, r: &mut Reader<'_>, depth: usize) -> R
         other => return Err(TermError::UnknownTag(other).into()),
     };
     Ok(obj)
+}
+
+/// A list of `n` empty slots, filled in place by the decoder (no intermediate Vec). Until
+/// every slot is set the list must not reach Python code; on an early error it is dropped,
+/// and CPython's list deallocator skips the NULL slots.
+fn new_list(py: Python<'_>, n: usize) -> PyResult<Bound<'_, PyList>> {
+    // SAFETY: PyList_New returns a new reference (or NULL with an exception set).
+    unsafe {
+        Bound::from_owned_ptr_or_err(py, ffi::PyList_New(n as ffi::Py_ssize_t)).map(|l| l.cast_into_unchecked())
+    }
 }
 
 fn decode_big<'py>(py: Python<'py>, r: &mut Reader<'_>, n: usize) -> Result<Bound<'py, PyAny>> {
@@ -497,8 +510,10 @@ fn encode_list(l: &Bound<'_, PyList>, out: &mut Vec<u8>, depth: usize) -> Result
     let header_at = out.len();
     etf::put_list_header(out, 0);
     let mut n = 0usize;
-    while let Ok(item) = l.get_item(n) {
-        encode_term(&item, out, depth)?;
+    // The length is read again before every item (never by running off the end, which
+    // would build an IndexError per list).
+    while n < l.len() {
+        encode_term(&l.get_item(n)?, out, depth)?;
         n += 1;
     }
     if n == 0 {
