@@ -29,6 +29,7 @@ use crate::protocol::Request;
 use crate::registry::Registry;
 use crate::shared_dict::PickleJob;
 use crossbeam_channel::Sender;
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::thread;
 
@@ -87,6 +88,10 @@ fn main() {
     let version = pyo3::Python::version_str().split_whitespace().next().unwrap_or("").to_string();
     router.send(protocol::ready_frame(&version, cfg.workers, cfg.max_workers, cfg.generation));
 
+    let input_fd = proto.input.as_raw_fd();
+    if let Err(e) = shutdown::exit_on_hangup(input_fd) {
+        fatal(&out_tx, EXIT_IO, &format!("cannot start the hangup watcher: {e}"));
+    }
     let mut reader = FrameReader::new(proto.input, cfg.max_frame);
     loop {
         match reader.read_frame() {

@@ -8,7 +8,7 @@ use crate::convert;
 use crate::etf;
 use crate::exec::{failure_reason, Failure, Frame};
 use crate::framing::Outbox;
-use crate::pool::PYTHON_THREAD_STACK;
+use crate::pool::{spin_for_job, PYTHON_THREAD_STACK};
 use crate::protocol::{self, atom, Handle};
 use crate::pymodule::{pickle_dumps, pickle_loads, registry};
 use crate::registry::Destroyed;
@@ -83,7 +83,7 @@ pub fn start_pickler(out: Outbox) -> std::io::Result<Sender<PickleJob>> {
                             out.send(frame);
                         }
                     }
-                    rx.recv().ok()
+                    spin_for_job(&rx).or_else(|| rx.recv().ok())
                 });
                 let Some(job) = job else { break };
                 reply = Some(match job {

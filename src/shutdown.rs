@@ -5,6 +5,23 @@
 //! reparented and live on; so on exit every other member of our group is killed first.
 
 use std::fs;
+use std::os::fd::RawFd;
+
+/// Exits as soon as the other end of `fd` (the protocol input) is closed, whatever the rest
+/// of the process is doing. The reader sees end of input too, but only between frames and
+/// only if it is not stuck: this is the guarantee that the port never outlives its VM.
+/// `poll` with no requested events still reports POLLHUP, even while unread data remains.
+pub fn exit_on_hangup(fd: RawFd) -> std::io::Result<()> {
+    std::thread::Builder::new().name("pyport-hangup".into()).spawn(move || loop {
+        let mut pfd = libc::pollfd { fd, events: 0, revents: 0 };
+        // SAFETY: one valid pollfd; the descriptor lives as long as the process.
+        let r = unsafe { libc::poll(&mut pfd, 1, -1) };
+        if r > 0 && pfd.revents & (libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0 {
+            exit_now(0);
+        }
+    })?;
+    Ok(())
+}
 
 pub fn exit_now(code: i32) -> ! {
     kill_process_group_members();
