@@ -258,3 +258,17 @@ def test_erlang_is_builtin_even_with_erlang_py_on_path(port):
     )
     port.exec_ok(code, shadow_dir=shadow_dir)
     assert port.eval_ok("result") == [b"built-in", True, False, True, True, True]
+
+
+def test_call_waits_for_a_module_another_worker_is_importing(port, tmp_path):
+    """A call must not see a half-imported module: while one worker imports a slow module,
+    a call into it from another owner waits for the import instead of failing with
+    "partially initialized module" (the port looks modules up in sys.modules first)."""
+    (tmp_path / "slow_import_mod.py").write_text(
+        "import time\ntime.sleep(0.5)\n\ndef hello():\n    return 'imported'\n"
+    )
+    port.exec_ok("import sys; sys.path.insert(0, %r)" % str(tmp_path))
+    first = port.call("slow_import_mod", "hello", owner=pid(101))
+    second = port.call("slow_import_mod", "hello", owner=pid(102))
+    assert port.ok(second) == b"imported"
+    assert port.ok(first) == b"imported"

@@ -10,8 +10,9 @@ use crate::pymodule::CallCancelled;
 use eetf::Term;
 use parking_lot::Mutex;
 use pyo3::ffi;
+use pyo3::intern;
 use pyo3::prelude::*;
-use pyo3::types::{PyCode, PyDict, PyList, PyString, PyTuple};
+use pyo3::types::{PyCode, PyDict, PyList, PyModule, PyString, PyTuple};
 use std::collections::HashMap;
 use std::ffi::CString;
 
@@ -21,8 +22,8 @@ const CODE_CACHE_LIMIT: usize = 1024;
 
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Mode {
-    Eval,
-    Exec,
+    Eval = 0,
+    Exec = 1,
 }
 
 /// The result of a request: a reply frame body ready for the writer.
@@ -31,7 +32,8 @@ pub type Frame = Vec<u8>;
 /// State shared by all threads that run Python.
 pub struct Interp {
     namespaces: Mutex<HashMap<Owner, Py<PyDict>>>,
-    code_cache: Mutex<HashMap<(Mode, String), Py<PyCode>>>,
+    /// Compiled code by source text, one map per mode (looked up by `&str`, no allocation).
+    code_cache: Mutex<[HashMap<String, Py<PyCode>>; 2]>,
 }
 
 impl Default for Interp {
@@ -42,7 +44,7 @@ impl Default for Interp {
 
 impl Interp {
     pub fn new() -> Self {
-        Interp { namespaces: Mutex::new(HashMap::new()), code_cache: Mutex::new(HashMap::new()) }
+        Interp { namespaces: Mutex::new(HashMap::new()), code_cache: Mutex::new([HashMap::new(), HashMap::new()]) }
     }
 
     pub fn namespace_count(&self) -> usize {
@@ -70,8 +72,7 @@ impl Interp {
     }
 
     fn compile<'py>(&self, py: Python<'py>, code: &str, mode: Mode) -> PyResult<Bound<'py, PyCode>> {
-        let key = (mode, code.to_string());
-        if let Some(c) = self.code_cache.lock().get(&key) {
+        if let Some(c) = self.code_cache.lock()[mode as usize].get(code) {
             return Ok(c.bind(py).clone());
         }
         let src = CString::new(code)
@@ -85,11 +86,12 @@ impl Interp {
             let ptr = ffi::Py_CompileString(src.as_ptr(), c"<pyport>".as_ptr(), start);
             Bound::from_owned_ptr_or_err(py, ptr)?.cast_into::<PyCode>()?
         };
-        let mut cache = self.code_cache.lock();
+        let mut caches = self.code_cache.lock();
+        let cache = &mut caches[mode as usize];
         if cache.len() >= CODE_CACHE_LIMIT {
             cache.clear();
         }
-        cache.insert(key, compiled.clone().unbind());
+        cache.insert(code.to_string(), compiled.clone().unbind());
         Ok(compiled)
     }
 
@@ -210,15 +212,35 @@ fn check_local_names(locals: &Bound<'_, PyDict>) -> Result<(), Failure> {
 }
 
 fn import<'py>(py: Python<'py>, module: &str) -> PyResult<Bound<'py, PyAny>> {
-    // sys.modules is a plain dict lookup; the import machinery only runs on a miss.
+    // sys.modules is a plain dict lookup; the import machinery only runs on a miss, or when
+    // the module is still being imported by another thread (its __spec__._initializing is
+    // set): the import machinery then waits for it, where sys.modules would hand out a
+    // half-initialised module (CT caught `py:call` racing start-up code's import).
     // SAFETY: GIL held; PyImport_GetModuleDict returns a borrowed reference to sys.modules.
     let modules = unsafe { Bound::from_borrowed_ptr(py, ffi::PyImport_GetModuleDict()) };
     if let Ok(d) = modules.cast::<PyDict>() {
         if let Some(m) = d.get_item(module)? {
-            return Ok(m);
+            if !is_initializing(&m) {
+                return Ok(m);
+            }
         }
     }
     Ok(py.import(module)?.into_any())
+}
+
+/// `module.__spec__._initializing`, read through the instance dicts: modules that were
+/// never loaded by importlib (`sys`, `builtins`) have no such attribute, and a failed
+/// getattr would build an AttributeError on every call.
+fn is_initializing(module: &Bound<'_, PyAny>) -> bool {
+    let py = module.py();
+    let Ok(m) = module.cast::<PyModule>() else { return false };
+    let Ok(Some(spec)) = m.dict().get_item(intern!(py, "__spec__")) else { return false };
+    if spec.is_none() {
+        return false;
+    }
+    let Ok(attrs) = spec.getattr(intern!(py, "__dict__")) else { return false };
+    let Ok(attrs) = attrs.cast_into::<PyDict>() else { return false };
+    matches!(attrs.get_item(intern!(py, "_initializing")), Ok(Some(flag)) if flag.is_truthy().unwrap_or(false))
 }
 
 /// Why a request failed, before it is turned into an Erlang reason.

@@ -249,10 +249,8 @@ impl Pool {
                     if let Some(frame) = reply.take() {
                         self.deliver(frame);
                     }
-                    if let Some(job) = hot.then(|| self.poll_for_job()).flatten() {
-                        Some(job)
-                    } else if hot {
-                        self.jobs_rx.recv().ok()
+                    if hot {
+                        self.poll_for_job().or_else(|| self.jobs_rx.recv().ok())
                     } else {
                         self.jobs_rx.recv_timeout(self.cfg.spare_idle).ok()
                     }
@@ -265,9 +263,6 @@ impl Pool {
                     let _ = self.kick_tx.try_send(());
                 }
                 reply = Some(self.run_tracked(py, &slot, &job));
-            }
-            if let Some(frame) = reply.take() {
-                self.out.send(frame);
             }
         });
         self.total.fetch_sub(1, Ordering::AcqRel);
