@@ -86,7 +86,7 @@ case_keys(Case) -> [K || {K, _} <- case_env(Case)].
 %% Every case starts with a fresh server and port: crashes, back-off, closed
 %% fds and abandoned workers never carry over.
 init_per_testcase(Case, Config) ->
-    Saved = [{K, application:get_env(pyport, K)} || K <- case_keys(Case)],
+    Saved = pyport_ct_lib:save_env(case_keys(Case)),
     ok = pyport_ct_lib:stop_app(),
     [ok = application:set_env(pyport, K, V) || {K, V} <- case_env(Case)],
     _ = pyport_ct_lib:start_app(),
@@ -94,12 +94,7 @@ init_per_testcase(Case, Config) ->
 
 end_per_testcase(_Case, Config) ->
     _ = logger:remove_handler(fault_capture),
-    ok = pyport_ct_lib:stop_app(),
-    lists:foreach(fun({K, undefined}) -> application:unset_env(pyport, K);
-                     ({K, {ok, V}}) -> application:set_env(pyport, K, V)
-                  end, ?config(saved_env, Config)),
-    _ = pyport_ct_lib:start_app(),
-    ok.
+    pyport_ct_lib:restore_env_and_restart(?config(saved_env, Config)).
 
 %%--------------------------------------------------------------------
 %% 1. Crashes while 50 other calls are in flight

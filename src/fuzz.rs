@@ -618,16 +618,19 @@ fn colliding_pair() -> BoxedStrategy<(Term, Term)> {
     .boxed()
 }
 
+/// Tags followed by a 4-byte count or size field (the fields hostile inputs inflate).
+const COUNT_TAGS: [u8; 7] = [
+    etf::LIST,
+    etf::MAP,
+    etf::BINARY,
+    etf::LARGE_TUPLE,
+    etf::LARGE_BIG,
+    etf::BIT_BINARY,
+    etf::NEW_FUN,
+];
+
 fn hostile_leaf() -> BoxedStrategy<Term> {
-    let count_tags = proptest::sample::select(vec![
-        etf::LIST,
-        etf::MAP,
-        etf::BINARY,
-        etf::LARGE_TUPLE,
-        etf::LARGE_BIG,
-        etf::BIT_BINARY,
-        etf::NEW_FUN,
-    ]);
+    let count_tags = proptest::sample::select(COUNT_TAGS.to_vec());
     let short_count_tags = proptest::sample::select(vec![
         etf::STRING,
         etf::ATOM,
@@ -863,16 +866,7 @@ impl Mutation {
                 }
             }
             Mutation::MaxCount(i) => {
-                const LONG: [u8; 8] = [
-                    etf::LIST,
-                    etf::MAP,
-                    etf::BINARY,
-                    etf::LARGE_TUPLE,
-                    etf::LARGE_BIG,
-                    etf::BIT_BINARY,
-                    etf::NEW_FUN,
-                    etf::LARGE_BIG,
-                ];
+                const LONG: [u8; 7] = COUNT_TAGS;
                 const SHORT: [u8; 3] = [etf::STRING, etf::ATOM, etf::ATOM_UTF8];
                 let spots: Vec<usize> = (0..v.len())
                     .filter(|&p| LONG.contains(&v[p]) || SHORT.contains(&v[p]))
