@@ -6,13 +6,21 @@
 %% {@link eval/1}, {@link exec/1} and `call('__main__', F, Args)', not to other
 %% processes, and is freed when the process exits.
 %%
-%% Argument errors (code that is not a binary or string, Args that is not a
-%% proper list, Kwargs/Locals that is not a map, a Locals key that is not a
-%% Python identifier, two keys naming the same variable) raise `error(badarg)'
-%% at the call site. Failures at run time are returned as `{error, Reason}':
+%% Argument errors (code that is not a binary or string, text that is not
+%% valid UTF-8 in code, names and keys, Args that is not a proper list,
+%% Kwargs/Locals that is not a map, a Locals key that is not a Python
+%% identifier, two keys naming the same variable, a SharedDict handle of the
+%% wrong shape) raise `error(badarg)' at the call site. Failures at run time are
+%% returned as `{error, Reason}':
 %% <ul>
-%% <li>`{python, Type, Message, Traceback}': Python raised.</li>
-%% <li>`timeout': no answer in time; the Python work was interrupted.</li>
+%% <li>`{python, Type, Message, Traceback}': Python raised. `Type' is an atom
+%% for Python's built-in exceptions (`'ValueError'') and a binary of the
+%% qualified class name for any other (`<<"json.decoder.JSONDecodeError">>').</li>
+%% <li>`timeout': no answer in time; the Python work was interrupted. A
+%% timeout means no answer, not that the code did not run: it may have run in
+%% part or in full.</li>
+%% <li>`cancelled': the request was cancelled (the Python code raised, or let
+%% through, `erlang.CallCancelled').</li>
 %% <li>`{pyport_exit, Status}': the port program died while the request ran
 %% (a fresh one is started; namespaces start empty).</li>
 %% <li>`{pyport_unavailable, Why}': no port program is running right now
@@ -43,10 +51,15 @@
 %% port program as --max-frame-bytes): 1 GiB.
 -define(MAX_FRAME, (1 bsl 30)).
 -define(SD_TAG, '$pyport_shared_dict').
--define(IS_HANDLE(SD), (tuple_size(SD) =:= 4 andalso element(1, SD) =:= ?SD_TAG
-                        andalso is_integer(element(2, SD))
-                        andalso is_integer(element(3, SD))
-                        andalso is_binary(element(4, SD)))).
+-define(IS_U64(N), (is_integer(N) andalso N >= 0 andalso N < 16#10000000000000000)).
+-define(TOKEN_SIZE, 16).
+%% A handle of the shape the port makes: anything else is an argument error.
+-define(IS_HANDLE(SD), (is_tuple(SD) andalso tuple_size(SD) =:= 4
+                        andalso element(1, SD) =:= ?SD_TAG
+                        andalso ?IS_U64(element(2, SD))
+                        andalso ?IS_U64(element(3, SD))
+                        andalso is_binary(element(4, SD))
+                        andalso byte_size(element(4, SD)) =:= ?TOKEN_SIZE)).
 -define(IS_TIMEOUT(T), (T =:= infinity orelse (is_integer(T) andalso T >= 0 andalso T =< 16#FFFFFFFF))).
 
 -type name() :: atom() | binary() | string().
@@ -58,7 +71,9 @@
 -type locals() :: #{atom() | binary() => term()}.
 %% Variables bound in the caller's namespace before code runs.
 -type error_reason() :: timeout
-                      | {python, Type :: atom(), Message :: binary(), Traceback :: binary()}
+                      | cancelled
+                      | {python, Type :: atom() | binary(), Message :: binary(),
+                         Traceback :: binary()}
                       | {pyport_exit, term()}
                       | {pyport_unavailable, term()}
                       | term().
@@ -187,7 +202,7 @@ shared_dict_new(Opts) when is_map(Opts) ->
           end,
     case sd_result(shared_dict_new, request_msg(Id, Msg, sd_timeout())) of
         {ok, Payload} ->
-            case binary_to_term(Payload) of
+            case sd_payload(Payload) of
                 SD when ?IS_HANDLE(SD) -> {ok, SD};
                 Other -> erlang:error({pyport_bad_reply, Other})
             end;
@@ -198,11 +213,12 @@ shared_dict_new(_Opts) ->
     erlang:error(badarg).
 
 %% @doc Hands a SharedDict over to `Pid', which owns it from then on (like
-%% `ets:give_away/3'): it is destroyed when `Pid' exits.
+%% `ets:give_away/3'): it is destroyed when `Pid' exits. Only the owner may
+%% give a dict away; anyone else gets `error(not_owner)'.
 -spec shared_dict_give_away(shared_dict(), pid()) -> ok.
 shared_dict_give_away(SD, Pid) when ?IS_HANDLE(SD), is_pid(Pid) ->
     Id = new_id(),
-    Frame = term_to_binary({sd_give_away, Id, SD, Pid}, ?T2B_OPTS),
+    Frame = term_to_binary({sd_give_away, Id, SD, Pid, self()}, ?T2B_OPTS),
     _ = sd_ok(SD, sd_request(SD, Id, {request, Id, Frame, Pid})),
     ok;
 shared_dict_give_away(_SD, _Pid) ->
@@ -218,7 +234,7 @@ shared_dict_get(SD, Key) ->
 shared_dict_get(SD, Key, Default) when ?IS_HANDLE(SD), is_binary(Key) ->
     Id = new_id(),
     Frame = term_to_binary({sd_get, Id, SD, Key}, ?T2B_OPTS),
-    case binary_to_term(sd_ok(SD, sd_request(SD, Id, {request, Id, Frame}))) of
+    case sd_payload(sd_ok(SD, sd_request(SD, Id, {request, Id, Frame}))) of
         {found, Value} -> Value;
         not_found -> Default;
         Other -> erlang:error({pyport_bad_reply, Other})
@@ -255,7 +271,7 @@ shared_dict_del(_SD, _Key) ->
 shared_dict_keys(SD) when ?IS_HANDLE(SD) ->
     Id = new_id(),
     Frame = term_to_binary({sd_keys, Id, SD}, ?T2B_OPTS),
-    case binary_to_term(sd_ok(SD, sd_request(SD, Id, {request, Id, Frame}))) of
+    case sd_payload(sd_ok(SD, sd_request(SD, Id, {request, Id, Frame}))) of
         Keys when is_list(Keys) -> Keys;
         Other -> erlang:error({pyport_bad_reply, Other})
     end;
@@ -353,15 +369,24 @@ send_request(Id, Msg, Timeout) ->
             {error, {pyport_unavailable, {server_exit, Reason}}}
     end.
 
+%% Results are decoded with `[safe]': nothing Python returns can create an
+%% atom (or a pid of a made-up node) in this VM.
 -spec decoded({ok, binary()} | {error, error_reason()}) -> result(term()).
 decoded({ok, Payload}) ->
-    try binary_to_term(Payload) of
+    try binary_to_term(Payload, [safe]) of
         Value -> {ok, Value}
     catch
-        error:badarg -> {error, {pyport_bad_reply, Payload}}
+        error:badarg -> {error, {pyport_bad_reply, undecodable}}
     end;
 decoded({error, _} = Error) ->
     Error.
+
+-spec sd_payload(binary()) -> term().
+sd_payload(Payload) ->
+    case decoded({ok, Payload}) of
+        {ok, Value} -> Value;
+        {error, Reason} -> erlang:error(Reason)
+    end.
 
 -spec default_timeout(atom(), timeout()) -> timeout().
 default_timeout(Key, Default) ->
@@ -401,6 +426,7 @@ sd_result(_SD, {error, {pyport_exit, Status}}) ->
 sd_result(_SD, {error, _} = Error) -> Error.
 
 -spec sd_ok(shared_dict(), {ok, binary()} | {error, term()}) -> binary().
+sd_ok(_SD, {error, not_owner}) -> erlang:error(not_owner);
 sd_ok(_SD, {ok, Payload}) -> Payload;
 sd_ok(_SD, {error, Reason}) -> erlang:error(Reason).
 
@@ -415,14 +441,22 @@ is_proper_list(_) -> false.
 
 -spec name(term()) -> binary().
 name(A) when is_atom(A) -> atom_to_binary(A, utf8);
-name(B) when is_binary(B) -> B;
+name(B) when is_binary(B) -> utf8(B);
 name(L) when is_list(L) -> chars(L);
 name(_) -> erlang:error(badarg).
 
 -spec code(term()) -> binary().
-code(B) when is_binary(B) -> B;
+code(B) when is_binary(B) -> utf8(B);
 code(L) when is_list(L) -> chars(L);
 code(_) -> erlang:error(badarg).
+
+%% A binary that must be text: invalid UTF-8 is an argument error.
+-spec utf8(binary()) -> binary().
+utf8(B) ->
+    case unicode:characters_to_binary(B) of
+        Valid when is_binary(Valid) -> B;
+        _ -> erlang:error(badarg)
+    end.
 
 -spec chars(list()) -> binary().
 chars(L) ->
@@ -439,7 +473,7 @@ chars(L) ->
 kwargs(Kwargs) when map_size(Kwargs) =:= 0 ->
     Kwargs;
 kwargs(Kwargs) ->
-    Norm = maps:fold(fun(K, V, Acc) when is_binary(K) -> Acc#{K => V};
+    Norm = maps:fold(fun(K, V, Acc) when is_binary(K) -> Acc#{utf8(K) => V};
                         (K, V, Acc) when is_atom(K) -> Acc#{atom_to_binary(K, utf8) => V};
                         (_, _, _) -> erlang:error(badarg)
                      end, #{}, Kwargs),

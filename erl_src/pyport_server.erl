@@ -27,10 +27,13 @@
 -define(GEN_KEY, {?MODULE, generation}).
 -define(T2B_OPTS, [{minor_version, 2}]).
 -define(FIRST_BACKOFF, 100).
+%% Most built-in exception names accepted from a ready frame, and their length.
+-define(MAX_BUILTIN_NAMES, 512).
+-define(MAX_BUILTIN_NAME, 64).
 
 -type request_id() :: pos_integer().
 -type exit_info() :: not_started | {exit_status, integer()} | {port_exit, term()}
-                   | {spawn_failed, term()}.
+                   | {spawn_failed, term()} | {startup_failed, term()}.
 -type waiter() :: gen_server:from() | startup.
 
 -record(state, {
@@ -54,7 +57,16 @@
           group_leader = false :: boolean(),
           restart_timer :: reference() | undefined,
           %% most requests in the port at once (app env max_in_flight)
-          max_in_flight = 10000 :: pos_integer()
+          max_in_flight = 10000 :: pos_integer(),
+          %% requests held while start-up code runs, oldest first
+          held = queue:new() :: queue:queue({request_id(), binary()}),
+          startup_timer :: reference() | undefined,
+          %% liveness: when the last frame came (monotonic ms), the last check,
+          %% consecutive checks that found the port silent
+          last_rx = 0 :: integer(),
+          last_check = 0 :: integer(),
+          silent_checks = 0 :: non_neg_integer(),
+          heartbeat_seq = 0 :: non_neg_integer()
          }).
 -type state() :: #state{}.
 
@@ -115,7 +127,9 @@ init([]) ->
     %% A new server never reuses a generation: the previous server's port is gone.
     Gen = atomics:add_get(Ref, 1, 1),
     MaxInFlight = max(1, env_int(max_in_flight, 10000)),
-    {ok, start_port(#state{gen = Gen, gen_ref = Ref, max_in_flight = MaxInFlight})}.
+    _ = port_atoms(),
+    State = start_port(#state{gen = Gen, gen_ref = Ref, max_in_flight = MaxInFlight}),
+    {ok, schedule_heartbeat(State#state{last_check = now_ms()})}.
 
 %% @private
 %% @doc gen_server callback: requests from {@link py} and local stats.
@@ -155,7 +169,11 @@ handle_cast(_Other, State) ->
 %% @doc gen_server callback: port data, port exit, owner exit, restart timer.
 -spec handle_info(term(), state()) -> {noreply, state()}.
 handle_info({Port, {data, Bin}}, #state{port = Port} = State) ->
-    {noreply, port_data(Bin, State)};
+    {noreply, port_data(Bin, State#state{last_rx = now_ms(), silent_checks = 0})};
+handle_info(heartbeat, State) ->
+    {noreply, schedule_heartbeat(check_liveness(State))};
+handle_info({timeout, TRef, startup_timeout}, #state{startup_timer = TRef} = State) ->
+    {noreply, startup_failed(timeout, State)};
 handle_info({'DOWN', MRef, process, Pid, _Reason}, #state{owners = Owners} = State) ->
     case maps:take(Pid, Owners) of
         {{MRef, Ids}, Owners1} ->
@@ -212,6 +230,12 @@ request(_Id, _Frame, _From, #state{pending = Pending, max_in_flight = Max} = Sta
     %% Back-pressure: a bounded number of requests in the port at once. Callers
     %% beyond it are told at once instead of queueing without bound.
     {reply, {error, overloaded}, State};
+request(Id, Frame, {Pid, _} = From, #state{startup = StartupId} = State)
+  when StartupId =/= undefined ->
+    %% Start-up code is still running: nothing else runs before it is done.
+    State1 = monitor_owner(Pid, Id, State),
+    {noreply, State1#state{pending = maps:put(Id, From, State1#state.pending),
+                           held = queue:in({Id, Frame}, State1#state.held)}};
 request(Id, Frame, {Pid, _} = From, #state{port = Port} = State) ->
     try erlang:port_command(Port, Frame) of
         true ->
@@ -225,23 +249,44 @@ request(Id, Frame, {Pid, _} = From, #state{port = Port} = State) ->
 
 -spec port_data(binary(), state()) -> state().
 port_data(Bin, State) ->
-    try binary_to_term(Bin) of
+    %% `safe': a frame can never create atoms (nor external funs) in this VM.
+    try binary_to_term(Bin, [safe]) of
         Msg -> port_message(Msg, State)
     catch
-        error:badarg ->
+        error:badarg -> bad_frame(Bin, State)
+    end.
+
+%% A frame that does not decode safely (it names an atom that does not exist,
+%% or is corrupt): its caller, if the id can be read, is answered and never
+%% left waiting.
+-spec bad_frame(binary(), state()) -> state().
+bad_frame(Bin, #state{pending = Pending} = State) ->
+    case frame_id(Bin) of
+        {ok, Id} when is_map_key(Id, Pending) ->
+            ?LOG_WARNING("pyport: undecodable reply to request ~b (~b bytes)",
+                         [Id, byte_size(Bin)]),
+            port_message({Id, error, {pyport_bad_reply, undecodable}}, State);
+        _ ->
             ?LOG_WARNING("pyport: undecodable frame from the port (~b bytes)",
                          [byte_size(Bin)]),
             State
     end.
+
+%% The id of a reply frame `{Id, _, _}' read from its first bytes: small
+%% integer, integer or small bignum, as the port writes them.
+-spec frame_id(binary()) -> {ok, integer()} | error.
+frame_id(<<131, 104, 3, 97, Id, _/binary>>) -> {ok, Id};
+frame_id(<<131, 104, 3, 98, Id:32/signed, _/binary>>) -> {ok, Id};
+frame_id(<<131, 104, 3, 110, N, 0, Digits:N/binary, _/binary>>) ->
+    {ok, binary:decode_unsigned(Digits, little)};
+frame_id(_) -> error.
 
 -spec port_message(term(), state()) -> state().
 port_message({Id, Status, Result}, #state{pending = Pending} = State)
   when is_integer(Id), (Status =:= ok orelse Status =:= error) ->
     case maps:take(Id, Pending) of
         {startup, Pending1} ->
-            startup_result(Status, Result),
-            %% Ready and set up: a later exit is not part of a crash loop.
-            State#state{pending = Pending1, startup = undefined, failures = 0};
+            startup_result(Status, Result, State#state{pending = Pending1});
         {From, Pending1} ->
             gen_server:reply(From, {Status, Result}),
             forget_owner_id(From, Id, State#state{pending = Pending1});
@@ -252,7 +297,14 @@ port_message({Id, Status, Result}, #state{pending = Pending} = State)
 port_message({pyport_log, Level, Source, Msg}, State) ->
     log_python(Level, Source, Msg),
     State;
-port_message({pyport_ready, Info}, State) when is_map(Info) ->
+port_message({pyport_heartbeat, _Seq}, State) ->
+    State;
+port_message({pyport_ready, Info0}, State) when is_map(Info0) ->
+    {Names, Info} = case maps:take(builtin_exceptions, Info0) of
+                        {N, I} -> {N, I};
+                        error -> {[], Info0}
+                    end,
+    ok = make_exception_atoms(Names),
     ?LOG_INFO("pyport: port ready (generation ~b): ~tp", [State#state.gen, Info]),
     OsPid = case maps:get(os_pid, Info, State#state.os_pid) of
                 P when is_integer(P), P > 0 -> P;
@@ -271,11 +323,93 @@ port_message(Other, State) ->
     ?LOG_WARNING("pyport: unexpected frame from the port: ~tP", [Other, 30]),
     State.
 
--spec startup_result(ok | error, term()) -> ok.
-startup_result(ok, _) ->
-    ?LOG_DEBUG("pyport: start-up code done");
-startup_result(error, Reason) ->
-    ?LOG_ERROR("pyport: start-up (sys_path / startup_code) failed: ~tp", [Reason]).
+%% Start-up code finished: send what was held, in order. Or it failed: its
+%% callers cannot be served by this port.
+-spec startup_result(ok | error, term(), state()) -> state().
+startup_result(ok, _, State) ->
+    ?LOG_DEBUG("pyport: start-up code done"),
+    cancel_timer(State#state.startup_timer),
+    %% Ready and set up: a later exit is not part of a crash loop.
+    flush_held(State#state{startup = undefined, startup_timer = undefined, failures = 0});
+startup_result(error, Reason, State) ->
+    startup_failed(Reason, State).
+
+-spec startup_failed(term(), state()) -> state().
+startup_failed(Reason, #state{port = Port, pending = Pending, owners = Owners} = State) ->
+    ?LOG_ERROR("pyport: start-up (sys_path / startup_code) failed: ~tP; "
+               "restarting the port with back-off", [Reason, 30]),
+    cancel_timer(State#state.startup_timer),
+    Exit = {startup_failed, Reason},
+    reply_all(Pending, {error, {pyport_unavailable, Exit}}),
+    maps:foreach(fun(_Pid, {MRef, _}) -> erlang:demonitor(MRef, [flush]) end, Owners),
+    _ = (catch erlang:port_close(Port)),
+    kill_group(State),
+    Gen = atomics:add_get(State#state.gen_ref, 1, 1),
+    State1 = State#state{port = undefined, pending = #{}, owners = #{}, gen = Gen,
+                         held = queue:new(), startup = undefined,
+                         startup_timer = undefined, last_exit = Exit,
+                         ready = undefined, os_pid = undefined, group_leader = false,
+                         restarts = State#state.restarts + 1,
+                         failures = max(1, State#state.failures)},
+    schedule_restart(State1).
+
+%% Sends the requests held during start-up whose callers still wait.
+-spec flush_held(state()) -> state().
+flush_held(#state{held = Held} = State) ->
+    lists:foldl(fun({Id, Frame}, S) ->
+                        case maps:is_key(Id, S#state.pending) of
+                            true -> send_held(Id, Frame, S);
+                            false -> S
+                        end
+                end, State#state{held = queue:new()}, queue:to_list(Held)).
+
+-spec send_held(request_id(), binary(), state()) -> state().
+send_held(Id, Frame, #state{port = Port, pending = Pending} = State) ->
+    try erlang:port_command(Port, Frame) of
+        true -> State
+    catch
+        error:badarg ->
+            {From, Pending1} = maps:take(Id, Pending),
+            gen_server:reply(From, {error, {pyport_unavailable, closing}}),
+            forget_owner_id(From, Id, State#state{pending = Pending1})
+    end.
+
+%% Makes atoms of the names of Python's built-in exception classes, which the
+%% port lists once, before any user code runs, so that `{python, Type, ...}'
+%% replies can carry them as atoms and still decode with `[safe]'. Bounded in
+%% number and length, and only identifiers.
+-spec make_exception_atoms(term()) -> ok.
+make_exception_atoms(Names) when is_list(Names) ->
+    lists:foreach(fun(N) ->
+                          case is_exception_name(N) of
+                              true -> _ = binary_to_atom(N, utf8), ok;
+                              false -> ok
+                          end
+                  end, lists:sublist(Names, ?MAX_BUILTIN_NAMES));
+make_exception_atoms(_) ->
+    ok.
+
+-spec is_exception_name(term()) -> boolean().
+is_exception_name(N) when is_binary(N), byte_size(N) > 0, byte_size(N) =< ?MAX_BUILTIN_NAME ->
+    lists:all(fun(C) -> (C >= $a andalso C =< $z) orelse (C >= $A andalso C =< $Z)
+                            orelse (C >= $0 andalso C =< $9) orelse C =:= $_
+              end, binary_to_list(N));
+is_exception_name(_) ->
+    false.
+
+%% Every atom that the port program may put in a frame. Frames are decoded
+%% with `[safe]', which accepts existing atoms only: these literals make sure
+%% they exist. (pytests/test_hang.py checks this list against src/.)
+-spec port_atoms() -> [atom()].
+port_atoms() ->
+    [ok, error, undefined, true, false, nan, infinity, neg_infinity,
+     python, python_object, '$pyport_shared_dict', '$pyport_bytes', found, not_found,
+     cancelled, bad_request, bad_term, unsupported_term, nesting_too_deep,
+     duplicate_key, not_callable, internal_error, reply_too_large, not_owner,
+     shared_dict_destroyed, encode_failed,
+     pyport_log, pyport_ready, pyport_heartbeat, info, warning, stdout, stderr, pyport,
+     builtin_exceptions, os_pid, workers, max_workers, generation,
+     dicts, dict_keys, dict_bytes, namespaces, busy_workers, queued, abandoned_workers].
 
 -spec log_python(term(), term(), term()) -> ok.
 log_python(Level0, Source, Msg) ->
@@ -345,9 +479,11 @@ start_port(#state{gen = Gen} = State) ->
     Args = ["--generation", integer_to_list(Gen),
             "--workers", integer_to_list(env_int(workers, 1)),
             "--max-workers", integer_to_list(env_int(max_workers, 16))]
+        ++ watchdog_arg()
         ++ optional_args([{spare_after_ms, "--spare-after-ms"},
                           {abandon_after_ms, "--abandon-after-ms"},
                           {max_abandoned_workers, "--max-abandoned"},
+                          {max_reply_bytes, "--max-reply-bytes"},
                           {oom_score_adj, "--oom-score-adj"},
                           {max_memory_bytes, "--max-memory-bytes"},
                           {max_frame_bytes, "--max-frame-bytes"}]),
@@ -361,7 +497,8 @@ start_port(#state{gen = Gen} = State) ->
                     end,
             ?LOG_INFO("pyport: started ~ts (generation ~b, os pid ~p)", [Exe, Gen, OsPid]),
             send_startup(State#state{port = Port, os_pid = OsPid, ready = undefined,
-                                     startup = undefined, group_leader = false})
+                                     startup = undefined, group_leader = false,
+                                     last_rx = now_ms(), silent_checks = 0})
     catch
         error:Reason ->
             ?LOG_ERROR("pyport: cannot start ~ts: ~tp", [Exe, Reason]),
@@ -380,7 +517,12 @@ send_startup(State) ->
         {SysPath, Code} ->
             Id = erlang:unique_integer([positive, monotonic]),
             send_frame(State, {startup, Id, SysPath, Code}),
-            State#state{pending = maps:put(Id, startup, State#state.pending), startup = Id}
+            TRef = case startup_timeout() of
+                       infinity -> undefined;
+                       T -> erlang:start_timer(T, self(), startup_timeout)
+                   end,
+            State#state{pending = maps:put(Id, startup, State#state.pending), startup = Id,
+                        startup_timer = TRef}
     catch
         error:{bad_config, Bad} ->
             ?LOG_ERROR("pyport: ignoring sys_path / startup_code: not a string: ~tp", [Bad]),
@@ -393,9 +535,8 @@ send_startup(State) ->
 -spec port_down(exit_info(), term(), state()) -> state().
 port_down(Exit, Status, #state{pending = Pending, owners = Owners} = State) ->
     kill_group(State),
-    maps:foreach(fun(_Id, startup) -> ok;
-                    (_Id, From) -> gen_server:reply(From, {error, {pyport_exit, Status}})
-                 end, Pending),
+    cancel_timer(State#state.startup_timer),
+    reply_all(Pending, {error, {pyport_exit, Status}}),
     maps:foreach(fun(_Pid, {MRef, _}) -> erlang:demonitor(MRef, [flush]) end, Owners),
     Gen = atomics:add_get(State#state.gen_ref, 1, 1),
     ?LOG_ERROR("pyport: port program exited (~tp) with ~b request(s) pending; "
@@ -403,8 +544,82 @@ port_down(Exit, Status, #state{pending = Pending, owners = Owners} = State) ->
     State1 = State#state{port = undefined, pending = #{}, owners = #{}, gen = Gen,
                          restarts = State#state.restarts + 1, last_exit = Exit,
                          ready = undefined, startup = undefined, os_pid = undefined,
-                         group_leader = false},
+                         group_leader = false, held = queue:new(),
+                         startup_timer = undefined},
     schedule_restart(State1).
+
+-spec reply_all(#{request_id() => waiter()}, term()) -> ok.
+reply_all(Pending, Reply) ->
+    maps:foreach(fun(_Id, startup) -> ok;
+                    (_Id, From) -> gen_server:reply(From, Reply)
+                 end, Pending).
+
+%%====================================================================
+%% Liveness
+%%====================================================================
+
+-spec schedule_heartbeat(state()) -> state().
+schedule_heartbeat(State) ->
+    case heartbeat_timeout() of
+        infinity -> State;
+        Timeout -> erlang:send_after(check_interval(Timeout), self(), heartbeat), State
+    end.
+
+%% Each check asks the port for a heartbeat and counts the checks that found
+%% it silent for the whole timeout; two in a row and the port is replaced. A
+%% check that runs late (the VM itself was paused) proves nothing about the
+%% port: it starts the count again.
+-spec check_liveness(state()) -> state().
+check_liveness(#state{port = undefined} = State) ->
+    State#state{last_check = now_ms(), silent_checks = 0};
+check_liveness(#state{last_check = LastCheck, last_rx = LastRx} = State) ->
+    Now = now_ms(),
+    case heartbeat_timeout() of
+        infinity ->
+            State#state{last_check = Now};
+        Timeout ->
+            Late = Now - LastCheck > 2 * check_interval(Timeout),
+            Silent = Now - LastRx >= Timeout,
+            Seq = State#state.heartbeat_seq + 1,
+            send_frame(State, {heartbeat, Seq}),
+            State1 = State#state{last_check = Now, heartbeat_seq = Seq},
+            if
+                Late -> State1#state{silent_checks = 0, last_rx = Now};
+                not Silent -> State1#state{silent_checks = 0};
+                State#state.silent_checks + 1 >= 2 -> unresponsive(Now - LastRx, State1);
+                true -> State1#state{silent_checks = State#state.silent_checks + 1}
+            end
+    end.
+
+%% The port has not answered for too long (stopped, or its reader stuck): kill
+%% it with its process group and restart, as if it had been killed by SIGKILL.
+-spec unresponsive(integer(), state()) -> state().
+unresponsive(SilentMs, #state{port = Port, os_pid = OsPid} = State) ->
+    ?LOG_ERROR("pyport: the port program (os pid ~p) has not answered for ~b ms; "
+               "killing it", [OsPid, SilentMs]),
+    kill_port_program(State),
+    _ = (catch erlang:port_close(Port)),
+    port_down({exit_status, 137}, 137, State#state{group_leader = false}).
+
+-spec heartbeat_timeout() -> pos_integer() | infinity.
+heartbeat_timeout() ->
+    case application:get_env(pyport, heartbeat_timeout_ms) of
+        {ok, infinity} -> infinity;
+        {ok, N} when is_integer(N), N > 0 -> N;
+        _ -> 5000
+    end.
+
+-spec check_interval(pos_integer()) -> pos_integer().
+check_interval(Timeout) ->
+    max(10, Timeout div 2).
+
+-spec now_ms() -> integer().
+now_ms() ->
+    erlang:monotonic_time(millisecond).
+
+-spec cancel_timer(reference() | undefined) -> ok.
+cancel_timer(undefined) -> ok;
+cancel_timer(TRef) -> _ = erlang:cancel_timer(TRef), ok.
 
 %% First failure after a healthy port: restart now. While ports keep dying
 %% before they are ready (and through their start-up code): 100 ms, 200 ms,
@@ -425,6 +640,15 @@ kill_group(#state{group_leader = true, os_pid = OsPid}) when is_integer(OsPid) -
     _ = os:cmd("kill -9 -" ++ integer_to_list(OsPid) ++ " 2>/dev/null"),
     ok;
 kill_group(_State) ->
+    ok.
+
+%% SIGKILL for the port program and its group, whether or not it leads one.
+-spec kill_port_program(state()) -> ok.
+kill_port_program(#state{os_pid = OsPid} = State) when is_integer(OsPid) ->
+    kill_group(State),
+    _ = os:cmd("kill -9 " ++ integer_to_list(OsPid) ++ " 2>/dev/null"),
+    ok;
+kill_port_program(_State) ->
     ok.
 
 -spec is_group_leader(non_neg_integer() | undefined) -> boolean().
@@ -468,6 +692,22 @@ optional_args(Keys) ->
                   || {Key, Flag} <- Keys,
                      {ok, N} <- [application:get_env(pyport, Key)],
                      is_integer(N), N >= 0]).
+
+-spec startup_timeout() -> timeout().
+startup_timeout() ->
+    case application:get_env(pyport, startup_timeout_ms) of
+        {ok, T} when T =:= infinity; is_integer(T), T >= 0 -> T;
+        _ -> 60000
+    end.
+
+%% --gil-watchdog-ms: `infinity' turns the watchdog off (0 for the port).
+-spec watchdog_arg() -> [string()].
+watchdog_arg() ->
+    case application:get_env(pyport, gil_watchdog_ms) of
+        {ok, infinity} -> ["--gil-watchdog-ms", "0"];
+        {ok, N} when is_integer(N), N > 0 -> ["--gil-watchdog-ms", integer_to_list(N)];
+        _ -> []
+    end.
 
 -spec env_int(atom(), integer()) -> integer().
 env_int(Key, Default) ->

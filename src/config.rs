@@ -4,7 +4,8 @@ use std::time::Duration;
 
 pub const USAGE: &str = "usage: pyport [--generation N] [--workers N] [--max-workers N] \
 [--spare-after-ms N] [--spare-idle-ms N] [--max-frame-bytes N] [--abandon-after-ms N] \
-[--max-abandoned N] [--oom-score-adj N] [--max-memory-bytes N]";
+[--max-abandoned N] [--gil-watchdog-ms N] [--max-reply-bytes N] [--oom-score-adj N] \
+[--max-memory-bytes N]";
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
@@ -18,6 +19,11 @@ pub struct Config {
     pub abandon_after: Duration,
     /// More abandoned workers than this: the port exits so that it is restarted.
     pub max_abandoned: usize,
+    /// How long a cancellation may wait for the GIL before the port gives up; `None`: for
+    /// ever (`--gil-watchdog-ms 0`).
+    pub gil_watchdog: Option<Duration>,
+    /// Largest reply frame; a larger result fails its own request only.
+    pub max_reply: usize,
     pub oom_score_adj: i32,
     /// RLIMIT_AS in bytes; 0 for none.
     pub max_memory: u64,
@@ -33,7 +39,9 @@ impl Default for Config {
             spare_idle: Duration::from_secs(30),
             max_frame: 1 << 30,
             abandon_after: Duration::from_secs(2),
-            max_abandoned: 4,
+            max_abandoned: 64,
+            gil_watchdog: Some(Duration::from_secs(5)),
+            max_reply: 1 << 30,
             oom_score_adj: 500,
             max_memory: 0,
         }
@@ -56,6 +64,8 @@ impl Config {
                 "--max-frame-bytes" => cfg.max_frame = n as usize,
                 "--abandon-after-ms" => cfg.abandon_after = Duration::from_millis(n),
                 "--max-abandoned" => cfg.max_abandoned = n as usize,
+                "--gil-watchdog-ms" => cfg.gil_watchdog = (n > 0).then(|| Duration::from_millis(n)),
+                "--max-reply-bytes" => cfg.max_reply = n as usize,
                 "--oom-score-adj" => cfg.oom_score_adj = n.min(1000) as i32,
                 "--max-memory-bytes" => cfg.max_memory = n,
                 _ => return Err(format!("unknown option {flag}")),
@@ -82,6 +92,9 @@ mod tests {
         assert_eq!(parse(&[]).unwrap(), Config::default());
         let c = parse(&["--workers", "4", "--max-workers", "2", "--generation", "7"]).unwrap();
         assert_eq!((c.workers, c.max_workers, c.generation), (4, 4, 7));
+        let c = parse(&["--gil-watchdog-ms", "0", "--max-reply-bytes", "100"]).unwrap();
+        assert_eq!((c.gil_watchdog, c.max_reply), (None, 100));
+        assert_eq!(parse(&["--gil-watchdog-ms", "250"]).unwrap().gil_watchdog, Some(Duration::from_millis(250)));
     }
 
     #[test]

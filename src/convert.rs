@@ -13,6 +13,7 @@ use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::types::{
     PyBool, PyByteArray, PyBytes, PyDict, PyFloat, PyFrozenSet, PyInt, PyList, PySet, PyString, PyTuple,
+    PyType,
 };
 use std::collections::HashSet;
 
@@ -610,12 +611,20 @@ fn put_handle(out: &mut Vec<u8>, h: &Handle) {
     etf::put_binary(out, &h.token);
 }
 
-/// Objects with no mapping become `{python_object, TypeName, Repr}`.
-fn encode_unknown(obj: &Bound<'_, PyAny>, out: &mut Vec<u8>) -> Result<()> {
-    let ty = obj.get_type();
+/// A class's module-qualified name (`decimal.Decimal`, `__main__.Thing`); builtins unqualified.
+pub fn type_name(ty: &Bound<'_, PyType>) -> String {
     let module: String = ty.module().map(|m| m.to_string()).unwrap_or_default();
     let qualname: String = ty.qualname().map(|q| q.to_string()).unwrap_or_else(|_| "?".into());
-    let type_name = if module.is_empty() || module == "builtins" { qualname } else { format!("{module}.{qualname}") };
+    if module.is_empty() || module == "builtins" {
+        qualname
+    } else {
+        format!("{module}.{qualname}")
+    }
+}
+
+/// Objects with no mapping become `{python_object, TypeName, Repr}`.
+fn encode_unknown(obj: &Bound<'_, PyAny>, out: &mut Vec<u8>) -> Result<()> {
+    let type_name = type_name(&obj.get_type());
     let repr = match obj.repr() {
         Ok(r) => r.to_string_lossy().into_owned(),
         Err(_) => format!("<{type_name} object (repr failed)>"),

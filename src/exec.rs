@@ -12,9 +12,10 @@ use parking_lot::Mutex;
 use pyo3::ffi;
 use pyo3::intern;
 use pyo3::prelude::*;
-use pyo3::types::{PyCode, PyDict, PyList, PyModule, PyString, PyTuple};
+use pyo3::types::{PyCode, PyDict, PyList, PyModule, PyString, PyTuple, PyType};
 use std::collections::HashMap;
 use std::ffi::CString;
+use std::sync::OnceLock;
 
 /// Compiled code objects are cached by source text; this bounds the cache for programs that
 /// generate code (the cache is simply emptied when full).
@@ -75,12 +76,13 @@ impl Interp {
         if let Some(c) = self.code_cache.lock()[mode as usize].get(code) {
             return Ok(c.bind(py).clone());
         }
-        let src = CString::new(code)
-            .map_err(|_| pyo3::exceptions::PyValueError::new_err("source code contains a NUL byte"))?;
-        let start = match mode {
-            Mode::Eval => ffi::Py_eval_input,
-            Mode::Exec => ffi::Py_file_input,
+        let (source, start) = match mode {
+            // As Python's own eval() does, leading spaces and tabs do not count as indentation.
+            Mode::Eval => (code.trim_start_matches([' ', '\t']), ffi::Py_eval_input),
+            Mode::Exec => (code, ffi::Py_file_input),
         };
+        let src = CString::new(source)
+            .map_err(|_| pyo3::exceptions::PyValueError::new_err("source code contains a NUL byte"))?;
         // SAFETY: GIL held; both strings are NUL-terminated and outlive the call.
         let compiled = unsafe {
             let ptr = ffi::Py_CompileString(src.as_ptr(), c"<pyport>".as_ptr(), start);
@@ -128,11 +130,44 @@ impl Interp {
             let args = args.cast::<PyList>().map_err(|_| Failure::bad("Args must be a list"))?;
             let kwargs = pair.get_item(1)?;
             let kwargs = kwargs.cast::<PyDict>().map_err(|_| Failure::bad("Kwargs must be a map"))?;
+            if module == "builtins" && kwargs.is_empty() {
+                if let Some(value) = self.frame_builtin(py, owner, function, &target, args)? {
+                    return Ok(value);
+                }
+            }
             let args = PyTuple::new(py, args.iter())?;
             let kwargs = if kwargs.is_empty() { None } else { Some(kwargs) };
             Ok(target.call(args, kwargs)?)
         })();
         finish(py, id, result)
+    }
+
+    /// The builtins that read the calling frame (`eval`, `exec`, `vars`, `dir`, `locals`,
+    /// `globals`) have no frame when called from here ("frame does not exist"). Called
+    /// without the arguments that name a namespace, they get the caller's namespace, as if
+    /// called from code run by `exec`. Returns None for every other call.
+    fn frame_builtin<'py>(
+        &self,
+        py: Python<'py>,
+        owner: &Owner,
+        function: &str,
+        target: &Bound<'py, PyAny>,
+        args: &Bound<'py, PyList>,
+    ) -> PyResult<Option<Bound<'py, PyAny>>> {
+        let value = match (function, args.len()) {
+            ("eval" | "exec", 1) => {
+                let ns = self.namespace(py, owner)?;
+                target.call1((args.get_item(0)?, ns))?
+            }
+            ("vars" | "locals" | "globals", 0) => self.namespace(py, owner)?.into_any(),
+            ("dir", 0) => {
+                let names = self.namespace(py, owner)?.keys();
+                names.sort()?;
+                names.into_any()
+            }
+            _ => return Ok(None),
+        };
+        Ok(Some(value))
     }
 
     fn resolve<'py>(&self, py: Python<'py>, owner: &Owner, module: &str, function: &str) -> Result<Bound<'py, PyAny>, Failure> {
@@ -298,17 +333,48 @@ pub fn failure_reason(py: Python<'_>, f: Failure) -> Term {
     }
 }
 
+/// The built-in exception classes, by type object address, as they were when the port
+/// started (before any user code could add to `builtins`). Their names are atoms in Erlang.
+static BUILTIN_EXCEPTIONS: OnceLock<HashMap<usize, String>> = OnceLock::new();
+
+/// Records the built-in exception classes; returns their names for the ready frame, so that
+/// the Erlang side can make those atoms (and only those) before any reply names one.
+pub fn snapshot_builtin_exceptions(py: Python<'_>) -> PyResult<Vec<String>> {
+    let base = py.get_type::<pyo3::exceptions::PyBaseException>();
+    let mut found = HashMap::new();
+    for (name, value) in py.import("builtins")?.dict().iter() {
+        if let Ok(ty) = value.cast::<PyType>() {
+            if ty.is_subclass(&base)? {
+                found.insert(ty.as_ptr() as usize, name.extract::<String>()?);
+            }
+        }
+    }
+    let mut names: Vec<String> = found.values().cloned().collect();
+    names.sort();
+    let _ = BUILTIN_EXCEPTIONS.set(found);
+    Ok(names)
+}
+
 /// `{python, Type, Message, Traceback}`; the cancellation exception becomes `cancelled`.
+/// `Type` is an atom for a built-in class and a binary of the qualified name for any other:
+/// class names are chosen by Python code, and atoms are never collected.
 pub fn python_error(py: Python<'_>, e: &PyErr) -> Term {
     if e.is_instance_of::<CallCancelled>(py) {
         return atom("cancelled");
     }
     let ty = e.get_type(py);
-    let name = ty.name().map(|n| n.to_string()).unwrap_or_else(|_| "Exception".into());
+    let builtin = BUILTIN_EXCEPTIONS.get().and_then(|b| b.get(&(ty.as_ptr() as usize)));
+    let (type_term, name) = match builtin {
+        Some(name) => (atom(name), name.clone()),
+        None => {
+            let name = convert::type_name(&ty);
+            (binary(name.as_bytes()), name)
+        }
+    };
     let value = e.value(py);
     let message = value.str().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
     let traceback = format_traceback(py, e).unwrap_or_else(|| format!("{name}: {message}\n"));
-    tuple(vec![atom("python"), atom(&name), binary(message.as_bytes()), binary(traceback.as_bytes())])
+    tuple(vec![atom("python"), type_term, binary(message.as_bytes()), binary(traceback.as_bytes())])
 }
 
 fn format_traceback(py: Python<'_>, e: &PyErr) -> Option<String> {

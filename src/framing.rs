@@ -85,12 +85,13 @@ impl Outbox {
 
     pub fn send(&self, frame: Vec<u8>) {
         // The writer thread lives as long as the process.
-        let _ = self.queue.send(Outgoing::Frame(frame));
+        let _ = self.queue.send(Outgoing::Frame(crate::protocol::limit_reply(frame)));
     }
 
-    pub fn send_now(&self, frame: &[u8]) {
+    pub fn send_now(&self, frame: Vec<u8>) {
+        let frame = crate::protocol::limit_reply(frame);
         let mut w = self.direct.lock();
-        if write_frame(&mut *w, frame).and_then(|_| w.flush()).is_err() {
+        if write_frame(&mut *w, &frame).and_then(|_| w.flush()).is_err() {
             // Erlang closed the port or died: nothing left to serve.
             crate::shutdown::exit_now(0);
         }

@@ -1,13 +1,18 @@
 //! pyport: runs Python for an Erlang VM, as a port program.
 //!
-//! Threads: the main thread reads request frames and routes them; worker threads run Python
-//! (see `pool`); one thread serves Erlang-side SharedDict get/set; one writes reply frames;
-//! two drain Python's stdout and stderr into log frames. docs/PROTOCOL.md is the contract.
+//! Threads: the main thread reads request frames and routes them, and answers heartbeats,
+//! stats and SharedDict bookkeeping itself, never waiting for the GIL; worker threads run
+//! Python (see `pool`); a canceller that never takes the GIL and a raiser that does deliver
+//! cancellations, and the canceller is the GIL watchdog (see `cancel`); one thread serves
+//! Erlang-side SharedDict get/set; one writes reply frames; two drain Python's stdout and
+//! stderr into log frames. docs/PROTOCOL.md is the contract.
 
+mod cancel;
 mod config;
 mod convert;
 mod etf;
 mod exec;
+mod forks;
 mod framing;
 #[cfg(test)]
 mod fuzz;
@@ -24,6 +29,7 @@ mod stdio;
 use crate::config::Config;
 use crate::exec::{Interp, Mode};
 use crate::framing::{FrameReader, Outbox, ReadError};
+use crate::cancel::CancelConfig;
 use crate::pool::{Job, Pool, PoolConfig};
 use crate::protocol::Request;
 use crate::registry::Registry;
@@ -53,6 +59,9 @@ fn main() {
         libc::signal(libc::SIGCHLD, libc::SIG_DFL);
         libc::signal(libc::SIGINT, libc::SIG_IGN);
     }
+    if let Err(e) = forks::die_with_parent() {
+        eprintln!("pyport: cannot ask to die with the VM: {e}");
+    }
     let (proto, captured) = match stdio::take_over() {
         Ok(x) => x,
         Err(e) => {
@@ -60,6 +69,11 @@ fn main() {
             std::process::exit(EXIT_IO);
         }
     };
+    if let Err(e) = forks::protect_protocol(proto.input.as_raw_fd(), proto.output.as_raw_fd()) {
+        eprintln!("pyport: cannot protect the protocol from forks: {e}");
+        std::process::exit(EXIT_IO);
+    }
+    protocol::set_max_reply(cfg.max_reply);
     let out_tx = match Outbox::start(proto.output) {
         Ok(o) => o,
         Err(e) => {
@@ -86,7 +100,11 @@ fn main() {
         Err(e) => fatal(&out_tx, EXIT_IO, &format!("cannot start threads: {e}")),
     };
     let version = pyo3::Python::version_str().split_whitespace().next().unwrap_or("").to_string();
-    router.send(protocol::ready_frame(&version, cfg.workers, cfg.max_workers, cfg.generation));
+    let builtin_exceptions = match pyo3::Python::attach(exec::snapshot_builtin_exceptions) {
+        Ok(names) => names,
+        Err(e) => fatal(&out_tx, EXIT_PYTHON_INIT, &format!("cannot list the built-in exceptions: {e}")),
+    };
+    router.send(protocol::ready_frame(&version, cfg.workers, cfg.max_workers, cfg.generation, &builtin_exceptions));
 
     let input_fd = proto.input.as_raw_fd();
     if let Err(e) = shutdown::exit_on_hangup(input_fd) {
@@ -135,8 +153,11 @@ impl Router {
             max: cfg.max_workers,
             spare_after: cfg.spare_after,
             spare_idle: cfg.spare_idle,
-            abandon_after: cfg.abandon_after,
-            max_abandoned: cfg.max_abandoned,
+            cancel: CancelConfig {
+                abandon_after: cfg.abandon_after,
+                max_abandoned: cfg.max_abandoned,
+                gil_watchdog: cfg.gil_watchdog,
+            },
         };
         let pool = Pool::start(pool_cfg, interp.clone(), out.clone())?;
         let pickler = shared_dict::start_pickler(out.clone())?;
@@ -169,13 +190,16 @@ impl Router {
                 self.pool.owner_down(&owner);
             }
             Request::Stats { id } => self.send(self.stats(id)),
+            Request::Heartbeat { seq } => self.send(protocol::heartbeat_frame(seq)),
             Request::SdNew { id, owner } => self.send(shared_dict::new(id, owner)),
             Request::SdGet { id, handle, key } => self.pickle(PickleJob::Get { id, handle, key }),
             Request::SdSet { id, handle, key, payload } => self.pickle(PickleJob::Set { id, handle, key, payload }),
             Request::SdDel { id, handle, key } => self.send(shared_dict::del(id, &handle, &key)),
             Request::SdKeys { id, handle } => self.send(shared_dict::keys(id, &handle)),
             Request::SdDestroy { id, handle } => self.send(shared_dict::destroy(id, &handle)),
-            Request::SdGiveAway { id, handle, owner } => self.send(shared_dict::give_away(id, &handle, owner)),
+            Request::SdGiveAway { id, handle, owner, caller } => {
+                self.send(shared_dict::give_away(id, &handle, owner, caller.as_ref()))
+            }
         }
     }
 

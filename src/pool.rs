@@ -9,19 +9,16 @@
 //!   (thread-locals survive between calls); it detaches only while waiting for a job. It
 //!   never blocks on a channel or a lock that another thread holds while waiting for the
 //!   GIL: that deadlocked `threading.Thread.start()` in the prototype.
-//! * Cancelling a running request raises `erlang.CallCancelled` in its worker with
-//!   `PyThreadState_SetAsyncExc`, only while that same request still runs there (checked
-//!   under the GIL), and any pending one is cleared before the worker's next request.
+//! * Cancellation, write-offs of stuck workers and the GIL watchdog live in `cancel`; the
+//!   pool reports to it which request runs where, and clears a cancellation that arrived
+//!   too late before a worker's next request.
 
+use crate::cancel::{CancelConfig, Canceller, Running, Slot};
 use crate::exec::{Frame, Interp, Mode};
 use crate::framing::Outbox;
 use crate::protocol::{self, atom, binary, tuple, Owner};
-use crate::pymodule::CallCancelled;
-use crossbeam_channel::{bounded, unbounded, Receiver, RecvTimeoutError, Sender};
-use parking_lot::Mutex;
-use pyo3::ffi;
+use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
 use pyo3::prelude::*;
-use std::collections::{HashMap, HashSet};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -43,6 +40,19 @@ impl Job {
         match self {
             Job::Call { owner, .. } | Job::Code { owner, .. } => Some(owner),
             Job::Startup { .. } => None,
+        }
+    }
+
+    /// What the job runs, for the logs when it gets stuck.
+    fn describe(&self) -> String {
+        match self {
+            Job::Call { module, function, .. } => format!("call {}", clip(&format!("{module}.{function}"))),
+            Job::Code { code, mode, .. } => {
+                let verb = if *mode == Mode::Eval { "eval" } else { "exec" };
+                let first = code.lines().map(str::trim).find(|l| !l.is_empty()).unwrap_or("");
+                format!("{verb} {}", clip(first))
+            }
+            Job::Startup { .. } => "start-up code".to_string(),
         }
     }
 
@@ -69,48 +79,7 @@ pub struct PoolConfig {
     pub max: usize,
     pub spare_after: Duration,
     pub spare_idle: Duration,
-    pub abandon_after: Duration,
-    pub max_abandoned: usize,
-}
-
-/// Exit status when too many workers are stuck in code that ignores cancellation.
-pub const EXIT_STUCK_WORKERS: i32 = 6;
-
-/// A worker thread as the canceller sees it.
-struct Slot {
-    /// CPython's id for the thread (`threading.get_ident()`).
-    ident: std::os::raw::c_ulong,
-}
-
-#[derive(Default)]
-struct Tracking {
-    queued: HashSet<u64>,
-    /// Cancelled while queued: the worker that dequeues them skips them.
-    cancelled: HashSet<u64>,
-    running: HashMap<u64, Arc<Slot>>,
-    /// Running requests that ignored their cancellation: their workers are written off
-    /// (they no longer count against `max`) until the code returns, if ever.
-    abandoned: HashSet<u64>,
-    /// Jobs queued or running per owner.
-    inflight: HashMap<Owner, usize>,
-    /// Owners reported dead while jobs of theirs were still queued or running: their
-    /// namespace is freed when the last one is done (freeing it earlier let a running job
-    /// recreate it, and it leaked). Their jobs that have not started are skipped.
-    dead: HashSet<Owner>,
-}
-
-impl Tracking {
-    /// One job of `owner` is done (run or skipped). Returns true when the owner is dead and
-    /// this was its last job: its namespace can go now.
-    fn job_done(&mut self, owner: &Owner) -> bool {
-        let Some(n) = self.inflight.get_mut(owner) else { return false };
-        *n -= 1;
-        if *n > 0 {
-            return false;
-        }
-        self.inflight.remove(owner);
-        self.dead.remove(owner)
-    }
+    pub cancel: CancelConfig,
 }
 
 pub struct Pool {
@@ -121,9 +90,8 @@ pub struct Pool {
     cfg: PoolConfig,
     total: AtomicUsize,
     idle: AtomicUsize,
-    tracking: Mutex<Tracking>,
+    canceller: Arc<Canceller>,
     kick_tx: Sender<()>,
-    cancel_tx: Sender<u64>,
 }
 
 /// Counters for `stats`.
@@ -139,7 +107,11 @@ impl Pool {
     pub fn start(cfg: PoolConfig, interp: Arc<Interp>, out: Outbox) -> std::io::Result<Arc<Pool>> {
         let (jobs_tx, jobs_rx) = unbounded();
         let (kick_tx, kick_rx) = bounded(1);
-        let (cancel_tx, cancel_rx) = unbounded();
+        // A written-off worker no longer counts: the manager may start a spare in its place.
+        let kick = kick_tx.clone();
+        let canceller = Canceller::start(cfg.cancel, out.clone(), move || {
+            let _ = kick.try_send(());
+        })?;
         let pool = Arc::new(Pool {
             jobs_tx,
             jobs_rx,
@@ -148,25 +120,20 @@ impl Pool {
             cfg,
             total: AtomicUsize::new(0),
             idle: AtomicUsize::new(0),
-            tracking: Mutex::new(Tracking::default()),
+            canceller,
             kick_tx,
-            cancel_tx,
         });
         for _ in 0..cfg.hot.max(1) {
             pool.spawn_worker(true)?;
         }
         let p = pool.clone();
         thread::Builder::new().name("pyport-spares".into()).spawn(move || p.manage_spares(kick_rx))?;
-        let p = pool.clone();
-        thread::Builder::new()
-            .name("pyport-cancel".into())
-            .spawn(move || p.cancel_loop(cancel_rx))?;
         Ok(pool)
     }
 
     pub fn submit(&self, job: Job) {
         {
-            let mut t = self.tracking.lock();
+            let mut t = self.canceller.tracking.lock();
             t.queued.insert(job.id());
             if let Some(owner) = job.owner() {
                 *t.inflight.entry(owner.clone()).or_insert(0) += 1;
@@ -183,7 +150,7 @@ impl Pool {
     /// its are queued or running, when the last of them is done.
     pub fn owner_down(&self, owner: &Owner) {
         let busy = {
-            let mut t = self.tracking.lock();
+            let mut t = self.canceller.tracking.lock();
             let busy = t.inflight.contains_key(owner);
             if busy {
                 t.dead.insert(owner.clone());
@@ -197,13 +164,13 @@ impl Pool {
 
     /// Asks for request `id` to be cancelled (returns at once; the work needs the GIL).
     pub fn cancel(&self, id: u64) {
-        let _ = self.cancel_tx.send(id);
+        self.canceller.cancel(id);
     }
 
     pub fn stats(&self) -> PoolStats {
         let workers = self.total.load(Ordering::Relaxed);
         let idle = self.idle.load(Ordering::Relaxed);
-        let abandoned = self.tracking.lock().abandoned.len();
+        let abandoned = self.canceller.abandoned();
         PoolStats { workers, busy: workers.saturating_sub(idle), queued: self.jobs_rx.len(), abandoned }
     }
 
@@ -228,7 +195,7 @@ impl Pool {
                 if self.jobs_rx.is_empty() || self.idle.load(Ordering::Acquire) > 0 {
                     break;
                 }
-                let written_off = self.tracking.lock().abandoned.len();
+                let written_off = self.canceller.abandoned();
                 let counted = self.total.load(Ordering::Acquire).saturating_sub(written_off);
                 if counted >= self.cfg.max || self.spawn_worker(false).is_err() {
                     break;
@@ -239,8 +206,7 @@ impl Pool {
 
     fn worker_loop(self: Arc<Self>, hot: bool) {
         Python::attach(|py| {
-            // SAFETY: plain query of the current thread's id.
-            let slot = Arc::new(Slot { ident: unsafe { ffi::PyThread_get_thread_ident() } });
+            let slot = Arc::new(Slot::current());
             let mut reply: Option<Frame> = None;
             loop {
                 self.idle.fetch_add(1, Ordering::AcqRel);
@@ -284,7 +250,7 @@ impl Pool {
     /// queue it, so that the writer batches replies into few writes.
     fn deliver(&self, frame: Frame) {
         if self.jobs_rx.is_empty() {
-            self.out.send_now(&frame);
+            self.out.send_now(frame);
         } else {
             self.out.send(frame);
         }
@@ -293,7 +259,7 @@ impl Pool {
     fn run_tracked(&self, py: Python<'_>, slot: &Arc<Slot>, job: &Job) -> Frame {
         let id = job.id();
         {
-            let mut t = self.tracking.lock();
+            let mut t = self.canceller.tracking.lock();
             t.queued.remove(&id);
             let owner_dead = job.owner().is_some_and(|o| t.dead.contains(o));
             if t.cancelled.remove(&id) || owner_dead {
@@ -304,14 +270,19 @@ impl Pool {
                 }
                 return protocol::error_frame(Some(id), atom("cancelled"));
             }
-            t.running.insert(id, slot.clone());
+            t.running.insert(id, Running::new(slot.clone(), job.owner().cloned(), job.describe()));
         }
         let frame = catch_unwind(AssertUnwindSafe(|| job.run(py, &self.interp))).unwrap_or_else(|panic| {
             let msg = panic_message(&panic);
             protocol::error_frame(Some(id), tuple(vec![atom("internal_error"), binary(msg.as_bytes())]))
         });
+        if crate::forks::in_forked_child() {
+            // Python code forked and the child returned here: the rest is the parent's.
+            // SAFETY: _exit ends the child without touching state it shares with the parent.
+            unsafe { libc::_exit(0) }
+        }
         let free_namespace = {
-            let mut t = self.tracking.lock();
+            let mut t = self.canceller.tracking.lock();
             t.running.remove(&id);
             t.cancelled.remove(&id);
             t.abandoned.remove(&id);
@@ -321,96 +292,8 @@ impl Pool {
             self.interp.drop_namespace(owner);
         }
         // A cancel that arrived after the code finished must not hit the next request.
-        // SAFETY: GIL held; a NULL exception clears the thread's pending async exception.
-        unsafe {
-            ffi::PyThreadState_SetAsyncExc(slot.ident as _, std::ptr::null_mut());
-        }
+        slot.clear_pending_cancel(py);
         frame
-    }
-
-    /// Serves cancel requests, then watches each cancelled request: one still running
-    /// `abandon_after` later is stuck in code that ignores the exception (a C call such as a
-    /// long `time.sleep`), so its worker is written off and a spare serves in its place.
-    fn cancel_loop(&self, requests: Receiver<u64>) {
-        let mut watch: Vec<(u64, Arc<Slot>, Instant)> = Vec::new();
-        loop {
-            let next = watch.iter().map(|w| w.2).min();
-            let received = match next {
-                None => requests.recv().map_err(|_| RecvTimeoutError::Disconnected),
-                Some(deadline) => requests.recv_deadline(deadline),
-            };
-            match received {
-                Ok(id) => {
-                    if let Some(slot) = self.cancel_now(id) {
-                        watch.push((id, slot, Instant::now() + self.cfg.abandon_after));
-                    }
-                }
-                Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => return,
-            }
-            let now = Instant::now();
-            let (due, later): (Vec<_>, Vec<_>) = watch.drain(..).partition(|w| w.2 <= now);
-            watch = later;
-            for (id, slot, _) in due {
-                self.abandon_if_still_running(id, &slot);
-            }
-        }
-    }
-
-    /// Cancels a queued request, or raises `CallCancelled` in the worker running it (and
-    /// returns that worker, to be watched).
-    fn cancel_now(&self, id: u64) -> Option<Arc<Slot>> {
-        let slot = {
-            let mut t = self.tracking.lock();
-            if t.queued.remove(&id) {
-                t.cancelled.insert(id);
-                return None;
-            }
-            t.running.get(&id)?.clone() // None: already answered
-        };
-        Python::attach(|py| {
-            // Fetched before taking the lock: the first fetch creates the type, which can
-            // run Python code and let another thread take the GIL, and that thread may be a
-            // worker waiting for this very lock (a deadlock the fault suite caught).
-            let exc = py.get_type::<CallCancelled>();
-            // Holding the GIL, the worker cannot finish this request and start another
-            // between our check and the raise.
-            let t = self.tracking.lock();
-            if t.running.get(&id).is_some_and(|s| Arc::ptr_eq(s, &slot)) {
-                // SAFETY: GIL held; the type object stays alive for the call.
-                unsafe {
-                    ffi::PyThreadState_SetAsyncExc(slot.ident as _, exc.as_ptr());
-                }
-            }
-        });
-        Some(slot)
-    }
-
-    fn abandon_if_still_running(&self, id: u64, slot: &Arc<Slot>) {
-        let abandoned = {
-            let mut t = self.tracking.lock();
-            if !t.running.get(&id).is_some_and(|s| Arc::ptr_eq(s, slot)) {
-                return;
-            }
-            t.abandoned.insert(id);
-            t.abandoned.len()
-        };
-        let msg = format!(
-            "request {id} ignored its cancellation for {} ms (blocked in C code?); its worker is \
-             abandoned and a spare serves instead ({abandoned} abandoned, limit {})",
-            self.cfg.abandon_after.as_millis(),
-            self.cfg.max_abandoned
-        );
-        self.out.log("warning", "pyport", msg.as_bytes());
-        // Only a full house of stuck workers warrants a restart.
-        if abandoned > self.cfg.max_abandoned {
-            let msg = format!("{abandoned} workers are stuck in code that ignores cancellation: restarting the port");
-            self.out.log("error", "pyport", msg.as_bytes());
-            self.out.exit(EXIT_STUCK_WORKERS);
-        }
-        if self.idle.load(Ordering::Acquire) == 0 && !self.jobs_rx.is_empty() {
-            let _ = self.kick_tx.try_send(());
-        }
     }
 }
 
@@ -430,6 +313,15 @@ pub fn spin_for_job<T>(rx: &Receiver<T>) -> Option<T> {
             return None;
         }
         std::hint::spin_loop();
+    }
+}
+
+/// Cuts a string for a log line.
+fn clip(s: &str) -> String {
+    const MAX: usize = 120;
+    match s.char_indices().nth(MAX) {
+        Some((at, _)) => format!("{}...", &s[..at]),
+        None => s.to_string(),
     }
 }
 

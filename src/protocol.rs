@@ -9,6 +9,7 @@
 use crate::etf::{self, Limits, TermError};
 use eetf::{Atom, Binary, FixInteger, Pid, Term, Tuple};
 use std::fmt;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// The process that owns state (a namespace, dicts) in the port.
 pub type Owner = Pid;
@@ -37,8 +38,10 @@ pub enum Request {
     SdDel { id: u64, handle: Handle, key: Vec<u8> },
     SdKeys { id: u64, handle: Handle },
     SdDestroy { id: u64, handle: Handle },
-    SdGiveAway { id: u64, handle: Handle, owner: Owner },
+    /// `caller`, when given, must own the dict (as only the owner may `ets:give_away/3`).
+    SdGiveAway { id: u64, handle: Handle, owner: Owner, caller: Option<Owner> },
     Cancel { id: u64 },
+    Heartbeat { seq: u64 },
     OwnerDown { owner: Owner },
 }
 
@@ -124,8 +127,17 @@ pub fn decode_request(frame: &[u8]) -> Result<Request, BadRequest> {
         ("sd_del", 4) => Ok(Request::SdDel { id: f.id()?, handle: f.handle(2)?, key: f.bytes(3)? }),
         ("sd_keys", 3) => Ok(Request::SdKeys { id: f.id()?, handle: f.handle(2)? }),
         ("sd_destroy", 3) => Ok(Request::SdDestroy { id: f.id()?, handle: f.handle(2)? }),
-        ("sd_give_away", 4) => Ok(Request::SdGiveAway { id: f.id()?, handle: f.handle(2)?, owner: f.pid(3)? }),
+        ("sd_give_away", 4) => {
+            Ok(Request::SdGiveAway { id: f.id()?, handle: f.handle(2)?, owner: f.pid(3)?, caller: None })
+        }
+        ("sd_give_away", 5) => Ok(Request::SdGiveAway {
+            id: f.id()?,
+            handle: f.handle(2)?,
+            owner: f.pid(3)?,
+            caller: Some(f.pid(4)?),
+        }),
         ("cancel", 2) => Ok(Request::Cancel { id: f.id()? }),
+        ("heartbeat", 2) => Ok(Request::Heartbeat { seq: f.id()? }),
         ("owner_down", 2) => Ok(Request::OwnerDown { owner: f.pid(1)? }),
         _ => Err(shape(id, format!("unknown request {op}/{}", elements.len()))),
     }
@@ -287,12 +299,64 @@ pub fn ok_frame(id: u64, write: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
     out
 }
 
+/// `{pyport_heartbeat, Seq}`: the answer to `{heartbeat, Seq}`, from the reader thread.
+pub fn heartbeat_frame(seq: u64) -> Vec<u8> {
+    encode_term(&tuple(vec![atom("pyport_heartbeat"), int(seq)]))
+}
+
+/// The largest reply frame (`--max-reply-bytes`), never over what a 4-byte length can say.
+static MAX_REPLY: AtomicUsize = AtomicUsize::new(u32::MAX as usize);
+
+pub fn set_max_reply(max: usize) {
+    MAX_REPLY.store(max.min(u32::MAX as usize), Ordering::Relaxed);
+}
+
+/// Replaces a frame over the limit by `{Id, error, {reply_too_large, Size, Max}}`, so that
+/// one huge result fails its own request and not the stream (a frame over 4 GiB cannot be
+/// framed at all). Every outgoing frame passes here.
+pub fn limit_reply(frame: Vec<u8>) -> Vec<u8> {
+    let max = MAX_REPLY.load(Ordering::Relaxed);
+    if frame.len() <= max {
+        return frame;
+    }
+    let size = frame.len() as u64;
+    let id = reply_id(&frame);
+    drop(frame);
+    match id {
+        Some(id) => error_frame(Some(id), tuple(vec![atom("reply_too_large"), int(size), int(max as u64)])),
+        None => log_frame("error", "pyport", format!("dropped a {size}-byte frame over the {max}-byte limit").as_bytes()),
+    }
+}
+
+/// The id of a reply frame `{Id, ok | error, _}` as this module writes them.
+fn reply_id(frame: &[u8]) -> Option<u64> {
+    let rest = frame.strip_prefix(&[etf::VERSION, etf::SMALL_TUPLE, 3])?;
+    match *rest.first()? {
+        etf::SMALL_INTEGER => rest.get(1).map(|&b| b as u64),
+        etf::INTEGER => Some(i32::from_be_bytes(rest.get(1..5)?.try_into().ok()?) as u64),
+        etf::SMALL_BIG => {
+            let n = *rest.get(1)? as usize;
+            let (sign, digits) = (*rest.get(2)?, rest.get(3..3 + n)?);
+            (sign == 0 && n <= 8).then(|| digits.iter().rev().fold(0u64, |acc, &d| (acc << 8) | d as u64))
+        }
+        _ => None,
+    }
+}
+
 pub fn log_frame(level: &str, source: &str, message: &[u8]) -> Vec<u8> {
     encode_term(&tuple(vec![atom("pyport_log"), atom(level), atom(source), binary(message)]))
 }
 
-pub fn ready_frame(python: &str, workers: usize, max_workers: usize, generation: u64) -> Vec<u8> {
+pub fn ready_frame(
+    python: &str,
+    workers: usize,
+    max_workers: usize,
+    generation: u64,
+    builtin_exceptions: &[String],
+) -> Vec<u8> {
     let mut map = std::collections::HashMap::new();
+    let names: Vec<Term> = builtin_exceptions.iter().map(|n| binary(n.as_bytes())).collect();
+    map.insert(atom("builtin_exceptions"), Term::List(eetf::List::from(names)));
     map.insert(atom("python"), binary(python.as_bytes()));
     map.insert(atom("os_pid"), int(std::process::id() as u64));
     map.insert(atom("workers"), int(workers as u64));
@@ -369,6 +433,24 @@ mod tests {
         }
         let t = tuple(vec![atom("sd_keys"), int(5), atom("nope")]);
         assert_eq!(decode_request(&enc(&t)).unwrap_err().id, Some(5));
+    }
+
+    #[test]
+    fn oversized_replies_become_an_error_for_their_own_id() {
+        set_max_reply(64);
+        for id in [7u64, 70_000, u64::MAX >> 1, u64::MAX] {
+            let big = ok_frame(id, |out| etf::put_binary(out, &[1; 100]));
+            let limited = limit_reply(big.clone());
+            let expected = tuple(vec![
+                int(id),
+                atom("error"),
+                tuple(vec![atom("reply_too_large"), int(big.len() as u64), int(64)]),
+            ]);
+            assert_eq!(Term::decode(&limited[..]).unwrap(), expected, "id {id}");
+            let small = ok_frame(id, |out| etf::put_atom(out, "ok"));
+            assert_eq!(limit_reply(small.clone()), small);
+        }
+        set_max_reply(usize::MAX);
     }
 
     #[test]

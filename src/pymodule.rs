@@ -12,6 +12,7 @@ use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyBytes, PyList, PyString, PyTuple};
 use pyo3::{create_exception, intern};
+use std::hash::{BuildHasher, RandomState};
 use std::sync::{Arc, OnceLock};
 
 create_exception!(
@@ -76,6 +77,11 @@ pub fn pickle_loads<'py>(py: Python<'py>, bytes: &[u8]) -> PyResult<Bound<'py, P
 
 /// A pid, reference, port or fun, carried through Python unchanged and returned to Erlang as
 /// the identical term. Hashable, comparable and picklable.
+///
+/// Python cannot make one up: it carries a MAC of its bytes under a key that only this port
+/// knows, and the constructor (which pickle uses) checks it. Otherwise any code could mint
+/// pids "of" other nodes, which Erlang would take as real, and fill the VM's atom table with
+/// their node names.
 #[pyclass(module = "erlang", name = "OpaqueTerm", frozen, eq, hash)]
 #[derive(PartialEq, Eq, Hash, Clone)]
 pub struct OpaqueTerm {
@@ -85,6 +91,7 @@ pub struct OpaqueTerm {
 }
 
 impl OpaqueTerm {
+    /// For terms that came from Erlang: checks that `bytes` hold exactly one opaque term.
     pub fn new_checked(bytes: &[u8]) -> Option<OpaqueTerm> {
         let kind = kind_of_tag(*bytes.first()?)?;
         let mut r = Reader::new(bytes);
@@ -96,6 +103,19 @@ impl OpaqueTerm {
     pub fn bytes(&self) -> &[u8] {
         &self.bytes
     }
+}
+
+/// The port's secret for [`term_mac`]: two SipHash keys drawn from the OS's randomness when
+/// first used; never visible to Python.
+static MAC_KEYS: OnceLock<(RandomState, RandomState)> = OnceLock::new();
+
+/// A 128-bit MAC of an opaque term's bytes under the port's secret.
+fn term_mac(bytes: &[u8]) -> [u8; 16] {
+    let (a, b) = MAC_KEYS.get_or_init(|| (RandomState::new(), RandomState::new()));
+    let mut mac = [0u8; 16];
+    mac[..8].copy_from_slice(&a.hash_one(bytes).to_le_bytes());
+    mac[8..].copy_from_slice(&b.hash_one(bytes).to_le_bytes());
+    mac
 }
 
 pub fn kind_of_tag(tag: u8) -> Option<&'static str> {
@@ -110,9 +130,16 @@ pub fn kind_of_tag(tag: u8) -> Option<&'static str> {
 
 #[pymethods]
 impl OpaqueTerm {
-    /// Rebuilds an opaque term from its kind and external-format bytes (used by pickle).
+    /// Rebuilds an opaque term from what `__reduce__` gave (used by pickle). Only terms that
+    /// Erlang sent to this port can be rebuilt: `mac` must match.
     #[new]
-    fn py_new(kind: &str, data: &[u8]) -> PyResult<Self> {
+    #[pyo3(signature = (kind, data, mac=None))]
+    fn py_new(kind: &str, data: &[u8], mac: Option<&[u8]>) -> PyResult<Self> {
+        if mac != Some(&term_mac(data)[..]) {
+            return Err(PyValueError::new_err(
+                "an erlang.OpaqueTerm can only be rebuilt from a term that Erlang sent to this port",
+            ));
+        }
         match OpaqueTerm::new_checked(data) {
             Some(t) if t.kind == kind => Ok(t),
             _ => Err(PyValueError::new_err(format!("not the external format of an Erlang {kind}"))),
@@ -134,7 +161,7 @@ impl OpaqueTerm {
     fn __reduce__<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, PyTuple>> {
         let py = slf.py();
         let this = slf.get();
-        let args = (this.kind, PyBytes::new(py, &this.bytes));
+        let args = (this.kind, PyBytes::new(py, &this.bytes), PyBytes::new(py, &term_mac(&this.bytes)));
         (slf.get_type(), args).into_pyobject(py)
     }
 

@@ -18,6 +18,14 @@ pub const TOKEN_LEN: usize = 16;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Destroyed;
 
+/// Why a `give_away` was refused.
+#[derive(Debug, PartialEq, Eq)]
+pub enum GiveAwayError {
+    Destroyed,
+    /// The caller named as the giver does not own the dict.
+    NotOwner,
+}
+
 pub type Value = Arc<[u8]>;
 
 pub struct Dict {
@@ -239,10 +247,14 @@ impl Registry {
         doomed.iter().filter(|d| d.destroy()).count()
     }
 
-    pub fn give_away(&self, h: &Handle, new_owner: Owner) -> Result<(), Destroyed> {
-        let d = self.lookup(h)?;
+    /// Makes `new_owner` the owner; `caller`, when given, must be the owner now.
+    pub fn give_away(&self, h: &Handle, new_owner: Owner, caller: Option<&Owner>) -> Result<(), GiveAwayError> {
+        let d = self.lookup(h).map_err(|Destroyed| GiveAwayError::Destroyed)?;
         let mut inner = self.inner.lock();
-        let Some((_, owner)) = inner.dicts.get_mut(&d.id) else { return Err(Destroyed) };
+        let Some((_, owner)) = inner.dicts.get_mut(&d.id) else { return Err(GiveAwayError::Destroyed) };
+        if caller.is_some_and(|c| c != owner) {
+            return Err(GiveAwayError::NotOwner);
+        }
         let old = std::mem::replace(owner, new_owner.clone());
         if let Some(set) = inner.by_owner.get_mut(&old) {
             set.remove(&d.id);
@@ -346,7 +358,8 @@ mod tests {
         let a = r.create(owner(1));
         let b = r.create(owner(1));
         let c = r.create(owner(2));
-        r.give_away(&b.handle(), owner(2)).unwrap();
+        assert_eq!(r.give_away(&b.handle(), owner(2), Some(&owner(3))), Err(GiveAwayError::NotOwner));
+        r.give_away(&b.handle(), owner(2), Some(&owner(1))).unwrap();
         assert_eq!(r.drop_owner(&owner(1)), 1);
         assert!(a.is_destroyed());
         assert!(!b.is_destroyed() && !c.is_destroyed());

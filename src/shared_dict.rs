@@ -11,7 +11,7 @@ use crate::framing::Outbox;
 use crate::pool::{spin_for_job, PYTHON_THREAD_STACK};
 use crate::protocol::{self, atom, Handle};
 use crate::pymodule::{pickle_dumps, pickle_loads, registry};
-use crate::registry::Destroyed;
+use crate::registry::{Destroyed, GiveAwayError};
 use crossbeam_channel::{unbounded, Sender};
 use pyo3::prelude::*;
 use std::thread;
@@ -60,10 +60,11 @@ pub fn destroy(id: u64, handle: &Handle) -> Frame {
     ok_atom(id)
 }
 
-pub fn give_away(id: u64, handle: &Handle, owner: protocol::Owner) -> Frame {
-    match registry().give_away(handle, owner) {
+pub fn give_away(id: u64, handle: &Handle, owner: protocol::Owner, caller: Option<&protocol::Owner>) -> Frame {
+    match registry().give_away(handle, owner, caller) {
         Ok(()) => ok_atom(id),
-        Err(Destroyed) => destroyed(id),
+        Err(GiveAwayError::Destroyed) => destroyed(id),
+        Err(GiveAwayError::NotOwner) => protocol::error_frame(Some(id), protocol::atom("not_owner")),
     }
 }
 
@@ -78,7 +79,7 @@ pub fn start_pickler(out: Outbox) -> std::io::Result<Sender<PickleJob>> {
                     // Written here, detached, as the pool's workers do.
                     if let Some(frame) = reply.take() {
                         if rx.is_empty() {
-                            out.send_now(&frame);
+                            out.send_now(frame);
                         } else {
                             out.send(frame);
                         }
