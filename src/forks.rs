@@ -16,11 +16,14 @@ use std::sync::atomic::{AtomicI32, Ordering};
 static DEV_NULL: AtomicI32 = AtomicI32::new(-1);
 static PROTOCOL_IN: AtomicI32 = AtomicI32::new(-1);
 static PROTOCOL_OUT: AtomicI32 = AtomicI32::new(-1);
+/// The descriptor whose closing tells the group reaper (see `shutdown`) that we are gone.
+static REAPER: AtomicI32 = AtomicI32::new(-1);
 static PORT_PID: AtomicI32 = AtomicI32::new(0);
 
-/// Installs the fork handler for the protocol descriptors `input` and `output`. Call once,
-/// before Python starts.
-pub fn protect_protocol(input: RawFd, output: RawFd) -> io::Result<()> {
+/// Installs the fork handler for the protocol descriptors `input` and `output`, and for the
+/// group reaper's pipe (a child holding it would keep the reaper waiting after the port
+/// died). Call once, before Python starts.
+pub fn protect_protocol(input: RawFd, output: RawFd, reaper: Option<RawFd>) -> io::Result<()> {
     // SAFETY: opening a file; the descriptor is kept for the life of the process.
     let null = unsafe { libc::open(c"/dev/null".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
     if null < 0 {
@@ -29,6 +32,7 @@ pub fn protect_protocol(input: RawFd, output: RawFd) -> io::Result<()> {
     DEV_NULL.store(null, Ordering::SeqCst);
     PROTOCOL_IN.store(input, Ordering::SeqCst);
     PROTOCOL_OUT.store(output, Ordering::SeqCst);
+    REAPER.store(reaper.unwrap_or(-1), Ordering::SeqCst);
     // SAFETY: plain query.
     PORT_PID.store(unsafe { libc::getpid() }, Ordering::SeqCst);
     // SAFETY: registers a handler that only calls async-signal-safe functions.
@@ -41,7 +45,8 @@ pub fn protect_protocol(input: RawFd, output: RawFd) -> io::Result<()> {
 
 extern "C" fn in_child() {
     let null = DEV_NULL.load(Ordering::SeqCst);
-    for fd in [PROTOCOL_IN.load(Ordering::SeqCst), PROTOCOL_OUT.load(Ordering::SeqCst)] {
+    let fds = [&PROTOCOL_IN, &PROTOCOL_OUT, &REAPER].map(|fd| fd.load(Ordering::SeqCst));
+    for fd in fds {
         if null >= 0 && fd >= 0 {
             // SAFETY: dup3 is async-signal-safe; both descriptors are open in the child.
             unsafe {

@@ -59,6 +59,14 @@ fn main() {
         libc::signal(libc::SIGCHLD, libc::SIG_DFL);
         libc::signal(libc::SIGINT, libc::SIG_IGN);
     }
+    // First, while this is the only thread.
+    let reaper = match shutdown::start_group_reaper() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("pyport: cannot start the group reaper: {e}");
+            None
+        }
+    };
     if let Err(e) = forks::die_with_parent() {
         eprintln!("pyport: cannot ask to die with the VM: {e}");
     }
@@ -69,7 +77,7 @@ fn main() {
             std::process::exit(EXIT_IO);
         }
     };
-    if let Err(e) = forks::protect_protocol(proto.input.as_raw_fd(), proto.output.as_raw_fd()) {
+    if let Err(e) = forks::protect_protocol(proto.input.as_raw_fd(), proto.output.as_raw_fd(), reaper) {
         eprintln!("pyport: cannot protect the protocol from forks: {e}");
         std::process::exit(EXIT_IO);
     }

@@ -3,6 +3,9 @@
 //! Under `open_port` the port program leads its own process group, and processes started
 //! from Python (subprocess, multiprocessing) join it. When the port exits they would be
 //! reparented and live on; so on exit every other member of our group is killed first.
+//! A port killed outright (SIGKILL, or the kernel's parent-death signal when the VM dies)
+//! cannot do that itself: a small reaper process, forked before anything else starts,
+//! waits for the port's end of a pipe to close and then kills the group.
 
 use std::fs;
 use std::os::fd::RawFd;
@@ -21,6 +24,70 @@ pub fn exit_on_hangup(fd: RawFd) -> std::io::Result<()> {
         }
     })?;
     Ok(())
+}
+
+/// Forks the reaper if this process leads its process group (otherwise the group is not
+/// ours to kill). Must run while the process has a single thread. Returns the descriptor
+/// that keeps the reaper waiting: it must stay open in this process only (forked children
+/// must not inherit it; see `forks`).
+pub fn start_group_reaper() -> std::io::Result<Option<RawFd>> {
+    // SAFETY: plain process-id queries.
+    if unsafe { libc::getpid() != libc::getpgrp() } {
+        return Ok(None);
+    }
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 fills both descriptors.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let [read_end, write_end] = fds;
+    // SAFETY: the process is single-threaded here, so the child may run ordinary code.
+    match unsafe { libc::fork() } {
+        -1 => Err(std::io::Error::last_os_error()),
+        0 => reap_when_closed(read_end),
+        _ => {
+            // SAFETY: closing our copy of the reaper's end.
+            unsafe { libc::close(read_end) };
+            Ok(Some(write_end))
+        }
+    }
+}
+
+/// The reaper: holds nothing but its pipe (above all not the protocol pipes, or Erlang
+/// would never see the port close), waits for end of file, then kills the whole group,
+/// itself last.
+fn reap_when_closed(read_end: RawFd) -> ! {
+    // SAFETY: closing inherited descriptors and waiting on our pipe in our own process.
+    unsafe {
+        close_all_but(read_end);
+        libc::prctl(libc::PR_SET_NAME, c"pyport-reaper".as_ptr() as libc::c_ulong, 0, 0, 0);
+        let mut buf = [0u8; 16];
+        loop {
+            let n = libc::read(read_end, buf.as_mut_ptr().cast(), buf.len());
+            let interrupted = n < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted;
+            if n == 0 || (n < 0 && !interrupted) {
+                break;
+            }
+        }
+        libc::kill(0, libc::SIGKILL);
+        libc::_exit(0)
+    }
+}
+
+/// Closes every descriptor except `keep`.
+unsafe fn close_all_but(keep: RawFd) {
+    let ranges = [(0u32, keep as u32 - 1), (keep as u32 + 1, u32::MAX)];
+    for (first, last) in ranges {
+        if first > last {
+            continue;
+        }
+        if libc::syscall(libc::SYS_close_range, first, last, 0) != 0 {
+            // Older kernels: close what a process normally has.
+            for fd in first..last.min(65_536) {
+                libc::close(fd as RawFd);
+            }
+        }
+    }
 }
 
 pub fn exit_now(code: i32) -> ! {
