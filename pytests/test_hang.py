@@ -1,0 +1,129 @@
+"""Hang isolation at the wire: the reader answers heartbeats without the GIL, the GIL watchdog
+ends a port whose cancellation cannot get the GIL, forked children never hold the protocol, a
+killed port takes its process group with it, a reply over the limit fails its own request, and
+every atom the port can send exists on the Erlang side (frames are decoded with `[safe]`)."""
+
+import os
+import pathlib
+import re
+import signal
+
+import pytest
+
+from conftest import A, PortClosed, pid, pid_alive, wait_until
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+# A loop in C that holds the GIL for minutes and never checks for async exceptions.
+GIL_HOG = "sum(range(10**11))"
+
+
+def read_to_end(port, timeout=10):
+    """Reads (and records) frames until end of output; fails if none comes within `timeout`."""
+    with pytest.raises(PortClosed):
+        while True:
+            port.recv(timeout=timeout)
+
+
+def test_heartbeat_is_answered_while_python_holds_the_gil(port):
+    rid = port.eval("sum(range(10**8))")  # seconds in C, holding the GIL
+    wait_until(lambda: port.stats()["busy_workers"] == 1, 10, "the loop is running")
+    port.send((A("heartbeat"), 77))
+    t = port.recv(timeout=10)
+    assert t == (A("pyport_heartbeat"), 77), "the heartbeat must overtake the GIL-bound reply: %r" % (t,)
+    assert port.ok(rid, timeout=60) == sum(range(10**8))
+
+
+def test_watchdog_ends_a_port_whose_cancellation_cannot_get_the_gil(port_factory):
+    port = port_factory(["--gil-watchdog-ms", "300"])
+    rid = port.eval(GIL_HOG)
+    wait_until(lambda: port.stats()["busy_workers"] == 1, 10, "the loop is running")
+    port.cancel(rid)
+    assert port.wait_exit(30) == 7
+    read_to_end(port)  # the log frames it sent before exiting
+    text = b"\n".join(m for (_level, _source, m) in port.logs)
+    assert b"GIL watchdog" in text, port.logs
+    assert GIL_HOG.encode() in text and b"CPU" in text, port.logs
+
+
+def test_watchdog_off_keeps_waiting(port_factory):
+    port = port_factory(["--gil-watchdog-ms", "0"])
+    rid = port.eval("sum(range(4 * 10**7))")
+    wait_until(lambda: port.stats()["busy_workers"] == 1, 10, "the loop is running")
+    port.cancel(rid)
+    # The cancellation lands once the loop lets go of the GIL, and the port is still there.
+    assert port.err(rid, timeout=60) == A("cancelled")
+    port.assert_serving()
+
+
+def test_forked_children_do_not_hold_the_protocol(port):
+    port.exec_ok(
+        "import os, time\n"
+        "child = os.fork()\n"
+        "if child == 0:\n"
+        "    time.sleep(600)\n"
+    )
+    child = port.eval_ok("child")
+    assert pid_alive(child)
+    os.kill(port.proc.pid, signal.SIGKILL)
+    # Only the dead port held the pipe: end of output comes at once, not when the child exits
+    # (a TimeoutError here means something else still holds the protocol pipe).
+    read_to_end(port)
+    wait_until(lambda: not pid_alive(child), 10, "the reaper killed the forked child")
+
+
+def test_forked_child_returning_into_the_port_exits(port):
+    # The child's copy of the request returns into pyport's worker loop: it must not answer.
+    rid = port.exec("import os\nforked = os.fork()\n")
+    assert port.ok(rid) is None
+    port.assert_serving()
+    assert port.eval_ok("os.waitpid(forked, 0)[1]") == 0
+
+
+def test_reply_over_the_limit_fails_only_its_request(port_factory):
+    port = port_factory(["--max-reply-bytes", str(1 << 20)])
+    slow = port.eval("__import__('time').sleep(0.3) or 'fine'")
+    big = port.eval("b'x' * 2_000_000")
+    reason = port.err(big)
+    assert reason[0] == "reply_too_large" and reason[1] > 2_000_000 and reason[2] == 1 << 20, reason
+    assert port.ok(slow) == b"fine"
+    port.assert_serving()
+
+
+def test_give_away_with_a_caller_checks_the_owner(port):
+    h = port.sd_new()
+    stranger, heir = pid(5), pid(6)
+    assert port.sd("sd_give_away", h, heir, stranger) == ("error", A("not_owner"))
+    assert port.sd("sd_give_away", h, heir, port.owner) == ("ok", A("ok"))
+    assert port.sd("sd_give_away", h, stranger, port.owner) == ("error", A("not_owner"))
+
+
+def test_ready_frame_lists_the_builtin_exceptions(port):
+    names = port.ready[0]["builtin_exceptions"]
+    assert b"ValueError" in names and b"BaseException" in names and b"Warning" in names
+    assert all(re.fullmatch(rb"[A-Za-z_][A-Za-z0-9_]*", n) for n in names), names
+    assert b"object" not in names and b"int" not in names
+
+
+def test_every_atom_the_port_sends_exists_on_the_erlang_side():
+    """Frames are decoded with binary_to_term(B, [safe]), which refuses atoms the VM does not
+    know: each atom literal of the port's product code must be in pyport_server:port_atoms/0."""
+    erl = (ROOT / "erl_src" / "pyport_server.erl").read_text()
+    body = erl[erl.index("\nport_atoms() ->"):]
+    body = body[: body.index("].") + 1]
+    known = set(re.findall(r"'([^']+)'|([a-z][a-z0-9_]*)", body))
+    known = {a or b for a, b in known}
+    sent = set()
+    for path in sorted((ROOT / "src").glob("*.rs")):
+        if path.name == "fuzz.rs":
+            continue
+        code = path.read_text().split("#[cfg(test)]")[0]
+        sent |= set(re.findall(r'(?:\batom|put_atom)\((?:&mut out, |out, )?"([^"]+)"', code))
+        # log levels and sources: .log("warning", "pyport", ..), Drain::new("info", "stdout", ..)
+        for pair in re.findall(r'(?:\.log|Drain::new)\("([a-z]+)", "([a-z]+)"', code):
+            sent |= set(pair)
+        # the stats map's keys: ("dicts", reg.dicts as u64)
+        sent |= set(re.findall(r'\("([a-z_]+)", [a-z]+\.[a-z_]+ as u64\)', code))
+    assert len(sent) > 20, sent
+    missing = sorted(sent - known)
+    assert not missing, "atoms the port sends that Erlang may not know: %s" % missing
