@@ -34,6 +34,22 @@ def test_heartbeat_is_answered_while_python_holds_the_gil(port):
     assert port.ok(rid, timeout=60) == sum(range(10**8))
 
 
+def test_reader_work_needs_no_gil(port):
+    """Stats, SharedDict bookkeeping and owner-down cleanup are answered while Python holds the
+    GIL: none of them waits behind the loop's reply."""
+    other = pid(9)
+    port.eval_ok("1", owner=other)  # gives `other` a namespace
+    h = port.sd_new()
+    rid = port.eval("sum(range(10**8))")
+    wait_until(lambda: port.stats()["busy_workers"] == 1, 10, "the loop is running")
+    port.owner_down(other)
+    assert port.stats()["namespaces"] == 1  # only the default owner's is left
+    assert port.sd_keys(h) == ("ok", [])
+    assert port.sd_destroy(h) == ("ok", A("ok"))
+    assert rid not in port.pending, "the GIL-bound reply came first: the test proved nothing"
+    assert port.ok(rid, timeout=60) == sum(range(10**8))
+
+
 def test_watchdog_ends_a_port_whose_cancellation_cannot_get_the_gil(port_factory):
     port = port_factory(["--gil-watchdog-ms", "300"])
     rid = port.eval(GIL_HOG)
