@@ -119,7 +119,7 @@ long_gil_work_of_a_waiting_caller_is_left_alone(_Config) ->
 %% In a VM of its own: a multiprocessing child (fork start method) and an
 %% os.fork() child are alive when the port segfaults. The crash reaches the
 %% caller, the children die with the port's process group, and once that VM
-%% exits nothing of it is left.
+%% exits (with its new port stopped by SIGSTOP) nothing of it is left.
 forked_children_never_hold_the_protocol(_Config) ->
     Ebin = filename:dirname(code:which(py)),
     {ok, Peer, Node} = peer:start_link(#{name => peer:random_name(hang),
@@ -146,6 +146,9 @@ forked_children_never_hold_the_protocol(_Config) ->
                                    Other -> Other
                                end
                        end, ?LIVENESS_MS, restarted_port_forks),
+        %% Stopped, the port cannot clean up after itself: the kernel's
+        %% parent-death signal ends it and the reaper ends its group.
+        _ = os:cmd("kill -STOP " ++ integer_to_list(PortPid2)),
         peer:stop(Peer),
         wait_until(fun() -> not lists:any(fun os_alive/1, [PortPid2, MpChild2, ForkChild2]) end,
                    ?LIVENESS_MS, nothing_left_after_vm_exit)
