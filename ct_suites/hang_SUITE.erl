@@ -29,6 +29,7 @@ all() ->
      exception_names_never_become_atoms,
      long_exception_name_is_answered,
      forged_opaque_terms_are_refused,
+     unsafe_replies_answer_their_caller,
      opaque_terms_from_erlang_survive_pickling,
      oversized_reply_fails_only_its_caller,
      startup_code_runs_before_any_request,
@@ -63,14 +64,19 @@ case_env(failing_startup_code_makes_port_unavailable) ->
 case_env(slow_startup_code_times_out) ->
     [{startup_code, <<"import time\ntime.sleep(30)\n">>}, {startup_timeout_ms, 300}];
 case_env(stuck_sleepers_do_not_restart_the_port) -> [{abandon_after_ms, 300}];
+case_env(unsafe_replies_answer_their_caller) ->
+    [{pyport_executable, {data_dir, "unsafe_port.py"}}, {heartbeat_timeout_ms, infinity}];
 case_env(_) -> [].
 
 init_per_testcase(Case, Config) ->
     Saved = pyport_ct_lib:save_env([K || {K, _} <- case_env(Case)]),
     ok = pyport_ct_lib:stop_app(),
-    [ok = application:set_env(pyport, K, V) || {K, V} <- case_env(Case)],
+    [ok = application:set_env(pyport, K, in_data_dir(V, Config)) || {K, V} <- case_env(Case)],
     {ok, _} = application:ensure_all_started(pyport),
     [{saved_env, Saved} | Config].
+
+in_data_dir({data_dir, File}, Config) -> filename:join(?config(data_dir, Config), File);
+in_data_dir(V, _Config) -> V.
 
 end_per_testcase(_Case, Config) ->
     _ = logger:remove_handler(hang_capture),
@@ -246,6 +252,16 @@ for i in range(1000):
     {ok, 2000} = py:eval(<<"refused">>),
     Grown = erlang:system_info(atom_count) - Before,
     ?assert(Grown < 100, Grown),
+    ok.
+
+%% A port program whose replies name atoms the VM has never seen (as one that
+%% let Python choose atoms would): every frame is decoded with [safe], so the
+%% caller is answered {pyport_bad_reply, undecodable} and no atom is made.
+unsafe_replies_answer_their_caller(_Config) ->
+    Before = erlang:system_info(atom_count),
+    {error, {pyport_bad_reply, undecodable}} = py:eval(<<"payload">>, #{}, ?LIVENESS_MS),
+    {error, {pyport_bad_reply, undecodable}} = py:eval(<<"envelope">>, #{}, ?LIVENESS_MS),
+    ?assertEqual(Before, erlang:system_info(atom_count)),
     ok.
 
 %% What Erlang sent comes back identical, also through pickle (as SharedDict

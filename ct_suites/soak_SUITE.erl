@@ -1,7 +1,11 @@
-%% Soak (issue 4, item 7): mixed concurrent calls, SharedDict traffic from
-%% Erlang and from Python threads, owner processes dying, and the port
-%% program SIGKILLed every 15 s (none in the last quarter of the run), for
-%% PYPORT_SOAK_SECONDS (default 120, at least 30; `make soak' runs 600).
+%% Soak: mixed concurrent calls, SharedDict traffic from Erlang and from
+%% Python threads, owner processes dying, and the port disrupted every 15 s
+%% (none in the last quarter of the run), for PYPORT_SOAK_SECONDS (default
+%% 120, at least 30; `make soak' runs 600). The first three disruptions are
+%% stubborn Python, once each: a builtin loop that holds the GIL past its
+%% caller's timeout (the 1 s GIL watchdog restarts the port), a fork followed
+%% by a segfault (the forked child must die with the port), and SIGSTOP (the
+%% 1 s heartbeat replaces the port); the others SIGKILL the port program.
 %% At the end:
 %%
 %% - every call was answered: calls issued = calls answered, and every load
@@ -76,6 +80,14 @@ soak_seconds() ->
 %%--------------------------------------------------------------------
 
 soak(_Config) ->
+    Saved = pyport_ct_lib:save_env([gil_watchdog_ms, heartbeat_timeout_ms]),
+    ok = application:set_env(pyport, gil_watchdog_ms, 1000),
+    ok = application:set_env(pyport, heartbeat_timeout_ms, 1000),
+    try soak_run()
+    after pyport_ct_lib:restore_env_and_restart(Saved)
+    end.
+
+soak_run() ->
     ok = pyport_ct_lib:restart_app(),
     Seconds = soak_seconds(),
     #{dicts := Dicts0, namespaces := Ns0} = pyport_ct_lib:stats(),
@@ -101,7 +113,7 @@ soak(_Config) ->
                                         after max(0, Deadline + 60000 - now_ms()) -> hung
                                         end],
                                 Why =/= normal],
-    Kills = stop(Killer),
+    {Kills, Forked} = stop(Killer),
     Samples = stop(Rss),
     WrongList = stop(Wrong),
     ElapsedS = (now_ms() - T0) / 1000,
@@ -135,7 +147,10 @@ soak(_Config) ->
               {writes_were_verified, Count(?VERIFIED) > 0, Count(?VERIFIED)},
               {python_threads_wrote, Count(?PY_WRITES_SEEN) > 0, Count(?PY_WRITES_SEEN)},
               {owners_churned, Count(?OWNERS) > 0, Count(?OWNERS)},
-              {port_was_killed, Kills =/= [], length(Kills)}],
+              {port_was_killed, Kills =/= [], length(Kills)},
+              %% a 2-minute run has room for the three stubborn disruptions
+              {stubborn_python_disrupted, Seconds < 120 orelse length(Kills) >= 3, length(Kills)},
+              {forked_children_gone, not lists:any(fun os_alive/1, Forked), Forked}],
     ?assertEqual([], [{Name, Detail} || {Name, false, Detail} <- Checks]),
     ok.
 
@@ -477,33 +492,83 @@ owner(Churner) ->
 %%--------------------------------------------------------------------
 %% Port killer and RSS sampler
 
-%% SIGKILLs the port program every Every ms until KillUntil; returns the kill times.
+%% Disrupts the port every Every ms until KillUntil (see the module doc);
+%% returns the disruption times and the pids of the children it forked.
 killer(Next, Every, KillUntil, Kills) ->
+    killer(Next, Every, KillUntil, Kills, []).
+
+killer(Next, Every, KillUntil, Kills, Forked) ->
     receive
-        {stop, From} -> From ! {stopped, self(), lists:reverse(Kills)}
+        {stop, From} -> From ! {stopped, self(), {lists:reverse(Kills), Forked}}
     after max(0, Next - now_ms()) ->
-            case Next =< KillUntil andalso kill_port() of
-                true -> killer(Next + Every, Every, KillUntil, [now_ms() | Kills]);
-                false -> killer(Next + Every, Every, KillUntil, Kills)
+            case Next =< KillUntil andalso disrupt(length(Kills) + 1) of
+                {true, Children} ->
+                    killer(Next + Every, Every, KillUntil, [now_ms() | Kills], Children ++ Forked);
+                {false, Children} ->
+                    killer(Next + Every, Every, KillUntil, Kills, Children ++ Forked);
+                false ->
+                    killer(Next + Every, Every, KillUntil, Kills, Forked)
             end
     end.
 
-kill_port() ->
+disrupt(1) ->
+    %% Holds the GIL in C and ignores the cancellation: the watchdog ends the port.
+    R = py:eval(<<"sum(range(10**11))">>, #{}, 200),
+    ct:log("soak: GIL-holding loop: ~p", [R]),
+    {R =:= {error, timeout}, []};
+disrupt(2) ->
+    fork_then_crash();
+disrupt(3) ->
+    signal_port("STOP");
+disrupt(_) ->
+    signal_port("9").
+
+%% A child forked from Python sleeps; then the port segfaults. The child
+%% must not keep the crash from reaching its caller, and must die with the port.
+fork_then_crash() ->
+    case py:eval(<<"[__import__('os').fork() or __import__('time').sleep(600)]">>, #{}, 5000) of
+        {ok, [Child]} when Child > 0 ->
+            R = py:exec(<<"import ctypes; ctypes.string_at(0)">>, #{}, 10000),
+            ct:log("soak: fork ~b then segfault: ~p", [Child, R]),
+            %% Under load the VM may find the pipe closed (epipe) before it
+            %% reads the exit status: any pyport_exit is the crash reaching
+            %% its caller.
+            case R of
+                {error, {pyport_exit, _}} -> {true, [Child]};
+                _ -> {false, [Child]}
+            end;
+        Other ->
+            ct:log("soak: fork failed: ~p", [Other]),
+            false
+    end.
+
+signal_port(Signal) ->
     case gen_server:call(?SERVER, stats) of
         #{port := up, os_pid := P} when is_integer(P) ->
-            %% make sure the pid is still our port program before killing it
+            %% make sure the pid is still our port program before signalling it
             case file:read_file("/proc/" ++ integer_to_list(P) ++ "/cmdline") of
                 {ok, Cmd} ->
                     case binary:match(Cmd, <<"pyport">>) of
                         nomatch -> false;
                         _ ->
-                            _ = os:cmd("kill -9 " ++ integer_to_list(P)),
-                            ct:log("soak: killed port ~b", [P]),
-                            true
+                            _ = os:cmd("kill -" ++ Signal ++ " " ++ integer_to_list(P)),
+                            ct:log("soak: kill -~s port ~b", [Signal, P]),
+                            {true, []}
                     end;
                 _ -> false
             end;
         _ ->
+            false
+    end.
+
+%% A process that exists and is not a zombie.
+os_alive(Pid) ->
+    case file:read_file("/proc/" ++ integer_to_list(Pid) ++ "/stat") of
+        {ok, Stat} ->
+            [_, Rest] = string:split(Stat, <<")">>, trailing),
+            [State | _] = string:lexemes(Rest, " "),
+            not lists:member(State, [<<"Z">>, <<"X">>, <<"x">>]);
+        {error, _} ->
             false
     end.
 
