@@ -409,7 +409,8 @@ port_atoms() ->
      shared_dict_destroyed, encode_failed,
      pyport_log, pyport_ready, pyport_heartbeat, info, warning, stdout, stderr, pyport,
      builtin_exceptions, os_pid, workers, max_workers, generation,
-     dicts, dict_keys, dict_bytes, namespaces, busy_workers, queued, abandoned_workers].
+     dicts, dict_keys, dict_bytes, namespaces, busy_workers, queued, abandoned_workers,
+     thread_homes, thread_queues].
 
 -spec log_python(term(), term(), term()) -> ok.
 log_python(Level0, Source, Msg) ->
@@ -480,7 +481,9 @@ start_port(#state{gen = Gen} = State) ->
             "--workers", integer_to_list(env_int(workers, 1)),
             "--max-workers", integer_to_list(env_int(max_workers, 16))]
         ++ watchdog_arg()
+        ++ affinity_arg()
         ++ optional_args([{spare_after_ms, "--spare-after-ms"},
+                          {spare_idle_ms, "--spare-idle-ms"},
                           {abandon_after_ms, "--abandon-after-ms"},
                           {max_abandoned_workers, "--max-abandoned"},
                           {max_reply_bytes, "--max-reply-bytes"},
@@ -698,6 +701,19 @@ startup_timeout() ->
     case application:get_env(pyport, startup_timeout_ms) of
         {ok, T} when T =:= infinity; is_integer(T), T >= 0 -> T;
         _ -> 60000
+    end.
+
+%% --thread-affinity: which processes get a home thread in the port.
+-spec affinity_arg() -> [string()].
+affinity_arg() ->
+    case application:get_env(pyport, thread_affinity) of
+        {ok, Mode} when Mode =:= namespace; Mode =:= always; Mode =:= none ->
+            ["--thread-affinity", atom_to_list(Mode)];
+        {ok, Other} ->
+            ?LOG_ERROR("pyport: ignoring thread_affinity ~tp (namespace | always | none)", [Other]),
+            [];
+        undefined ->
+            []
     end.
 
 %% --gil-watchdog-ms: `infinity' turns the watchdog off (0 for the port).

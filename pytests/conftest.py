@@ -227,6 +227,10 @@ def deep_list_bytes(depth):
 # The port
 
 
+# The owner of assert_serving's probe calls (see there).
+PROBE_OWNER = pid(4242)
+
+
 class PortClosed(Exception):
     pass
 
@@ -499,9 +503,11 @@ class Port:
         return self.err(self.exec(code, locals, owner=owner), timeout)
 
     def assert_serving(self, timeout=DEFAULT_TIMEOUT):
-        """A fresh eval answers correctly, and its reply is the very next reply frame: nothing
-        stray (a second reply to an earlier bad frame) is left in the stream."""
-        rid = self.eval("6 * 7")
+        """A fresh call answers correctly, and its reply is the very next reply frame: nothing
+        stray (a second reply to an earlier bad frame) is left in the stream. It comes from
+        another process than the tests' default owner and uses no namespace, so it floats to
+        any free worker instead of waiting behind the default owner's home thread."""
+        rid = self.call("operator", "mul", [6, 7], owner=PROBE_OWNER)
         t = self.recv(timeout)
         assert t[0] == rid, "expected the reply to %r, got %r" % (rid, t)
         assert t[1] == "ok" and b2t(t[2]) == 42, t

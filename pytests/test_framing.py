@@ -4,7 +4,7 @@ import os
 import struct
 import time
 
-from conftest import A, Atom, b2t, frame, t2b
+from conftest import A, Atom, b2t, frame, pid, t2b
 
 
 def test_ready_frame_first_and_once(port_factory):
@@ -77,8 +77,9 @@ def test_ten_mib_round_trip(port):
 
 
 def test_out_of_order_sleep(port):
-    slow = port.eval("__import__('time').sleep(1.5) or 'slow'")
-    fast = port.eval("'fast'")
+    # Two processes: one process's requests run on its home thread, one after another.
+    slow = port.eval("__import__('time').sleep(1.5) or 'slow'", owner=pid(2))
+    fast = port.eval("'fast'", owner=pid(3))
     t0 = time.monotonic()
     first = port.recv()
     assert first[0] == fast, "the fast call did not overtake the slow one: %r" % (first,)
@@ -89,10 +90,11 @@ def test_out_of_order_sleep(port):
 def test_out_of_order_busy_loop(port):
     """A GIL-bound loop in one call must not stall another caller."""
     slow = port.exec(
-        "import time\nt = time.monotonic()\nwhile time.monotonic() - t < 2.0:\n    pass\n"
+        "import time\nt = time.monotonic()\nwhile time.monotonic() - t < 2.0:\n    pass\n",
+        owner=pid(2),
     )
     t0 = time.monotonic()
-    fast = port.eval("1 + 1")
+    fast = port.eval("1 + 1", owner=pid(3))
     assert port.ok(fast) == 2
     assert time.monotonic() - t0 < 1.5
     assert port.pending == {}
@@ -101,7 +103,7 @@ def test_out_of_order_busy_loop(port):
 
 def test_concurrent_sleepers_run_in_parallel(port):
     t0 = time.monotonic()
-    ids = [port.eval("__import__('time').sleep(1.0) or %d" % i) for i in range(6)]
+    ids = [port.eval("__import__('time').sleep(1.0) or %d" % i, owner=pid(10 + i)) for i in range(6)]
     for i, rid in enumerate(ids):
         assert port.ok(rid) == i
     elapsed = time.monotonic() - t0

@@ -140,6 +140,7 @@ def test_every_atom_the_port_sends_exists_on_the_erlang_side():
             sent |= set(pair)
         # the stats map's keys: ("dicts", reg.dicts as u64)
         sent |= set(re.findall(r'\("([a-z_]+)", [a-z]+\.[a-z_]+ as u64\)', code))
+        sent |= set(re.findall(r'\("([a-z_]+)", pool\.threads', code))
     assert len(sent) > 20, sent
     missing = sorted(sent - known)
     assert not missing, "atoms the port sends that Erlang may not know: %s" % missing

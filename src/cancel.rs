@@ -39,6 +39,8 @@ pub const EXIT_GIL_WATCHDOG: i32 = 7;
 
 /// A worker thread as the canceller sees it.
 pub struct Slot {
+    /// The pool's number for the worker.
+    worker: usize,
     /// CPython's id for the thread (`threading.get_ident()`), the target of the raise.
     ident: std::os::raw::c_ulong,
     /// The kernel's id for the thread, to read its CPU time from `/proc`.
@@ -46,10 +48,10 @@ pub struct Slot {
 }
 
 impl Slot {
-    /// The calling thread, which must be attached to Python.
-    pub fn current() -> Slot {
+    /// The calling thread, worker number `worker`, which must be attached to Python.
+    pub fn current(worker: usize) -> Slot {
         // SAFETY: plain queries of the calling thread's ids.
-        unsafe { Slot { ident: ffi::PyThread_get_thread_ident(), tid: libc::gettid() } }
+        unsafe { Slot { worker, ident: ffi::PyThread_get_thread_ident(), tid: libc::gettid() } }
     }
 
     /// Clears an exception raised asynchronously in this thread that it has not seen yet,
@@ -155,12 +157,13 @@ pub struct Canceller {
 }
 
 impl Canceller {
-    /// Starts the canceller and the raiser. `on_write_off` runs (on the canceller thread)
-    /// after a worker is written off, so that the pool can start a spare in its place.
+    /// Starts the canceller and the raiser. `on_write_off(worker)` runs (on the canceller
+    /// thread) after a worker is written off, so that the pool can start a spare in its place
+    /// and move the processes homed there.
     pub fn start(
         cfg: CancelConfig,
         out: Outbox,
-        on_write_off: impl Fn() + Send + 'static,
+        on_write_off: impl Fn(usize) + Send + 'static,
     ) -> std::io::Result<Arc<Canceller>> {
         let (requests, requests_rx) = unbounded();
         let (raise_tx, raise_rx) = unbounded();
@@ -190,7 +193,7 @@ impl Canceller {
         self.tracking.lock().abandoned.len()
     }
 
-    fn cancel_loop(&self, requests: Receiver<u64>, raiser: Sender<(u64, Arc<Slot>)>, on_write_off: impl Fn()) {
+    fn cancel_loop(&self, requests: Receiver<u64>, raiser: Sender<(u64, Arc<Slot>)>, on_write_off: impl Fn(usize)) {
         // Workers to write off if their request still runs at the deadline.
         let mut watch: Vec<(u64, Arc<Slot>, Instant)> = Vec::new();
         loop {
@@ -215,7 +218,7 @@ impl Canceller {
             watch = later;
             for (id, slot, _) in due {
                 if self.write_off_if_still_running(id, &slot) {
-                    on_write_off();
+                    on_write_off(slot.worker);
                 }
             }
         }

@@ -1,11 +1,12 @@
 //! Command-line settings (docs/PROTOCOL.md, "Command line").
 
+use crate::homes::Affinity;
 use std::time::Duration;
 
 pub const USAGE: &str = "usage: pyport [--generation N] [--workers N] [--max-workers N] \
 [--spare-after-ms N] [--spare-idle-ms N] [--max-frame-bytes N] [--abandon-after-ms N] \
 [--max-abandoned N] [--gil-watchdog-ms N] [--max-reply-bytes N] [--oom-score-adj N] \
-[--max-memory-bytes N]";
+[--max-memory-bytes N] [--thread-affinity namespace|always|none]";
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
@@ -24,6 +25,8 @@ pub struct Config {
     pub gil_watchdog: Option<Duration>,
     /// Largest reply frame; a larger result fails its own request only.
     pub max_reply: usize,
+    /// Which processes get a home thread.
+    pub affinity: Affinity,
     pub oom_score_adj: i32,
     /// RLIMIT_AS in bytes; 0 for none.
     pub max_memory: u64,
@@ -42,6 +45,7 @@ impl Default for Config {
             max_abandoned: 64,
             gil_watchdog: Some(Duration::from_secs(5)),
             max_reply: 1 << 30,
+            affinity: Affinity::Namespace,
             oom_score_adj: 500,
             max_memory: 0,
         }
@@ -54,6 +58,11 @@ impl Config {
         let mut args = args.into_iter();
         while let Some(flag) = args.next() {
             let value = args.next().ok_or_else(|| format!("{flag} needs a value"))?;
+            if flag == "--thread-affinity" {
+                cfg.affinity = Affinity::parse(&value)
+                    .ok_or_else(|| format!("{flag}: {value:?} is not namespace, always or none"))?;
+                continue;
+            }
             let n: u64 = value.parse().map_err(|_| format!("{flag}: {value:?} is not a non-negative integer"))?;
             match flag.as_str() {
                 "--generation" => cfg.generation = n,
@@ -94,6 +103,7 @@ mod tests {
         assert_eq!((c.workers, c.max_workers, c.generation), (4, 4, 7));
         let c = parse(&["--gil-watchdog-ms", "0", "--max-reply-bytes", "100"]).unwrap();
         assert_eq!((c.gil_watchdog, c.max_reply), (None, 100));
+        assert_eq!(parse(&["--thread-affinity", "none"]).unwrap().affinity, Affinity::None);
         assert_eq!(parse(&["--gil-watchdog-ms", "250"]).unwrap().gil_watchdog, Some(Duration::from_millis(250)));
     }
 
@@ -103,5 +113,6 @@ mod tests {
         assert!(parse(&["--workers", "x"]).is_err());
         assert!(parse(&["--workers", "0"]).is_err());
         assert!(parse(&["--bogus", "1"]).is_err());
+        assert!(parse(&["--thread-affinity", "sometimes"]).is_err());
     }
 }

@@ -142,7 +142,7 @@ impl Interp {
         finish(py, id, result)
     }
 
-    /// The builtins that read the calling frame (`eval`, `exec`, `vars`, `dir`, `locals`,
+    /// The builtins that read the calling frame (see [`is_frame_builtin`]) (`eval`, `exec`, `vars`, `dir`, `locals`,
     /// `globals`) have no frame when called from here ("frame does not exist"). Called
     /// without the arguments that name a namespace, they get the caller's namespace, as if
     /// called from code run by `exec`. Returns None for every other call.
@@ -218,6 +218,11 @@ impl Interp {
         })();
         finish(py, id, result)
     }
+}
+
+/// Builtins that read their caller's frame, which `call` runs in the caller's namespace.
+pub fn is_frame_builtin(function: &str) -> bool {
+    matches!(function, "eval" | "exec" | "vars" | "dir" | "locals" | "globals")
 }
 
 /// Locals become variables, so their names must be identifiers, and not dunder names or

@@ -14,6 +14,7 @@ mod etf;
 mod exec;
 mod forks;
 mod framing;
+mod homes;
 #[cfg(test)]
 mod fuzz;
 mod limits;
@@ -161,6 +162,7 @@ impl Router {
             max: cfg.max_workers,
             spare_after: cfg.spare_after,
             spare_idle: cfg.spare_idle,
+            affinity: cfg.affinity,
             cancel: CancelConfig {
                 abandon_after: cfg.abandon_after,
                 max_abandoned: cfg.max_abandoned,
@@ -230,11 +232,22 @@ impl Router {
             ("abandoned_workers", pool.abandoned as u64),
             ("generation", self.generation),
         ];
+        // Per worker thread: processes homed there, requests queued there.
+        let lists: [(&str, Vec<u64>); 2] = [
+            ("thread_homes", pool.threads.iter().map(|t| t.0 as u64).collect()),
+            ("thread_queues", pool.threads.iter().map(|t| t.1 as u64).collect()),
+        ];
         protocol::ok_frame(id, |out| {
-            etf::put_map_header(out, entries.len());
+            etf::put_map_header(out, entries.len() + lists.len());
             for (k, v) in entries {
                 etf::put_atom(out, k);
                 etf::put_u64(out, v);
+            }
+            for (k, v) in lists {
+                etf::put_atom(out, k);
+                etf::put_list_header(out, v.len());
+                v.into_iter().for_each(|n| etf::put_u64(out, n));
+                etf::put_nil(out);
             }
         })
     }

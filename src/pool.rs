@@ -1,24 +1,36 @@
-//! The elastic pool of Python worker threads, and cancellation.
+//! The elastic pool of Python worker threads, and where each request runs.
 //!
 //! * Hot workers (`--workers`, default 1: on 2 cores one worker was fastest for GIL-bound
 //!   calls) live for the life of the port.
-//! * When the queue is non-empty and no worker has been idle for `--spare-after-ms`, the
-//!   manager thread starts a spare worker, up to `--max-workers`; spares exit after a while
-//!   without work. So a call that sleeps, blocks or loops never stalls every other caller.
+//! * Every worker has a queue of its own besides the shared one. A process with a home thread
+//!   (see `homes`) has each request put on its home's queue, so that objects bound to a
+//!   thread (sqlite3 connections, thread-locals, C libraries' per-thread state) keep working
+//!   across its calls; the other requests go to the shared queue, which every worker serves
+//!   when its own queue is empty.
+//! * When the shared queue is non-empty and no worker has been idle for `--spare-after-ms`,
+//!   the manager thread starts a spare worker, up to `--max-workers`; a spare also starts when
+//!   a process needs a home and every worker is busy. Spares exit after a while without work,
+//!   unless they are home to a process. So a call that sleeps, blocks or loops never stalls
+//!   every other caller.
 //! * Each worker attaches to the interpreter once and keeps its thread state for life
 //!   (thread-locals survive between calls); it detaches only while waiting for a job. It
 //!   never blocks on a channel or a lock that another thread holds while waiting for the
 //!   GIL: that deadlocked `threading.Thread.start()` in the prototype.
 //! * Cancellation, write-offs of stuck workers and the GIL watchdog live in `cancel`; the
 //!   pool reports to it which request runs where, and clears a cancellation that arrived
-//!   too late before a worker's next request.
+//!   too late before a worker's next request. The processes homed on a written-off worker
+//!   move to another: their namespaces survive, objects bound to the old thread may not.
 
 use crate::cancel::{CancelConfig, Canceller, Running, Slot};
-use crate::exec::{Frame, Interp, Mode};
+use crate::exec::{self, Frame, Interp, Mode};
 use crate::framing::Outbox;
+use crate::homes::{self, Affinity, Candidate, Choice, HomeTable};
 use crate::protocol::{self, atom, binary, tuple, Owner};
-use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
+use crossbeam_channel::{bounded, select, unbounded, Receiver, Select, Sender};
+use parking_lot::Mutex;
 use pyo3::prelude::*;
+use std::collections::BTreeMap;
+use std::sync::atomic::AtomicBool;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -56,6 +68,17 @@ impl Job {
         }
     }
 
+    /// Whether the job runs in its process's namespace (and so creates it if need be).
+    fn uses_namespace(&self) -> bool {
+        match self {
+            Job::Code { .. } => true,
+            Job::Call { module, function, .. } => {
+                module == "__main__" || (module == "builtins" && exec::is_frame_builtin(function))
+            }
+            Job::Startup { .. } => false,
+        }
+    }
+
     fn id(&self) -> u64 {
         match self {
             Job::Call { id, .. } | Job::Code { id, .. } | Job::Startup { id, .. } => *id,
@@ -79,10 +102,12 @@ pub struct PoolConfig {
     pub max: usize,
     pub spare_after: Duration,
     pub spare_idle: Duration,
+    pub affinity: Affinity,
     pub cancel: CancelConfig,
 }
 
 pub struct Pool {
+    /// The shared queue, for requests of processes without a home.
     jobs_tx: Sender<Job>,
     jobs_rx: Receiver<Job>,
     out: Outbox,
@@ -92,6 +117,36 @@ pub struct Pool {
     idle: AtomicUsize,
     canceller: Arc<Canceller>,
     kick_tx: Sender<()>,
+    sched: Mutex<Sched>,
+}
+
+/// The live workers and the processes' homes. Lock order: `sched`, then the canceller's
+/// tracking lock, never the other way round.
+#[derive(Default)]
+struct Sched {
+    workers: BTreeMap<usize, Arc<Worker>>,
+    homes: HomeTable,
+    next_id: usize,
+}
+
+/// A worker thread as the scheduler sees it.
+struct Worker {
+    id: usize,
+    hot: bool,
+    /// Its own queue: requests of the processes homed on it.
+    tx: Sender<Job>,
+    rx: Receiver<Job>,
+    running: AtomicBool,
+    /// Stuck in code that ignores cancellation: it homes nobody until its request returns.
+    written_off: AtomicBool,
+}
+
+impl Worker {
+    fn candidate(&self, homes: usize) -> Candidate {
+        let running = self.running.load(Ordering::Acquire);
+        let queued = self.rx.len();
+        Candidate { worker: self.id, busy: running || queued > 0, load: queued + running as usize, homes }
+    }
 }
 
 /// Counters for `stats`.
@@ -100,6 +155,8 @@ pub struct PoolStats {
     pub busy: usize,
     pub queued: usize,
     pub abandoned: usize,
+    /// Per worker, in the order they started: processes homed there, requests queued there.
+    pub threads: Vec<(usize, usize)>,
 }
 
 impl Pool {
@@ -107,10 +164,11 @@ impl Pool {
     pub fn start(cfg: PoolConfig, interp: Arc<Interp>, out: Outbox) -> std::io::Result<Arc<Pool>> {
         let (jobs_tx, jobs_rx) = unbounded();
         let (kick_tx, kick_rx) = bounded(1);
-        // A written-off worker no longer counts: the manager may start a spare in its place.
-        let kick = kick_tx.clone();
-        let canceller = Canceller::start(cfg.cancel, out.clone(), move || {
-            let _ = kick.try_send(());
+        // A written-off worker no longer counts, and the processes homed there need a new
+        // home: the manager sees to both.
+        let (off_tx, off_rx) = unbounded();
+        let canceller = Canceller::start(cfg.cancel, out.clone(), move |worker| {
+            let _ = off_tx.send(worker);
         })?;
         let pool = Arc::new(Pool {
             jobs_tx,
@@ -122,16 +180,19 @@ impl Pool {
             idle: AtomicUsize::new(0),
             canceller,
             kick_tx,
+            sched: Mutex::new(Sched::default()),
         });
         for _ in 0..cfg.hot.max(1) {
-            pool.spawn_worker(true)?;
+            pool.spawn_worker(&mut pool.sched.lock(), true)?;
         }
         let p = pool.clone();
-        thread::Builder::new().name("pyport-spares".into()).spawn(move || p.manage_spares(kick_rx))?;
+        thread::Builder::new()
+            .name("pyport-spares".into())
+            .spawn(move || p.manage(kick_rx, off_rx))?;
         Ok(pool)
     }
 
-    pub fn submit(&self, job: Job) {
+    pub fn submit(self: &Arc<Self>, job: Job) {
         {
             let mut t = self.canceller.tracking.lock();
             t.queued.insert(job.id());
@@ -139,11 +200,54 @@ impl Pool {
                 *t.inflight.entry(owner.clone()).or_insert(0) += 1;
             }
         }
+        let job = match (self.cfg.affinity, job.owner()) {
+            (Affinity::None, _) | (_, None) => job,
+            (affinity, Some(owner)) => {
+                let mut s = self.sched.lock();
+                let home = match s.homes.home_of(owner) {
+                    Some(w) => Some(w),
+                    None if affinity.wants_home(job.uses_namespace()) => self.assign_home(&mut s, owner.clone()),
+                    None => None,
+                };
+                match home.and_then(|w| s.workers.get(&w)) {
+                    // The receiver lives as long as the worker, which is in `workers`.
+                    Some(w) => return drop(w.tx.send(job)),
+                    None => job,
+                }
+            }
+        };
         // The receiver lives as long as the pool, so this cannot fail.
         let _ = self.jobs_tx.send(job);
         if self.idle.load(Ordering::Acquire) == 0 {
             let _ = self.kick_tx.try_send(());
         }
+    }
+
+    /// Chooses a home for `owner` (see `homes::choose`), starting a worker if need be.
+    fn assign_home(self: &Arc<Self>, s: &mut Sched, owner: Owner) -> Option<usize> {
+        let candidates: Vec<Candidate> = s
+            .workers
+            .values()
+            .filter(|w| !w.written_off.load(Ordering::Acquire))
+            .map(|w| w.candidate(s.homes.homes_on(w.id)))
+            .collect();
+        let worker = match homes::choose(&candidates, self.counted() < self.cfg.max) {
+            Choice::Worker(w) => w,
+            Choice::Spawn => match self.spawn_worker(s, false) {
+                Ok(w) => w,
+                Err(_) => match homes::choose(&candidates, false) {
+                    Choice::Worker(w) => w,
+                    Choice::Spawn => return None,
+                },
+            },
+        };
+        s.homes.set(owner, worker);
+        Some(worker)
+    }
+
+    /// Workers that count against `max_workers`: all but the written-off ones.
+    fn counted(&self) -> usize {
+        self.total.load(Ordering::Acquire).saturating_sub(self.canceller.abandoned())
     }
 
     /// The Erlang process `owner` has exited: frees its namespace now, or, if jobs of
@@ -158,8 +262,14 @@ impl Pool {
             busy
         };
         if !busy {
-            self.interp.drop_namespace(owner);
+            self.free_namespace(owner);
         }
+    }
+
+    /// Frees a dead owner's namespace, and with it its home.
+    fn free_namespace(&self, owner: &Owner) {
+        self.interp.drop_namespace(owner);
+        self.sched.lock().homes.remove(owner);
     }
 
     /// Asks for request `id` to be cancelled (returns at once; the work needs the GIL).
@@ -171,67 +281,173 @@ impl Pool {
         let workers = self.total.load(Ordering::Relaxed);
         let idle = self.idle.load(Ordering::Relaxed);
         let abandoned = self.canceller.abandoned();
-        PoolStats { workers, busy: workers.saturating_sub(idle), queued: self.jobs_rx.len(), abandoned }
+        let threads = {
+            let s = self.sched.lock();
+            s.workers.values().map(|w| (s.homes.homes_on(w.id), w.rx.len())).collect()
+        };
+        PoolStats { workers, busy: workers.saturating_sub(idle), queued: self.jobs_rx.len(), abandoned, threads }
     }
 
-    fn spawn_worker(self: &Arc<Self>, hot: bool) -> std::io::Result<()> {
-        self.total.fetch_add(1, Ordering::AcqRel);
+    /// Starts a worker; returns its id.
+    fn spawn_worker(self: &Arc<Self>, s: &mut Sched, hot: bool) -> std::io::Result<usize> {
+        let (tx, rx) = unbounded();
+        let id = s.next_id;
+        let worker = Arc::new(Worker {
+            id,
+            hot,
+            tx,
+            rx,
+            running: AtomicBool::new(false),
+            written_off: AtomicBool::new(false),
+        });
         let pool = self.clone();
+        let me = worker.clone();
         let name = if hot { "pyport-worker" } else { "pyport-spare" };
+        self.total.fetch_add(1, Ordering::AcqRel);
         let spawned = thread::Builder::new()
             .name(name.into())
             .stack_size(PYTHON_THREAD_STACK)
-            .spawn(move || pool.worker_loop(hot));
-        if spawned.is_err() {
+            .spawn(move || pool.worker_loop(me));
+        if let Err(e) = spawned {
             self.total.fetch_sub(1, Ordering::AcqRel);
+            return Err(e);
         }
-        spawned.map(drop)
+        s.next_id += 1;
+        s.workers.insert(id, worker);
+        Ok(id)
     }
 
-    fn manage_spares(self: Arc<Self>, kicks: Receiver<()>) {
-        for () in kicks.iter() {
-            loop {
-                thread::sleep(self.cfg.spare_after);
-                if self.jobs_rx.is_empty() || self.idle.load(Ordering::Acquire) > 0 {
-                    break;
-                }
-                let written_off = self.canceller.abandoned();
-                let counted = self.total.load(Ordering::Acquire).saturating_sub(written_off);
-                if counted >= self.cfg.max || self.spawn_worker(false).is_err() {
-                    break;
-                }
+    /// The manager: starts spares for a shared queue that waits, and finds new homes for the
+    /// processes of written-off workers.
+    fn manage(self: Arc<Self>, kicks: Receiver<()>, write_offs: Receiver<usize>) {
+        loop {
+            select! {
+                recv(kicks) -> kick => match kick {
+                    Ok(()) => self.add_spares(),
+                    Err(_) => return,
+                },
+                recv(write_offs) -> worker => match worker {
+                    Ok(worker) => {
+                        self.rehome(worker);
+                        self.add_spares();
+                    }
+                    Err(_) => return,
+                },
             }
         }
     }
 
-    fn worker_loop(self: Arc<Self>, hot: bool) {
+    fn add_spares(self: &Arc<Self>) {
+        loop {
+            thread::sleep(self.cfg.spare_after);
+            if self.jobs_rx.is_empty() || self.idle.load(Ordering::Acquire) > 0 {
+                return;
+            }
+            if self.counted() >= self.cfg.max || self.spawn_worker(&mut self.sched.lock(), false).is_err() {
+                return;
+            }
+        }
+    }
+
+    /// `worker` is stuck in code that ignores cancellation: the processes homed there, and the
+    /// requests waiting in its queue, move to other workers.
+    fn rehome(self: &Arc<Self>, worker: usize) {
+        let mut s = self.sched.lock();
+        let Some(old) = s.workers.get(&worker).cloned() else { return };
+        old.written_off.store(true, Ordering::Release);
+        for owner in s.homes.owners_on(worker) {
+            s.homes.remove(&owner);
+            let new = self.assign_home(&mut s, owner.clone());
+            let msg = format!(
+                "the home thread of <{}.{}> on {} is stuck in code that ignores cancellation; its \
+                 namespace moved to thread {} and keeps its values, but objects bound to the old \
+                 thread (sqlite3 connections, thread-locals) may refuse to work there",
+                owner.id,
+                owner.serial,
+                owner.node.name,
+                new.map_or_else(|| "(shared queue)".to_string(), |w| w.to_string())
+            );
+            self.out.log("warning", "pyport", msg.as_bytes());
+        }
+        while let Ok(job) = old.rx.try_recv() {
+            let home = job.owner().and_then(|o| s.homes.home_of(o)).and_then(|w| s.workers.get(&w));
+            match home {
+                Some(w) => drop(w.tx.send(job)),
+                None => drop(self.jobs_tx.send(job)),
+            }
+        }
+    }
+
+    fn worker_loop(self: Arc<Self>, me: Arc<Worker>) {
         Python::attach(|py| {
-            let slot = Arc::new(Slot::current());
+            let slot = Arc::new(Slot::current(me.id));
             let mut reply: Option<Frame> = None;
             loop {
                 self.idle.fetch_add(1, Ordering::AcqRel);
                 let job = py.detach(|| {
                     // The reply goes out here, detached: writing may block on the pipe.
                     if let Some(frame) = reply.take() {
-                        self.deliver(frame);
+                        self.deliver(&me, frame);
                     }
-                    if hot {
-                        self.poll_for_job().or_else(|| self.jobs_rx.recv().ok())
-                    } else {
-                        self.jobs_rx.recv_timeout(self.cfg.spare_idle).ok()
-                    }
+                    self.next_job(&me)
                 });
                 let idle_now = self.idle.fetch_sub(1, Ordering::AcqRel) - 1;
                 let Some(job) = job else { break };
+                me.running.store(true, Ordering::Release);
                 // Work still queued and nobody left to take it: the manager decides whether
                 // to add a spare. (Submitters kick too, but only see the pool as it was.)
                 if idle_now == 0 && !self.jobs_rx.is_empty() {
                     let _ = self.kick_tx.try_send(());
                 }
                 reply = Some(self.run_tracked(py, &slot, &job));
+                me.running.store(false, Ordering::Release);
+                // Back from a request it was written off for: an ordinary worker again.
+                me.written_off.store(false, Ordering::Release);
             }
         });
         self.total.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// The next job: from the worker's own queue first, then the shared one. Hot workers wait
+    /// for ever; a spare that waited `spare_idle` exits, unless it is home to a process.
+    fn next_job(&self, me: &Worker) -> Option<Job> {
+        loop {
+            if let Ok(job) = me.rx.try_recv() {
+                return Some(job);
+            }
+            if let Ok(job) = self.jobs_rx.try_recv() {
+                return Some(job);
+            }
+            if let Some(job) = self.poll_for_job(me) {
+                return Some(job);
+            }
+            let mut sel = Select::new();
+            let mine = sel.recv(&me.rx);
+            sel.recv(&self.jobs_rx);
+            let op = if me.hot {
+                sel.select()
+            } else {
+                match sel.select_timeout(self.cfg.spare_idle) {
+                    Ok(op) => op,
+                    Err(_) if self.retire(me) => return None,
+                    Err(_) => continue,
+                }
+            };
+            let got = if op.index() == mine { op.recv(&me.rx) } else { op.recv(&self.jobs_rx) };
+            if let Ok(job) = got {
+                return Some(job);
+            }
+        }
+    }
+
+    /// An idle spare leaves the pool, unless it is home to a process or has work queued.
+    fn retire(&self, me: &Worker) -> bool {
+        let mut s = self.sched.lock();
+        if s.homes.homes_on(me.id) > 0 || !me.rx.is_empty() {
+            return false;
+        }
+        s.workers.remove(&me.id);
+        true
     }
 
     /// Polls briefly for the next job, but only while this is the pool's only worker (the
@@ -239,17 +455,17 @@ impl Pool {
     /// jobs while another holds the GIL and the two hand it back and forth: 64 callers on
     /// 16 hot workers ran at half the calls/s. And every polling thread takes a core from
     /// the VM itself, which has only two here.
-    fn poll_for_job(&self) -> Option<Job> {
-        if self.total.load(Ordering::Acquire) > 1 {
+    fn poll_for_job(&self, me: &Worker) -> Option<Job> {
+        if !me.hot || self.total.load(Ordering::Acquire) > 1 {
             return None;
         }
-        spin_for_job(&self.jobs_rx)
+        spin_for(|| me.rx.try_recv().or_else(|_| self.jobs_rx.try_recv()).ok())
     }
 
     /// With no other work waiting, latency wins: write the reply on this thread. Under load,
     /// queue it, so that the writer batches replies into few writes.
-    fn deliver(&self, frame: Frame) {
-        if self.jobs_rx.is_empty() {
+    fn deliver(&self, me: &Worker, frame: Frame) {
+        if self.jobs_rx.is_empty() && me.rx.is_empty() {
             self.out.send_now(frame);
         } else {
             self.out.send(frame);
@@ -266,7 +482,7 @@ impl Pool {
                 let last = job.owner().is_some_and(|o| t.job_done(o));
                 drop(t);
                 if let (true, Some(owner)) = (last, job.owner()) {
-                    self.interp.drop_namespace(owner);
+                    self.free_namespace(owner);
                 }
                 return protocol::error_frame(Some(id), atom("cancelled"));
             }
@@ -289,7 +505,7 @@ impl Pool {
             job.owner().is_some_and(|o| t.job_done(o))
         };
         if let (true, Some(owner)) = (free_namespace, job.owner()) {
-            self.interp.drop_namespace(owner);
+            self.free_namespace(owner);
         }
         // A cancel that arrived after the code finished must not hit the next request.
         slot.clear_pending_cancel(py);
@@ -304,9 +520,14 @@ const SPIN: Duration = Duration::from_micros(30);
 /// a worker that has gone to sleep by then costs a wake-up, which on a virtual machine is
 /// often the largest single cost of a round trip. Polling briefly first avoids it.
 pub fn spin_for_job<T>(rx: &Receiver<T>) -> Option<T> {
+    spin_for(|| rx.try_recv().ok())
+}
+
+/// Polls `try_next` for up to [`SPIN`].
+fn spin_for<T>(mut try_next: impl FnMut() -> Option<T>) -> Option<T> {
     let start = Instant::now();
     loop {
-        if let Ok(job) = rx.try_recv() {
+        if let Some(job) = try_next() {
             return Some(job);
         }
         if start.elapsed() >= SPIN {
