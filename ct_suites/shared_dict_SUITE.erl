@@ -572,7 +572,10 @@ python_reads_erlang_values(_Config) ->
                    {<<"atom">>, hello}, {<<"none">>, undefined}, {<<"bool">>, true},
                    {<<"list">>, [1, [2]]}, {<<"tuple">>, {1, x}},
                    {<<"map">>, #{a => 1, 2 => b}}, {<<"pid">>, self()}]],
-    {ok, true} = py:call(sd_helpers, check_erlang_values, [SD]),
+    Other = spawn(fun() -> ok end),
+    {ok, true} = py:call(sd_helpers, check_erlang_values, [SD, self(), Other]),
+    Self = self(),
+    Self = py:shared_dict_get(SD, <<"pid">>),
     ok = py:shared_dict_destroy(SD).
 
 erlang_reads_python_values(_Config) ->
@@ -727,7 +730,16 @@ stats_counts_and_leak(_Config) ->
     Rss2 = rss_kb(OsPid),
     ct:log("port RSS after warm-up ~b kB, after 100,000 more dicts ~b kB (growth ~b kB, bound ~b kB)",
            [Rss1, Rss2, Rss2 - Rss1, ?RSS_BOUND_KB]),
-    true = Rss2 - Rss1 < ?RSS_BOUND_KB,
+    case Rss2 - Rss1 < ?RSS_BOUND_KB of
+        true -> ok;
+        false ->
+            %% One-off growth (a new malloc arena for a thread that ran for the first
+            %% time on a loaded machine) does not repeat; a leak grows by as much again.
+            ok = leak_cycle(1000, Base),
+            Rss3 = rss_kb(OsPid),
+            ct:log("after another 100,000 dicts ~b kB (growth ~b kB)", [Rss3, Rss3 - Rss2]),
+            ?assert(Rss3 - Rss2 < ?RSS_BOUND_KB)
+    end,
     ok.
 
 %% NProcs short-lived processes, 100 dicts each (with a key and a namespace),

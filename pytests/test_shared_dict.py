@@ -486,16 +486,19 @@ def test_stats_track_dicts(port):
 
 
 @pytest.mark.parametrize("blocker", ["sleep", "busy_loop"])
-def test_sd_ops_do_not_wait_behind_python(port_factory, blocker):
+def test_sd_ops_do_not_wait_behind_python(port_factory, blocker, tmp_path):
+    """Ordering, not wall-clock: the only worker is held (at most 60 s) until the test creates
+    a flag file, which it does only after every SharedDict operation has been answered."""
     p = port_factory(["--workers", "1", "--max-workers", "1"])
+    flag = tmp_path / "release"
     h = p.sd_new()
-    code = {
-        "sleep": "import time\ntime.sleep(4)",
-        "busy_loop": "import time\nt = time.monotonic()\nwhile time.monotonic() - t < 4:\n    pass\n",
-    }[blocker]
-    busy = p.exec(code)
+    step = {"sleep": "time.sleep(0.01)", "busy_loop": "pass"}[blocker]
+    busy = p.exec(
+        "import os, time\nt = time.monotonic()\n"
+        "while not os.path.exists(flag) and time.monotonic() - t < 60:\n    %s\n" % step,
+        {"flag": str(flag)},
+    )
     queued = p.eval("'queued'")  # proves the only worker is taken: this waits
-    t0 = time.monotonic()
     h2 = p.sd_new()
     assert p.sd_set(h2, "k", {"v": [1, 2]}) == ("ok", A("ok"))
     assert found(p, h2, "k") == (A("found"), {b"v": [1, 2]})
@@ -503,10 +506,10 @@ def test_sd_ops_do_not_wait_behind_python(port_factory, blocker):
     assert p.sd_keys(h2) == ("ok", [b"k"])
     assert p.sd_del(h2, "k") == ("ok", A("ok"))
     assert p.sd_destroy(h2) == ("ok", A("ok"))
-    elapsed = time.monotonic() - t0
-    assert elapsed < 2.0, "SharedDict ops took %.2f s behind a busy worker" % elapsed
+    assert busy not in p.pending, "the blocker finished before it was released"
     assert queued not in p.pending, "the queued eval was answered while the only worker was busy"
-    assert p.ok(busy, timeout=20) is None
+    flag.write_text("go")
+    assert p.ok(busy, timeout=60) is None
     assert p.ok(queued) == b"queued"
 
 
