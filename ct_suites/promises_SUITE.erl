@@ -9,7 +9,7 @@
 
 -export([all/0, suite/0, init_per_suite/1, end_per_suite/1,
          init_per_testcase/2, end_per_testcase/2]).
--export([binary_found_next_to_ebin/1, shared_dict_timeout_raises/1,
+-export([documented_defaults/1, binary_found_next_to_ebin/1, shared_dict_timeout_raises/1,
          crash_loop_backs_off_capped_and_reports_unavailable/1]).
 
 -define(ENV_KEYS, [pyport_executable, shared_dict_timeout, restart_backoff_max]).
@@ -18,7 +18,7 @@ suite() ->
     [{timetrap, {seconds, 60}}].
 
 all() ->
-    [binary_found_next_to_ebin, shared_dict_timeout_raises,
+    [documented_defaults, binary_found_next_to_ebin, shared_dict_timeout_raises,
      crash_loop_backs_off_capped_and_reports_unavailable].
 
 init_per_suite(Config) ->
@@ -33,6 +33,16 @@ init_per_testcase(_Case, Config) ->
 
 end_per_testcase(_Case, Config) ->
     pyport_ct_lib:restore_env_and_restart(?config(saved_env, Config)).
+
+%% README "Configuration": the defaults the application file ships with.
+documented_defaults(_Config) ->
+    {ok, [{application, pyport, Props}]} = file:consult(code:where_is_file("pyport.app")),
+    Env = proplists:get_value(env, Props),
+    [?assertEqual({K, V}, {K, proplists:get_value(K, Env)})
+     || {K, V} <- [{workers, 1}, {max_workers, 16}, {call_timeout, 30000},
+                   {shared_dict_timeout, 5000}, {restart_backoff_max, 5000},
+                   {sys_path, []}, {startup_code, ""}, {max_in_flight, 10000}]],
+    ok.
 
 %% README: "The binary is found in code:priv_dir(pyport), or next to ebin/ when
 %% the checkout's folder has another name" (this worktree's folder is not named
