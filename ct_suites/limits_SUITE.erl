@@ -2,11 +2,14 @@
 -module(limits_SUITE).
 
 -include_lib("common_test/include/ct.hrl").
+-include_lib("stdlib/include/assert.hrl").
 
 -export([all/0, init_per_suite/1, end_per_suite/1]).
--export([oversized_request_is_refused_before_the_port/1, overloaded_when_in_flight_is_full/1]).
+-export([oversized_request_is_refused_before_the_port/1, overloaded_when_in_flight_is_full/1,
+         shared_dict_ops_raise_overloaded/1]).
 
-all() -> [oversized_request_is_refused_before_the_port, overloaded_when_in_flight_is_full].
+all() -> [oversized_request_is_refused_before_the_port, overloaded_when_in_flight_is_full,
+          shared_dict_ops_raise_overloaded].
 
 init_per_suite(Config) ->
     %% Other suites of the same ct_run may have loaded or started the application.
@@ -51,3 +54,37 @@ overloaded_when_in_flight_is_full(_Config) ->
     true = Ok >= 4,
     true = Overloaded >= 1,
     {ok, #{pending := 0}} = py:stats().
+
+%% README "Failure semantics": with max_in_flight requests in the port, SharedDict
+%% operations raise error(overloaded). Four calls that wait for a file fill the
+%% port (max_in_flight = 4) until the test creates it.
+shared_dict_ops_raise_overloaded(Config) ->
+    Flag = filename:join(?config(priv_dir, Config), "release_blockers"),
+    {ok, SD} = py:shared_dict_new(),
+    ok = py:shared_dict_set(SD, <<"k">>, 1),
+    Self = self(),
+    Wait = <<"import os, time\nt = time.monotonic()\n"
+             "while not os.path.exists(flag) and time.monotonic() - t < 60:\n    time.sleep(0.01)\n">>,
+    Blockers = [spawn_link(fun() ->
+                                   Self ! {self(), py:exec(Wait, #{flag => list_to_binary(Flag)})}
+                           end) || _ <- lists:seq(1, 4)],
+    pyport_ct_lib:wait_until(
+      fun() -> maps:get(pending, gen_server:call(pyport_server, stats)) =:= 4 end,
+      10000, in_flight_full),
+    try
+        {error, overloaded} = py:eval(<<"1">>),
+        ?assertError(overloaded, py:shared_dict_get(SD, <<"k">>)),
+        ?assertError(overloaded, py:shared_dict_get(SD, <<"k">>, dflt)),
+        %% (shared_dict_set is left out: it returns {error, overloaded} where the
+        %% README says SharedDict operations raise; which one is right is open)
+        ?assertError(overloaded, py:shared_dict_del(SD, <<"k">>)),
+        ?assertError(overloaded, py:shared_dict_keys(SD)),
+        ?assertError(overloaded, py:shared_dict_new())
+    after
+        ok = file:write_file(Flag, <<"go">>)
+    end,
+    [ok, ok, ok, ok] = [receive {P, R} -> R after 30000 -> ct:fail({no_answer, P}) end
+                        || P <- Blockers],
+    %% nothing was changed by the refused operations
+    1 = py:shared_dict_get(SD, <<"k">>),
+    ok = py:shared_dict_destroy(SD).

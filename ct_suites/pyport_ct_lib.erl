@@ -5,7 +5,7 @@
 %% Waiting is done by polling with a deadline or by monitors, never by a bare sleep.
 -module(pyport_ct_lib).
 
--export([start_app/0, stop_app/0, restart_app/0, wait_ready/0,
+-export([start_app/0, stop_app/0, restart_app/0, wait_ready/0, assert_python_asserts/0,
          stat/1, stats/0, now_ms/0,
          wait_until/2, wait_until/3, wait_down/1, wait_down/2,
          assert_mailbox_empty/0, wait_waiting/1, collect/2,
@@ -17,10 +17,25 @@
 -define(LIVENESS_MS, 10000).
 
 %% Starts the application and waits until the port answers a trivial call.
+%% Refuses to go on (failing the suite's init, so every case fails) when the
+%% port's Python runs with assertions disabled.
 start_app() ->
     {ok, Apps} = application:ensure_all_started(pyport),
     ok = wait_ready(),
+    ok = assert_python_asserts(),
     Apps.
+
+%% With PYTHONOPTIMIZE set, `__debug__' is false in the port and every `assert'
+%% in the Python snippets of the suites silently passes: such a run proves
+%% nothing. Checked in the port itself (through a module call, which creates no
+%% process namespace, so exact-count tests keep their baseline).
+assert_python_asserts() ->
+    case py:call(builtins, eval, [<<"__debug__">>, #{}]) of
+        {ok, true} -> ok;
+        Other ->
+            ct:fail({python_assertions_disabled_in_the_port, Other,
+                     {'PYTHONOPTIMIZE', os:getenv("PYTHONOPTIMIZE")}})
+    end.
 
 stop_app() ->
     _ = application:stop(pyport),

@@ -407,31 +407,29 @@ handle_identity(_Config) ->
 forged_handles(_Config) ->
     {ok, SD} = py:shared_dict_new(),
     ok = py:shared_dict_set(SD, <<"secret">>, 1),
-    case SD of
-        {'$pyport_shared_dict', Gen, Id, Token} when is_binary(Token) ->
-            BadToken = setelement(4, SD, binary:copy(<<0>>, byte_size(Token))),
-            ?assertError({shared_dict_destroyed, BadToken}, py:shared_dict_get(BadToken, <<"secret">>)),
-            ?assertError({shared_dict_destroyed, BadToken}, py:shared_dict_set(BadToken, <<"x">>, 1)),
-            ok = py:shared_dict_destroy(BadToken),
-            %% another owner's dict, reached with our token
-            {Other, OtherSD} = spawn_owner(),
-            {'$pyport_shared_dict', Gen, OtherId, _} = OtherSD,
-            true = OtherId =/= Id,
-            Guess = {'$pyport_shared_dict', Gen, OtherId, Token},
-            ?assertError({shared_dict_destroyed, Guess}, py:shared_dict_get(Guess, <<"k">>)),
-            ok = py:shared_dict_destroy(Guess),
-            <<"v">> = py:shared_dict_get(OtherSD, <<"k">>),
-            %% an unknown id
-            Unknown = {'$pyport_shared_dict', Gen, Id + 1000000, Token},
-            ?assertError({shared_dict_destroyed, Unknown}, py:shared_dict_keys(Unknown)),
-            %% the real handle still works
-            1 = py:shared_dict_get(SD, <<"secret">>),
-            Other ! stop,
-            ok = py:shared_dict_destroy(SD);
-        _ ->
-            ok = py:shared_dict_destroy(SD),
-            {skip, "handle is not the PROTOCOL.md tuple; cannot forge one"}
-    end.
+    %% The handle is the PROTOCOL.md tuple with a 16-byte token: a promise, so a
+    %% change of format fails here instead of skipping the security checks below.
+    {'$pyport_shared_dict', Gen, Id, Token} = SD,
+    16 = byte_size(Token),
+    BadToken = setelement(4, SD, binary:copy(<<0>>, byte_size(Token))),
+    ?assertError({shared_dict_destroyed, BadToken}, py:shared_dict_get(BadToken, <<"secret">>)),
+    ?assertError({shared_dict_destroyed, BadToken}, py:shared_dict_set(BadToken, <<"x">>, 1)),
+    ok = py:shared_dict_destroy(BadToken),
+    %% another owner's dict, reached with our token
+    {Other, OtherSD} = spawn_owner(),
+    {'$pyport_shared_dict', Gen, OtherId, _} = OtherSD,
+    true = OtherId =/= Id,
+    Guess = {'$pyport_shared_dict', Gen, OtherId, Token},
+    ?assertError({shared_dict_destroyed, Guess}, py:shared_dict_get(Guess, <<"k">>)),
+    ok = py:shared_dict_destroy(Guess),
+    <<"v">> = py:shared_dict_get(OtherSD, <<"k">>),
+    %% an unknown id
+    Unknown = {'$pyport_shared_dict', Gen, Id + 1000000, Token},
+    ?assertError({shared_dict_destroyed, Unknown}, py:shared_dict_keys(Unknown)),
+    %% the real handle still works
+    1 = py:shared_dict_get(SD, <<"secret">>),
+    Other ! stop,
+    ok = py:shared_dict_destroy(SD).
 
 %%--------------------------------------------------------------------
 %% Lifecycle
@@ -574,7 +572,10 @@ python_reads_erlang_values(_Config) ->
                    {<<"atom">>, hello}, {<<"none">>, undefined}, {<<"bool">>, true},
                    {<<"list">>, [1, [2]]}, {<<"tuple">>, {1, x}},
                    {<<"map">>, #{a => 1, 2 => b}}, {<<"pid">>, self()}]],
-    {ok, true} = py:call(sd_helpers, check_erlang_values, [SD]),
+    Other = spawn(fun() -> ok end),
+    {ok, true} = py:call(sd_helpers, check_erlang_values, [SD, self(), Other]),
+    Self = self(),
+    Self = py:shared_dict_get(SD, <<"pid">>),
     ok = py:shared_dict_destroy(SD).
 
 erlang_reads_python_values(_Config) ->
@@ -729,7 +730,16 @@ stats_counts_and_leak(_Config) ->
     Rss2 = rss_kb(OsPid),
     ct:log("port RSS after warm-up ~b kB, after 100,000 more dicts ~b kB (growth ~b kB, bound ~b kB)",
            [Rss1, Rss2, Rss2 - Rss1, ?RSS_BOUND_KB]),
-    true = Rss2 - Rss1 < ?RSS_BOUND_KB,
+    case Rss2 - Rss1 < ?RSS_BOUND_KB of
+        true -> ok;
+        false ->
+            %% One-off growth (a new malloc arena for a thread that ran for the first
+            %% time on a loaded machine) does not repeat; a leak grows by as much again.
+            ok = leak_cycle(1000, Base),
+            Rss3 = rss_kb(OsPid),
+            ct:log("after another 100,000 dicts ~b kB (growth ~b kB)", [Rss3, Rss3 - Rss2]),
+            ?assert(Rss3 - Rss2 < ?RSS_BOUND_KB)
+    end,
     ok.
 
 %% NProcs short-lived processes, 100 dicts each (with a key and a namespace),

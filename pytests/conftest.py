@@ -548,21 +548,48 @@ class Port:
             return ""
 
     def shutdown(self):
-        """Close stdin, give the port a moment to exit, then kill whatever is left of its
-        process group (the port itself and anything Python started)."""
+        """Close stdin and wait (up to a generous 10 s) for the port to exit by itself, as it
+        promises to on end of input; then kill whatever is left of its process group so that a
+        failing test leaves nothing behind. Returns the exit status, or None if the port had to
+        be killed."""
         self.close_stdin()
-        if self.wait_exit(5) is None:
+        rc = self.wait_exit(10)
+        if rc is None:
             try:
                 self.proc.kill()
             except ProcessLookupError:
                 pass
+        leftovers = group_members(self.pgid)
+        deadline = time.monotonic() + 10
+        while rc is not None and leftovers and time.monotonic() < deadline:
+            select.select([], [], [], 0.02)  # the port's group kill is on its way
+            leftovers = group_members(self.pgid)
         try:
             os.killpg(self.pgid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
         self.proc.wait()
+        self.final_stderr = self.stderr_text()
         self.proc.stdout.close()
         self._stderr.close()
+        self.leftovers = leftovers
+        return rc
+
+
+def group_members(pgid):
+    """Live (non-zombie) processes whose process group is `pgid`."""
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % name) as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            continue
+        if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+            found.append(int(name))
+    return found
 
 
 def describe_error(reason):
@@ -600,6 +627,29 @@ def wait_until(pred, timeout, what, poll=None):
 
 
 # --------------------------------------------------------------------------------------------
+# Session check: assertions must be on, here and in the port
+
+
+def pytest_sessionstart(session):
+    """With PYTHONOPTIMIZE (or -O) `__debug__` is false: every `assert` in the Python snippets
+    the tests send to the port, and pytest's own asserts outside rewritten modules, silently
+    pass. Such a run proves nothing, so it is refused."""
+    if not __debug__ or sys.flags.optimize:
+        pytest.exit("refusing to run: Python assertions are disabled here (PYTHONOPTIMIZE=%r)"
+                    % os.environ.get("PYTHONOPTIMIZE"), returncode=4)
+    if not (os.path.isfile(PYPORT_BIN) and os.access(PYPORT_BIN, os.X_OK)):
+        return  # every test fails on its own with a clear message
+    p = Port()
+    try:
+        debug = p.eval_ok("__debug__")
+    finally:
+        p.shutdown()
+    if debug is not True:
+        pytest.exit("refusing to run: assertions are disabled in the port's Python (__debug__ is %r, "
+                    "PYTHONOPTIMIZE=%r)" % (debug, os.environ.get("PYTHONOPTIMIZE")), returncode=4)
+
+
+# --------------------------------------------------------------------------------------------
 # Fixtures
 
 
@@ -614,13 +664,20 @@ def port_factory():
         return p
 
     yield start
+    problems = []
     for p in ports:
-        p.shutdown()
-        err = p.stderr_text()
+        rc = p.shutdown()
+        err = p.final_stderr
         if err:
             # Shown by pytest only when the test failed.
             print("--- pyport %s stderr ---\n%s" % (" ".join(p.args), err[-4000:]))
-        assert not pid_alive(p.proc.pid)
+        # README: the port exits by itself on end of input, killing the processes Python
+        # started (its process group). Both are checked before the cleanup kill.
+        if rc is None:
+            problems.append("port %s did not exit within 10 s of end of input" % " ".join(p.args))
+        elif p.leftovers:
+            problems.append("processes %r of the port's group outlived it" % p.leftovers)
+    assert not problems, problems
 
 
 @pytest.fixture

@@ -76,38 +76,53 @@ def test_ten_mib_round_trip(port):
     assert port.eval_ok("v[::-1]", v=text, timeout=60) == text.encode()
 
 
-def test_out_of_order_sleep(port):
+# Ordering, not wall-clock: the slow request waits (at most 60 s) for a flag file that the test
+# creates only after the fast reply has arrived, so "the fast one overtakes" cannot depend on
+# how loaded the machine is.
+WAIT_FOR_FLAG = (
+    "import os, time\nt = time.monotonic()\n"
+    "while not os.path.exists(flag) and time.monotonic() - t < 60:\n    {step}\n"
+)
+
+
+def test_out_of_order_sleep(port, tmp_path):
+    flag = tmp_path / "release"
     # Two processes: one process's requests run on its home thread, one after another.
-    slow = port.eval("__import__('time').sleep(1.5) or 'slow'", owner=pid(2))
+    slow = port.exec(WAIT_FOR_FLAG.format(step="time.sleep(0.01)"), {"flag": str(flag)}, owner=pid(2))
     fast = port.eval("'fast'", owner=pid(3))
-    t0 = time.monotonic()
-    first = port.recv()
+    first = port.recv(timeout=30)
     assert first[0] == fast, "the fast call did not overtake the slow one: %r" % (first,)
-    assert time.monotonic() - t0 < 1.0
-    assert port.ok(slow) == b"slow"
+    assert slow not in port.pending
+    flag.write_text("go")
+    assert port.ok(slow, timeout=60) is None
 
 
-def test_out_of_order_busy_loop(port):
+def test_out_of_order_busy_loop(port, tmp_path):
     """A GIL-bound loop in one call must not stall another caller."""
-    slow = port.exec(
-        "import time\nt = time.monotonic()\nwhile time.monotonic() - t < 2.0:\n    pass\n",
-        owner=pid(2),
-    )
-    t0 = time.monotonic()
+    flag = tmp_path / "release"
+    slow = port.exec(WAIT_FOR_FLAG.format(step="pass"), {"flag": str(flag)}, owner=pid(2))
     fast = port.eval("1 + 1", owner=pid(3))
-    assert port.ok(fast) == 2
-    assert time.monotonic() - t0 < 1.5
-    assert port.pending == {}
-    assert port.ok(slow) is None
+    assert port.ok(fast, timeout=30) == 2
+    assert port.pending == {}, "the busy loop finished before it was released"
+    flag.write_text("go")
+    assert port.ok(slow, timeout=60) is None
 
 
 def test_concurrent_sleepers_run_in_parallel(port):
-    t0 = time.monotonic()
-    ids = [port.eval("__import__('time').sleep(1.0) or %d" % i, owner=pid(10 + i)) for i in range(6)]
+    """Six requests that can only finish together (a barrier of six) all finish: they ran at
+    the same time, on six workers. Run one after another, the first would time out waiting."""
+    port.exec_ok(
+        "import sys, threading, types\n"
+        "m = types.ModuleType('pyport_test_barrier')\n"
+        "m.barrier = threading.Barrier(6)\n"
+        "sys.modules['pyport_test_barrier'] = m\n"
+    )
+    ids = [
+        port.eval("__import__('pyport_test_barrier').barrier.wait(30) >= 0 and %d" % i, owner=pid(300 + i))
+        for i in range(6)
+    ]
     for i, rid in enumerate(ids):
-        assert port.ok(rid) == i
-    elapsed = time.monotonic() - t0
-    assert elapsed < 3.0, "6 parallel sleeps of 1 s took %.2f s" % elapsed
+        assert port.ok(rid, timeout=60) == i
 
 
 def test_max_workers_caps_the_pool(port_factory):

@@ -2,36 +2,35 @@
 
 import os
 import signal
-import time
 
 import pytest
 
-from conftest import A, Atom, describe_error, pid_alive, wait_until
+from conftest import A, Atom, describe_error, group_members, pid_alive, wait_until
+
+
+# Exits on EOF are liveness checks with a generous bound (the CI box is a loaded 2-core
+# machine); the 60 s sleep / endless loop in the port is what makes "by itself" meaningful.
 
 
 def test_eof_when_idle_exits(port):
-    t0 = time.monotonic()
     port.close_stdin()
-    rc = port.wait_exit(2)
-    assert rc is not None, "port still running 2 s after its stdin closed"
-    assert time.monotonic() - t0 < 2
+    rc = port.wait_exit(10)
+    assert rc == 0, "port still running (or failed) 10 s after its stdin closed: %r" % rc
 
 
 def test_eof_while_worker_sleeps_exits(port):
     rid = port.exec("import time\ntime.sleep(60)")
     port.assert_serving()  # the sleeper is really running
-    t0 = time.monotonic()
     port.close_stdin()
-    rc = port.wait_exit(2.5)
-    assert rc is not None, "port still running 2.5 s after EOF with a worker in time.sleep(60)"
-    assert time.monotonic() - t0 < 2.5
+    rc = port.wait_exit(10)
+    assert rc == 0, "port still running 10 s after EOF with a worker in time.sleep(60): %r" % rc
 
 
 def test_eof_while_worker_loops_exits(port):
     port.exec("while True:\n    pass\n")
     port.assert_serving()
     port.close_stdin()
-    assert port.wait_exit(2.5) is not None, "port still running after EOF with a busy loop"
+    assert port.wait_exit(10) == 0, "port still running 10 s after EOF with a busy loop"
 
 
 def test_children_gone_after_eof(port):
@@ -40,10 +39,15 @@ def test_children_gone_after_eof(port):
         " __import__('subprocess').Popen(['sh', '-c', 'sleep 61; true']).pid]"
     )
     assert all(pid_alive(p) for p in pids)
+    # The grandchild (sh's `sleep 61`) exists before the port is told to exit. (A process
+    # forked while the port is scanning its group on exit can escape the scan: a product
+    # race, rare, and not what this test pins.)
+    wait_until(lambda: len(group_members(port.pgid)) >= 4, 10, "the port, sleep, sh and sh's sleep")
+    family = group_members(port.pgid)
     port.exec("import time\ntime.sleep(60)")
     port.close_stdin()
-    assert port.wait_exit(2.5) is not None
-    wait_until(lambda: not any(pid_alive(p) for p in pids), 3, "children of the port to exit: %r" % pids)
+    assert port.wait_exit(10) == 0
+    wait_until(lambda: not any(pid_alive(p) for p in family), 10, "the port's group to exit: %r" % family)
 
 
 def test_protocol_fds_not_inherited(port):
@@ -82,23 +86,14 @@ def test_sigint_ignored(port):
     assert port.ok(rid) == b"done"
 
 
-def is_cancel_error(reason):
-    if reason == "cancelled":
-        return True
-    return (
-        isinstance(reason, tuple)
-        and len(reason) == 4
-        and reason[0] == "python"
-        and reason[1] not in ("KeyboardInterrupt", "SystemExit")
-    )
-
-
 def test_cancel_running_busy_loop(port):
     rid = port.exec("while True:\n    pass\n")
     port.assert_serving()  # it is running (and the pool still answers)
     port.cancel(rid)
+    # PROTOCOL.md: a request cancelled while it ran is answered `cancelled`, not as the
+    # Python exception (erlang.CallCancelled) used to interrupt it.
     reason = port.err(rid, timeout=10)
-    assert is_cancel_error(reason), reason
+    assert reason == "cancelled" and isinstance(reason, Atom), describe_error(reason)
     for _ in range(5):
         port.assert_serving()
 
@@ -114,17 +109,25 @@ def test_cancel_not_swallowed_by_except_exception(port):
     )
     port.assert_serving()
     port.cancel(rid)
-    assert is_cancel_error(port.err(rid, timeout=10))
+    reason = port.err(rid, timeout=10)
+    assert reason == "cancelled" and isinstance(reason, Atom), describe_error(reason)
     port.assert_serving()
 
 
 def test_cancel_queued_request(port_factory):
     p = port_factory(["--workers", "1", "--max-workers", "1"])
-    busy = p.eval("__import__('time').sleep(1.0) or 'busy'")
+    # The only worker loops (for at most 60 s) until it is cancelled, so `queued` is certainly
+    # still queued when it is cancelled: no timing assumption.
+    busy = p.exec(
+        "import time\nt = time.monotonic()\nwhile time.monotonic() - t < 60:\n    time.sleep(0.01)\n"
+    )
     queued = p.exec("ran_anyway = True")
     p.cancel(queued)
-    assert p.err(queued, timeout=10) == "cancelled"
-    assert p.ok(busy) == b"busy"
+    # Cancels are served in order: once the running one is answered `cancelled`, the cancel
+    # of the queued one has been seen too.
+    p.cancel(busy)
+    assert p.err(busy, timeout=30) == "cancelled"
+    assert p.err(queued, timeout=30) == "cancelled"
     err = p.eval_err("ran_anyway")
     assert err[0] == "python" and err[1] == "NameError", describe_error(err)
 
@@ -137,7 +140,9 @@ def test_cancel_does_not_hit_next_request(port_factory):
         rid = p.eval("sum(range(%d))" % (i * 1000))
         p.cancel(rid)
         status, x = p.result(rid)
-        assert status == "ok" or x == "cancelled" or is_cancel_error(x), (status, x)
+        # A deliberate race: the cancel may arrive before, while or after the code ran, so
+        # both the result and `cancelled` are right; nothing else is.
+        assert (status, x) in (("ok", i * 1000 * (i * 1000 - 1) // 2), ("error", "cancelled")), describe_error(x)
         nxt = p.exec("import time\nt = time.monotonic()\nwhile time.monotonic() - t < 0.01:\n    pass\n")
         assert p.ok(nxt) is None
     p.cancel(123456789)  # unknown id: ignored, no reply

@@ -6,6 +6,7 @@ import pickle
 import threading
 import time
 
+import erlang
 from erlang import SharedDict
 
 DESTROYED = "SharedDict has been destroyed"
@@ -92,9 +93,13 @@ def not_a_handle():
 
 
 def destroyed_ops(handle):
-    """Every operation on a destroyed dict raises RuntimeError(DESTROYED),
-    except destroy() (idempotent) and repr (says it is destroyed).
+    """Every operation on a destroyed dict raises erlang.SharedDictDestroyed (a
+    RuntimeError, README) with message DESTROYED, except destroy() (idempotent)
+    and repr (says it is destroyed).
     Returns the list of misbehaving operations (empty when all is well)."""
+    bad = []
+    if not issubclass(erlang.SharedDictDestroyed, RuntimeError):
+        bad.append(f'SharedDictDestroyed bases: {erlang.SharedDictDestroyed.__mro__!r}')
     sd = SharedDict(handle)
     ops = {
         'getitem': lambda: sd['k'],
@@ -112,12 +117,11 @@ def destroyed_ops(handle):
         'update': lambda: sd.update({'k': 1}),
         'clear': lambda: sd.clear(),
     }
-    bad = []
     for name, op in ops.items():
         try:
             op()
             bad.append(f'{name}: no error')
-        except RuntimeError as e:
+        except erlang.SharedDictDestroyed as e:
             if str(e) != DESTROYED:
                 bad.append(f'{name}: message {str(e)!r}')
         except BaseException as e:  # noqa: BLE001
@@ -154,8 +158,9 @@ def store_python_values(handle):
     return True
 
 
-def check_erlang_values(handle):
-    """Values Erlang stored, as Python sees them."""
+def check_erlang_values(handle, pid, other_pid):
+    """Values Erlang stored, as Python sees them. `pid` is the pid stored under 'pid', passed
+    again as a call argument; `other_pid` is another process."""
     sd = SharedDict(handle)
     assert sd['int'] == 2 ** 100, sd['int']
     assert sd['float'] == 1.5
@@ -168,7 +173,10 @@ def check_erlang_values(handle):
     assert sd['list'] == [1, [2]]
     assert sd['tuple'] == (1, 'x')
     assert sd['map'] == {'a': 1, 2: 'b'}, sd['map']
-    assert sd['pid'] == sd['pid'] and hash(sd['pid']) == hash(sd['pid'])
+    stored = sd['pid']
+    assert type(stored) is erlang.OpaqueTerm, type(stored)
+    assert stored == pid and hash(stored) == hash(pid), (stored, pid)
+    assert stored != other_pid, (stored, other_pid)
     return True
 
 
