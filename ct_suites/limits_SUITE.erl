@@ -75,8 +75,7 @@ shared_dict_ops_raise_overloaded(Config) ->
         {error, overloaded} = py:eval(<<"1">>),
         ?assertError(overloaded, py:shared_dict_get(SD, <<"k">>)),
         ?assertError(overloaded, py:shared_dict_get(SD, <<"k">>, dflt)),
-        %% (shared_dict_set is left out: it returns {error, overloaded} where the
-        %% README says SharedDict operations raise; which one is right is open)
+        ?assertError(overloaded, py:shared_dict_set(SD, <<"k">>, 2)),
         ?assertError(overloaded, py:shared_dict_del(SD, <<"k">>)),
         ?assertError(overloaded, py:shared_dict_keys(SD)),
         ?assertError(overloaded, py:shared_dict_new())

@@ -421,6 +421,7 @@ sd_result(_SD, {ok, _} = Ok) -> Ok;
 sd_result(SD, {error, shared_dict_destroyed}) -> erlang:error({shared_dict_destroyed, SD});
 sd_result(SD, {error, timeout}) -> erlang:error({pyport_timeout, SD});
 sd_result(_SD, {error, {pyport_unavailable, _} = Reason}) -> erlang:error(Reason);
+sd_result(_SD, {error, overloaded}) -> erlang:error(overloaded);
 sd_result(_SD, {error, {pyport_exit, Status}}) ->
     erlang:error({pyport_unavailable, {exit_status, Status}});
 sd_result(_SD, {error, _} = Error) -> Error.
