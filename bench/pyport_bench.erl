@@ -184,6 +184,21 @@ round_(R, O, Default, Payloads, Gs) ->
                     {fid("w~b_sleep16_cps", [N]), Sl},
                     {fid("w~b_sqrt64_cps", [N]), Sq}]
            end) || N <- ?SWEEP],
+    %% Home threads: stateless sqrt (no namespace: floats in both modes) and 64
+    %% processes that each have a namespace, with thread_affinity none and
+    %% namespace, the order alternating from round to round.
+    Modes = case R rem 2 of 1 -> [none, namespace]; 0 -> [namespace, none] end,
+    [case_({affinity, Mode},
+           fun() ->
+                   _ = restart_app(Default#{thread_affinity => Mode}),
+                   #{cps := S16} = conc(16, O, fun sqrt_call/0),
+                   #{cps := S64} = conc(64, O, fun sqrt_call/0),
+                   #{cps := E64} = conc(64, O, fun ns_eval_call/0),
+                   [{fid("aff_~s_sqrt16_cps", [Mode]), S16},
+                    {fid("aff_~s_sqrt64_cps", [Mode]), S64},
+                    {fid("aff_~s_nseval64_cps", [Mode]), E64}]
+           end) || Mode <- Modes],
+    _ = restart_app(Default),
     get(acc).
 
 %% The dict is owned by the round's process, which outlives the cases.
@@ -213,6 +228,8 @@ sd_cases(SD, O, Nmap1k) ->
 
 sqrt_call() -> {ok, ?SQRT2} = py:call(math, sqrt, [2.0]).
 sleep_call() -> {ok, undefined} = py:call(time, sleep, [0.001]).
+%% A small eval in the calling process's namespace.
+ns_eval_call() -> {ok, 13} = py:eval(<<"x * x + y">>, #{x => 3, y => 4}).
 
 seq3(Name, #{p50 := P50, p99 := P99, cps := Cps}) ->
     [{fid("~s_p50_us", [Name]), P50}, {fid("~s_p99_us", [Name]), P99},
@@ -469,12 +486,16 @@ handle_cast(_, S) -> {noreply, S}.
 %% Stops the application (waiting until its port program is gone), sets the
 %% pool size, starts it again; returns the ms from start to the first
 %% answered call.
-restart_app(#{workers := W, max_workers := M}) ->
+restart_app(#{workers := W, max_workers := M} = Pool) ->
     Old = try os_pid() catch _:_ -> undefined end,
     _ = application:stop(pyport),
     wait_gone(Old, 200),
     ok = application:set_env(pyport, workers, W),
     ok = application:set_env(pyport, max_workers, M),
+    case Pool of
+        #{thread_affinity := A} -> ok = application:set_env(pyport, thread_affinity, A);
+        _ -> ok = application:unset_env(pyport, thread_affinity)
+    end,
     T0 = now_ns(),
     ok = application:start(pyport),
     {ok, ?SQRT2} = py:call(math, sqrt, [2.0]),
@@ -656,7 +677,17 @@ figures() ->
            {fid("w~b_sqrt64_cps", [N]), workers, lbl("~b worker(s): sqrt, 64 callers", [N]),
             "calls/s", cat_alone_cps},
            {fid("w~b_startup_ms", [N]), workers, lbl("~b worker(s): start-up", [N]), "ms",
-            cat_start_ms}] || N <- ?SWEEP]).
+            cat_start_ms}] || N <- ?SWEEP])
+    ++ [{aff_none_sqrt16_cps, affinity, "affinity none: sqrt, 16 callers", "calls/s", cat_alone_cps},
+        {aff_none_sqrt64_cps, affinity, "affinity none: sqrt, 64 callers", "calls/s", cat_alone_cps},
+        {aff_none_nseval64_cps, affinity, "affinity none: eval in own namespace, 64 procs",
+         "calls/s", cat_alone_cps},
+        {aff_namespace_sqrt16_cps, affinity, "affinity namespace: sqrt, 16 callers", "calls/s",
+         aff_none_sqrt16_cps},
+        {aff_namespace_sqrt64_cps, affinity, "affinity namespace: sqrt, 64 callers", "calls/s",
+         aff_none_sqrt64_cps},
+        {aff_namespace_nseval64_cps, affinity, "affinity namespace: eval in own namespace, 64 procs",
+         "calls/s", aff_none_nseval64_cps}].
 
 base_if(1, _) -> none;
 base_if(_, B) -> B.
@@ -704,7 +735,11 @@ targets(Figs) ->
            sd1_get_small_p50_us, '=<', 1.5},
           {py_sd_get, "Python sd[k] get <= 2x dict+unpickle", pysd_get_small_ns, '=<', 2.0},
           {py_sd_set, "Python sd[k] = v <= 2x dict+pickle", pysd_set_small_ns, '=<', 2.0},
-          {sleep_speedup, "16 sleepers: 16 workers >= 12x 1 worker", w16_sleep16_cps, '>=', 12.0}],
+          {sleep_speedup, "16 sleepers: 16 workers >= 12x 1 worker", w16_sleep16_cps, '>=', 12.0},
+          {aff_sqrt16, "home threads: stateless sqrt, 16 callers >= 0.95x affinity none",
+           aff_namespace_sqrt16_cps, '>=', 0.95},
+          {aff_sqrt64, "home threads: stateless sqrt, 64 callers >= 0.95x affinity none",
+           aff_namespace_sqrt64_cps, '>=', 0.95}],
     [begin
          F = lists:keyfind(Fig, 1, [{maps:get(id, X), X} || X <- Figs]),
          #{ratio_median := R, ratio_min := Rmin, ratio_max := Rmax, median := V,

@@ -134,10 +134,11 @@ crash_with_in_flight(CrashCode, ExpectedStatus, Config) ->
                              Self ! {result, self(), R}
                      end) || _ <- lists:seq(1, 50)],
     wait_waiting(Callers),
-    %% all 51 requests are in the port: running or queued there
+    %% all 51 requests are in the port: running, or queued there (in the shared
+    %% queue or, for processes with a home thread, in their home's queue)
     wait_until(fun() ->
-                       #{busy_workers := B, queued := Q} = pyport_ct_lib:stats(),
-                       B + Q >= 51 orelse {busy, B, queued, Q}
+                       #{busy_workers := B, queued := Q, thread_queues := TQ} = pyport_ct_lib:stats(),
+                       B + Q + lists:sum(TQ) >= 51 orelse {busy, B, queued, Q, thread_queues, TQ}
                end, ?LIVENESS_MS, requests_in_port),
     T0 = now_ms(),
     ok = file:write_file(Trigger, <<>>),

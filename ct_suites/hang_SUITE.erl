@@ -219,6 +219,8 @@ exception_names_never_become_atoms(_Config) ->
     %% Built-in classes stay atoms; a class that only claims to be built in does not.
     {error, {python, 'ValueError', _, _}} = py:eval(<<"int('x')">>),
     {error, {python, 'KeyError', _, _}} = py:eval(<<"{}['k']">>),
+    %% an alias of a built-in class is named as Python names the class
+    {error, {python, 'OSError', _, _}} = py:exec(<<"raise IOError('x')">>),
     {error, {python, <<"Spoofed">>, _, _}} =
         py:eval(<<"(_ for _ in ()).throw(type('Spoofed', (Exception,), {'__module__': 'builtins'})())">>),
     ok.

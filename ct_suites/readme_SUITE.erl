@@ -5,9 +5,9 @@
 -include_lib("common_test/include/ct.hrl").
 
 -export([all/0, init_per_suite/1, end_per_suite/1]).
--export([intro/1, examples/1, shared_dict/1]).
+-export([intro/1, examples/1, shared_dict/1, per_process_state/1]).
 
-all() -> [intro, examples, shared_dict].
+all() -> [intro, examples, shared_dict, per_process_state].
 
 init_per_suite(Config) ->
     _ = pyport_ct_lib:start_app(),
@@ -50,3 +50,34 @@ shared_dict(_Config) ->
     ok = py:shared_dict_del(SD, <<"config">>),
     ok = py:shared_dict_destroy(SD),
     ok = py:shared_dict_destroy(SD).
+
+%% The Erlang block under "Per-process state and threads", read from README.md
+%% and evaluated as written, under load from 8 other processes.
+per_process_state(_Config) ->
+    Block = readme_block("### Per-process state and threads"),
+    Stop = atomics:new(1, []),
+    Load = [spawn_link(fun() -> load(Stop) end) || _ <- lists:seq(1, 8)],
+    try
+        {ok, Tokens, _} = erl_scan:string(Block),
+        {ok, Exprs} = erl_parse:parse_exprs(Tokens),
+        {value, _, _} = erl_eval:exprs(Exprs, erl_eval:new_bindings())
+    after
+        atomics:put(Stop, 1, 1),
+        [pyport_ct_lib:wait_down(P) || P <- Load]
+    end,
+    ok.
+
+load(Stop) ->
+    case atomics:get(Stop, 1) of
+        1 -> ok;
+        0 -> {ok, _} = py:eval(<<"__import__('time').sleep(0.02)">>), load(Stop)
+    end.
+
+%% The first ```erlang block after Heading in README.md.
+readme_block(Heading) ->
+    Readme = filename:join([filename:dirname(code:which(py)), "..", "README.md"]),
+    {ok, Text} = file:read_file(Readme),
+    [_, After] = binary:split(Text, list_to_binary(Heading)),
+    [_, Code0] = binary:split(After, <<"```erlang\n">>),
+    [Code | _] = binary:split(Code0, <<"```">>),
+    binary_to_list(Code).

@@ -142,7 +142,7 @@ impl Interp {
         finish(py, id, result)
     }
 
-    /// The builtins that read the calling frame (see [`is_frame_builtin`]) (`eval`, `exec`, `vars`, `dir`, `locals`,
+    /// The builtins that read the calling frame (`eval`, `exec`, `vars`, `dir`, `locals`,
     /// `globals`) have no frame when called from here ("frame does not exist"). Called
     /// without the arguments that name a namespace, they get the caller's namespace, as if
     /// called from code run by `exec`. Returns None for every other call.
@@ -218,11 +218,6 @@ impl Interp {
         })();
         finish(py, id, result)
     }
-}
-
-/// Builtins that read their caller's frame, which `call` runs in the caller's namespace.
-pub fn is_frame_builtin(function: &str) -> bool {
-    matches!(function, "eval" | "exec" | "vars" | "dir" | "locals" | "globals")
 }
 
 /// Locals become variables, so their names must be identifiers, and not dunder names or
@@ -347,15 +342,18 @@ static BUILTIN_EXCEPTIONS: OnceLock<HashMap<usize, String>> = OnceLock::new();
 pub fn snapshot_builtin_exceptions(py: Python<'_>) -> PyResult<Vec<String>> {
     let base = py.get_type::<pyo3::exceptions::PyBaseException>();
     let mut found = HashMap::new();
-    for (name, value) in py.import("builtins")?.dict().iter() {
+    for value in py.import("builtins")?.dict().values() {
         if let Ok(ty) = value.cast::<PyType>() {
             if ty.is_subclass(&base)? {
-                found.insert(ty.as_ptr() as usize, name.extract::<String>()?);
+                // The class's own name: `IOError` and `EnvironmentError` are other names
+                // for `OSError`, which is what Python itself calls it.
+                found.insert(ty.as_ptr() as usize, ty.name()?.to_string());
             }
         }
     }
     let mut names: Vec<String> = found.values().cloned().collect();
     names.sort();
+    names.dedup();
     let _ = BUILTIN_EXCEPTIONS.set(found);
     Ok(names)
 }

@@ -22,7 +22,7 @@
 //!   move to another: their namespaces survive, objects bound to the old thread may not.
 
 use crate::cancel::{CancelConfig, Canceller, Running, Slot};
-use crate::exec::{self, Frame, Interp, Mode};
+use crate::exec::{Frame, Interp, Mode};
 use crate::framing::Outbox;
 use crate::homes::{self, Affinity, Candidate, Choice, HomeTable};
 use crate::protocol::{self, atom, binary, tuple, Owner};
@@ -72,9 +72,10 @@ impl Job {
     fn uses_namespace(&self) -> bool {
         match self {
             Job::Code { .. } => true,
-            Job::Call { module, function, .. } => {
-                module == "__main__" || (module == "builtins" && exec::is_frame_builtin(function))
-            }
+            // A frame builtin (`py:call(builtins, eval, [Code])`) may use it too, but only
+            // without the arguments that name a namespace, which are not decoded here; such
+            // a call does not choose a home, the process's next namespace request does.
+            Job::Call { module, .. } => module == "__main__",
             Job::Startup { .. } => false,
         }
     }
