@@ -35,6 +35,7 @@ all() ->
      startup_code_runs_before_any_request,
      failing_startup_code_makes_port_unavailable,
      slow_startup_code_times_out,
+     heartbeats_are_answered_during_startup,
      stuck_sleepers_do_not_restart_the_port,
      invalid_utf8_is_badarg,
      malformed_handles_are_badarg,
@@ -64,6 +65,8 @@ case_env(failing_startup_code_makes_port_unavailable) ->
 case_env(slow_startup_code_times_out) ->
     [{startup_code, <<"import time\ntime.sleep(30)\n">>}, {startup_timeout_ms, 300}];
 case_env(stuck_sleepers_do_not_restart_the_port) -> [{abandon_after_ms, 300}];
+case_env(heartbeats_are_answered_during_startup) ->
+    [{startup_code, <<"import time\ntime.sleep(2)\nready = True\n">>}, {heartbeat_timeout_ms, 300}];
 case_env(unsafe_replies_answer_their_caller) ->
     [{pyport_executable, {data_dir, "unsafe_port.py"}}, {heartbeat_timeout_ms, infinity}];
 case_env(_) -> [].
@@ -322,6 +325,13 @@ failing_startup_code_makes_port_unavailable(_Config) ->
 
 slow_startup_code_times_out(_Config) ->
     {error, {pyport_unavailable, {startup_failed, timeout}}} = py:eval(<<"1">>, #{}, ?LIVENESS_MS),
+    ok.
+
+%% Start-up code that takes several heartbeat timeouts: the port's reader
+%% answers heartbeats meanwhile, so the port is not taken for stopped.
+heartbeats_are_answered_during_startup(_Config) ->
+    {ok, true} = py:eval(<<"__import__('__main__').ready">>, #{}, ?LIVENESS_MS),
+    #{restarts := 0} = pyport_ct_lib:stats(),
     ok.
 
 %%--------------------------------------------------------------------
