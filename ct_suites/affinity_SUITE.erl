@@ -146,7 +146,7 @@ affinity_always_homes_every_process(_Config) ->
 %% ignores the cancellation). The worker is written off, both namespaces move
 %% to another thread with their values, and the move is logged.
 written_off_home_keeps_namespaces(_Config) ->
-    capture_logs(),
+    pyport_ct_lib:capture_logs(affinity_capture),
     Self = self(),
     B = spawn(fun() -> ok = py:exec(<<"b = 2">>), Self ! {b, ready}, receive go -> Self ! {b, py:eval(<<"b">>)} end end),
     receive {b, ready} -> ok after ?LIVENESS_MS -> ct:fail(b_not_ready) end,
@@ -157,8 +157,8 @@ written_off_home_keeps_namespaces(_Config) ->
     B ! go,
     receive {b, R} -> ?assertEqual({ok, 2}, R) after ?LIVENESS_MS -> ct:fail(b_not_answered) end,
     {ok, 1} = py:eval(<<"a">>, #{}, ?LIVENESS_MS),
-    Moved = [L || L <- logged(), has(L, <<"moved to thread">>)],
-    ?assertEqual(2, length(Moved), logged()),
+    Moved = [L || L <- pyport_ct_lib:logged(), has(L, <<"moved to thread">>)],
+    ?assertEqual(2, length(Moved), pyport_ct_lib:logged()),
     ok.
 
 %% A spare that became a home never exits for being idle: after ten idle
@@ -196,20 +196,3 @@ load_loop(Stop) ->
             load_loop(Stop)
     end.
 
-capture_logs() ->
-    Tab = ets:new(affinity_logs, [public, duplicate_bag]),
-    put(affinity_logs, Tab),
-    ok = logger:add_handler(affinity_capture, ?MODULE, #{config => #{tab => Tab}, level => all}).
-
-logged() ->
-    [L || {_, L} <- ets:tab2list(get(affinity_logs))].
-
-%% logger handler callback
-log(#{msg := Msg}, #{config := #{tab := Tab}}) ->
-    Text = case Msg of
-               {report, R} -> iolist_to_binary(io_lib:format("~tp", [R]));
-               {string, S} -> unicode:characters_to_binary(S);
-               {Format, Args} -> unicode:characters_to_binary(io_lib:format(Format, Args))
-           end,
-    catch ets:insert(Tab, {log, Text}),
-    ok.

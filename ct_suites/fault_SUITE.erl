@@ -154,7 +154,7 @@ crash_with_in_flight(CrashCode, ExpectedStatus, Config) ->
     Server = whereis(?SERVER),
     true = lists:keymember(pyport, 1, application:which_applications()),
     true = stat(os_pid) =/= OsPid,
-    wait_until(fun() -> not os_alive(OsPid) end, ?LIVENESS_MS, old_port_gone),
+    wait_until(fun() -> not pyport_ct_lib:os_alive(OsPid) end, ?LIVENESS_MS, old_port_gone),
     %% the dead port's dict says so, and is not silently recreated
     ?assertError({shared_dict_destroyed, SD}, py:shared_dict_get(SD, <<"k">>)),
     ?assertError({shared_dict_destroyed, SD}, py:shared_dict_set(SD, <<"k">>, 1)),
@@ -418,7 +418,7 @@ too_many_stuck_workers_restart_port(_Config) ->
     Restarts1 = Restarts0 + 1,
     #{restarts := Restarts1} = Local,
     true = stat(os_pid) =/= OsPid,
-    wait_until(fun() -> not os_alive(OsPid) end, ?LIVENESS_MS, old_port_gone),
+    wait_until(fun() -> not pyport_ct_lib:os_alive(OsPid) end, ?LIVENESS_MS, old_port_gone),
     0 = stat(abandoned_workers),
     {ok, 3.0} = py:call(math, sqrt, [9]),
     ok.
@@ -636,17 +636,17 @@ subprocess_and_thread_outlive_call(_Config) ->
     {ok, Ticks0} = py:eval(<<"ticks[0]">>),
     wait_until(fun() -> {ok, T} = py:eval(<<"ticks[0]">>), T > Ticks0 + 5 end,
                ?LIVENESS_MS, thread_keeps_running),
-    true = os_alive(Child1),
+    true = pyport_ct_lib:os_alive(Child1),
     T0 = now_ms(),
     {error, {pyport_exit, _}} = py:exec(<<"import os; os.abort()">>),
-    wait_until(fun() -> not (os_alive(Child1) orelse os_alive(Tid1) orelse os_alive(Port1)) end,
+    wait_until(fun() -> not lists:any(fun pyport_ct_lib:os_alive/1, [Child1, Tid1, Port1]) end,
                ?LIVENESS_MS, child_and_thread_gone_after_crash),
     CrashGoneMs = now_ms() - T0,
     _ = wait_answering(T0),
     {Child2, Tid2, Port2} = start_child_and_thread(),
     T1 = now_ms(),
     ok = pyport_ct_lib:stop_app(),
-    wait_until(fun() -> not (os_alive(Child2) orelse os_alive(Tid2) orelse os_alive(Port2)) end,
+    wait_until(fun() -> not lists:any(fun pyport_ct_lib:os_alive/1, [Child2, Tid2, Port2]) end,
                ?LIVENESS_MS, child_and_thread_gone_after_stop),
     StopGoneMs = now_ms() - T1,
     ct:pal("fault: child process and thread gone ~b ms after a crash, ~b ms after "
@@ -667,8 +667,8 @@ thread = threading.Thread(target=_tick)
 thread.start()
 ">>),
     {ok, [Child, Tid, Port]} = py:eval(<<"[child.pid, thread.native_id, os.getpid()]">>),
-    true = os_alive(Child),
-    true = os_alive(Tid),
+    true = pyport_ct_lib:os_alive(Child),
+    true = pyport_ct_lib:os_alive(Tid),
     Port = stat(os_pid),
     {Child, Tid, Port}.
 
@@ -718,12 +718,12 @@ vm_killed_port_and_children_gone(Config) ->
     {VM, Beam, PortPid, Child} = start_vm(Config),
     T0 = now_ms(),
     _ = os:cmd("kill -9 " ++ integer_to_list(Beam)),
-    wait_until(fun() -> not (os_alive(PortPid) orelse os_alive(Child)) end,
+    wait_until(fun() -> pyport_ct_lib:all_gone([PortPid, Child]) end,
                ?LIVENESS_MS, port_and_child_gone),
     Ms = now_ms() - T0,
     ct:pal("fault: beam killed: port program ~b and its child ~b gone after ~b ms",
            [PortPid, Child, Ms]),
-    false = os_alive(Beam),
+    false = pyport_ct_lib:os_alive(Beam),
     close_vm(VM, Beam),
     ok.
 
@@ -733,12 +733,12 @@ port_closed_while_busy_in_c(Config) ->
     {VM, Beam, PortPid, Child} = start_vm(Config),
     T0 = now_ms(),
     true = port_command(VM, "stop\n"),
-    wait_until(fun() -> not (os_alive(PortPid) orelse os_alive(Child)) end,
+    wait_until(fun() -> not lists:any(fun pyport_ct_lib:os_alive/1, [PortPid, Child]) end,
                ?LIVENESS_MS, port_and_child_gone),
     Ms = now_ms() - T0,
     ct:pal("fault: port closed: port program ~b and its child ~b gone after ~b ms",
            [PortPid, Child, Ms]),
-    true = os_alive(Beam),
+    true = pyport_ct_lib:os_alive(Beam),
     close_vm(VM, Beam),
     ok.
 
@@ -751,10 +751,10 @@ child = subprocess.Popen(['sh', '-c', 'sleep 600 & echo $!; wait'], stdout=subpr
 grandchild = int(child.stdout.readline())
 ">>),
     {ok, [Child, Grandchild, OsPid]} = py:eval(<<"[child.pid, grandchild, __import__('os').getpid()]">>),
-    true = os_alive(Child) andalso os_alive(Grandchild),
+    true = pyport_ct_lib:os_alive(Child) andalso pyport_ct_lib:os_alive(Grandchild),
     T0 = now_ms(),
     _ = os:cmd("kill -9 " ++ integer_to_list(OsPid)),
-    wait_until(fun() -> not (os_alive(Child) orelse os_alive(Grandchild)) end,
+    wait_until(fun() -> not lists:any(fun pyport_ct_lib:os_alive/1, [Child, Grandchild]) end,
                ?LIVENESS_MS, group_gone),
     Ms = now_ms() - T0,
     _ = wait_answering(T0),
@@ -778,7 +778,7 @@ start_vm(Config) ->
         {ok, [Beam, PortPid, Child]} ->
             ct:log("fault_vm: beam ~b (port os pid ~b), pyport ~b, child ~b",
                    [Beam, VMPid, PortPid, Child]),
-            true = os_alive(PortPid) andalso os_alive(Child),
+            true = pyport_ct_lib:os_alive(PortPid) andalso pyport_ct_lib:os_alive(Child),
             {VM, Beam, PortPid, Child};
         Other ->
             _ = os:cmd("kill -9 " ++ integer_to_list(VMPid)),
@@ -801,7 +801,7 @@ vm_line(VM, Deadline) ->
 %% Closing stdin halts fault_vm; a beam that is somehow left is killed.
 close_vm(VM, Beam) ->
     catch port_close(VM),
-    wait_until(fun() -> not os_alive(Beam) end, ?LIVENESS_MS, vm_gone),
+    wait_until(fun() -> not pyport_ct_lib:os_alive(Beam) end, ?LIVENESS_MS, vm_gone),
     ok.
 
 %%--------------------------------------------------------------------
@@ -813,16 +813,6 @@ wait_answering(T0) ->
                port_answering),
     now_ms() - T0.
 
-%% A process (or thread) that exists and is not a zombie.
-os_alive(Pid) ->
-    case file:read_file(proc(Pid, "stat")) of
-        {ok, Stat} ->
-            [_, Rest] = string:split(Stat, <<")">>, trailing),
-            [State | _] = string:lexemes(Rest, " "),
-            not lists:member(State, [<<"Z">>, <<"X">>, <<"x">>]);
-        {error, _} ->
-            false
-    end.
 
 proc(Pid, File) ->
     "/proc/" ++ integer_to_list(Pid) ++ "/" ++ File.

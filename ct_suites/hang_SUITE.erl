@@ -99,11 +99,11 @@ catastrophic_regex_restarts_port(_Config) ->
 
 gil_holder_restarts_port(Code) ->
     ok = pyport_ct_lib:wait_ready(),
-    capture_logs(),
+    pyport_ct_lib:capture_logs(hang_capture),
     {error, timeout} = py:eval(Code, #{}, 500),
     wait_answering(),
     #{restarts := 1, last_exit := {exit_status, 7}} = pyport_ct_lib:stats(),
-    Logs = logged(),
+    Logs = pyport_ct_lib:logged(),
     ?assert(lists:any(fun(L) -> has(L, <<"GIL watchdog">>) end, Logs), Logs),
     ?assert(lists:any(fun(L) -> has(L, Code) andalso has(L, <<"CPU">>) end, Logs), Logs),
     ok.
@@ -139,12 +139,13 @@ forked_children_never_hold_the_protocol(_Config) ->
             erpc:call(Node, py, eval, [fork_children(), #{}, ?LIVENESS_MS], ?LIVENESS_MS),
         ct:log("hang: peer ~p: port ~b, multiprocessing child ~b, os.fork child ~b",
                [Node, PortPid, MpChild, ForkChild]),
-        ?assert(os_alive(MpChild) andalso os_alive(ForkChild)),
+        ?assert(pyport_ct_lib:os_alive(MpChild) andalso pyport_ct_lib:os_alive(ForkChild)),
         T0 = now_ms(),
         {error, {pyport_exit, 139}} =
             erpc:call(Node, py, exec, [<<"import ctypes; ctypes.string_at(0)">>], ?LIVENESS_MS),
         ct:pal("hang: segfault with forked children answered after ~b ms", [now_ms() - T0]),
-        wait_until(fun() -> not lists:any(fun os_alive/1, [PortPid, MpChild, ForkChild]) end,
+        wait_until(fun() -> not lists:any(fun pyport_ct_lib:os_alive/1,
+                                          [PortPid, MpChild, ForkChild]) end,
                    ?LIVENESS_MS, forked_children_gone),
         %% The restarted port forks again; then the whole VM goes.
         {ok, [PortPid2, MpChild2, ForkChild2]} =
@@ -159,7 +160,8 @@ forked_children_never_hold_the_protocol(_Config) ->
         %% parent-death signal ends it and the reaper ends its group.
         _ = os:cmd("kill -STOP " ++ integer_to_list(PortPid2)),
         peer:stop(Peer),
-        wait_until(fun() -> not lists:any(fun os_alive/1, [PortPid2, MpChild2, ForkChild2]) end,
+        wait_until(fun() -> not lists:any(fun pyport_ct_lib:os_alive/1,
+                                          [PortPid2, MpChild2, ForkChild2]) end,
                    ?LIVENESS_MS, nothing_left_after_vm_exit)
     after
         catch peer:stop(Peer)
@@ -200,7 +202,7 @@ stopped_port_is_replaced(_Config) ->
     end,
     wait_answering(),
     ?assertNotEqual(OsPid, stat(os_pid)),
-    wait_until(fun() -> not os_alive(OsPid) end, ?LIVENESS_MS, stopped_process_gone),
+    wait_until(fun() -> not pyport_ct_lib:os_alive(OsPid) end, ?LIVENESS_MS, stopped_process_gone),
     #{last_exit := {exit_status, 137}} = pyport_ct_lib:stats(),
     ok.
 
@@ -448,32 +450,4 @@ code_raising_call_cancelled_is_cancelled(_Config) ->
 wait_answering() ->
     wait_until(fun() -> py:eval(<<"1 + 1">>, #{}, 5000) =:= {ok, 2} end, 30000, port_answering).
 
-%% A process that exists and is not a zombie.
-os_alive(Pid) ->
-    case file:read_file("/proc/" ++ integer_to_list(Pid) ++ "/stat") of
-        {ok, Stat} ->
-            [_, Rest] = string:split(Stat, <<")">>, trailing),
-            [State | _] = string:lexemes(Rest, " "),
-            not lists:member(State, [<<"Z">>, <<"X">>, <<"x">>]);
-        {error, _} ->
-            false
-    end.
 
-%% Captures pyport's logger events into this test's ETS table.
-capture_logs() ->
-    Tab = ets:new(hang_logs, [public, duplicate_bag]),
-    put(hang_logs, Tab),
-    ok = logger:add_handler(hang_capture, ?MODULE, #{config => #{tab => Tab}, level => all}).
-
-logged() ->
-    [L || {_, L} <- ets:tab2list(get(hang_logs))].
-
-%% logger handler callback
-log(#{msg := Msg}, #{config := #{tab := Tab}}) ->
-    Text = case Msg of
-               {report, R} -> iolist_to_binary(io_lib:format("~tp", [R]));
-               {string, S} -> unicode:characters_to_binary(S);
-               {Format, Args} -> unicode:characters_to_binary(io_lib:format(Format, Args))
-           end,
-    catch ets:insert(Tab, {log, Text}),
-    ok.

@@ -10,7 +10,10 @@
          wait_until/2, wait_until/3, wait_down/1, wait_down/2,
          assert_mailbox_empty/0, wait_waiting/1, collect/2,
          has/2, nest/1, run_in_process/1,
-         save_env/1, restore_env_and_restart/1, assert_destroyed/1]).
+         save_env/1, restore_env_and_restart/1, assert_destroyed/1,
+         os_alive/1, all_gone/1, capture_logs/1, logged/0]).
+%% logger handler callback of capture_logs/1
+-export([log/2]).
 
 -include_lib("stdlib/include/assert.hrl").
 
@@ -160,4 +163,52 @@ assert_destroyed(SD) ->
     ?assertError({shared_dict_destroyed, SD}, py:shared_dict_del(SD, <<"k">>)),
     ?assertError({shared_dict_destroyed, SD}, py:shared_dict_keys(SD)),
     ok = py:shared_dict_destroy(SD),
+    ok.
+
+%% An OS process (or thread) that exists and is not a zombie.
+os_alive(Pid) ->
+    case file:read_file("/proc/" ++ integer_to_list(Pid) ++ "/stat") of
+        {ok, Stat} ->
+            [_, Rest] = string:split(Stat, <<")">>, trailing),
+            [State | _] = string:lexemes(Rest, " "),
+            not lists:member(State, [<<"Z">>, <<"X">>, <<"x">>]);
+        {error, _} ->
+            false
+    end.
+
+%% For wait_until/3: true once none of the OS pids is alive, else the /proc
+%% status lines of those that are (so that a failure says which and how).
+all_gone(Pids) ->
+    case [{P, proc_state(P)} || P <- Pids, os_alive(P)] of
+        [] -> true;
+        Alive -> {alive, Alive}
+    end.
+
+proc_state(Pid) ->
+    case file:read_file("/proc/" ++ integer_to_list(Pid) ++ "/status") of
+        {ok, Status} ->
+            [L || L <- binary:split(Status, <<"\n">>, [global]),
+                  lists:any(fun(F) -> binary:match(L, F) =:= {0, byte_size(F)} end,
+                            [<<"Name:">>, <<"State:">>, <<"PPid:">>, <<"SigQ:">>])];
+        {error, E} ->
+            E
+    end.
+
+%% Captures every logger event's text into a table of the calling process,
+%% read back with logged/0. The test removes the handler HandlerId when done.
+capture_logs(HandlerId) ->
+    Tab = ets:new(pyport_ct_logs, [public, duplicate_bag]),
+    put(pyport_ct_logs, Tab),
+    ok = logger:add_handler(HandlerId, ?MODULE, #{config => #{tab => Tab}, level => all}).
+
+logged() ->
+    [Text || {log, Text} <- ets:tab2list(get(pyport_ct_logs))].
+
+log(#{msg := Msg}, #{config := #{tab := Tab}}) ->
+    Text = case Msg of
+               {report, R} -> iolist_to_binary(io_lib:format("~tp", [R]));
+               {string, S} -> unicode:characters_to_binary(S);
+               {Format, Args} -> unicode:characters_to_binary(io_lib:format(Format, Args))
+           end,
+    catch ets:insert(Tab, {log, Text}),
     ok.

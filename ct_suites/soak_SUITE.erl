@@ -152,7 +152,7 @@ soak_run() ->
               {port_was_killed, Kills =/= [], length(Kills)},
               %% a 2-minute run has room for the three stubborn disruptions
               {stubborn_python_disrupted, Seconds < 120 orelse length(Kills) >= 3, length(Kills)},
-              {forked_children_gone, not lists:any(fun os_alive/1, Forked), Forked}],
+              {forked_children_gone, not lists:any(fun pyport_ct_lib:os_alive/1, Forked), Forked}],
     ?assertEqual([], [{Name, Detail} || {Name, false, Detail} <- Checks]),
     ok.
 
@@ -582,16 +582,6 @@ signal_port(Signal) ->
             false
     end.
 
-%% A process that exists and is not a zombie.
-os_alive(Pid) ->
-    case file:read_file("/proc/" ++ integer_to_list(Pid) ++ "/stat") of
-        {ok, Stat} ->
-            [_, Rest] = string:split(Stat, <<")">>, trailing),
-            [State | _] = string:lexemes(Rest, " "),
-            not lists:member(State, [<<"Z">>, <<"X">>, <<"x">>]);
-        {error, _} ->
-            false
-    end.
 
 rss_sampler(Acc) ->
     receive

@@ -9,6 +9,7 @@
 
 use std::fs;
 use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicI32, Ordering};
 
 /// Exits as soon as the other end of `fd` (the protocol input) is closed, whatever the rest
 /// of the process is doing. The reader sees end of input too, but only between frames and
@@ -45,7 +46,8 @@ pub fn start_group_reaper() -> std::io::Result<Option<RawFd>> {
     match unsafe { libc::fork() } {
         -1 => Err(std::io::Error::last_os_error()),
         0 => reap_when_closed(read_end),
-        _ => {
+        pid => {
+            REAPER.store(pid, Ordering::SeqCst);
             // SAFETY: closing our copy of the reaper's end.
             unsafe { libc::close(read_end) };
             Ok(Some(write_end))
@@ -90,8 +92,17 @@ unsafe fn close_all_but(keep: RawFd) {
     }
 }
 
+/// The reaper's pid, 0 when there is none.
+static REAPER: AtomicI32 = AtomicI32::new(0);
+
 pub fn exit_now(code: i32) -> ! {
-    kill_process_group_members();
+    // With a reaper, the group dies as soon as we do, in one kill(2) that also reaches
+    // processes forked while a scan of /proc would run. Scanning here as well would race
+    // with it: a parent-death SIGKILL arriving mid-scan, after the scan had killed the
+    // reaper, left the rest of the group alive.
+    if REAPER.load(Ordering::SeqCst) == 0 {
+        kill_process_group_members();
+    }
     // SAFETY: _exit ends the process without running atexit handlers or Python finalisation,
     // which could block on threads stuck in user code.
     unsafe { libc::_exit(code) }
