@@ -8,6 +8,8 @@ PYTHON ?= $(shell python3 -c 'import sys; print(sys.executable)' 2>/dev/null)
 CARGO  ?= cargo
 ERLC   ?= erlc
 BUILD  := _build
+# cargo's output folder; a shared CARGO_TARGET_DIR (as the sample-project tests use) is honoured.
+TARGET_DIR := $(or $(CARGO_TARGET_DIR),target)
 
 ERL_SRCS := $(wildcard erl_src/*.erl)
 BEAMS    := $(patsubst erl_src/%.erl,ebin/%.beam,$(ERL_SRCS))
@@ -16,7 +18,7 @@ PLT      := $(BUILD)/pyport.plt
 
 export PYO3_PYTHON := $(PYTHON)
 
-.PHONY: all port erlang test cargo-test pytest ct dialyzer demo bootstrap clean \
+.PHONY: all port erlang test cargo-test pytest ct dialyzer demo bootstrap tools clean \
         bench soak fuzz test-matrix
 
 all: port erlang
@@ -24,9 +26,9 @@ all: port erlang
 # cargo is incremental; always asking it keeps priv/pyport in step with PYTHON and the sources.
 port:
 	$(CARGO) build --release --locked 2>&1 | grep -v '^\s*Fresh' || true
-	@test -x target/release/pyport || { echo "cargo build failed" >&2; exit 1; }
+	@test -x $(TARGET_DIR)/release/pyport || { echo "cargo build failed" >&2; exit 1; }
 	@mkdir -p priv
-	@cmp -s target/release/pyport priv/pyport || { cp target/release/pyport priv/pyport.tmp && mv -f priv/pyport.tmp priv/pyport; }
+	@cmp -s $(TARGET_DIR)/release/pyport priv/pyport || { cp $(TARGET_DIR)/release/pyport priv/pyport.tmp && mv -f priv/pyport.tmp priv/pyport; }
 
 erlang: $(BEAMS) ebin/pyport.app
 
@@ -38,12 +40,21 @@ ebin/pyport.app: erl_src/pyport.app.src
 	@mkdir -p ebin
 	cp $< $@
 
-# Installs what a fresh Debian machine lacks: Erlang/OTP (with common_test and dialyzer)
-# from the OS packages, and the Python test packages from PyPI.
+# Installs what a fresh Debian machine lacks: Erlang/OTP (with common_test and dialyzer),
+# rebar3 and Elixir from the OS packages, the Python test packages and numpy from PyPI.
 bootstrap:
 	@bash scripts/bootstrap.sh "$(PYTHON)"
 
-test: all
+# `make test` and `make demo` check first (a fraction of a second) and run the bootstrap
+# themselves when something is missing, as root or in CI (CI=true); otherwise they say what
+# to run and stop.
+tools:
+	@bash scripts/bootstrap.sh --check "$(PYTHON)" || { \
+	  if [ "$$(id -u)" = 0 ] || [ "$${CI:-}" = true ]; then bash scripts/bootstrap.sh "$(PYTHON)"; \
+	  else echo "Run this first (it uses sudo for apt-get):  make bootstrap PYTHON=$(PYTHON)" >&2; exit 1; fi; }
+
+test: tools
+	@$(MAKE) --no-print-directory all
 	@rc=0; \
 	$(MAKE) --no-print-directory cargo-test || rc=1; \
 	$(MAKE) --no-print-directory pytest || rc=1; \
@@ -67,7 +78,8 @@ dialyzer: erlang
 	@test -f $(PLT) || dialyzer --build_plt --output_plt $(PLT) --apps erts kernel stdlib
 	dialyzer --plt $(PLT) -Wunmatched_returns -Werror_handling ebin
 
-demo: all
+demo: tools
+	@$(MAKE) --no-print-directory all
 	@erlc -o $(BUILD) examples/pyport_demo.erl 2>/dev/null || { mkdir -p $(BUILD) && erlc -o $(BUILD) examples/pyport_demo.erl; }
 	erl -noshell -pa ebin -pa $(BUILD) -eval 'pyport_demo:main(), halt().'
 
