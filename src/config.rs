@@ -5,7 +5,7 @@ use std::time::Duration;
 pub const USAGE: &str = "usage: pyport [--generation N] [--workers N] [--max-workers N] \
 [--spare-after-ms N] [--spare-idle-ms N] [--max-frame-bytes N] [--abandon-after-ms N] \
 [--max-abandoned N] [--gil-watchdog-ms N] [--max-reply-bytes N] [--oom-score-adj N] \
-[--max-memory-bytes N]";
+[--max-memory-bytes N] [--log-lines-per-sec N]";
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
@@ -27,6 +27,9 @@ pub struct Config {
     pub oom_score_adj: i32,
     /// RLIMIT_AS in bytes; 0 for none.
     pub max_memory: u64,
+    /// Rate limit of forwarded output lines (per stream) and of Python log records
+    /// (bursts of twice as many).
+    pub log_lines_per_sec: f64,
 }
 
 impl Default for Config {
@@ -44,6 +47,7 @@ impl Default for Config {
             max_reply: 1 << 30,
             oom_score_adj: 500,
             max_memory: 0,
+            log_lines_per_sec: 100.0,
         }
     }
 }
@@ -68,6 +72,7 @@ impl Config {
                 "--max-reply-bytes" => cfg.max_reply = n as usize,
                 "--oom-score-adj" => cfg.oom_score_adj = n.min(1000) as i32,
                 "--max-memory-bytes" => cfg.max_memory = n,
+                "--log-lines-per-sec" => cfg.log_lines_per_sec = n.max(1) as f64,
                 _ => return Err(format!("unknown option {flag}")),
             }
         }

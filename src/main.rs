@@ -19,6 +19,7 @@ mod fuzz;
 mod limits;
 mod pool;
 mod protocol;
+mod pylog;
 mod pymodule;
 mod python;
 mod registry;
@@ -89,7 +90,8 @@ fn main() {
             std::process::exit(EXIT_IO);
         }
     };
-    if let Err(e) = stdio::start_drains(captured, out_tx.clone()) {
+    pylog::install(out_tx.clone(), cfg.log_lines_per_sec);
+    if let Err(e) = stdio::start_drains(captured, out_tx.clone(), cfg.log_lines_per_sec) {
         fatal(&out_tx, EXIT_IO, &format!("cannot start output drains: {e}"));
     }
 
@@ -101,6 +103,9 @@ fn main() {
         fatal(&out_tx, EXIT_PYTHON_INIT, &e);
     }
     if let Err(e) = python::raise_recursion_limit() {
+        out_tx.log("warning", "pyport", e.as_bytes());
+    }
+    if let Err(e) = pylog::install_handler() {
         out_tx.log("warning", "pyport", e.as_bytes());
     }
     let router = match Router::start(&cfg, out_tx.clone()) {
