@@ -411,7 +411,9 @@ port_atoms() ->
      duplicate_key, not_callable, internal_error, reply_too_large, not_owner,
      shared_dict_destroyed, encode_failed,
      pyport_log, pyport_ready, pyport_heartbeat, info, warning, stdout, stderr, pyport,
-     pyport_log_record, debug, critical,
+     pyport_log_record, debug, critical, nil,
+     '$pyport_date', '$pyport_time', '$pyport_datetime', '$pyport_timedelta',
+     '$pyport_decimal', '$pyport_uuid',
      builtin_exceptions, os_pid, workers, max_workers, generation,
      dicts, dict_keys, dict_bytes, namespaces, busy_workers, queued, abandoned_workers].
 
@@ -450,6 +452,14 @@ log_python_record(Level0, {Logger, Module, Line, Caller}, Msg)
     logger:log(Level, "python ~ts: ~ts", [Logger, Msg], Meta);
 log_python_record(_Level, _Fields, _Msg) ->
     ok.
+
+%% What Python's `None' becomes: app env `none_as', `undefined' (default) or `nil'.
+-spec none_as() -> undefined | nil.
+none_as() ->
+    case application:get_env(pyport, none_as) of
+        {ok, nil} -> nil;
+        _ -> undefined
+    end.
 
 %% The level of lines Python writes to stdout (`print'): app env `print_level'.
 -spec print_level() -> logger:level().
@@ -518,6 +528,7 @@ start_port(#state{gen = Gen} = State) ->
             "--workers", integer_to_list(env_int(workers, 1)),
             "--max-workers", integer_to_list(env_int(max_workers, 16))]
         ++ watchdog_arg()
+        ++ ["--none-as", atom_to_list(none_as())]
         ++ optional_args([{spare_after_ms, "--spare-after-ms"},
                           {abandon_after_ms, "--abandon-after-ms"},
                           {max_abandoned_workers, "--max-abandoned"},

@@ -5,7 +5,7 @@ use std::time::Duration;
 pub const USAGE: &str = "usage: pyport [--generation N] [--workers N] [--max-workers N] \
 [--spare-after-ms N] [--spare-idle-ms N] [--max-frame-bytes N] [--abandon-after-ms N] \
 [--max-abandoned N] [--gil-watchdog-ms N] [--max-reply-bytes N] [--oom-score-adj N] \
-[--max-memory-bytes N] [--log-lines-per-sec N]";
+[--max-memory-bytes N] [--log-lines-per-sec N] [--none-as undefined|nil]";
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
@@ -30,6 +30,8 @@ pub struct Config {
     /// Rate limit of forwarded output lines (per stream) and of Python log records
     /// (bursts of twice as many).
     pub log_lines_per_sec: f64,
+    /// The atom Python's `None` becomes: `undefined` or `nil` (Elixir).
+    pub none_as: String,
 }
 
 impl Default for Config {
@@ -48,6 +50,7 @@ impl Default for Config {
             oom_score_adj: 500,
             max_memory: 0,
             log_lines_per_sec: 100.0,
+            none_as: "undefined".into(),
         }
     }
 }
@@ -58,6 +61,13 @@ impl Config {
         let mut args = args.into_iter();
         while let Some(flag) = args.next() {
             let value = args.next().ok_or_else(|| format!("{flag} needs a value"))?;
+            if flag == "--none-as" {
+                if value != "undefined" && value != "nil" {
+                    return Err(format!("--none-as: {value:?} is neither undefined nor nil"));
+                }
+                cfg.none_as = value;
+                continue;
+            }
             let n: u64 = value.parse().map_err(|_| format!("{flag}: {value:?} is not a non-negative integer"))?;
             match flag.as_str() {
                 "--generation" => cfg.generation = n,

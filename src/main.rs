@@ -23,6 +23,7 @@ mod pylog;
 mod pymodule;
 mod python;
 mod registry;
+mod richtypes;
 mod shared_dict;
 mod shutdown;
 mod stdio;
@@ -91,6 +92,7 @@ fn main() {
         }
     };
     pylog::install(out_tx.clone(), cfg.log_lines_per_sec);
+    richtypes::set_none_as(&cfg.none_as);
     if let Err(e) = stdio::start_drains(captured, out_tx.clone(), cfg.log_lines_per_sec) {
         fatal(&out_tx, EXIT_IO, &format!("cannot start output drains: {e}"));
     }
