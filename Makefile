@@ -30,7 +30,13 @@ port:
 	@mkdir -p priv
 	@cmp -s $(TARGET_DIR)/release/pyport priv/pyport || { cp $(TARGET_DIR)/release/pyport priv/pyport.tmp && mv -f priv/pyport.tmp priv/pyport; }
 
-erlang: $(BEAMS) ebin/pyport.app
+erlang: $(BEAMS) ebin/pyport.app doc/chunks/py.chunk
+
+# Doc chunks (EEP 48) for h(py), h(py, call) in erl and h :py.call in IEx: code:get_doc/1
+# finds them in doc/chunks/ next to ebin/. edoc's chunk doclet writes one per module.
+doc/chunks/py.chunk: $(ERL_SRCS)
+	@mkdir -p doc/chunks
+	@erl -noshell -eval 'try edoc:files(filelib:wildcard("erl_src/*.erl"), [{doclet, edoc_doclet_chunks}, {layout, edoc_layout_chunks}, {dir, "doc"}, {preprocess, true}, {includes, ["erl_src"]}]) of ok -> halt(0) catch C:E -> io:format(standard_error, "edoc: ~p:~p~n", [C, E]), halt(1) end.'
 
 ebin/%.beam: erl_src/%.erl $(wildcard erl_src/*.hrl)
 	@mkdir -p ebin
@@ -85,7 +91,7 @@ demo: tools
 
 clean:
 	$(CARGO) clean
-	rm -rf ebin priv/pyport $(BUILD)
+	rm -rf ebin priv/pyport doc $(BUILD)
 
 # Builds and tests against every CPython 3.11+ found (pyenv versions, /usr/bin), each in its
 # own target dir, and says which ran. Not part of `make test`.

@@ -3,7 +3,7 @@
 %%
 %% Every calling process has its own Python namespace (globals) in the port:
 %% what {@link exec/1} defines in a process is visible to that process's later
-%% {@link eval/1}, {@link exec/1} and `call('__main__', F, Args)', not to other
+%% {@link eval/1}, {@link exec/1} and ```call('__main__', F, Args)''', not to other
 %% processes, and is freed when the process exits.
 %%
 %% Argument errors (code that is not a binary or string, text that is not
@@ -14,7 +14,7 @@
 %% returned as `{error, Reason}':
 %% <ul>
 %% <li>`{python, Type, Message, Traceback}': Python raised. `Type' is an atom
-%% for Python's built-in exceptions (`'ValueError'') and a binary of the
+%% for Python's built-in exceptions (```'ValueError''') and a binary of the
 %% qualified class name for any other (`<<"json.decoder.JSONDecodeError">>').</li>
 %% <li>`timeout': no answer in time; the Python work was interrupted. A
 %% timeout means no answer, not that the code did not run: it may have run in

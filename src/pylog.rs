@@ -112,7 +112,7 @@ pub fn cut(msg: &str, max: usize) -> String {
 }
 
 /// The caller of the current thread, as an opaque object Python code can hand to a thread.
-#[pyclass(frozen, module = "erlang")]
+#[pyclass(frozen, module = "erlang", name = "_Caller")]
 pub struct Caller(Owner);
 
 /// The Erlang process whose request the current thread runs, or None.
