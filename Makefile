@@ -32,11 +32,13 @@ port:
 
 erlang: $(BEAMS) ebin/pyport.app doc/chunks/py.chunk
 
-# Doc chunks (EEP 48) for h(py), h(py, call) in erl and h :py.call in IEx: code:get_doc/1
-# finds them in doc/chunks/ next to ebin/. edoc's chunk doclet writes one per module.
-doc/chunks/py.chunk: $(ERL_SRCS)
+# Doc chunks (EEP 48) for h(py), h(py, call) in erl and h :py.call in IEx: written by edoc's
+# chunk doclet to doc/chunks/ (code:get_doc/1 looks there) and put into each .beam (where
+# Elixir looks in a Mix build). The beams change, so the chunk file is touched last.
+doc/chunks/py.chunk: $(BEAMS)
 	@mkdir -p doc/chunks
-	@erl -noshell -eval 'try edoc:files(filelib:wildcard("erl_src/*.erl"), [{doclet, edoc_doclet_chunks}, {layout, edoc_layout_chunks}, {dir, "doc"}, {preprocess, true}, {includes, ["erl_src"]}]) of ok -> halt(0) catch C:E -> io:format(standard_error, "edoc: ~p:~p~n", [C, E]), halt(1) end.'
+	escript scripts/doc_chunks.escript erl_src ebin doc
+	@touch doc/chunks/py.chunk
 
 ebin/%.beam: erl_src/%.erl $(wildcard erl_src/*.hrl)
 	@mkdir -p ebin

@@ -14,7 +14,8 @@
 
 -export([all/0, groups/0, init_per_suite/1, end_per_suite/1,
          init_per_group/2, end_per_group/2]).
--export([readme_rebar3_section_is_the_sample/1]).
+-export([readme_rebar3_section_is_the_sample/1, readme_mix_section_is_the_sample/1]).
+-export([mix_project_calls_with_none_as_nil/1, mix_build_has_docs/1, iex_h_shows_docs/1]).
 -export([rebar3_git_dep_compiles_and_calls/1, rebar3_shell_calls/1,
          rebar3_release_answers/1, rebar3_release_finds_priv/1,
          rebar3_checkouts_dep_calls/1]).
@@ -23,12 +24,14 @@
 %% 2-core machine.
 -define(SCRIPT_TIMEOUT_MS, 600000).
 
-all() -> [readme_rebar3_section_is_the_sample, {group, rebar3}].
+all() -> [readme_rebar3_section_is_the_sample, readme_mix_section_is_the_sample,
+          {group, rebar3}, {group, mix}].
 
 groups() ->
     [{rebar3, [], [rebar3_git_dep_compiles_and_calls, rebar3_shell_calls,
                    rebar3_release_answers, rebar3_release_finds_priv,
-                   rebar3_checkouts_dep_calls]}].
+                   rebar3_checkouts_dep_calls]},
+     {mix, [], [mix_project_calls_with_none_as_nil, mix_build_has_docs, iex_h_shows_docs]}].
 
 init_per_suite(Config) ->
     Data = ?config(data_dir, Config),
@@ -54,6 +57,17 @@ init_per_group(rebar3, Config) ->
                                 [Data, ?config(work, Config)], ?config(checkout, Config)),
             ct:log("rebar3_sample.sh exited ~p:~n~ts", [Status, Out]),
             [{results, results(Out)}, {script_status, Status} | Config]
+    end;
+init_per_group(mix, Config) ->
+    case os:find_executable("mix") of
+        false ->
+            {skip, "Elixir (mix) is not installed: run `make bootstrap`"};
+        _ ->
+            Data = ?config(data_dir, Config),
+            {Status, Out} = run(filename:join(Data, "mix_sample.sh"),
+                                [Data, ?config(work, Config)], ?config(checkout, Config)),
+            ct:log("mix_sample.sh exited ~p:~n~ts", [Status, Out]),
+            [{results, results(Out)}, {script_status, Status} | Config]
     end.
 
 end_per_group(_Group, _Config) ->
@@ -70,6 +84,32 @@ readme_rebar3_section_is_the_sample(Config) ->
     [_, DepsEntry] = binary:split(Deps, <<"\n">>),
     ?assertNotEqual(nomatch, binary:match(Section, Mod)),
     ?assertNotEqual(nomatch, binary:match(Section, DepsEntry)).
+
+%% The README's "Use it from Elixir/mix" section shows the sample Mix project: its
+%% dependency entry, its config and its module, verbatim.
+readme_mix_section_is_the_sample(Config) ->
+    Data = ?config(data_dir, Config),
+    Section = readme_section(?config(checkout, Config), "## Use it from Elixir/mix"),
+    {ok, Mod} = file:read_file(filename:join(Data, "hello_mix/lib/hello_mix.ex")),
+    {ok, Cfg} = file:read_file(filename:join(Data, "hello_mix/config/config.exs")),
+    {ok, MixExs} = file:read_file(filename:join(Data, "hello_mix/mix.exs")),
+    {match, [Dep]} = re:run(MixExs, "\\{:pyport,[^\n]*", [{capture, all, binary}]),
+    [?assertNotEqual(nomatch, binary:match(Section, Part), Part) || Part <- [Mod, Cfg, Dep]].
+
+%% A Mix project with pyport as a `manager: :make' git dependency calls Python from Elixir
+%% (a keyword list as kwargs, a SharedDict, a Date struct), and with `none_as: nil' gets nil
+%% for None, in replies and SharedDict reads.
+mix_project_calls_with_none_as_nil(Config) ->
+    ?assertEqual("{4.0, [3, 2, 1], %{\"none\" => nil, \"value\" => 42}, \"2024-02-29\", {:ok, nil}}",
+                 result(mix_demo, Config)).
+
+%% In the Mix build Elixir finds pyport's docs (Code.fetch_docs/1, which IEx's h uses).
+mix_build_has_docs(Config) ->
+    ?assertEqual(":docs_v1", result(mix_docs, Config)).
+
+%% `h :py.call' in IEx prints the documentation of py:call.
+iex_h_shows_docs(Config) ->
+    ?assertNotEqual("0", result(iex_h, Config)).
 
 %% A project that names pyport as a git dependency compiles, and its code calls Python.
 rebar3_git_dep_compiles_and_calls(Config) ->
