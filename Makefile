@@ -29,6 +29,8 @@ port:
 	@test -x $(TARGET_DIR)/release/pyport || { echo "cargo build failed" >&2; exit 1; }
 	@mkdir -p priv
 	@cmp -s $(TARGET_DIR)/release/pyport priv/pyport || { cp $(TARGET_DIR)/release/pyport priv/pyport.tmp && mv -f priv/pyport.tmp priv/pyport; }
+	@# The Python version the binary needs: the app env `python' is checked against it.
+	@$(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])' > priv/pyport.python-version
 
 erlang: $(BEAMS) ebin/pyport.app doc/chunks/py.chunk
 

@@ -539,7 +539,7 @@ start_port(#state{gen = Gen} = State) ->
                           {log_lines_per_sec, "--log-lines-per-sec"}]),
     try erlang:open_port({spawn_executable, Exe},
                          [{packet, 4}, binary, exit_status, use_stdio, hide,
-                          {args, Args}]) of
+                          {args, Args}, {env, pyport_python:port_env()}]) of
         Port ->
             OsPid = case erlang:port_info(Port, os_pid) of
                         {os_pid, P} -> P;

@@ -107,6 +107,9 @@ fn main() {
     if let Err(e) = python::raise_recursion_limit() {
         out_tx.log("warning", "pyport", e.as_bytes());
     }
+    if let Err(e) = python::add_site_dirs_from_env() {
+        out_tx.log("warning", "pyport", e.as_bytes());
+    }
     if let Err(e) = pylog::install_handler() {
         out_tx.log("warning", "pyport", e.as_bytes());
     }
