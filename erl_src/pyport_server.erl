@@ -481,6 +481,8 @@ local_stats(#state{} = S) ->
       generation => S#state.gen,
       restarts => S#state.restarts,
       port => case S#state.port of undefined -> down; _ -> up end,
+      %% Python initialised and start-up code finished: requests run at once.
+      ready => S#state.ready =/= undefined andalso S#state.startup =:= undefined,
       last_exit => S#state.last_exit,
       os_pid => S#state.os_pid,
       max_in_flight => S#state.max_in_flight}.
