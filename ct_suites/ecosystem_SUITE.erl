@@ -15,6 +15,8 @@
 -export([all/0, groups/0, init_per_suite/1, end_per_suite/1,
          init_per_group/2, end_per_group/2]).
 -export([readme_rebar3_section_is_the_sample/1, readme_mix_section_is_the_sample/1]).
+-export([rebar3_build_has_docs/1, bootstrap_check_names_what_is_missing/1,
+         bootstrap_check_is_quick_when_nothing_is_missing/1]).
 -export([mix_project_calls_with_none_as_nil/1, mix_build_has_docs/1, iex_h_shows_docs/1]).
 -export([rebar3_git_dep_compiles_and_calls/1, rebar3_shell_calls/1,
          rebar3_release_answers/1, rebar3_release_finds_priv/1,
@@ -25,12 +27,13 @@
 -define(SCRIPT_TIMEOUT_MS, 600000).
 
 all() -> [readme_rebar3_section_is_the_sample, readme_mix_section_is_the_sample,
+          bootstrap_check_names_what_is_missing, bootstrap_check_is_quick_when_nothing_is_missing,
           {group, rebar3}, {group, mix}].
 
 groups() ->
     [{rebar3, [], [rebar3_git_dep_compiles_and_calls, rebar3_shell_calls,
                    rebar3_release_answers, rebar3_release_finds_priv,
-                   rebar3_checkouts_dep_calls]},
+                   rebar3_checkouts_dep_calls, rebar3_build_has_docs]},
      {mix, [], [mix_project_calls_with_none_as_nil, mix_build_has_docs, iex_h_shows_docs]}].
 
 init_per_suite(Config) ->
@@ -110,6 +113,39 @@ mix_build_has_docs(Config) ->
 %% `h :py.call' in IEx prints the documentation of py:call.
 iex_h_shows_docs(Config) ->
     ?assertNotEqual("0", result(iex_h, Config)).
+
+%% `make test' and `make demo' run `scripts/bootstrap.sh --check' first: with rebar3 missing
+%% from PATH (every other tool there) it fails and names it.
+bootstrap_check_names_what_is_missing(Config) ->
+    Checkout = ?config(checkout, Config),
+    Bin = filename:join(?config(priv_dir, Config), "path_without_rebar3"),
+    ok = filelib:ensure_dir(filename:join(Bin, "x")),
+    [ok = file:make_symlink(Exe, filename:join(Bin, T))
+     || T <- ["erl", "erlc", "ct_run", "dialyzer", "elixir", "mix", "sort", "id"],
+        Exe <- [os:find_executable(T)], Exe =/= false],
+    %% The interpreter itself, not a launcher such as a pyenv shim (which needs more PATH).
+    Python = string:trim(os:cmd("python3 -c 'import sys; print(sys.executable)'")),
+    ok = file:make_symlink(Python, filename:join(Bin, "python3")),
+    {Status, Out} = run("-c", ["PATH=\"$1\" exec \"$2\" \"$3\" --check python3", "sh", Bin,
+                               os:find_executable("bash"),
+                               filename:join(Checkout, "scripts/bootstrap.sh")],
+                        Checkout),
+    ?assertEqual(1, Status),
+    ?assertMatch({match, _}, re:run(Out, "missing OS packages: rebar3;")).
+
+%% ... and it is quick when nothing is missing (a fraction of a second; 5 s bounds it on a
+%% busy machine).
+bootstrap_check_is_quick_when_nothing_is_missing(Config) ->
+    Checkout = ?config(checkout, Config),
+    T0 = erlang:monotonic_time(millisecond),
+    {Status, Out} = run(filename:join(Checkout, "scripts/bootstrap.sh"), ["--check", "python3"],
+                        Checkout),
+    ?assertEqual({0, ""}, {Status, Out}),
+    ?assert(erlang:monotonic_time(millisecond) - T0 < 5000).
+
+%% The rebar3 build has pyport's docs (h(py) works in its shell).
+rebar3_build_has_docs(Config) ->
+    ?assertEqual("docs_v1", result(rebar3_docs, Config)).
 
 %% A project that names pyport as a git dependency compiles, and its code calls Python.
 rebar3_git_dep_compiles_and_calls(Config) ->

@@ -13,6 +13,8 @@ sed -i "s|file:///tmp/pyport.git|file://$work/pyport.git|" "$app/rebar.config"
 cd "$app"
 
 rebar3 compile
+echo "RESULT rebar3_docs $(erl -noshell -pa _build/default/lib/*/ebin \
+  -eval '{ok, D} = code:get_doc(py), io:format("~p", [element(1, D)]), halt().')"
 echo "RESULT compile $(erl -noshell -pa _build/default/lib/*/ebin \
   -eval 'io:format("~p", [hello:sqrt(16.0)]), halt().')"
 
