@@ -16,6 +16,7 @@
          init_per_group/2, end_per_group/2]).
 -export([readme_rebar3_section_is_the_sample/1, readme_mix_section_is_the_sample/1]).
 -export([rebar3_build_has_docs/1, bootstrap_check_names_what_is_missing/1,
+         make_test_as_a_user_prints_the_command/1,
          bootstrap_check_is_quick_when_nothing_is_missing/1]).
 -export([mix_project_calls_with_none_as_nil/1, mix_build_has_docs/1, iex_h_shows_docs/1]).
 -export([rebar3_git_dep_compiles_and_calls/1, rebar3_shell_calls/1,
@@ -28,6 +29,7 @@
 
 all() -> [readme_rebar3_section_is_the_sample, readme_mix_section_is_the_sample,
           bootstrap_check_names_what_is_missing, bootstrap_check_is_quick_when_nothing_is_missing,
+          make_test_as_a_user_prints_the_command,
           {group, rebar3}, {group, mix}].
 
 groups() ->
@@ -118,20 +120,28 @@ iex_h_shows_docs(Config) ->
 %% from PATH (every other tool there) it fails and names it.
 bootstrap_check_names_what_is_missing(Config) ->
     Checkout = ?config(checkout, Config),
-    Bin = filename:join(?config(priv_dir, Config), "path_without_rebar3"),
-    ok = filelib:ensure_dir(filename:join(Bin, "x")),
-    [ok = file:make_symlink(Exe, filename:join(Bin, T))
-     || T <- ["erl", "erlc", "ct_run", "dialyzer", "elixir", "mix", "sort", "id"],
-        Exe <- [os:find_executable(T)], Exe =/= false],
-    %% The interpreter itself, not a launcher such as a pyenv shim (which needs more PATH).
-    Python = string:trim(os:cmd("python3 -c 'import sys; print(sys.executable)'")),
-    ok = file:make_symlink(Python, filename:join(Bin, "python3")),
+    Bin = path_without_rebar3(Config, "id"),
     {Status, Out} = run("-c", ["PATH=\"$1\" exec \"$2\" \"$3\" --check python3", "sh", Bin,
                                os:find_executable("bash"),
                                filename:join(Checkout, "scripts/bootstrap.sh")],
                         Checkout),
     ?assertEqual(1, Status),
     ?assertMatch({match, _}, re:run(Out, "missing OS packages: rebar3;")).
+
+%% Not root and not CI: `make test' (here its first step, `make tools') does not install
+%% anything; it prints the command to run and stops.
+make_test_as_a_user_prints_the_command(Config) ->
+    Checkout = ?config(checkout, Config),
+    Bin = path_without_rebar3(Config, "fake_id"),
+    %% `id -u' answers 1000 here: an ordinary user.
+    ok = file:write_file(filename:join(Bin, "id"), "#!/bin/sh\necho 1000\n"),
+    ok = file:change_mode(filename:join(Bin, "id"), 8#755),
+    {Status, Out} = run("-c", ["unset CI; PATH=\"$1\" exec \"$2\" -s -C \"$3\" tools", "sh", Bin,
+                               os:find_executable("make"), Checkout],
+                        Checkout),
+    ?assertNotEqual(0, Status),
+    ?assertMatch({match, _}, re:run(Out, "Run this first \\(it uses sudo for apt-get\\):  make bootstrap")),
+    ?assertEqual(nomatch, re:run(Out, "installing")).
 
 %% ... and it is quick when nothing is missing (a fraction of a second; 5 s bounds it on a
 %% busy machine).
@@ -206,6 +216,19 @@ readme_section(Checkout, Title) ->
     {ok, Readme} = file:read_file(filename:join(Checkout, "README.md")),
     [_, From] = binary:split(Readme, list_to_binary(Title ++ "\n")),
     hd(binary:split(From, <<"\n## ">>)).
+
+%% A folder of links to the tools the bootstrap check looks for, all but rebar3 (and `id'
+%% unless Id is "id"), with the Python interpreter itself rather than a launcher such as a
+%% pyenv shim (which needs more of PATH).
+path_without_rebar3(Config, Id) ->
+    Bin = filename:join(?config(priv_dir, Config), "path_without_rebar3_" ++ Id),
+    ok = filelib:ensure_dir(filename:join(Bin, "x")),
+    [ok = file:make_symlink(Exe, filename:join(Bin, T))
+     || T <- ["erl", "erlc", "ct_run", "dialyzer", "elixir", "mix", "sort", "bash", Id],
+        Exe <- [os:find_executable(T)], Exe =/= false],
+    Python = string:trim(os:cmd("python3 -c 'import sys; print(sys.executable)'")),
+    ok = file:make_symlink(Python, filename:join(Bin, "python3")),
+    Bin.
 
 %% "RESULT Key Rest" lines of a script's output, as #{Key => Rest}.
 results(Out) ->
