@@ -10,7 +10,7 @@
 -export([all/0, init_per_suite/1, end_per_suite/1, init_per_testcase/2, end_per_testcase/2]).
 -export([levels_are_mapped/1, metadata_names_python_not_erlang/1, caller_pid_is_metadata/1,
          threads_inherit_the_caller/1, traceback_is_one_event/1, print_level_is_configurable/1,
-         basic_config_still_works/1]).
+         basic_config_still_works/1, rate_limit_is_configurable/1]).
 %% logger handler callback
 -export([log/2]).
 
@@ -19,8 +19,10 @@
 all() ->
     [levels_are_mapped, metadata_names_python_not_erlang, caller_pid_is_metadata,
      threads_inherit_the_caller, traceback_is_one_event, print_level_is_configurable,
-     %% Last: it changes the root logger's configuration of the running port.
-     basic_config_still_works].
+     %% It changes the root logger's configuration of the running port.
+     basic_config_still_works,
+     %% Restarts the port with another rate.
+     rate_limit_is_configurable].
 
 init_per_suite(Config) ->
     _ = pyport_ct_lib:start_app(),
@@ -130,6 +132,30 @@ basic_config_still_works(_Config) ->
                    end),
     ?assertMatch(#{level := warning}, E),
     ?assertEqual([], events_now(<<"bc">>)).
+
+%% App env log_lines_per_sec: at 5 per second (bursts of 10) a flood of 50 records gives at
+%% most 10 events, and the rest are counted in a later warning.
+rate_limit_is_configurable(_Config) ->
+    Saved = pyport_ct_lib:save_env([log_lines_per_sec]),
+    ok = application:set_env(pyport, log_lines_per_sec, 5),
+    ok = pyport_ct_lib:restart_app(),
+    try
+        ok = py:exec(<<"import logging\nl = logging.getLogger('flood')\n"
+                       "for i in range(50):\n    l.warning('n %d', i)\n">>),
+        Passed = events_now(<<"flood">>),
+        ?assert(length(Passed) =< 10),
+        ?assert(length(Passed) >= 1),
+        %% A later record, once the bucket has refilled, brings the count of the others
+        %% (the wait is Python's, to make that later record; the test waits for the event).
+        ok = py:exec(<<"import time\ntime.sleep(0.5)\nl.warning('after')\n">>),
+        E = wait_event(fun(#{meta := #{pyport_source := pyport}} = Ev) ->
+                               string:find(text(Ev), "Python log records suppressed") =/= nomatch;
+                          (_) -> false
+                       end),
+        ?assertMatch({match, _}, re:run(text(E), "pyport: [0-9]+ Python log records suppressed"))
+    after
+        pyport_ct_lib:restore_env_and_restart(Saved)
+    end.
 
 %%--------------------------------------------------------------------
 
