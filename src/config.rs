@@ -118,5 +118,14 @@ mod tests {
         assert!(parse(&["--workers", "x"]).is_err());
         assert!(parse(&["--workers", "0"]).is_err());
         assert!(parse(&["--bogus", "1"]).is_err());
+        assert!(parse(&["--none-as", "null"]).is_err());
+    }
+
+    #[test]
+    fn none_as_and_log_rate() {
+        assert_eq!(parse(&["--none-as", "nil"]).unwrap().none_as, "nil");
+        assert_eq!(parse(&[]).unwrap().none_as, "undefined");
+        assert_eq!(parse(&["--log-lines-per-sec", "0"]).unwrap().log_lines_per_sec, 1.0);
+        assert_eq!(parse(&["--log-lines-per-sec", "7"]).unwrap().log_lines_per_sec, 7.0);
     }
 }
