@@ -8,6 +8,8 @@ PYTHON ?= $(shell python3 -c 'import sys; print(sys.executable)' 2>/dev/null)
 CARGO  ?= cargo
 ERLC   ?= erlc
 BUILD  := _build
+# cargo's output folder; a shared CARGO_TARGET_DIR (as the sample-project tests use) is honoured.
+TARGET_DIR := $(or $(CARGO_TARGET_DIR),target)
 
 ERL_SRCS := $(wildcard erl_src/*.erl)
 BEAMS    := $(patsubst erl_src/%.erl,ebin/%.beam,$(ERL_SRCS))
@@ -16,7 +18,7 @@ PLT      := $(BUILD)/pyport.plt
 
 export PYO3_PYTHON := $(PYTHON)
 
-.PHONY: all port erlang test cargo-test pytest ct dialyzer demo bootstrap clean \
+.PHONY: all port erlang test cargo-test pytest ct dialyzer demo bootstrap tools clean \
         bench soak fuzz test-matrix
 
 all: port erlang
@@ -24,11 +26,21 @@ all: port erlang
 # cargo is incremental; always asking it keeps priv/pyport in step with PYTHON and the sources.
 port:
 	$(CARGO) build --release --locked 2>&1 | grep -v '^\s*Fresh' || true
-	@test -x target/release/pyport || { echo "cargo build failed" >&2; exit 1; }
+	@test -x $(TARGET_DIR)/release/pyport || { echo "cargo build failed" >&2; exit 1; }
 	@mkdir -p priv
-	@cmp -s target/release/pyport priv/pyport || { cp target/release/pyport priv/pyport.tmp && mv -f priv/pyport.tmp priv/pyport; }
+	@cmp -s $(TARGET_DIR)/release/pyport priv/pyport || { cp $(TARGET_DIR)/release/pyport priv/pyport.tmp && mv -f priv/pyport.tmp priv/pyport; }
+	@# The Python version the binary needs: the app env `python' is checked against it.
+	@$(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])' > priv/pyport.python-version
 
-erlang: $(BEAMS) ebin/pyport.app
+erlang: $(BEAMS) ebin/pyport.app doc/chunks/py.chunk
+
+# Doc chunks (EEP 48) for h(py), h(py, call) in erl and h :py.call in IEx: written by edoc's
+# chunk doclet to doc/chunks/ (code:get_doc/1 looks there) and put into each .beam (where
+# Elixir looks in a Mix build). The beams change, so the chunk file is touched last.
+doc/chunks/py.chunk: $(BEAMS)
+	@mkdir -p doc/chunks
+	escript scripts/doc_chunks.escript erl_src ebin doc
+	@touch doc/chunks/py.chunk
 
 ebin/%.beam: erl_src/%.erl $(wildcard erl_src/*.hrl)
 	@mkdir -p ebin
@@ -38,12 +50,21 @@ ebin/pyport.app: erl_src/pyport.app.src
 	@mkdir -p ebin
 	cp $< $@
 
-# Installs what a fresh Debian machine lacks: Erlang/OTP (with common_test and dialyzer)
-# from the OS packages, and the Python test packages from PyPI.
+# Installs what a fresh Debian machine lacks: Erlang/OTP (with common_test and dialyzer),
+# rebar3 and Elixir from the OS packages, the Python test packages and numpy from PyPI.
 bootstrap:
 	@bash scripts/bootstrap.sh "$(PYTHON)"
 
-test: all
+# `make test` and `make demo` check first (a fraction of a second) and run the bootstrap
+# themselves when something is missing, as root or in CI (CI=true); otherwise they say what
+# to run and stop.
+tools:
+	@bash scripts/bootstrap.sh --check "$(PYTHON)" || { \
+	  if [ "$$(id -u)" = 0 ] || [ "$${CI:-}" = true ]; then bash scripts/bootstrap.sh "$(PYTHON)"; \
+	  else echo "Run this first (it uses sudo for apt-get):  make bootstrap PYTHON=$(PYTHON)" >&2; exit 1; fi; }
+
+test: tools
+	@$(MAKE) --no-print-directory all
 	@rc=0; \
 	$(MAKE) --no-print-directory cargo-test || rc=1; \
 	$(MAKE) --no-print-directory pytest || rc=1; \
@@ -67,13 +88,14 @@ dialyzer: erlang
 	@test -f $(PLT) || dialyzer --build_plt --output_plt $(PLT) --apps erts kernel stdlib
 	dialyzer --plt $(PLT) -Wunmatched_returns -Werror_handling ebin
 
-demo: all
+demo: tools
+	@$(MAKE) --no-print-directory all
 	@erlc -o $(BUILD) examples/pyport_demo.erl 2>/dev/null || { mkdir -p $(BUILD) && erlc -o $(BUILD) examples/pyport_demo.erl; }
 	erl -noshell -pa ebin -pa $(BUILD) -eval 'pyport_demo:main(), halt().'
 
 clean:
 	$(CARGO) clean
-	rm -rf ebin priv/pyport $(BUILD)
+	rm -rf ebin priv/pyport doc $(BUILD)
 
 # Builds and tests against every CPython 3.11+ found (pyenv versions, /usr/bin), each in its
 # own target dir, and says which ran. Not part of `make test`.

@@ -3,7 +3,7 @@
 %%
 %% Every calling process has its own Python namespace (globals) in the port:
 %% what {@link exec/1} defines in a process is visible to that process's later
-%% {@link eval/1}, {@link exec/1} and `call('__main__', F, Args)', not to other
+%% {@link eval/1}, {@link exec/1} and ```call('__main__', F, Args)''', not to other
 %% processes, and is freed when the process exits.
 %%
 %% Argument errors (code that is not a binary or string, text that is not
@@ -14,7 +14,7 @@
 %% returned as `{error, Reason}':
 %% <ul>
 %% <li>`{python, Type, Message, Traceback}': Python raised. `Type' is an atom
-%% for Python's built-in exceptions (`'ValueError'') and a binary of the
+%% for Python's built-in exceptions (```'ValueError''') and a binary of the
 %% qualified class name for any other (`<<"json.decoder.JSONDecodeError">>').</li>
 %% <li>`timeout': no answer in time; the Python work was interrupted. A
 %% timeout means no answer, not that the code did not run: it may have run in
@@ -66,7 +66,7 @@
 %% A Python module or function name.
 -type code() :: binary() | string().
 %% Python source code (UTF-8).
--type kwargs() :: #{atom() | binary() => term()}.
+-type kwargs() :: #{atom() | binary() => term()} | [{atom() | binary(), term()}].
 %% Keyword arguments of a call.
 -type locals() :: #{atom() | binary() => term()}.
 %% Variables bound in the caller's namespace before code runs.
@@ -103,10 +103,11 @@ call(Module, Function, Args, Kwargs) ->
 %% @doc Calls `Module.Function(*Args, **Kwargs)' in Python and returns its
 %% result. `Module' `__main__' means the caller's own namespace; any other
 %% module is imported. `Function' may be a dotted path inside the module.
-%% Kwargs keys may be atoms or binaries.
+%% Kwargs is a map or a keyword list (`[{reverse, true}]', Elixir's
+%% `[reverse: true]'); keys may be atoms or binaries.
 -spec call(name(), name(), list(), kwargs(), timeout()) -> result(term()).
 call(Module, Function, Args, Kwargs, Timeout)
-  when is_list(Args), is_map(Kwargs), ?IS_TIMEOUT(Timeout) ->
+  when is_list(Args), (is_map(Kwargs) orelse is_list(Kwargs)), ?IS_TIMEOUT(Timeout) ->
     M = name(Module),
     F = name(Function),
     is_proper_list(Args) orelse erlang:error(badarg),
@@ -470,7 +471,19 @@ chars(L) ->
 
 %% Kwargs: atom keys become UTF-8 binaries; two keys naming the same
 %% argument (a and <<"a">>) are an argument error.
--spec kwargs(map()) -> #{binary() => term()}.
+-spec kwargs(kwargs()) -> #{binary() => term()}.
+kwargs([]) ->
+    #{};
+kwargs(Kwargs) when is_list(Kwargs) ->
+    %% A keyword list: a key given twice is an argument error, as in Python.
+    is_proper_list(Kwargs) orelse erlang:error(badarg),
+    Pairs = [case P of
+                 {K, _} when is_atom(K); is_binary(K) -> P;
+                 _ -> erlang:error(badarg)
+             end || P <- Kwargs],
+    Map = maps:from_list(Pairs),
+    map_size(Map) =:= length(Pairs) orelse erlang:error(badarg),
+    kwargs(Map);
 kwargs(Kwargs) when map_size(Kwargs) =:= 0 ->
     Kwargs;
 kwargs(Kwargs) ->

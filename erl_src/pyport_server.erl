@@ -297,6 +297,9 @@ port_message({Id, Status, Result}, #state{pending = Pending} = State)
 port_message({pyport_log, Level, Source, Msg}, State) ->
     log_python(Level, Source, Msg),
     State;
+port_message({pyport_log_record, Level, Logger, Module, Line, Caller, Msg}, State) ->
+    log_python_record(Level, {Logger, Module, Line, Caller}, Msg),
+    State;
 port_message({pyport_heartbeat, _Seq}, State) ->
     State;
 port_message({pyport_ready, Info0}, State) when is_map(Info0) ->
@@ -408,6 +411,9 @@ port_atoms() ->
      duplicate_key, not_callable, internal_error, reply_too_large, not_owner,
      shared_dict_destroyed, encode_failed,
      pyport_log, pyport_ready, pyport_heartbeat, info, warning, stdout, stderr, pyport,
+     pyport_log_record, debug, critical, nil,
+     '$pyport_date', '$pyport_time', '$pyport_datetime', '$pyport_timedelta',
+     '$pyport_decimal', '$pyport_uuid',
      builtin_exceptions, os_pid, workers, max_workers, generation,
      dicts, dict_keys, dict_bytes, namespaces, busy_workers, queued, abandoned_workers,
      thread_homes, thread_queues].
@@ -424,7 +430,49 @@ log_python(Level0, Source, Msg) ->
     Meta = #{pyport_source => Source},
     case Source of
         pyport -> ?LOG(Level, "pyport: ~ts", [Msg], Meta);
-        _ -> ?LOG(Level, "python ~p: ~ts", [Source, Msg], Meta)
+        stdout -> logger:log(print_level(), "python stdout: ~ts", [Msg], Meta);
+        _ -> logger:log(Level, "python ~p: ~ts", [Source, Msg], Meta)
+    end.
+
+%% A record of Python's `logging'. Logged with logger:log/4, not the ?LOG macro: the macro
+%% would add this module's `mfa' and line, which say nothing about where Python logged.
+%% `pid' is the Erlang process whose request made the record, when there was one.
+-spec log_python_record(term(), {term(), term(), term(), term()}, term()) -> ok.
+log_python_record(Level0, {Logger, Module, Line, Caller}, Msg)
+  when is_binary(Logger), is_binary(Module), is_integer(Line), is_binary(Msg) ->
+    Level = case lists:member(Level0, [debug, info, warning, error, critical]) of
+                true -> Level0;
+                false -> warning
+            end,
+    Meta0 = #{pyport_source => logging, python_logger => Logger,
+              python_module => Module, python_line => Line},
+    Meta = case is_pid(Caller) of
+               true -> Meta0#{pid => Caller};
+               false -> Meta0
+           end,
+    logger:log(Level, "python ~ts: ~ts", [Logger, Msg], Meta);
+log_python_record(_Level, _Fields, _Msg) ->
+    ok.
+
+%% What Python's `None' becomes: app env `none_as', `undefined' (default) or `nil'.
+-spec none_as() -> undefined | nil.
+none_as() ->
+    case application:get_env(pyport, none_as) of
+        {ok, nil} -> nil;
+        _ -> undefined
+    end.
+
+%% The level of lines Python writes to stdout (`print'): app env `print_level'.
+-spec print_level() -> logger:level().
+print_level() ->
+    Levels = [emergency, alert, critical, error, warning, notice, info, debug],
+    case application:get_env(pyport, print_level) of
+        {ok, L} when is_atom(L) ->
+            case lists:member(L, Levels) of
+                true -> L;
+                false -> info
+            end;
+        _ -> info
     end.
 
 -spec local_stats(state()) -> map().
@@ -434,6 +482,8 @@ local_stats(#state{} = S) ->
       generation => S#state.gen,
       restarts => S#state.restarts,
       port => case S#state.port of undefined -> down; _ -> up end,
+      %% Python initialised and start-up code finished: requests run at once.
+      ready => S#state.ready =/= undefined andalso S#state.startup =:= undefined,
       last_exit => S#state.last_exit,
       os_pid => S#state.os_pid,
       max_in_flight => S#state.max_in_flight}.
@@ -482,6 +532,7 @@ start_port(#state{gen = Gen} = State) ->
             "--max-workers", integer_to_list(env_int(max_workers, 16))]
         ++ watchdog_arg()
         ++ affinity_arg()
+        ++ ["--none-as", atom_to_list(none_as())]
         ++ optional_args([{spare_after_ms, "--spare-after-ms"},
                           {spare_idle_ms, "--spare-idle-ms"},
                           {abandon_after_ms, "--abandon-after-ms"},
@@ -489,10 +540,11 @@ start_port(#state{gen = Gen} = State) ->
                           {max_reply_bytes, "--max-reply-bytes"},
                           {oom_score_adj, "--oom-score-adj"},
                           {max_memory_bytes, "--max-memory-bytes"},
-                          {max_frame_bytes, "--max-frame-bytes"}]),
+                          {max_frame_bytes, "--max-frame-bytes"},
+                          {log_lines_per_sec, "--log-lines-per-sec"}]),
     try erlang:open_port({spawn_executable, Exe},
                          [{packet, 4}, binary, exit_status, use_stdio, hide,
-                          {args, Args}]) of
+                          {args, Args}, {env, pyport_python:port_env()}]) of
         Port ->
             OsPid = case erlang:port_info(Port, os_pid) of
                         {os_pid, P} -> P;

@@ -111,10 +111,15 @@ def type_name_ok(got, qualname):
     return got == qualname.encode() or got == qualname.rsplit(".", 1)[-1].encode()
 
 
-def test_python_object_decimal(port):
-    got = port.eval_ok("__import__('decimal').Decimal('1.5')")
+def test_python_object_fraction(port):
+    got = port.eval_ok("__import__('fractions').Fraction(1, 2)")
     assert got[0] == "python_object" and isinstance(got[0], Atom), got
-    assert type_name_ok(got[1], "decimal.Decimal") and got[2] == b"Decimal('1.5')", got
+    assert type_name_ok(got[1], "fractions.Fraction") and got[2] == b"Fraction(1, 2)", got
+
+
+def test_decimal_has_a_tagged_form(port):
+    got = port.eval_ok("__import__('decimal').Decimal('1.5')")
+    assert got == (Atom("$pyport_decimal"), b"1.5"), got
 
 
 def test_set_becomes_list(port):

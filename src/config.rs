@@ -6,7 +6,8 @@ use std::time::Duration;
 pub const USAGE: &str = "usage: pyport [--generation N] [--workers N] [--max-workers N] \
 [--spare-after-ms N] [--spare-idle-ms N] [--max-frame-bytes N] [--abandon-after-ms N] \
 [--max-abandoned N] [--gil-watchdog-ms N] [--max-reply-bytes N] [--oom-score-adj N] \
-[--max-memory-bytes N] [--thread-affinity namespace|always|none]";
+[--max-memory-bytes N] [--thread-affinity namespace|always|none] [--log-lines-per-sec N] \
+[--none-as undefined|nil]";
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
@@ -30,6 +31,11 @@ pub struct Config {
     pub oom_score_adj: i32,
     /// RLIMIT_AS in bytes; 0 for none.
     pub max_memory: u64,
+    /// Rate limit of forwarded output lines (per stream) and of Python log records
+    /// (bursts of twice as many).
+    pub log_lines_per_sec: f64,
+    /// The atom Python's `None` becomes: `undefined` or `nil` (Elixir).
+    pub none_as: String,
 }
 
 impl Default for Config {
@@ -48,6 +54,8 @@ impl Default for Config {
             affinity: Affinity::Namespace,
             oom_score_adj: 500,
             max_memory: 0,
+            log_lines_per_sec: 100.0,
+            none_as: "undefined".into(),
         }
     }
 }
@@ -61,6 +69,13 @@ impl Config {
             if flag == "--thread-affinity" {
                 cfg.affinity = Affinity::parse(&value)
                     .ok_or_else(|| format!("{flag}: {value:?} is not namespace, always or none"))?;
+                continue;
+            }
+            if flag == "--none-as" {
+                if value != "undefined" && value != "nil" {
+                    return Err(format!("--none-as: {value:?} is neither undefined nor nil"));
+                }
+                cfg.none_as = value;
                 continue;
             }
             let n: u64 = value.parse().map_err(|_| format!("{flag}: {value:?} is not a non-negative integer"))?;
@@ -77,6 +92,7 @@ impl Config {
                 "--max-reply-bytes" => cfg.max_reply = n as usize,
                 "--oom-score-adj" => cfg.oom_score_adj = n.min(1000) as i32,
                 "--max-memory-bytes" => cfg.max_memory = n,
+                "--log-lines-per-sec" => cfg.log_lines_per_sec = n.max(1) as f64,
                 _ => return Err(format!("unknown option {flag}")),
             }
         }
@@ -114,5 +130,16 @@ mod tests {
         assert!(parse(&["--workers", "0"]).is_err());
         assert!(parse(&["--bogus", "1"]).is_err());
         assert!(parse(&["--thread-affinity", "sometimes"]).is_err());
+                continue;
+            }
+        assert!(parse(&["--none-as", "null"]).is_err());
+    }
+
+    #[test]
+    fn none_as_and_log_rate() {
+        assert_eq!(parse(&["--none-as", "nil"]).unwrap().none_as, "nil");
+        assert_eq!(parse(&[]).unwrap().none_as, "undefined");
+        assert_eq!(parse(&["--log-lines-per-sec", "0"]).unwrap().log_lines_per_sec, 1.0);
+        assert_eq!(parse(&["--log-lines-per-sec", "7"]).unwrap().log_lines_per_sec, 7.0);
     }
 }

@@ -8,6 +8,7 @@
 use crate::etf::{self, Limits, Reader, TermError, MAX_DEPTH};
 use crate::protocol::{Handle, BYTES_TAG, HANDLE_TAG};
 use crate::pymodule::{handle_of, OpaqueTerm, SharedDictHandle};
+use crate::richtypes;
 use pyo3::exceptions::PyTypeError;
 use pyo3::ffi;
 use pyo3::prelude::*;
@@ -184,7 +185,11 @@ fn decode_term<'py>(d: &mut Decoder<'py>, r: &mut Reader<'_>, depth: usize) -> R
                 for _ in 0..n {
                     items.push(decode_term(d, r, depth)?);
                 }
-                PyTuple::new(py, items)?.into_any()
+                let tuple = PyTuple::new(py, items)?;
+                match richtypes::from_tagged(&tuple)? {
+                    Some(obj) => obj,
+                    None => tuple.into_any(),
+                }
             }
         }
         etf::MAP => {
@@ -210,7 +215,10 @@ fn decode_term<'py>(d: &mut Decoder<'py>, r: &mut Reader<'_>, depth: usize) -> R
                     return Err(ConvertError::DuplicateKey(short_repr(&k)));
                 }
             }
-            dict.into_any()
+            match richtypes::from_struct(&dict)? {
+                Some(obj) => obj,
+                None => dict.into_any(),
+            }
         }
         etf::PID
         | etf::NEW_PID
@@ -432,7 +440,7 @@ pub fn encode_versioned(obj: &Bound<'_, PyAny>) -> Result<Vec<u8>> {
 fn encode_term(obj: &Bound<'_, PyAny>, out: &mut Vec<u8>, depth: usize) -> Result<()> {
     let py = obj.py();
     if obj.is_none() {
-        etf::put_atom(out, "undefined");
+        etf::put_atom(out, richtypes::none_atom());
     } else if let Ok(b) = obj.cast_exact::<PyBool>() {
         etf::put_atom(out, if b.is_true() { "true" } else { "false" });
     } else if let Ok(s) = obj.cast::<PyString>() {
@@ -470,7 +478,7 @@ fn encode_term(obj: &Bound<'_, PyAny>, out: &mut Vec<u8>, depth: usize) -> Resul
         let items: Vec<Bound<'_, PyAny>> = obj.try_iter()?.collect::<PyResult<_>>()?;
         encode_seq(py, &items, out, depth)?;
     } else {
-        encode_unknown(obj, out)?;
+        encode_other(obj, out, depth)?;
     }
     Ok(())
 }
@@ -619,6 +627,28 @@ pub fn type_name(ty: &Bound<'_, PyType>) -> String {
         qualname
     } else {
         format!("{module}.{qualname}")
+    }
+}
+
+/// Numeric objects, dates, times, `Decimal`, `UUID` (see `richtypes`); anything else is
+/// `{python_object, TypeName, Repr}`, also when asking about it raised.
+fn encode_other(obj: &Bound<'_, PyAny>, out: &mut Vec<u8>, depth: usize) -> Result<()> {
+    match richtypes::to_erlang(obj) {
+        Ok(richtypes::Converted::Plain(value)) => {
+            // The replacement may itself need converting: count it as a level of nesting.
+            let depth = enter(depth, MAX_DEPTH)?;
+            encode_term(&value, out, depth)
+        }
+        Ok(richtypes::Converted::Tagged(atom, fields)) => {
+            let depth = enter(depth, MAX_DEPTH)?;
+            etf::put_tuple_header(out, fields.len() + 1);
+            richtypes::put_tag(out, atom);
+            for field in fields.iter() {
+                encode_term(&field, out, depth)?;
+            }
+            Ok(())
+        }
+        Ok(richtypes::Converted::Unknown) | Err(_) => encode_unknown(obj, out),
     }
 }
 

@@ -99,6 +99,7 @@ impl Interp {
 
     /// `eval`/`exec`: binds the locals into the owner's namespace, then runs the code there.
     pub fn run_code(&self, py: Python<'_>, id: u64, owner: &Owner, code: &str, payload: &[u8], mode: Mode) -> Frame {
+        let _caller = crate::pylog::CallerGuard::set(owner);
         let result = (|| -> Result<Bound<'_, PyAny>, Failure> {
             let ns = self.namespace(py, owner)?;
             let locals = convert::decode_wrapped(py, payload, 1)?;
@@ -119,6 +120,7 @@ impl Interp {
     /// `call`: `Module.Function(*Args, **Kwargs)`, or a function of the owner's namespace
     /// when the module is `__main__`.
     pub fn run_call(&self, py: Python<'_>, id: u64, owner: &Owner, module: &str, function: &str, payload: &[u8]) -> Frame {
+        let _caller = crate::pylog::CallerGuard::set(owner);
         let result = (|| -> Result<Bound<'_, PyAny>, Failure> {
             let target = self.resolve(py, owner, module, function)?;
             let decoded = convert::decode_wrapped(py, payload, 2)?;

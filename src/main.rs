@@ -20,9 +20,11 @@ mod fuzz;
 mod limits;
 mod pool;
 mod protocol;
+mod pylog;
 mod pymodule;
 mod python;
 mod registry;
+mod richtypes;
 mod shared_dict;
 mod shutdown;
 mod stdio;
@@ -90,7 +92,9 @@ fn main() {
             std::process::exit(EXIT_IO);
         }
     };
-    if let Err(e) = stdio::start_drains(captured, out_tx.clone()) {
+    pylog::install(out_tx.clone(), cfg.log_lines_per_sec);
+    richtypes::set_none_as(&cfg.none_as);
+    if let Err(e) = stdio::start_drains(captured, out_tx.clone(), cfg.log_lines_per_sec) {
         fatal(&out_tx, EXIT_IO, &format!("cannot start output drains: {e}"));
     }
 
@@ -102,6 +106,12 @@ fn main() {
         fatal(&out_tx, EXIT_PYTHON_INIT, &e);
     }
     if let Err(e) = python::raise_recursion_limit() {
+        out_tx.log("warning", "pyport", e.as_bytes());
+    }
+    if let Err(e) = python::add_site_dirs_from_env() {
+        out_tx.log("warning", "pyport", e.as_bytes());
+    }
+    if let Err(e) = pylog::install_handler() {
         out_tx.log("warning", "pyport", e.as_bytes());
     }
     let router = match Router::start(&cfg, out_tx.clone()) {

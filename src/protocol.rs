@@ -347,6 +347,22 @@ pub fn log_frame(level: &str, source: &str, message: &[u8]) -> Vec<u8> {
     encode_term(&tuple(vec![atom("pyport_log"), atom(level), atom(source), binary(message)]))
 }
 
+/// A Python `logging` record: `{pyport_log_record, Level, Logger, Module, Line, Caller, Message}`
+/// with `Caller` the requesting pid or `undefined`. Names travel as binaries: nothing Python
+/// chooses becomes an atom.
+pub fn log_record_frame(level: &str, logger: &str, module: &str, line: i64, caller: Option<&Owner>, message: &[u8]) -> Vec<u8> {
+    let caller = caller.map_or_else(|| atom("undefined"), |p| Term::Pid(p.clone()));
+    encode_term(&tuple(vec![
+        atom("pyport_log_record"),
+        atom(level),
+        binary(logger.as_bytes()),
+        binary(module.as_bytes()),
+        Term::FixInteger(eetf::FixInteger::from(line.clamp(0, i32::MAX as i64) as i32)),
+        caller,
+        binary(message),
+    ]))
+}
+
 pub fn ready_frame(
     python: &str,
     workers: usize,

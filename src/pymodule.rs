@@ -425,6 +425,8 @@ pub mod erlang {
         let globals = m.dict();
         globals.set_item(intern!(py, "__builtins__"), py.import("builtins")?)?;
         py.run(SHARED_DICT_PY, Some(&globals), None)?;
+        crate::pylog::register(m)?;
+        crate::richtypes::register(m)?;
         Ok(())
     }
 }

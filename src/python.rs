@@ -103,6 +103,21 @@ pub fn raise_recursion_limit() -> Result<(), String> {
     .map_err(|e| format!("cannot raise the recursion limit: {e}"))
 }
 
+/// Adds the directories of `PYPORT_SITE_PACKAGES` (colon-separated; the Erlang side sets it
+/// for a virtualenv) with `site.addsitedir`, so that their `.pth` files are processed too.
+pub fn add_site_dirs_from_env() -> Result<(), String> {
+    use pyo3::prelude::*;
+    let Ok(dirs) = std::env::var("PYPORT_SITE_PACKAGES") else { return Ok(()) };
+    pyo3::Python::attach(|py| -> pyo3::PyResult<()> {
+        let site = py.import("site")?;
+        for dir in dirs.split(':').filter(|d| !d.is_empty()) {
+            site.call_method1("addsitedir", (dir,))?;
+        }
+        Ok(())
+    })
+    .map_err(|e| format!("cannot add the site directories {dirs:?}: {e}"))
+}
+
 /// For unit tests: initialise with the build-time settings (no stdio changes).
 #[cfg(test)]
 pub fn init_for_tests() {

@@ -16,9 +16,7 @@ use std::time::{Duration, Instant};
 
 /// Longest line forwarded; the rest is cut and the cut is said.
 pub const MAX_LINE: usize = 4096;
-/// Token bucket: up to `BURST` lines at once, refilled at `LINES_PER_SEC`.
-const BURST: f64 = 200.0;
-const LINES_PER_SEC: f64 = 100.0;
+// Token bucket: up to twice the rate (`--log-lines-per-sec`) lines at once, refilled at the rate.
 /// A partial line (no newline yet) is forwarded after this long without more output.
 const PARTIAL_LINE_DELAY: Duration = Duration::from_millis(50);
 
@@ -78,14 +76,14 @@ pub fn take_over() -> io::Result<(Protocol, Captured)> {
 }
 
 /// Starts one drain thread per captured stream.
-pub fn start_drains(captured: Captured, out: Outbox) -> io::Result<()> {
+pub fn start_drains(captured: Captured, out: Outbox, lines_per_sec: f64) -> io::Result<()> {
     let out2 = out.clone();
     thread::Builder::new()
         .name("pyport-stdout".into())
-        .spawn(move || Drain::new("info", "stdout", out).run(captured.stdout))?;
+        .spawn(move || Drain::new("info", "stdout", out, lines_per_sec).run(captured.stdout))?;
     thread::Builder::new()
         .name("pyport-stderr".into())
-        .spawn(move || Drain::new("warning", "stderr", out2).run(captured.stderr))?;
+        .spawn(move || Drain::new("warning", "stderr", out2, lines_per_sec).run(captured.stderr))?;
     Ok(())
 }
 
@@ -93,14 +91,15 @@ struct Drain {
     level: &'static str,
     source: &'static str,
     out: Outbox,
+    rate: f64,
     tokens: f64,
     refilled: Instant,
     suppressed: u64,
 }
 
 impl Drain {
-    fn new(level: &'static str, source: &'static str, out: Outbox) -> Self {
-        Drain { level, source, out, tokens: BURST, refilled: Instant::now(), suppressed: 0 }
+    fn new(level: &'static str, source: &'static str, out: Outbox, rate: f64) -> Self {
+        Drain { level, source, out, rate, tokens: 2.0 * rate, refilled: Instant::now(), suppressed: 0 }
     }
 
     fn run(mut self, mut pipe: File) {
@@ -150,8 +149,8 @@ impl Drain {
 
     fn refill(&mut self) {
         let now = Instant::now();
-        let gained = now.duration_since(self.refilled).as_secs_f64() * LINES_PER_SEC;
-        self.tokens = (self.tokens + gained).min(BURST);
+        let gained = now.duration_since(self.refilled).as_secs_f64() * self.rate;
+        self.tokens = (self.tokens + gained).min(2.0 * self.rate);
         self.refilled = now;
     }
 
@@ -185,7 +184,7 @@ impl Drain {
             return;
         }
         self.tokens -= 1.0;
-        let msg = format!("{} lines of Python {} suppressed (rate limit {} lines/s)", self.suppressed, self.source, LINES_PER_SEC);
+        let msg = format!("{} lines of Python {} suppressed (rate limit {} lines/s)", self.suppressed, self.source, self.rate);
         self.suppressed = 0;
         self.send("warning", "pyport", msg.as_bytes());
     }

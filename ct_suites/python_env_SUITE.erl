@@ -1,0 +1,185 @@
+%% @doc The app env `python' chooses the interpreter or virtualenv at run time: a
+%% virtualenv's packages import, a Python moved to another path is used from there, and an
+%% interpreter that cannot work (another version, no shared libpython) fails the
+%% application's start with a reason that names the problem.
+-module(python_env_SUITE).
+
+-include_lib("common_test/include/ct.hrl").
+-include_lib("stdlib/include/assert.hrl").
+
+-export([all/0, init_per_suite/1, end_per_suite/1, init_per_testcase/2, end_per_testcase/2]).
+-export([readme_section_matches/1]).
+-export([virtualenv_packages_import/1, virtualenv_is_sys_executable/1,
+         moved_python_is_used_from_its_new_place/1, other_version_is_refused/1,
+         static_python_is_refused/1, missing_python_is_refused/1]).
+
+-define(SCRIPT_TIMEOUT_MS, 120000).
+
+all() ->
+    [readme_section_matches, virtualenv_packages_import, virtualenv_is_sys_executable,
+     moved_python_is_used_from_its_new_place, other_version_is_refused,
+     static_python_is_refused, missing_python_is_refused].
+
+%% The interpreter the port program was built with (what it runs without the setting).
+init_per_suite(Config) ->
+    _ = pyport_ct_lib:start_app(),
+    {ok, Exe} = py:eval(<<"__import__('sys').executable">>),
+    {ok, Prefix} = py:eval(<<"__import__('sys').base_prefix">>),
+    ok = pyport_ct_lib:stop_app(),
+    [{base_python, binary_to_list(Exe)}, {base_prefix, binary_to_list(Prefix)},
+     {saved_env, pyport_ct_lib:save_env([python])} | Config].
+
+end_per_suite(Config) ->
+    ok = pyport_ct_lib:stop_app(),
+    lists:foreach(fun({K, undefined}) -> application:unset_env(pyport, K);
+                     ({K, {ok, V}}) -> application:set_env(pyport, K, V)
+                  end, ?config(saved_env, Config)).
+
+init_per_testcase(_Case, Config) ->
+    ok = pyport_ct_lib:stop_app(),
+    Config.
+
+end_per_testcase(_Case, _Config) ->
+    ok = pyport_ct_lib:stop_app(),
+    application:unset_env(pyport, python).
+
+%% The README's session is what virtualenv_is_sys_executable/1 checks: sys.executable of
+%% the virtualenv named by `python'; and it names every refusal this suite provokes.
+readme_section_matches(_Config) ->
+    Readme = filename:join(filename:dirname(filename:dirname(code:which(py))), "README.md"),
+    {ok, Text} = file:read_file(Readme),
+    [_, From] = binary:split(Text, <<"## Choose a Python or a virtualenv\n">>),
+    [Section | _] = binary:split(From, <<"\n## ">>),
+    [?assertNotEqual(nomatch, binary:match(Section, P), P)
+     || P <- [<<"application:set_env(pyport, python, \"/tmp/pyport_venv\")">>,
+              <<"{ok,<<\"/tmp/pyport_venv/bin/python3\">>}">>,
+              <<"python_version_mismatch">>, <<"python_not_shared">>, <<"python_not_found">>]].
+
+%% A virtualenv made by the test, with a pure-Python package installed from a wheel the
+%% test writes itself (no network): set `python' to the virtualenv, and the package imports.
+virtualenv_packages_import(Config) ->
+    Venv = make_venv(Config),
+    ok = application:set_env(pyport, python, Venv),
+    _ = pyport_ct_lib:start_app(),
+    ?assertEqual({ok, <<"hello from a wheel">>}, py:call(pyport_wheel_demo, greet, [])).
+
+%% ... and sys.executable is the virtualenv's interpreter (subprocess, multiprocessing).
+virtualenv_is_sys_executable(Config) ->
+    Venv = make_venv(Config),
+    ok = application:set_env(pyport, python, list_to_binary(Venv)),
+    _ = pyport_ct_lib:start_app(),
+    {ok, Exe} = py:eval(<<"__import__('sys').executable">>),
+    ?assertEqual(filename:join([Venv, "bin", "python3"]), binary_to_list(Exe)).
+
+%% The same Python at another path (its files linked into a new folder, as a release
+%% machine would have it installed elsewhere): the port loads that libpython and that
+%% standard library.
+moved_python_is_used_from_its_new_place(Config) ->
+    Moved = filename:join(?config(priv_dir, Config), "moved_python"),
+    {0, Out} = sh(["set -e; src=\"$1\"; dst=\"$2\"; mkdir -p \"$dst/bin\" \"$dst/lib\"; "
+                   "cp -al \"$src\"/lib/libpython3* \"$dst/lib/\"; "
+                   "cp -al \"$src\"/lib/python3.* \"$dst/lib/\"; "
+                   "cp -al \"$(readlink -f \"$3\")\" \"$dst/bin/python3\"",
+                   "sh", ?config(base_prefix, Config), Moved, ?config(base_python, Config)]),
+    ct:log("~ts", [Out]),
+    ok = application:set_env(pyport, python, filename:join([Moved, "bin", "python3"])),
+    _ = pyport_ct_lib:start_app(),
+    {ok, [Prefix, OsFile, Libs]} =
+        py:eval(<<"[__import__('sys').base_prefix, __import__('os').__file__,\n"
+                  " sorted({l.split()[-1] for l in open('/proc/self/maps') if 'libpython' in l})]">>),
+    ?assertEqual(Moved, binary_to_list(Prefix)),
+    ?assert(lists:prefix(Moved ++ "/lib/", binary_to_list(OsFile))),
+    ?assertMatch([_ | _], Libs),
+    ?assertEqual([], [L || L <- Libs, not lists:prefix(Moved ++ "/lib/", binary_to_list(L))]).
+
+%% A stub interpreter that says it is Python 3.99: the start fails, naming both versions.
+other_version_is_refused(Config) ->
+    Stub = stub_python(Config, "3.99", "1"),
+    ok = application:set_env(pyport, python, Stub),
+    {error, {Reason, _}} = application:start(pyport),
+    Built = pyport_python:built_for(),
+    ?assertMatch({python_version_mismatch, #{python := Stub, version := "3.99", built_for := Built}},
+                 Reason),
+    ?assertMatch([_, _ | _], Built).
+
+%% An interpreter without a shared libpython cannot host the port: refused by name.
+static_python_is_refused(Config) ->
+    Stub = stub_python(Config, pyport_python:built_for(), "0"),
+    ok = application:set_env(pyport, python, Stub),
+    ?assertMatch({error, {{python_not_shared, Stub}, _}}, application:start(pyport)).
+
+missing_python_is_refused(Config) ->
+    Path = filename:join(?config(priv_dir, Config), "no_such_python"),
+    ok = application:set_env(pyport, python, Path),
+    ?assertMatch({error, {{python_not_found, _}, _}}, application:start(pyport)).
+
+%%--------------------------------------------------------------------
+
+%% A virtualenv of the build's Python with the wheel `pyport_wheel_demo' installed.
+make_venv(Config) ->
+    Dir = ?config(priv_dir, Config),
+    Venv = filename:join(Dir, "venv"),
+    case filelib:is_regular(filename:join([Venv, "bin", "python3"])) of
+        true -> Venv;
+        false ->
+            Wheel = write_wheel(Dir),
+            Base = ?config(base_python, Config),
+            {0, Out} = sh(["set -e; \"$1\" -m venv \"$2\"; "
+                           "\"$2/bin/python3\" -m pip install -q --no-index --no-cache-dir "
+                           "--disable-pip-version-check \"$3\"",
+                           "sh", Base, Venv, Wheel]),
+            ct:log("venv: ~ts", [Out]),
+            Venv
+    end.
+
+%% A minimal pure-Python wheel written with zipfile (by the build's Python).
+write_wheel(Dir) ->
+    Wheel = filename:join(Dir, "pyport_wheel_demo-1.0-py3-none-any.whl"),
+    Code = "import sys, zipfile, hashlib, base64\n"
+           "files = {\n"
+           "  'pyport_wheel_demo/__init__.py': 'def greet():\\n    return \"hello from a wheel\"\\n',\n"
+           "  'pyport_wheel_demo-1.0.dist-info/METADATA': 'Metadata-Version: 2.1\\nName: pyport-wheel-demo\\nVersion: 1.0\\n',\n"
+           "  'pyport_wheel_demo-1.0.dist-info/WHEEL': 'Wheel-Version: 1.0\\nGenerator: pyport-test\\nRoot-Is-Purelib: true\\nTag: py3-none-any\\n',\n"
+           "}\n"
+           "def h(b):\n"
+           "    return 'sha256=' + base64.urlsafe_b64encode(hashlib.sha256(b).digest()).rstrip(b'=').decode()\n"
+           "rec = ''.join('%s,%s,%d\\n' % (n, h(c.encode()), len(c.encode())) for n, c in files.items())\n"
+           "rec += 'pyport_wheel_demo-1.0.dist-info/RECORD,,\\n'\n"
+           "with zipfile.ZipFile(sys.argv[1], 'w') as z:\n"
+           "    for n, c in files.items():\n"
+           "        z.writestr(n, c)\n"
+           "    z.writestr('pyport_wheel_demo-1.0.dist-info/RECORD', rec)\n",
+    {0, _} = run(os:find_executable("python3"), ["-c", Code, Wheel]),
+    Wheel.
+
+%% A shell script that answers the probe like an interpreter of Version would.
+stub_python(Config, Version, Shared) ->
+    Stub = filename:join(?config(priv_dir, Config), "stub_python_" ++ Version ++ "_" ++ Shared),
+    ok = file:write_file(Stub, ["#!/bin/sh\n",
+                                "echo version=", Version, "\n",
+                                "echo libdir=/usr/lib\n",
+                                "echo soname=libpython", Version, ".so.1.0\n",
+                                "echo shared=", Shared, "\n",
+                                "echo prefix=/usr\n",
+                                "echo executable=$0\n"]),
+    ok = file:change_mode(Stub, 8#755),
+    Stub.
+
+sh(Args) ->
+    run(os:find_executable("sh"), ["-c" | Args]).
+
+run(Exe, Args) ->
+    Port = open_port({spawn_executable, Exe},
+                     [{args, Args}, exit_status, stderr_to_stdout, binary, hide]),
+    Deadline = erlang:monotonic_time(millisecond) + ?SCRIPT_TIMEOUT_MS,
+    collect(Port, Deadline, []).
+
+collect(Port, Deadline, Acc) ->
+    Left = max(0, Deadline - erlang:monotonic_time(millisecond)),
+    receive
+        {Port, {data, D}} -> collect(Port, Deadline, [D | Acc]);
+        {Port, {exit_status, S}} -> {S, unicode:characters_to_list(lists:reverse(Acc))}
+    after Left ->
+        catch port_close(Port),
+        ct:fail({command_timeout, unicode:characters_to_list(lists:reverse(Acc))})
+    end.
