@@ -207,7 +207,7 @@ wait_event(Pred, Deadline) ->
         ct:fail(no_matching_event)
     end.
 
-text(#{msg := {Format, Args}}) ->
-    unicode:characters_to_list(io_lib:format(Format, Args));
 text(#{msg := {string, S}}) ->
-    unicode:characters_to_list(S).
+    unicode:characters_to_list(S);
+text(#{msg := {Format, Args}}) ->
+    unicode:characters_to_list(io_lib:format(Format, Args)).

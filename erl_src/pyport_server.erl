@@ -27,9 +27,6 @@
 -define(GEN_KEY, {?MODULE, generation}).
 -define(T2B_OPTS, [{minor_version, 2}]).
 -define(FIRST_BACKOFF, 100).
-%% Most built-in exception names accepted from a ready frame, and their length.
--define(MAX_BUILTIN_NAMES, 512).
--define(MAX_BUILTIN_NAME, 64).
 
 -type request_id() :: pos_integer().
 -type exit_info() :: not_started | {exit_status, integer()} | {port_exit, term()}
@@ -89,23 +86,10 @@ generation() ->
         Ref -> atomics:get(Ref, 1)
     end.
 
-%% @doc The path of the port program: app env `pyport_executable' if set, else
-%% `priv/pyport' of the application (located from this module's `.beam' when
-%% the code path does not name the application directory `pyport').
+%% @doc The path of the port program (see {@link pyport_program:executable/0}).
 -spec executable() -> file:filename().
 executable() ->
-    case application:get_env(pyport, pyport_executable) of
-        {ok, Path} when is_binary(Path) -> binary_to_list(Path);
-        {ok, Path} when is_list(Path) -> Path;
-        _ ->
-            case code:priv_dir(pyport) of
-                {error, bad_name} ->
-                    Ebin = filename:dirname(code:which(?MODULE)),
-                    filename:join([filename:dirname(Ebin), "priv", "pyport"]);
-                Priv ->
-                    filename:join(Priv, "pyport")
-            end
-    end.
+    pyport_program:executable().
 
 %%====================================================================
 %% gen_server callbacks
@@ -126,8 +110,8 @@ init([]) ->
           end,
     %% A new server never reuses a generation: the previous server's port is gone.
     Gen = atomics:add_get(Ref, 1, 1),
-    MaxInFlight = max(1, env_int(max_in_flight, 10000)),
-    _ = port_atoms(),
+    MaxInFlight = max(1, pyport_program:env_int(max_in_flight, 10000)),
+    _ = pyport_frames:port_atoms(),
     State = start_port(#state{gen = Gen, gen_ref = Ref, max_in_flight = MaxInFlight}),
     {ok, schedule_heartbeat(State#state{last_check = now_ms()})}.
 
@@ -208,7 +192,7 @@ terminate(_Reason, #state{port = undefined}) ->
 terminate(_Reason, #state{port = Port, gen_ref = Ref} = State) ->
     _ = atomics:add_get(Ref, 1, 1),
     _ = (catch erlang:port_close(Port)),
-    kill_group(State),
+    kill_group_of(State),
     ok.
 
 %% @private
@@ -261,7 +245,7 @@ port_data(Bin, State) ->
 %% left waiting.
 -spec bad_frame(binary(), state()) -> state().
 bad_frame(Bin, #state{pending = Pending} = State) ->
-    case frame_id(Bin) of
+    case pyport_frames:frame_id(Bin) of
         {ok, Id} when is_map_key(Id, Pending) ->
             ?LOG_WARNING("pyport: undecodable reply to request ~b (~b bytes)",
                          [Id, byte_size(Bin)]),
@@ -271,15 +255,6 @@ bad_frame(Bin, #state{pending = Pending} = State) ->
                          [byte_size(Bin)]),
             State
     end.
-
-%% The id of a reply frame `{Id, _, _}' read from its first bytes: small
-%% integer, integer or small bignum, as the port writes them.
--spec frame_id(binary()) -> {ok, integer()} | error.
-frame_id(<<131, 104, 3, 97, Id, _/binary>>) -> {ok, Id};
-frame_id(<<131, 104, 3, 98, Id:32/signed, _/binary>>) -> {ok, Id};
-frame_id(<<131, 104, 3, 110, N, 0, Digits:N/binary, _/binary>>) ->
-    {ok, binary:decode_unsigned(Digits, little)};
-frame_id(_) -> error.
 
 -spec port_message(term(), state()) -> state().
 port_message({Id, Status, Result}, #state{pending = Pending} = State)
@@ -295,10 +270,10 @@ port_message({Id, Status, Result}, #state{pending = Pending} = State)
             State
     end;
 port_message({pyport_log, Level, Source, Msg}, State) ->
-    log_python(Level, Source, Msg),
+    pyport_frames:log_python(Level, Source, Msg),
     State;
 port_message({pyport_log_record, Level, Logger, Module, Line, Caller, Msg}, State) ->
-    log_python_record(Level, {Logger, Module, Line, Caller}, Msg),
+    pyport_frames:log_python_record(Level, {Logger, Module, Line, Caller}, Msg),
     State;
 port_message({pyport_heartbeat, _Seq}, State) ->
     State;
@@ -307,7 +282,7 @@ port_message({pyport_ready, Info0}, State) when is_map(Info0) ->
                         {N, I} -> {N, I};
                         error -> {[], Info0}
                     end,
-    ok = make_exception_atoms(Names),
+    ok = pyport_frames:make_exception_atoms(Names),
     ?LOG_INFO("pyport: port ready (generation ~b): ~tp", [State#state.gen, Info]),
     OsPid = case maps:get(os_pid, Info, State#state.os_pid) of
                 P when is_integer(P), P > 0 -> P;
@@ -318,7 +293,7 @@ port_message({pyport_ready, Info0}, State) when is_map(Info0) ->
                    _ -> State#state.failures
                end,
     State#state{ready = Info, failures = Failures, os_pid = OsPid,
-                group_leader = is_group_leader(OsPid)};
+                group_leader = pyport_program:is_group_leader(OsPid)};
 port_message({undefined, error, Reason}, State) ->
     ?LOG_WARNING("pyport: the port could not decode a request: ~tp", [Reason]),
     State;
@@ -346,7 +321,7 @@ startup_failed(Reason, #state{port = Port, pending = Pending, owners = Owners} =
     reply_all(Pending, {error, {pyport_unavailable, Exit}}),
     maps:foreach(fun(_Pid, {MRef, _}) -> erlang:demonitor(MRef, [flush]) end, Owners),
     _ = (catch erlang:port_close(Port)),
-    kill_group(State),
+    kill_group_of(State),
     Gen = atomics:add_get(State#state.gen_ref, 1, 1),
     State1 = State#state{port = undefined, pending = #{}, owners = #{}, gen = Gen,
                          held = queue:new(), startup = undefined,
@@ -375,104 +350,6 @@ send_held(Id, Frame, #state{port = Port, pending = Pending} = State) ->
             {From, Pending1} = maps:take(Id, Pending),
             gen_server:reply(From, {error, {pyport_unavailable, closing}}),
             forget_owner_id(From, Id, State#state{pending = Pending1})
-    end.
-
-%% Makes atoms of the names of Python's built-in exception classes, which the
-%% port lists once, before any user code runs, so that `{python, Type, ...}'
-%% replies can carry them as atoms and still decode with `[safe]'. Bounded in
-%% number and length, and only identifiers.
--spec make_exception_atoms(term()) -> ok.
-make_exception_atoms(Names) when is_list(Names) ->
-    lists:foreach(fun(N) ->
-                          case is_exception_name(N) of
-                              true -> _ = binary_to_atom(N, utf8), ok;
-                              false -> ok
-                          end
-                  end, lists:sublist(Names, ?MAX_BUILTIN_NAMES));
-make_exception_atoms(_) ->
-    ok.
-
--spec is_exception_name(term()) -> boolean().
-is_exception_name(N) when is_binary(N), byte_size(N) > 0, byte_size(N) =< ?MAX_BUILTIN_NAME ->
-    lists:all(fun(C) -> (C >= $a andalso C =< $z) orelse (C >= $A andalso C =< $Z)
-                            orelse (C >= $0 andalso C =< $9) orelse C =:= $_
-              end, binary_to_list(N));
-is_exception_name(_) ->
-    false.
-
-%% Every atom that the port program may put in a frame. Frames are decoded
-%% with `[safe]', which accepts existing atoms only: these literals make sure
-%% they exist. (pytests/test_hang.py checks this list against src/.)
--spec port_atoms() -> [atom()].
-port_atoms() ->
-    [ok, error, undefined, true, false, nan, infinity, neg_infinity,
-     python, python_object, '$pyport_shared_dict', '$pyport_bytes', found, not_found,
-     cancelled, bad_request, bad_term, unsupported_term, nesting_too_deep,
-     duplicate_key, not_callable, internal_error, reply_too_large, not_owner,
-     shared_dict_destroyed, encode_failed,
-     pyport_log, pyport_ready, pyport_heartbeat, info, warning, stdout, stderr, pyport,
-     pyport_log_record, debug, critical, nil,
-     '$pyport_date', '$pyport_time', '$pyport_datetime', '$pyport_timedelta',
-     '$pyport_decimal', '$pyport_uuid',
-     builtin_exceptions, os_pid, workers, max_workers, generation,
-     dicts, dict_keys, dict_bytes, namespaces, busy_workers, queued, abandoned_workers,
-     thread_homes, thread_queues].
-
--spec log_python(term(), term(), term()) -> ok.
-log_python(Level0, Source, Msg) ->
-    Level = case Level0 of
-                info -> info;
-                warning -> warning;
-                error -> error;
-                _ -> warning
-            end,
-    %% No `domain': the default handler drops events of unknown domains.
-    Meta = #{pyport_source => Source},
-    case Source of
-        pyport -> ?LOG(Level, "pyport: ~ts", [Msg], Meta);
-        stdout -> logger:log(print_level(), "python stdout: ~ts", [Msg], Meta);
-        _ -> logger:log(Level, "python ~p: ~ts", [Source, Msg], Meta)
-    end.
-
-%% A record of Python's `logging'. Logged with logger:log/4, not the ?LOG macro: the macro
-%% would add this module's `mfa' and line, which say nothing about where Python logged.
-%% `pid' is the Erlang process whose request made the record, when there was one.
--spec log_python_record(term(), {term(), term(), term(), term()}, term()) -> ok.
-log_python_record(Level0, {Logger, Module, Line, Caller}, Msg)
-  when is_binary(Logger), is_binary(Module), is_integer(Line), is_binary(Msg) ->
-    Level = case lists:member(Level0, [debug, info, warning, error, critical]) of
-                true -> Level0;
-                false -> warning
-            end,
-    Meta0 = #{pyport_source => logging, python_logger => Logger,
-              python_module => Module, python_line => Line},
-    Meta = case is_pid(Caller) of
-               true -> Meta0#{pid => Caller};
-               false -> Meta0
-           end,
-    logger:log(Level, "python ~ts: ~ts", [Logger, Msg], Meta);
-log_python_record(_Level, _Fields, _Msg) ->
-    ok.
-
-%% What Python's `None' becomes: app env `none_as', `undefined' (default) or `nil'.
--spec none_as() -> undefined | nil.
-none_as() ->
-    case application:get_env(pyport, none_as) of
-        {ok, nil} -> nil;
-        _ -> undefined
-    end.
-
-%% The level of lines Python writes to stdout (`print'): app env `print_level'.
--spec print_level() -> logger:level().
-print_level() ->
-    Levels = [emergency, alert, critical, error, warning, notice, info, debug],
-    case application:get_env(pyport, print_level) of
-        {ok, L} when is_atom(L) ->
-            case lists:member(L, Levels) of
-                true -> L;
-                false -> info
-            end;
-        _ -> info
     end.
 
 -spec local_stats(state()) -> map().
@@ -527,21 +404,7 @@ forget_owner_id({Pid, _}, Id, #state{owners = Owners} = State) ->
 -spec start_port(state()) -> state().
 start_port(#state{gen = Gen} = State) ->
     Exe = executable(),
-    Args = ["--generation", integer_to_list(Gen),
-            "--workers", integer_to_list(env_int(workers, 1)),
-            "--max-workers", integer_to_list(env_int(max_workers, 16))]
-        ++ watchdog_arg()
-        ++ affinity_arg()
-        ++ ["--none-as", atom_to_list(none_as())]
-        ++ optional_args([{spare_after_ms, "--spare-after-ms"},
-                          {spare_idle_ms, "--spare-idle-ms"},
-                          {abandon_after_ms, "--abandon-after-ms"},
-                          {max_abandoned_workers, "--max-abandoned"},
-                          {max_reply_bytes, "--max-reply-bytes"},
-                          {oom_score_adj, "--oom-score-adj"},
-                          {max_memory_bytes, "--max-memory-bytes"},
-                          {max_frame_bytes, "--max-frame-bytes"},
-                          {log_lines_per_sec, "--log-lines-per-sec"}]),
+    Args = pyport_program:args(Gen),
     try erlang:open_port({spawn_executable, Exe},
                          [{packet, 4}, binary, exit_status, use_stdio, hide,
                           {args, Args}, {env, pyport_python:port_env()}]) of
@@ -589,7 +452,7 @@ send_startup(State) ->
 %% restart.
 -spec port_down(exit_info(), term(), state()) -> state().
 port_down(Exit, Status, #state{pending = Pending, owners = Owners} = State) ->
-    kill_group(State),
+    kill_group_of(State),
     cancel_timer(State#state.startup_timer),
     reply_all(Pending, {error, {pyport_exit, Status}}),
     maps:foreach(fun(_Pid, {MRef, _}) -> erlang:demonitor(MRef, [flush]) end, Owners),
@@ -652,7 +515,7 @@ check_liveness(#state{last_check = LastCheck, last_rx = LastRx} = State) ->
 unresponsive(SilentMs, #state{port = Port, os_pid = OsPid} = State) ->
     ?LOG_ERROR("pyport: the port program (os pid ~p) has not answered for ~b ms; "
                "killing it", [OsPid, SilentMs]),
-    kill_port_program(State),
+    pyport_program:kill(State#state.os_pid, State#state.group_leader),
     _ = (catch erlang:port_close(Port)),
     port_down({exit_status, 137}, 137, State#state{group_leader = false}).
 
@@ -683,48 +546,16 @@ cancel_timer(TRef) -> _ = erlang:cancel_timer(TRef), ok.
 schedule_restart(#state{failures = 0} = State) ->
     start_port(State#state{failures = 1});
 schedule_restart(#state{failures = N} = State) ->
-    Max = env_int(restart_backoff_max, 5000),
+    Max = pyport_program:env_int(restart_backoff_max, 5000),
     Delay = min(Max, ?FIRST_BACKOFF bsl min(N - 1, 20)),
     TRef = erlang:start_timer(Delay, self(), restart_port),
     State#state{failures = N + 1, restart_timer = TRef}.
 
 %% Kill the port program's process group, so that processes Python started die
-%% with it. Only done when the program was its own group leader.
--spec kill_group(state()) -> ok.
-kill_group(#state{group_leader = true, os_pid = OsPid}) when is_integer(OsPid) ->
-    _ = os:cmd("kill -9 -" ++ integer_to_list(OsPid) ++ " 2>/dev/null"),
-    ok;
-kill_group(_State) ->
-    ok.
-
-%% SIGKILL for the port program and its group, whether or not it leads one.
--spec kill_port_program(state()) -> ok.
-kill_port_program(#state{os_pid = OsPid} = State) when is_integer(OsPid) ->
-    kill_group(State),
-    _ = os:cmd("kill -9 " ++ integer_to_list(OsPid) ++ " 2>/dev/null"),
-    ok;
-kill_port_program(_State) ->
-    ok.
-
--spec is_group_leader(non_neg_integer() | undefined) -> boolean().
-is_group_leader(OsPid) when is_integer(OsPid) ->
-    case file:read_file("/proc/" ++ integer_to_list(OsPid) ++ "/stat") of
-        {ok, Stat} ->
-            %% "pid (comm) state ppid pgrp ...": comm may hold spaces and parens.
-            case string:split(Stat, ")", trailing) of
-                [_, Rest] ->
-                    case string:lexemes(Rest, " ") of
-                        [_State, _PPid, PGrp | _] ->
-                            PGrp =:= integer_to_binary(OsPid);
-                        _ -> false
-                    end;
-                _ -> false
-            end;
-        {error, _} ->
-            false
-    end;
-is_group_leader(undefined) ->
-    false.
+%% with it (only when the program leads its own group).
+-spec kill_group_of(state()) -> ok.
+kill_group_of(#state{group_leader = GroupLeader, os_pid = OsPid}) ->
+    pyport_program:kill_group(OsPid, GroupLeader).
 
 -spec send_frame(state(), term()) -> ok.
 send_frame(#state{port = undefined}, _Term) ->
@@ -740,48 +571,11 @@ send_frame(#state{port = Port}, Term) ->
 %% Helpers
 %%====================================================================
 
-%% Port program flags for the app env keys that are set to a non-negative integer.
--spec optional_args([{atom(), string()}]) -> [string()].
-optional_args(Keys) ->
-    lists:append([[Flag, integer_to_list(N)]
-                  || {Key, Flag} <- Keys,
-                     {ok, N} <- [application:get_env(pyport, Key)],
-                     is_integer(N), N >= 0]).
-
 -spec startup_timeout() -> timeout().
 startup_timeout() ->
     case application:get_env(pyport, startup_timeout_ms) of
         {ok, T} when T =:= infinity; is_integer(T), T >= 0 -> T;
         _ -> 60000
-    end.
-
-%% --thread-affinity: which processes get a home thread in the port.
--spec affinity_arg() -> [string()].
-affinity_arg() ->
-    case application:get_env(pyport, thread_affinity) of
-        {ok, Mode} when Mode =:= namespace; Mode =:= always; Mode =:= none ->
-            ["--thread-affinity", atom_to_list(Mode)];
-        {ok, Other} ->
-            ?LOG_ERROR("pyport: ignoring thread_affinity ~tp (namespace | always | none)", [Other]),
-            [];
-        undefined ->
-            []
-    end.
-
-%% --gil-watchdog-ms: `infinity' turns the watchdog off (0 for the port).
--spec watchdog_arg() -> [string()].
-watchdog_arg() ->
-    case application:get_env(pyport, gil_watchdog_ms) of
-        {ok, infinity} -> ["--gil-watchdog-ms", "0"];
-        {ok, N} when is_integer(N), N > 0 -> ["--gil-watchdog-ms", integer_to_list(N)];
-        _ -> []
-    end.
-
--spec env_int(atom(), integer()) -> integer().
-env_int(Key, Default) ->
-    case application:get_env(pyport, Key) of
-        {ok, N} when is_integer(N) -> N;
-        _ -> Default
     end.
 
 %% sys_path: a list of directories; a single directory string is accepted too.

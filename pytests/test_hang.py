@@ -125,8 +125,8 @@ def test_ready_frame_lists_the_builtin_exceptions(port):
 
 def test_every_atom_the_port_sends_exists_on_the_erlang_side():
     """Frames are decoded with binary_to_term(B, [safe]), which refuses atoms the VM does not
-    know: each atom literal of the port's product code must be in pyport_server:port_atoms/0."""
-    erl = (ROOT / "erl_src" / "pyport_server.erl").read_text()
+    know: each atom literal of the port's product code must be in pyport_frames:port_atoms/0."""
+    erl = (ROOT / "erl_src" / "pyport_frames.erl").read_text()
     body = erl[erl.index("\nport_atoms() ->"):]
     body = body[: body.index("].") + 1]
     known = set(re.findall(r"'([^']+)'|([a-z][a-z0-9_]*)", body))
