@@ -195,21 +195,8 @@ run(Script, Args, Checkout) ->
                  false -> filename:join(Checkout, "target");
                  Dir -> Dir
              end,
-    Port = open_port({spawn_executable, os:find_executable("bash")},
-                     [{args, [Script | Args]}, {env, [{"CARGO_TARGET_DIR", Target}]},
-                      exit_status, stderr_to_stdout, binary, hide]),
-    Deadline = erlang:monotonic_time(millisecond) + ?SCRIPT_TIMEOUT_MS,
-    collect(Port, Deadline, []).
-
-collect(Port, Deadline, Acc) ->
-    Left = max(0, Deadline - erlang:monotonic_time(millisecond)),
-    receive
-        {Port, {data, D}} -> collect(Port, Deadline, [D | Acc]);
-        {Port, {exit_status, S}} -> {S, unicode:characters_to_list(lists:reverse(Acc))}
-    after Left ->
-        catch port_close(Port),
-        ct:fail({script_timeout, unicode:characters_to_list(lists:reverse(Acc))})
-    end.
+    pyport_ct_lib:run_command(os:find_executable("bash"), [Script | Args],
+                              [{"CARGO_TARGET_DIR", Target}], ?SCRIPT_TIMEOUT_MS).
 
 %% The text of the README from the heading Title to the next second-level heading.
 readme_section(Checkout, Title) ->

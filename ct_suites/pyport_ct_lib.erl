@@ -10,7 +10,7 @@
          wait_until/2, wait_until/3, wait_down/1, wait_down/2,
          assert_mailbox_empty/0, wait_waiting/1, collect/2,
          has/2, nest/1, run_in_process/1,
-         save_env/1, restore_env_and_restart/1, assert_destroyed/1,
+         save_env/1, restore_env/1, restore_env_and_restart/1, run_command/4, assert_destroyed/1,
          os_alive/1, all_gone/1, capture_logs/1, logged/0]).
 %% logger handler callback of capture_logs/1
 -export([log/2]).
@@ -148,11 +148,31 @@ save_env(Keys) ->
 %% application with it.
 restore_env_and_restart(Saved) ->
     ok = stop_app(),
-    lists:foreach(fun({K, undefined}) -> application:unset_env(pyport, K);
-                     ({K, {ok, V}}) -> application:set_env(pyport, K, V)
-                  end, Saved),
+    restore_env(Saved),
     _ = start_app(),
     ok.
+
+%% Puts back what save_env/1 saw, without starting anything.
+restore_env(Saved) ->
+    lists:foreach(fun({K, undefined}) -> application:unset_env(pyport, K);
+                     ({K, {ok, V}}) -> application:set_env(pyport, K, V)
+                  end, Saved).
+
+%% Runs Exe with Args (and Env) to its end; returns {ExitStatus, Output} (stdout
+%% and stderr). Fails the test case if it runs longer than TimeoutMs.
+run_command(Exe, Args, Env, TimeoutMs) ->
+    Port = open_port({spawn_executable, Exe},
+                     [{args, Args}, {env, Env}, exit_status, stderr_to_stdout, binary, hide]),
+    command_output(Port, now_ms() + TimeoutMs, []).
+
+command_output(Port, Deadline, Acc) ->
+    receive
+        {Port, {data, D}} -> command_output(Port, Deadline, [D | Acc]);
+        {Port, {exit_status, S}} -> {S, unicode:characters_to_list(lists:reverse(Acc))}
+    after max(0, Deadline - now_ms()) ->
+            catch port_close(Port),
+            ct:fail({command_timeout, unicode:characters_to_list(lists:reverse(Acc))})
+    end.
 
 %% Every Erlang-side operation but destroy raises shared_dict_destroyed for SD;
 %% destroy stays idempotent.

@@ -31,9 +31,7 @@ init_per_suite(Config) ->
 
 end_per_suite(Config) ->
     ok = pyport_ct_lib:stop_app(),
-    lists:foreach(fun({K, undefined}) -> application:unset_env(pyport, K);
-                     ({K, {ok, V}}) -> application:set_env(pyport, K, V)
-                  end, ?config(saved_env, Config)).
+    pyport_ct_lib:restore_env(?config(saved_env, Config)).
 
 init_per_testcase(_Case, Config) ->
     ok = pyport_ct_lib:stop_app(),
@@ -169,17 +167,4 @@ sh(Args) ->
     run(os:find_executable("sh"), ["-c" | Args]).
 
 run(Exe, Args) ->
-    Port = open_port({spawn_executable, Exe},
-                     [{args, Args}, exit_status, stderr_to_stdout, binary, hide]),
-    Deadline = erlang:monotonic_time(millisecond) + ?SCRIPT_TIMEOUT_MS,
-    collect(Port, Deadline, []).
-
-collect(Port, Deadline, Acc) ->
-    Left = max(0, Deadline - erlang:monotonic_time(millisecond)),
-    receive
-        {Port, {data, D}} -> collect(Port, Deadline, [D | Acc]);
-        {Port, {exit_status, S}} -> {S, unicode:characters_to_list(lists:reverse(Acc))}
-    after Left ->
-        catch port_close(Port),
-        ct:fail({command_timeout, unicode:characters_to_list(lists:reverse(Acc))})
-    end.
+    pyport_ct_lib:run_command(Exe, Args, [], ?SCRIPT_TIMEOUT_MS).

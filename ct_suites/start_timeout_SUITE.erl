@@ -22,9 +22,7 @@ init_per_suite(Config) ->
 
 end_per_suite(Config) ->
     ok = pyport_ct_lib:stop_app(),
-    lists:foreach(fun({K, undefined}) -> application:unset_env(pyport, K);
-                     ({K, {ok, V}}) -> application:set_env(pyport, K, V)
-                  end, ?config(saved_env, Config)).
+    pyport_ct_lib:restore_env(?config(saved_env, Config)).
 
 init_per_testcase(_Case, Config) ->
     ok = pyport_ct_lib:stop_app(),
