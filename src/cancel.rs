@@ -21,7 +21,7 @@
 //! caller that gave up (timed out or died) asks for a cancellation.
 
 use crate::framing::Outbox;
-use crate::protocol::Owner;
+use crate::protocol::{self, Owner};
 use crate::pymodule::CallCancelled;
 use crossbeam_channel::{unbounded, Receiver, RecvTimeoutError, Sender};
 use parking_lot::Mutex;
@@ -64,30 +64,34 @@ impl Slot {
     }
 }
 
+/// What the logs say about a running request. Asked only when a log line is written, so
+/// that describing a request costs nothing on the way to running it.
+pub trait Describe: Send + Sync {
+    /// The process whose request it is (none for start-up code).
+    fn caller(&self) -> Option<&Owner>;
+    /// What it runs: `call math.sqrt`, `eval <first line>`.
+    fn what(&self) -> String;
+}
+
 /// A request that a worker is running.
 pub struct Running {
     slot: Arc<Slot>,
     started: Instant,
-    owner: Option<Owner>,
-    /// What it runs, for the logs: `call math.sqrt`, `eval <first line>`.
-    what: String,
+    request: Arc<dyn Describe>,
 }
 
 impl Running {
-    pub fn new(slot: Arc<Slot>, owner: Option<Owner>, what: String) -> Running {
-        Running { slot, started: Instant::now(), owner, what }
+    pub fn new(slot: Arc<Slot>, request: Arc<dyn Describe>) -> Running {
+        Running { slot, started: Instant::now(), request }
     }
 
     /// One line for the logs: id, caller, what, how long, and the thread's CPU time.
     fn describe(&self, id: u64) -> String {
-        let caller = match &self.owner {
-            Some(p) => format!("<{}.{}> on {}", p.id, p.serial, p.node.name),
-            None => "start-up".to_string(),
-        };
+        let caller = self.request.caller().map_or_else(|| "start-up".to_string(), protocol::describe_pid);
         let cpu = thread_cpu_ms(self.slot.tid).map_or_else(|| "?".to_string(), |ms| ms.to_string());
         format!(
             "request {id} from {caller}: {} (running {} ms, thread {} CPU {cpu} ms)",
-            self.what,
+            self.request.what(),
             self.started.elapsed().as_millis(),
             self.slot.tid
         )

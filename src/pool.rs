@@ -21,7 +21,7 @@
 //!   too late before a worker's next request. The processes homed on a written-off worker
 //!   move to another: their namespaces survive, objects bound to the old thread may not.
 
-use crate::cancel::{CancelConfig, Canceller, Running, Slot};
+use crate::cancel::{CancelConfig, Canceller, Describe, Running, Slot};
 use crate::exec::{Frame, Interp, Mode};
 use crate::framing::Outbox;
 use crate::homes::{self, Affinity, Candidate, Choice, HomeTable};
@@ -55,19 +55,6 @@ impl Job {
         }
     }
 
-    /// What the job runs, for the logs when it gets stuck.
-    fn describe(&self) -> String {
-        match self {
-            Job::Call { module, function, .. } => format!("call {}", clip(&format!("{module}.{function}"))),
-            Job::Code { code, mode, .. } => {
-                let verb = if *mode == Mode::Eval { "eval" } else { "exec" };
-                let first = code.lines().map(str::trim).find(|l| !l.is_empty()).unwrap_or("");
-                format!("{verb} {}", clip(first))
-            }
-            Job::Startup { .. } => "start-up code".to_string(),
-        }
-    }
-
     /// Whether the job runs in its process's namespace (and so creates it if need be).
     fn uses_namespace(&self) -> bool {
         match self {
@@ -97,6 +84,24 @@ impl Job {
     }
 }
 
+impl Describe for Job {
+    fn caller(&self) -> Option<&Owner> {
+        self.owner()
+    }
+
+    fn what(&self) -> String {
+        match self {
+            Job::Call { module, function, .. } => format!("call {}", clip(&format!("{module}.{function}"))),
+            Job::Code { code, mode, .. } => {
+                let verb = if *mode == Mode::Eval { "eval" } else { "exec" };
+                let first = code.lines().map(str::trim).find(|l| !l.is_empty()).unwrap_or("");
+                format!("{verb} {}", clip(first))
+            }
+            Job::Startup { .. } => "start-up code".to_string(),
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug)]
 pub struct PoolConfig {
     pub hot: usize,
@@ -109,8 +114,8 @@ pub struct PoolConfig {
 
 pub struct Pool {
     /// The shared queue, for requests of processes without a home.
-    jobs_tx: Sender<Job>,
-    jobs_rx: Receiver<Job>,
+    jobs_tx: Sender<Arc<Job>>,
+    jobs_rx: Receiver<Arc<Job>>,
     out: Outbox,
     interp: Arc<Interp>,
     cfg: PoolConfig,
@@ -135,8 +140,8 @@ struct Worker {
     id: usize,
     hot: bool,
     /// Its own queue: requests of the processes homed on it.
-    tx: Sender<Job>,
-    rx: Receiver<Job>,
+    tx: Sender<Arc<Job>>,
+    rx: Receiver<Arc<Job>>,
     running: AtomicBool,
     /// Stuck in code that ignores cancellation: it homes nobody until its request returns.
     written_off: AtomicBool,
@@ -194,6 +199,9 @@ impl Pool {
     }
 
     pub fn submit(self: &Arc<Self>, job: Job) {
+        // Shared with the canceller's record of what runs, so that nothing about the job is
+        // copied or formatted unless a log line needs it.
+        let job = Arc::new(job);
         {
             let mut t = self.canceller.tracking.lock();
             t.queued.insert(job.id());
@@ -360,22 +368,18 @@ impl Pool {
             s.homes.remove(&owner);
             let new = self.assign_home(&mut s, owner.clone());
             let msg = format!(
-                "the home thread of <{}.{}> on {} is stuck in code that ignores cancellation; its \
-                 namespace moved to thread {} and keeps its values, but objects bound to the old \
-                 thread (sqlite3 connections, thread-locals) may refuse to work there",
-                owner.id,
-                owner.serial,
-                owner.node.name,
+                "the home thread of {} is stuck in code that ignores cancellation; its namespace \
+                 moved to thread {} and keeps its values, but objects bound to the old thread \
+                 (sqlite3 connections, thread-locals) may refuse to work there",
+                protocol::describe_pid(&owner),
                 new.map_or_else(|| "(shared queue)".to_string(), |w| w.to_string())
             );
             self.out.log("warning", "pyport", msg.as_bytes());
         }
         while let Ok(job) = old.rx.try_recv() {
             let home = job.owner().and_then(|o| s.homes.home_of(o)).and_then(|w| s.workers.get(&w));
-            match home {
-                Some(w) => drop(w.tx.send(job)),
-                None => drop(self.jobs_tx.send(job)),
-            }
+            // Receivers live as long as their worker and the pool.
+            let _ = home.map_or(&self.jobs_tx, |w| &w.tx).send(job);
         }
     }
 
@@ -411,7 +415,7 @@ impl Pool {
 
     /// The next job: from the worker's own queue first, then the shared one. Hot workers wait
     /// for ever; a spare that waited `spare_idle` exits, unless it is home to a process.
-    fn next_job(&self, me: &Worker) -> Option<Job> {
+    fn next_job(&self, me: &Worker) -> Option<Arc<Job>> {
         loop {
             if let Ok(job) = me.rx.try_recv() {
                 return Some(job);
@@ -456,7 +460,7 @@ impl Pool {
     /// jobs while another holds the GIL and the two hand it back and forth: 64 callers on
     /// 16 hot workers ran at half the calls/s. And every polling thread takes a core from
     /// the VM itself, which has only two here.
-    fn poll_for_job(&self, me: &Worker) -> Option<Job> {
+    fn poll_for_job(&self, me: &Worker) -> Option<Arc<Job>> {
         if !me.hot || self.total.load(Ordering::Acquire) > 1 {
             return None;
         }
@@ -473,7 +477,7 @@ impl Pool {
         }
     }
 
-    fn run_tracked(&self, py: Python<'_>, slot: &Arc<Slot>, job: &Job) -> Frame {
+    fn run_tracked(&self, py: Python<'_>, slot: &Arc<Slot>, job: &Arc<Job>) -> Frame {
         let id = job.id();
         {
             let mut t = self.canceller.tracking.lock();
@@ -487,7 +491,7 @@ impl Pool {
                 }
                 return protocol::error_frame(Some(id), atom("cancelled"));
             }
-            t.running.insert(id, Running::new(slot.clone(), job.owner().cloned(), job.describe()));
+            t.running.insert(id, Running::new(slot.clone(), job.clone()));
         }
         let frame = catch_unwind(AssertUnwindSafe(|| job.run(py, &self.interp))).unwrap_or_else(|panic| {
             let msg = panic_message(&panic);

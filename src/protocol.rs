@@ -14,6 +14,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 /// The process that owns state (a namespace, dicts) in the port.
 pub type Owner = Pid;
 
+/// A process for the logs: `<Id.Serial> on node` (the node's own `<0.Id.Serial>` form needs
+/// to know which node is local, which the port does not).
+pub fn describe_pid(p: &Owner) -> String {
+    format!("<{}.{}> on {}", p.id, p.serial, p.node.name)
+}
+
 /// A SharedDict handle as it travels in a request.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Handle {
