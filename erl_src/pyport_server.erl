@@ -172,10 +172,10 @@ handle_info({'DOWN', MRef, process, Pid, _Reason}, #state{owners = Owners} = Sta
             {noreply, State}
     end;
 handle_info({Port, {exit_status, Status}}, #state{port = Port} = State) ->
-    {noreply, port_down({exit_status, Status}, Status, State)};
+    {noreply, port_down({exit_status, Status}, {error, {pyport_exit, Status}}, State)};
 handle_info({'EXIT', Port, Reason}, #state{port = Port} = State) ->
     %% The port closed without an exit status (e.g. a write error).
-    {noreply, port_down({port_exit, Reason}, Reason, State)};
+    {noreply, port_down({port_exit, Reason}, {error, {pyport_exit, Reason}}, State)};
 handle_info({'EXIT', _OldPort, _Reason}, State) ->
     {noreply, State};
 handle_info({timeout, TRef, restart_port}, #state{restart_timer = TRef} = State) ->
@@ -313,23 +313,14 @@ startup_result(error, Reason, State) ->
     startup_failed(Reason, State).
 
 -spec startup_failed(term(), state()) -> state().
-startup_failed(Reason, #state{port = Port, pending = Pending, owners = Owners} = State) ->
+startup_failed(Reason, #state{port = Port} = State) ->
     ?LOG_ERROR("pyport: start-up (sys_path / startup_code) failed: ~tP; "
                "restarting the port with back-off", [Reason, 30]),
-    cancel_timer(State#state.startup_timer),
-    Exit = {startup_failed, Reason},
-    reply_all(Pending, {error, {pyport_unavailable, Exit}}),
-    maps:foreach(fun(_Pid, {MRef, _}) -> erlang:demonitor(MRef, [flush]) end, Owners),
     _ = (catch erlang:port_close(Port)),
-    kill_group_of(State),
-    Gen = atomics:add_get(State#state.gen_ref, 1, 1),
-    State1 = State#state{port = undefined, pending = #{}, owners = #{}, gen = Gen,
-                         held = queue:new(), startup = undefined,
-                         startup_timer = undefined, last_exit = Exit,
-                         ready = undefined, os_pid = undefined, group_leader = false,
-                         restarts = State#state.restarts + 1,
-                         failures = max(1, State#state.failures)},
-    schedule_restart(State1).
+    Exit = {startup_failed, Reason},
+    %% Counted as a failure before readiness, so the restart backs off.
+    port_down(Exit, {error, {pyport_unavailable, Exit}},
+              State#state{failures = max(1, State#state.failures)}).
 
 %% Sends the requests held during start-up whose callers still wait.
 -spec flush_held(state()) -> state().
@@ -447,14 +438,14 @@ send_startup(State) ->
             State
     end.
 
-%% The port program exited (or its port closed): answer everyone who waits,
-%% forget all owners (their state died with the port), bump the generation and
-%% restart.
+%% The port program exited (or its port closed, or it was given up on): answer
+%% everyone who waits with Reply, forget all owners (their state died with the
+%% port), bump the generation and restart.
 -spec port_down(exit_info(), term(), state()) -> state().
-port_down(Exit, Status, #state{pending = Pending, owners = Owners} = State) ->
+port_down(Exit, Reply, #state{pending = Pending, owners = Owners} = State) ->
     kill_group_of(State),
     cancel_timer(State#state.startup_timer),
-    reply_all(Pending, {error, {pyport_exit, Status}}),
+    reply_all(Pending, Reply),
     maps:foreach(fun(_Pid, {MRef, _}) -> erlang:demonitor(MRef, [flush]) end, Owners),
     Gen = atomics:add_get(State#state.gen_ref, 1, 1),
     ?LOG_ERROR("pyport: port program exited (~tp) with ~b request(s) pending; "
@@ -517,7 +508,7 @@ unresponsive(SilentMs, #state{port = Port, os_pid = OsPid} = State) ->
                "killing it", [OsPid, SilentMs]),
     pyport_program:kill(State#state.os_pid, State#state.group_leader),
     _ = (catch erlang:port_close(Port)),
-    port_down({exit_status, 137}, 137, State#state{group_leader = false}).
+    port_down({exit_status, 137}, {error, {pyport_exit, 137}}, State#state{group_leader = false}).
 
 -spec heartbeat_timeout() -> pos_integer() | infinity.
 heartbeat_timeout() ->
