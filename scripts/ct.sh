@@ -14,7 +14,15 @@ sum() { grep -oE "[0-9]+ $1" <<<"$lines" | awk '{s += $1} END {print s + 0}'; }
 passed=$(sum ok)
 failed=$(sum failed)
 skipped=$(sum skipped)
+# ct_run's per-case verdicts scroll far up in a long log: repeat each failed case and its
+# reason here, next to the count, so a red run names its cause in the last lines.
+fails=$(grep -A6 -E '^%%% .* ==> .*: FAILED' "$out" | head -80)
 rm -f "$out"
+if [ -n "$fails" ]; then
+  echo "---- failed cases ----"
+  echo "$fails"
+  echo "----------------------"
+fi
 if [ -z "$lines" ]; then
   echo "ct: no TEST COMPLETE line; ct_run exited $rc"
   echo "0 passed, 1 failed"
