@@ -1,7 +1,7 @@
 //! `{packet, 4}` framing: a 4-byte big-endian length, then the body.
 
-use crossbeam_channel::{unbounded, Receiver, Sender};
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex};
+use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::sync::Arc;
@@ -53,47 +53,96 @@ fn eof_or_io(e: io::Error) -> ReadError {
 }
 
 /// What the writer thread is asked to do.
-pub enum Outgoing {
+enum Outgoing {
     Frame(Vec<u8>),
     /// Write everything queued before this, flush, then exit the process with this status.
     Exit(i32),
 }
 
-type SharedWriter = Arc<Mutex<BufWriter<File>>>;
+/// Frames waiting for the writer, in the order they were sent.
+#[derive(Default)]
+struct Queue {
+    items: VecDeque<Outgoing>,
+}
 
-/// Where every thread sends its frames. Two ways out, one stream:
+struct Shared {
+    /// Held only to push or take frames, never during I/O: sending never waits for the pipe.
+    queue: Mutex<Queue>,
+    ready: Condvar,
+    /// Held while writing. Frames are taken from `queue` only by a holder of this lock, and
+    /// written before it is released, so no frame can overtake one sent before it.
+    io: Mutex<BufWriter<File>>,
+}
+
+/// Where every thread sends its frames: one stream, in the order the frames were sent (a
+/// reply never overtakes a SharedDict cache invalidation sent before it). Two ways out:
 /// * [`Outbox::send`] queues for the writer thread, which flushes once per burst, so a
 ///   pipelined load costs one `write(2)` per burst rather than per reply;
-/// * [`Outbox::send_now`] writes and flushes on the calling thread, saving the hand-off to
-///   the writer (a thread wake-up, several microseconds) when nothing else is waiting. It
-///   may block on the pipe, so it must never be called while attached to Python.
+/// * [`Outbox::send_now`] writes and flushes on the calling thread (after whatever is still
+///   queued), saving the hand-off to the writer (a thread wake-up, several microseconds)
+///   when nothing else is waiting. It may block on the pipe, so it must never be called
+///   while attached to Python.
+///
+/// `send` only takes a short lock and never blocks on the pipe, so it may be called while
+/// holding other locks (a SharedDict's, to order an invalidation with the write behind it).
 #[derive(Clone)]
 pub struct Outbox {
-    queue: Sender<Outgoing>,
-    direct: SharedWriter,
+    shared: Arc<Shared>,
 }
 
 impl Outbox {
     /// Creates the outbox and starts the writer thread on `out`.
     pub fn start(out: File) -> io::Result<Outbox> {
-        let (queue, rx) = unbounded();
-        let direct: SharedWriter = Arc::new(Mutex::new(BufWriter::with_capacity(64 * 1024, out)));
-        let w = direct.clone();
-        thread::Builder::new().name("pyport-writer".into()).spawn(move || writer_loop(rx, w))?;
-        Ok(Outbox { queue, direct })
+        let shared = Arc::new(Shared {
+            queue: Mutex::new(Queue::default()),
+            ready: Condvar::new(),
+            io: Mutex::new(BufWriter::with_capacity(64 * 1024, out)),
+        });
+        let s = shared.clone();
+        thread::Builder::new().name("pyport-writer".into()).spawn(move || writer_loop(&s))?;
+        Ok(Outbox { shared })
     }
 
     pub fn send(&self, frame: Vec<u8>) {
-        // The writer thread lives as long as the process.
-        let _ = self.queue.send(Outgoing::Frame(crate::protocol::limit_reply(frame)));
+        self.push(Outgoing::Frame(crate::protocol::limit_reply(frame)));
+    }
+
+    fn push(&self, item: Outgoing) {
+        let mut q = self.shared.queue.lock();
+        let was_empty = q.items.is_empty();
+        q.items.push_back(item);
+        drop(q);
+        if was_empty {
+            self.shared.ready.notify_one();
+        }
     }
 
     pub fn send_now(&self, frame: Vec<u8>) {
         let frame = crate::protocol::limit_reply(frame);
-        let mut w = self.direct.lock();
-        if write_frame(&mut *w, &frame).and_then(|_| w.flush()).is_err() {
+        let mut w = self.shared.io.lock();
+        // Frames sent before this one go first; the writer thread would otherwise write them
+        // after it, since it needs the lock held here.
+        let earlier = std::mem::take(&mut self.shared.queue.lock().items);
+        let mut exit_code = None;
+        let mut written = Ok(());
+        for item in earlier {
+            match item {
+                Outgoing::Frame(body) => written = written.and_then(|_| write_frame(&mut *w, &body)),
+                Outgoing::Exit(code) => {
+                    exit_code = Some(code);
+                    break;
+                }
+            }
+        }
+        if exit_code.is_none() {
+            written = written.and_then(|_| write_frame(&mut *w, &frame));
+        }
+        if written.and_then(|_| w.flush()).is_err() {
             // Erlang closed the port or died: nothing left to serve.
             crate::shutdown::exit_now(0);
+        }
+        if let Some(code) = exit_code {
+            crate::shutdown::exit_now(code);
         }
     }
 
@@ -104,17 +153,24 @@ impl Outbox {
 
     /// Asks the writer to flush what is queued and exit the process with `code`.
     pub fn exit(&self, code: i32) {
-        let _ = self.queue.send(Outgoing::Exit(code));
+        self.push(Outgoing::Exit(code));
     }
 }
 
-fn writer_loop(rx: Receiver<Outgoing>, out: SharedWriter) {
+fn writer_loop(shared: &Shared) {
     let mut exit_code = None;
-    'outer: while let Ok(first) = rx.recv() {
-        let mut w = out.lock();
-        let mut next = Some(first);
-        while let Some(msg) = next.take() {
-            match msg {
+    'outer: loop {
+        {
+            let mut q = shared.queue.lock();
+            while q.items.is_empty() {
+                shared.ready.wait(&mut q);
+            }
+        }
+        // Take the burst only once the writing lock is held (see `Shared::io`).
+        let mut w = shared.io.lock();
+        let burst = std::mem::take(&mut shared.queue.lock().items);
+        for item in burst {
+            match item {
                 Outgoing::Frame(body) => {
                     if write_frame(&mut *w, &body).is_err() {
                         break 'outer;
@@ -125,13 +181,12 @@ fn writer_loop(rx: Receiver<Outgoing>, out: SharedWriter) {
                     break 'outer;
                 }
             }
-            next = rx.try_recv().ok();
         }
         if w.flush().is_err() {
             break;
         }
     }
-    let _ = out.lock().flush();
+    let _ = shared.io.lock().flush();
     // The reader end is gone (Erlang closed the port or died) or an exit was requested.
     crate::shutdown::exit_now(exit_code.unwrap_or(0));
 }
@@ -169,6 +224,26 @@ mod tests {
         let data = [0xFF, 0xFF, 0xFF, 0xF0, 1, 2];
         let mut r = FrameReader::new(&data[..], 1 << 30);
         assert!(matches!(r.read_frame(), Err(ReadError::TooLarge(0xFFFF_FFF0))));
+    }
+
+    /// A frame queued with `send` and then one written with `send_now` by the same thread
+    /// (a worker queues a cache invalidation, then writes its reply) leave in that order.
+    #[test]
+    fn send_now_writes_after_what_the_same_thread_queued() {
+        let path = std::env::temp_dir().join(format!("pyport-outbox1-{}", std::process::id()));
+        let out = Outbox::start(File::create(&path).unwrap()).unwrap();
+        let rounds = 20_000u32;
+        for n in 0..rounds {
+            out.send((2 * n).to_be_bytes().to_vec());
+            out.send_now((2 * n + 1).to_be_bytes().to_vec());
+        }
+        let data = std::fs::read(&path).unwrap();
+        let _ = std::fs::remove_file(&path);
+        let mut r = FrameReader::new(&data[..], 16);
+        for n in 0..2 * rounds {
+            let f = r.read_frame().unwrap();
+            assert_eq!(u32::from_be_bytes(f[..4].try_into().unwrap()), n, "frames out of order");
+        }
     }
 
     #[test]
