@@ -14,14 +14,17 @@ sum() { grep -oE "[0-9]+ $1" <<<"$lines" | awk '{s += $1} END {print s + 0}'; }
 passed=$(sum ok)
 failed=$(sum failed)
 skipped=$(sum skipped)
-# ct_run's per-case verdicts scroll far up in a long log: repeat each failed case and its
-# reason here, next to the count, so a red run names its cause in the last lines.
-fails=$(grep -A6 -E '^%%% .* ==> .*: FAILED' "$out" | head -80)
 rm -f "$out"
-if [ -n "$fails" ]; then
-  echo "---- failed cases ----"
-  echo "$fails"
-  echo "----------------------"
+# ct_run -noshell does not say which case failed: name each failed case and the start of its
+# reason here, from this run's suite.log, so a red CI log shows the cause in its last lines.
+run=$(ls -td "$logdir"/ct_run.* 2>/dev/null | head -1)
+if [ -n "$run" ]; then
+  find "$run" -name suite.log -exec awk '
+    /^=case/ { c = $2 }
+    /^=result/ { if ($2 ~ /^(failed|auto_skipped|skipped)/) { print "FAILED " c ": " substr($0, 16); n = 6 } else n = 0; next }
+    /^=/ { n = 0 }
+    n > 0 { print "    " $0; n-- }
+  ' {} + | head -80
 fi
 if [ -z "$lines" ]; then
   echo "ct: no TEST COMPLETE line; ct_run exited $rc"
