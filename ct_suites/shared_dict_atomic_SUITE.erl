@@ -477,8 +477,12 @@ cached_value_gone_after_owner_death(_Config) ->
     [SD] = collect(sd, [Owner]),
     <<"v">> = get(SD, <<"k">>),
     <<"v">> = get(SD, <<"k">>),
+    %% monitored before the kill, so the DOWN carries the real reason
+    Mon = erlang:monitor(process, Owner),
     exit(Owner, kill),
-    killed = wait_down(Owner),
+    receive {'DOWN', Mon, process, Owner, killed} -> ok
+    after ?LIVENESS_MS -> ct:fail(owner_did_not_die)
+    end,
     wait_until(fun() ->
                        try get(SD, <<"k">>) of
                            V -> {still_read, V}
