@@ -138,21 +138,32 @@ sd() ->
     persistent_term:get({?MODULE, sd}).
 
 %%--------------------------------------------------------------------
-%% The commands, as run on the real dict. Errors are results, so that the
-%% model can say which ones are expected.
+%% The commands, as run on the real dict. Every exception becomes a result
+%% ({exception, Class, Reason}) that no postcondition accepts, so PropEr
+%% reports it as an ordinary counterexample, shrunk, with its history. (It
+%% also has to: when a property raises, Debian's PropEr 1.2 calls
+%% erlang:get_stacktrace/0, which OTP 23 removed, and dies with undef.) The
+%% one error the model expects, update_counter's badarg, is {error, badarg}.
 
-sd_get(K) -> py:shared_dict_get(sd(), K).
-sd_set(K, V) -> py:shared_dict_set(sd(), K, V).
-sd_del(K) -> py:shared_dict_del(sd(), K).
-sd_keys() -> py:shared_dict_keys(sd()).
+sd_get(K) -> guard(fun() -> py:shared_dict_get(sd(), K) end).
+sd_set(K, V) -> guard(fun() -> py:shared_dict_set(sd(), K, V) end).
+sd_del(K) -> guard(fun() -> py:shared_dict_del(sd(), K) end).
+sd_keys() -> guard(fun() -> py:shared_dict_keys(sd()) end).
 
 sd_update_counter(K, Incr) ->
-    try py:shared_dict_update_counter(sd(), K, Incr)
-    catch error:badarg -> {error, badarg}
-    end.
+    guard(fun() ->
+                  try py:shared_dict_update_counter(sd(), K, Incr)
+                  catch error:badarg -> {error, badarg}
+                  end
+          end).
 
 sd_compare_and_swap(K, Old, New) ->
-    py:shared_dict_compare_and_swap(sd(), K, Old, New).
+    guard(fun() -> py:shared_dict_compare_and_swap(sd(), K, Old, New) end).
+
+guard(F) ->
+    try F()
+    catch Class:Reason -> {exception, Class, Reason}
+    end.
 
 %%--------------------------------------------------------------------
 %% proper_statem callbacks. The model: [{Key, Value as get/2 returns it}] in
