@@ -19,7 +19,7 @@ PLT      := $(BUILD)/pyport.plt
 export PYO3_PYTHON := $(PYTHON)
 
 .PHONY: all port erlang test cargo-test pytest ct dialyzer demo bootstrap tools clean \
-        bench soak fuzz test-matrix
+        bench soak fuzz test-matrix proper-long
 
 all: port erlang
 
@@ -51,7 +51,7 @@ ebin/pyport.app: erl_src/pyport.app.src
 	cp $< $@
 
 # Installs what a fresh Debian machine lacks: Erlang/OTP (with common_test and dialyzer),
-# rebar3 and Elixir from the OS packages, the Python test packages and numpy from PyPI.
+# PropEr, rebar3 and Elixir from the OS packages, the Python test packages and numpy from PyPI.
 bootstrap:
 	@bash scripts/bootstrap.sh "$(PYTHON)"
 
@@ -82,6 +82,14 @@ pytest: port
 ct: all
 	@mkdir -p $(CT_LOGS)
 	@bash scripts/ct.sh $(CT_LOGS) $(CT_ARGS)
+
+# The SharedDict PropEr properties for longer than the ~50 s they get in `make ct`: as many
+# test runs as fit in PROPER_SECONDS (default 600), split between the parallel and the
+# sequential property. Not part of `make test`.
+PROPER_SECONDS ?= 600
+proper-long: all
+	@mkdir -p $(CT_LOGS)
+	@PROPER_SECONDS=$(PROPER_SECONDS) bash scripts/ct.sh $(CT_LOGS) -suite ct_suites/shared_dict_prop_SUITE
 
 dialyzer: erlang
 	@mkdir -p $(BUILD)

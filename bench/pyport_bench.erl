@@ -24,6 +24,8 @@
 -define(CONC, [1, 4, 16, 64, 256]).
 -define(SWEEP, [1, 2, 4, 16]).
 -define(PAYLOADS, [small_int, bin_1k, bin_100k, map_100, nmap_1k, nmap_100k, list_1m]).
+-define(SD_OPS, [get_small, set_small, get_1k, set_1k, get_cached]).
+-define(SD16_OPS, ?SD_OPS ++ [update_counter]).
 
 %%====================================================================
 %% Entry point
@@ -170,8 +172,10 @@ round_(R, O, Default, Payloads, Gs) ->
      || K <- ?CONC],
     %% Payloads: t2b+b2t, the cat port with the same frame and the echo, interleaved.
     [payload_case(P, X, O) || {P, X} <- Payloads],
-    %% SharedDict from 16 processes, and from Python.
+    %% SharedDict from 16 processes, and from Python; Erlang-side get/set while
+    %% Python threads keep the GIL busy.
     SD =/= undefined andalso sd_cases(SD, O, Nmap1k),
+    SD =/= undefined andalso sd_gil_case(SD, O),
     SD =/= undefined andalso py:shared_dict_destroy(SD),
     case_(rss_after, fun() -> [{rss_after_kib, port_rss()}] end),
     %% Worker sweep on a reduced set: 16 sleepers and 64 sqrt callers.
@@ -202,29 +206,84 @@ round_(R, O, Default, Payloads, Gs) ->
     get(acc).
 
 %% The dict is owned by the round's process, which outlives the cases.
+%% <<"cached">> is only ever read: after its first read every Erlang-side get
+%% of it is answered from the read cache. <<"ctr">> is the update_counter key.
 sd_setup(Nmap1k) ->
     {ok, SD} = py:shared_dict_new(),
     ok = py:shared_dict_set(SD, <<"small">>, 42),
+    ok = py:shared_dict_set(SD, <<"cached">>, 42),
+    ok = py:shared_dict_set(SD, <<"ctr">>, 0),
     ok = py:shared_dict_set(SD, <<"map1k">>, Nmap1k),
     Nmap1k = py:shared_dict_get(SD, <<"map1k">>),
+    42 = py:shared_dict_get(SD, <<"cached">>),
     SD.
 
 sd_ops(SD, Nmap1k) ->
     [{get_small, fun() -> 42 = py:shared_dict_get(SD, <<"small">>) end},
      {set_small, fun() -> ok = py:shared_dict_set(SD, <<"small">>, 42) end},
      {get_1k, fun() -> #{} = py:shared_dict_get(SD, <<"map1k">>) end},
-     {set_1k, fun() -> ok = py:shared_dict_set(SD, <<"map1k">>, Nmap1k) end}].
+     {set_1k, fun() -> ok = py:shared_dict_set(SD, <<"map1k">>, Nmap1k) end},
+     {get_cached, fun() -> 42 = py:shared_dict_get(SD, <<"cached">>) end}].
+
+%% From 16 processes only (a failure here costs no sequential figure).
+sd16_ops(SD, Nmap1k) ->
+    sd_ops(SD, Nmap1k)
+    ++ [{update_counter, fun() ->
+                                 N = py:shared_dict_update_counter(SD, <<"ctr">>, 1),
+                                 true = is_integer(N) andalso N > 0
+                         end}].
 
 sd_cases(SD, O, Nmap1k) ->
-    [case_({sd16, Op}, fun() ->
-                               #{cps := Cps, p50 := P50} = conc(16, O, F),
-                               [{fid("sd16_~s_ops", [Op]), Cps},
-                                {fid("sd16_~s_p50_us", [Op]), P50}]
-                       end) || {Op, F} <- sd_ops(SD, Nmap1k)],
+    [case_({sd16, Op}, fun() -> sd16_case(Op, F, O) end) || {Op, F} <- sd16_ops(SD, Nmap1k)],
     case_(py_sd, fun() ->
                          setup_python(),
                          py_sd_loop(SD, 42, small, O) ++ py_sd_loop(SD, Nmap1k, map1k, O)
                  end).
+
+%% 16 processes calling one operation. For get_cached the cache counters of
+%% py:stats() show that (at least) 90 % of those gets were cache hits, the
+%% premise of its target; the hit rate is a figure of its own.
+sd16_case(get_cached, F, O) ->
+    S0 = sd_cache_stats(),
+    Figs = sd16_figs(get_cached, conc(16, O, F)),
+    S1 = sd_cache_stats(),
+    Hits = maps:get(cache_hits, S1) - maps:get(cache_hits, S0),
+    Misses = maps:get(cache_misses, S1) - maps:get(cache_misses, S0),
+    Pct = 100 * Hits / max(1, Hits + Misses),
+    Pct >= 90 orelse erlang:error({cache_hits_below_90_percent, Hits, Misses}),
+    [{sd16_get_cached_hit_pct, Pct} | Figs];
+sd16_case(Op, F, O) ->
+    sd16_figs(Op, conc(16, O, F)).
+
+sd16_figs(Op, #{cps := Cps, p50 := P50}) ->
+    [{fid("sd16_~s_ops", [Op]), Cps}, {fid("sd16_~s_p50_us", [Op]), P50}].
+
+sd_cache_stats() ->
+    {ok, #{shared_dict := M}} = py:stats(),
+    M.
+
+%% Erlang-side get (of a cached value) and set of small plain values, first
+%% with Python idle, then while two Python threads run busy loops (each loop
+%% step a sum(range(2000)), which holds the GIL throughout): plain values need
+%% no GIL, so the busy p50 should stay close to the idle one. The threads are
+%% stopped (flag cleared, joined) whatever happens.
+sd_gil_case(SD, O) ->
+    case_(sd_gil,
+          fun() ->
+                  setup_python(),
+                  Fs = fun(Tag) ->
+                               [{fid("sdgil_~s_get", [Tag]),
+                                 fun() -> 42 = py:shared_dict_get(SD, <<"cached">>) end},
+                                {fid("sdgil_~s_set", [Tag]),
+                                 fun() -> ok = py:shared_dict_set(SD, <<"gil_set">>, 42) end}]
+                       end,
+                  Idle = interleaved(O, seq, Fs(idle)),
+                  {ok, 2} = py:call('__main__', bench_busy_start, [2]),
+                  Busy = try interleaved(O, seq, Fs(busy))
+                         after {ok, 0} = py:call('__main__', bench_busy_stop, [])
+                         end,
+                  [{fid("~s_p50_us", [Name]), P50} || {Name, #{p50 := P50}} <- Idle ++ Busy]
+          end).
 
 sqrt_call() -> {ok, ?SQRT2} = py:call(math, sqrt, [2.0]).
 sleep_call() -> {ok, undefined} = py:call(time, sleep, [0.001]).
@@ -530,6 +589,29 @@ import time as _time, pickle as _pickle, erlang as _erlang
 def echo(x):
     return x
 
+_bench_busy = {'run': False, 'threads': []}
+
+def bench_busy_start(n):
+    # n daemon threads busy in Python (sum(range(2000)) keeps the GIL for its
+    # whole call) until bench_busy_stop clears the flag; returns how many run.
+    import threading
+    _bench_busy['run'] = True
+    def loop():
+        while _bench_busy['run']:
+            sum(range(2000))
+    ts = [threading.Thread(target=loop, daemon=True) for _ in range(n)]
+    for t in ts:
+        t.start()
+    _bench_busy['threads'] = ts
+    return sum(t.is_alive() for t in ts)
+
+def bench_busy_stop():
+    # Clears the flag and joins the threads; returns how many still run (0).
+    _bench_busy['run'] = False
+    for t in _bench_busy['threads']:
+        t.join()
+    return sum(t.is_alive() for t in _bench_busy['threads'])
+
 def bench_sd_loop(h, n, v):
     # Interleaved in chunks: SharedDict set/get, then a plain dict that
     # pickles on store and unpickles on read (the SharedDict pickles with
@@ -656,12 +738,20 @@ figures() ->
          [[{fid("sd1_~s_p50_us", [Op]), shared_dict, lbl("SD Erlang ~s, 1 proc p50", [Op]), "us",
             sqrt_p50_us},
            {fid("sd1_~s_p99_us", [Op]), shared_dict, lbl("SD Erlang ~s, 1 proc p99", [Op]), "us",
-            sqrt_p99_us}] || Op <- [get_small, set_small, get_1k, set_1k]])
+            sqrt_p99_us}] || Op <- ?SD_OPS])
     ++ lists:append(
          [[{fid("sd16_~s_ops", [Op]), shared_dict, lbl("SD Erlang ~s, 16 procs", [Op]), "ops/s",
             csqrt16_cps},
            {fid("sd16_~s_p50_us", [Op]), shared_dict, lbl("SD Erlang ~s, 16 procs p50", [Op]),
-            "us", csqrt16_p50_us}] || Op <- [get_small, set_small, get_1k, set_1k]])
+            "us", csqrt16_p50_us}] || Op <- ?SD16_OPS])
+    ++ [{sd16_get_cached_hit_pct, shared_dict, "SD Erlang get_cached, 16 procs: cache hits",
+         "%", none},
+        {sdgil_idle_get_p50_us, baseline, "SD Erlang get (cached), Python idle p50", "us", none},
+        {sdgil_idle_set_p50_us, baseline, "SD Erlang set small, Python idle p50", "us", none},
+        {sdgil_busy_get_p50_us, shared_dict, "SD Erlang get (cached), 2 busy Python threads p50",
+         "us", sdgil_idle_get_p50_us},
+        {sdgil_busy_set_p50_us, shared_dict, "SD Erlang set small, 2 busy Python threads p50",
+         "us", sdgil_idle_set_p50_us}]
     ++ lists:append(
          [[{fid("pickle_set_~s_ns", [T]), baseline, lbl("Python dict+pickle set ~s", [T]), "ns/op",
             none},
@@ -739,7 +829,21 @@ targets(Figs) ->
           {aff_sqrt16, "home threads: stateless sqrt, 16 callers >= 0.95x affinity none",
            aff_namespace_sqrt16_cps, '>=', 0.95},
           {aff_sqrt64, "home threads: stateless sqrt, 64 callers >= 0.95x affinity none",
-           aff_namespace_sqrt64_cps, '>=', 0.95}],
+           aff_namespace_sqrt64_cps, '>=', 0.95},
+          %% SharedDict at ETS speed: a cached Erlang-side get costs no port round trip,
+          %% plain values need no GIL, and 16 processes outrun 16 math.sqrt callers.
+          {sd_get_cached, "Erlang SharedDict get of a cached small value <= 0.25x py:call math.sqrt (p50)",
+           sd1_get_cached_p50_us, '=<', 0.25},
+          {sd_gil_get, "Erlang SharedDict get (cached), 2 busy Python threads <= 2x Python idle (p50)",
+           sdgil_busy_get_p50_us, '=<', 2.0},
+          {sd_gil_set, "Erlang SharedDict set (small), 2 busy Python threads <= 2x Python idle (p50)",
+           sdgil_busy_set_p50_us, '=<', 2.0},
+          {sd16_get_cached, "16 procs SharedDict get (>= 90% cache hits) >= 3x 16 math.sqrt callers",
+           sd16_get_cached_ops, '>=', 3.0},
+          {sd16_set, "16 procs SharedDict set (small) >= 1x 16 math.sqrt callers",
+           sd16_set_small_ops, '>=', 1.0},
+          {sd16_update_counter, "16 procs SharedDict update_counter >= 1x 16 math.sqrt callers",
+           sd16_update_counter_ops, '>=', 1.0}],
     [begin
          F = lists:keyfind(Fig, 1, [{maps:get(id, X), X} || X <- Figs]),
          #{ratio_median := R, ratio_min := Rmin, ratio_max := Rmax, median := V,

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what `make test` and `make demo` need on a fresh Debian machine that has Rust and
-# Python: Erlang/OTP with common_test and dialyzer, rebar3 and Elixir (for the sample
-# projects of the tests) from the OS packages; the Python test packages and numpy from PyPI.
+# Python: Erlang/OTP with common_test and dialyzer, PropEr (the property-based SharedDict
+# suite), rebar3 and Elixir (for the sample projects of the tests) from the OS packages; the Python test packages and numpy from PyPI.
 # Only what is missing is installed.
 #
 #   bootstrap.sh [PYTHON]          install what is missing
@@ -16,6 +16,14 @@ for tool in erl erlc ct_run dialyzer; do
   command -v "$tool" >/dev/null 2>&1 || missing_os+=(erlang-nox erlang-dev erlang-common-test erlang-eunit erlang-dialyzer)
 done
 command -v rebar3 >/dev/null 2>&1 || missing_os+=(rebar3)
+# PropEr: Debian installs it into the OTP lib dir, where ct_run's code path finds it. Asked of
+# erl itself (about 0.2 s), since no command names it.
+if command -v erl >/dev/null 2>&1; then
+  [ "$(erl -noshell -eval 'io:format("~p", [code:which(proper)]), halt().' 2>/dev/null)" != non_existing ] \
+    || missing_os+=(erlang-proper)
+else
+  missing_os+=(erlang-proper)
+fi
 command -v elixir >/dev/null 2>&1 && command -v mix >/dev/null 2>&1 || missing_os+=(elixir)
 missing_os=($(printf '%s\n' "${missing_os[@]}" | sort -u))
 
