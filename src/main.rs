@@ -18,6 +18,7 @@ mod homes;
 #[cfg(test)]
 mod fuzz;
 mod limits;
+mod opaque;
 mod pool;
 mod protocol;
 mod pylog;
