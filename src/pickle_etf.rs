@@ -745,7 +745,7 @@ impl<'a> Machine<'a> {
     }
 
     fn set_items(&mut self, items: Vec<V<'a>>) -> R<()> {
-        if items.len() % 2 != 0 {
+        if !items.len().is_multiple_of(2) {
             return decline("odd number of items for SETITEMS");
         }
         let inner = items.iter().map(V::depth).max().unwrap_or(0);
