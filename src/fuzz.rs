@@ -71,7 +71,7 @@ use std::time::{Duration, Instant};
 // A model of Erlang terms and its encoder.
 
 #[derive(Clone, Copy, Debug)]
-enum AtomEnc {
+pub(crate) enum AtomEnc {
     Latin1,
     SmallLatin1,
     Utf8,
@@ -79,14 +79,14 @@ enum AtomEnc {
 }
 
 #[derive(Clone, Copy, Debug)]
-enum DeepKind {
+pub(crate) enum DeepKind {
     List,
     Tuple,
     Map,
 }
 
 #[derive(Clone, Debug)]
-enum Term {
+pub(crate) enum Term {
     SmallInt(u8),
     Int(i32),
     /// SMALL_BIG_EXT up to 255 digits, LARGE_BIG_EXT beyond.
@@ -263,7 +263,7 @@ impl Term {
         }
     }
 
-    fn versioned(&self) -> Vec<u8> {
+    pub(crate) fn versioned(&self) -> Vec<u8> {
         let mut out = vec![etf::VERSION];
         self.encode(&mut out);
         out
@@ -321,7 +321,7 @@ impl Term {
         }
     }
 
-    fn must_decode(&self) -> bool {
+    pub(crate) fn must_decode(&self) -> bool {
         self.depth() <= MAX_DEPTH && self.convertible()
     }
 }
@@ -535,7 +535,7 @@ fn deep_kind() -> BoxedStrategy<DeepKind> {
     .boxed()
 }
 
-fn valid_term() -> BoxedStrategy<Term> {
+pub(crate) fn valid_term() -> BoxedStrategy<Term> {
     valid_leaf()
         .prop_recursive(5, 64, 6, |inner| {
             prop_oneof![
@@ -698,7 +698,7 @@ fn hostile_leaf() -> BoxedStrategy<Term> {
     .boxed()
 }
 
-fn any_term() -> BoxedStrategy<Term> {
+pub(crate) fn any_term() -> BoxedStrategy<Term> {
     prop_oneof![3 => valid_leaf(), 2 => hostile_leaf()]
         .prop_recursive(5, 64, 6, |inner| {
             prop_oneof![

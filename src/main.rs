@@ -18,6 +18,9 @@ mod homes;
 #[cfg(test)]
 mod fuzz;
 mod limits;
+mod opaque;
+#[allow(dead_code)] // Used by shared_dict once the Erlang-side get/set go through it.
+mod pickle_etf;
 mod pool;
 mod protocol;
 mod pylog;

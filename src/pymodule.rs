@@ -12,8 +12,9 @@ use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyBytes, PyList, PyString, PyTuple};
 use pyo3::{create_exception, intern};
-use std::hash::{BuildHasher, RandomState};
 use std::sync::{Arc, OnceLock};
+
+use crate::opaque::{kind_of_tag, term_mac};
 
 create_exception!(
     erlang,
@@ -103,29 +104,6 @@ impl OpaqueTerm {
     pub fn bytes(&self) -> &[u8] {
         &self.bytes
     }
-}
-
-/// The port's secret for [`term_mac`]: two SipHash keys drawn from the OS's randomness when
-/// first used; never visible to Python.
-static MAC_KEYS: OnceLock<(RandomState, RandomState)> = OnceLock::new();
-
-/// A 128-bit MAC of an opaque term's bytes under the port's secret.
-fn term_mac(bytes: &[u8]) -> [u8; 16] {
-    let (a, b) = MAC_KEYS.get_or_init(|| (RandomState::new(), RandomState::new()));
-    let mut mac = [0u8; 16];
-    mac[..8].copy_from_slice(&a.hash_one(bytes).to_le_bytes());
-    mac[8..].copy_from_slice(&b.hash_one(bytes).to_le_bytes());
-    mac
-}
-
-pub fn kind_of_tag(tag: u8) -> Option<&'static str> {
-    Some(match tag {
-        etf::PID | etf::NEW_PID => "pid",
-        etf::REFERENCE | etf::NEW_REFERENCE | etf::NEWER_REFERENCE => "reference",
-        etf::PORT | etf::NEW_PORT | etf::V4_PORT => "port",
-        etf::NEW_FUN | etf::EXPORT => "fun",
-        _ => return None,
-    })
 }
 
 #[pymethods]
