@@ -5,9 +5,9 @@
 -include_lib("common_test/include/ct.hrl").
 
 -export([all/0, init_per_suite/1, end_per_suite/1]).
--export([intro/1, examples/1, shared_dict/1, per_process_state/1]).
+-export([intro/1, examples/1, shared_dict/1, shared_dict_atomic/1, per_process_state/1]).
 
-all() -> [intro, examples, shared_dict, per_process_state].
+all() -> [intro, examples, shared_dict, shared_dict_atomic, per_process_state].
 
 init_per_suite(Config) ->
     _ = pyport_ct_lib:start_app(),
@@ -51,6 +51,10 @@ shared_dict(_Config) ->
     ok = py:shared_dict_destroy(SD),
     ok = py:shared_dict_destroy(SD).
 
+%% The SharedDict block on atomic updates, read from README.md and evaluated as written.
+shared_dict_atomic(_Config) ->
+    eval_block(readme_block("Atomic updates, from any number of processes at once:")).
+
 %% The Erlang block under "Per-process state and threads", read from README.md
 %% and evaluated as written, under load from 8 other processes.
 per_process_state(_Config) ->
@@ -58,9 +62,7 @@ per_process_state(_Config) ->
     Stop = atomics:new(1, []),
     Load = [spawn_link(fun() -> load(Stop) end) || _ <- lists:seq(1, 8)],
     try
-        {ok, Tokens, _} = erl_scan:string(Block),
-        {ok, Exprs} = erl_parse:parse_exprs(Tokens),
-        {value, _, _} = erl_eval:exprs(Exprs, erl_eval:new_bindings())
+        eval_block(Block)
     after
         atomics:put(Stop, 1, 1),
         [pyport_ct_lib:wait_down(P) || P <- Load]
@@ -72,6 +74,12 @@ load(Stop) ->
         1 -> ok;
         0 -> {ok, _} = py:eval(<<"__import__('time').sleep(0.02)">>), load(Stop)
     end.
+
+eval_block(Block) ->
+    {ok, Tokens, _} = erl_scan:string(Block),
+    {ok, Exprs} = erl_parse:parse_exprs(Tokens),
+    {value, _, _} = erl_eval:exprs(Exprs, erl_eval:new_bindings()),
+    ok.
 
 %% The first ```erlang block after Heading in README.md.
 readme_block(Heading) ->

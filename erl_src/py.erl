@@ -40,6 +40,7 @@
          shared_dict_new/0, shared_dict_new/1, shared_dict_give_away/2,
          shared_dict_get/2, shared_dict_get/3, shared_dict_set/3,
          shared_dict_del/2, shared_dict_keys/1, shared_dict_destroy/1,
+         shared_dict_update_counter/3, shared_dict_compare_and_swap/4,
          stats/0]).
 
 -export_type([name/0, code/0, kwargs/0, locals/0, result/1, error_reason/0,
@@ -231,11 +232,21 @@ shared_dict_get(SD, Key) ->
     shared_dict_get(SD, Key, undefined).
 
 %% @doc The value stored under `Key', or `Default' (as is) if there is none.
+%%
+%% A value read once is kept in the VM's read cache until it changes, so later
+%% gets of it are answered without a round trip to the port (see the README's
+%% SharedDict section for the consistency model).
 -spec shared_dict_get(shared_dict(), binary(), Default) -> term() | Default.
 shared_dict_get(SD, Key, Default) when ?IS_HANDLE(SD), is_binary(Key) ->
-    Id = new_id(),
-    Frame = term_to_binary({sd_get, Id, SD, Key}, ?T2B_OPTS),
-    case sd_payload(sd_ok(SD, sd_request(SD, Id, {request, Id, Frame}))) of
+    Payload = case pyport_sd_cache:lookup(SD, Key) of
+                  {ok, Cached} ->
+                      Cached;
+                  miss ->
+                      Id = new_id(),
+                      Frame = term_to_binary({sd_get, Id, SD, Key}, ?T2B_OPTS),
+                      sd_ok(SD, sd_request(SD, Id, {request, Id, Frame}))
+              end,
+    case sd_payload(Payload) of
         {found, Value} -> Value;
         not_found -> Default;
         Other -> erlang:error({pyport_bad_reply, Other})
@@ -279,6 +290,41 @@ shared_dict_keys(SD) when ?IS_HANDLE(SD) ->
 shared_dict_keys(_SD) ->
     erlang:error(badarg).
 
+%% @doc Adds the integer `Incr' to the integer stored under `Key' and returns the
+%% new value, as one step against every other operation from Erlang or Python.
+%% A missing key counts from 0. A stored value that is not an integer (a float,
+%% `true', a string) raises `error(badarg)' and stays as it is.
+-spec shared_dict_update_counter(shared_dict(), binary(), integer()) -> integer().
+shared_dict_update_counter(SD, Key, Incr) when ?IS_HANDLE(SD), is_binary(Key), is_integer(Incr) ->
+    Id = new_id(),
+    Frame = term_to_binary({sd_update_counter, Id, SD, Key, term_to_binary(Incr)}, ?T2B_OPTS),
+    case sd_payload(sd_ok(SD, sd_request(SD, Id, {request, Id, Frame}))) of
+        N when is_integer(N) -> N;
+        Other -> erlang:error({pyport_bad_reply, Other})
+    end;
+shared_dict_update_counter(_SD, _Key, _Incr) ->
+    erlang:error(badarg).
+
+%% @doc Stores `New' under `Key' if the value there, as {@link shared_dict_get/2}
+%% would return it, is `=:=' `Old'; returns whether it did. One step against
+%% every other operation from Erlang or Python. `Old = absent' means "only if
+%% `Key' is absent" (a stored value never reads back as that atom).
+-spec shared_dict_compare_and_swap(shared_dict(), binary(), absent | term(), term()) -> boolean().
+shared_dict_compare_and_swap(SD, Key, Old, New) when ?IS_HANDLE(SD), is_binary(Key) ->
+    Id = new_id(),
+    OldArg = case Old of
+                 absent -> absent;
+                 _ -> term_to_binary(Old, ?T2B_OPTS)
+             end,
+    Frame = term_to_binary({sd_cas, Id, SD, Key, OldArg, term_to_binary(New, ?T2B_OPTS)},
+                           ?T2B_OPTS),
+    case sd_payload(sd_ok(SD, sd_request(SD, Id, {request, Id, Frame}))) of
+        B when is_boolean(B) -> B;
+        Other -> erlang:error({pyport_bad_reply, Other})
+    end;
+shared_dict_compare_and_swap(_SD, _Key, _Old, _New) ->
+    erlang:error(badarg).
+
 %% @doc Destroys the SharedDict. Idempotent: `ok' for a dict that is already
 %% destroyed, by anyone, or whose port has restarted or is not running.
 -spec shared_dict_destroy(shared_dict()) -> ok.
@@ -309,7 +355,9 @@ shared_dict_destroy(_SD) ->
 %% `namespaces', `workers', `busy_workers', `queued', see `docs/PROTOCOL.md')
 %% plus Erlang-side numbers: `pending' requests, `owners' (monitored
 %% processes), `generation', `restarts', `port' (`up' | `down'), `last_exit',
-%% `os_pid'.
+%% `os_pid'. `shared_dict' is a map: the VM's read cache (`cache_hits',
+%% `cache_misses', `cache_entries', `cache_bytes') and the port's decoding of
+%% values that need Python (`python_decodes', `decode_queued', `decode_stuck').
 -spec stats() -> {ok, map()} | {error, error_reason()}.
 stats() ->
     Timeout = sd_timeout(),
@@ -318,7 +366,12 @@ stats() ->
             Id = new_id(),
             Frame = term_to_binary({stats, Id}, ?T2B_OPTS),
             case decoded(request(Id, Frame, Timeout)) of
-                {ok, Port} when is_map(Port) -> {ok, maps:merge(Port, Local)};
+                {ok, Port} when is_map(Port) ->
+                    %% SharedDict numbers come from both: decoding from the port,
+                    %% the read cache from the VM.
+                    SD = maps:merge(maps:get(shared_dict, Port, #{}),
+                                    maps:get(shared_dict, Local, #{})),
+                    {ok, (maps:merge(Port, Local))#{shared_dict => SD}};
                 {ok, Other} -> {error, {pyport_bad_reply, Other}};
                 {error, _} = Error -> Error
             end

@@ -63,7 +63,9 @@ port_atoms() ->
      '$pyport_decimal', '$pyport_uuid',
      builtin_exceptions, os_pid, workers, max_workers, generation,
      dicts, dict_keys, dict_bytes, namespaces, busy_workers, queued, abandoned_workers,
-     thread_homes, thread_queues].
+     thread_homes, thread_queues,
+     cached, pyport_sd_invalidate, badarg, shared_dict, python_decodes, decode_queued,
+     decode_stuck].
 
 %% @doc Python's output lines (and the port's own messages) to `logger'.
 -spec log_python(term(), term(), term()) -> ok.

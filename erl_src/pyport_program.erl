@@ -43,7 +43,8 @@ args(Gen) ->
                           {oom_score_adj, "--oom-score-adj"},
                           {max_memory_bytes, "--max-memory-bytes"},
                           {max_frame_bytes, "--max-frame-bytes"},
-                          {log_lines_per_sec, "--log-lines-per-sec"}]).
+                          {log_lines_per_sec, "--log-lines-per-sec"},
+                          {sd_decode_workers, "--sd-decode-workers"}]).
 
 %% @doc SIGKILL for the port program `OsPid' and, if it leads one, its group.
 -spec kill(non_neg_integer() | undefined, boolean()) -> ok.

@@ -63,7 +63,9 @@
           last_rx = 0 :: integer(),
           last_check = 0 :: integer(),
           silent_checks = 0 :: non_neg_integer(),
-          heartbeat_seq = 0 :: non_neg_integer()
+          heartbeat_seq = 0 :: non_neg_integer(),
+          %% bound on the SharedDict read cache (app env shared_dict_cache_bytes)
+          cache_max = 0 :: non_neg_integer()
          }).
 -type state() :: #state{}.
 
@@ -112,7 +114,9 @@ init([]) ->
     Gen = atomics:add_get(Ref, 1, 1),
     MaxInFlight = max(1, pyport_program:env_int(max_in_flight, 10000)),
     _ = pyport_frames:port_atoms(),
-    State = start_port(#state{gen = Gen, gen_ref = Ref, max_in_flight = MaxInFlight}),
+    ok = pyport_sd_cache:new(),
+    State = start_port(#state{gen = Gen, gen_ref = Ref, max_in_flight = MaxInFlight,
+                              cache_max = pyport_sd_cache:max_bytes()}),
     {ok, schedule_heartbeat(State#state{last_check = now_ms()})}.
 
 %% @private
@@ -269,6 +273,18 @@ port_message({Id, Status, Result}, #state{pending = Pending} = State)
             %% Cancelled or timed out: nobody waits for it.
             State
     end;
+port_message({Id, cached, {SD, Key, Payload}}, State)
+  when is_integer(Id), is_tuple(SD), is_binary(Key), is_binary(Payload) ->
+    %% A get's reply that may be cached: cached before it is forwarded, and
+    %% before any later frame (an invalidation of it) is applied.
+    ok = pyport_sd_cache:insert(SD, Key, Payload, State#state.cache_max),
+    port_message({Id, ok, Payload}, State);
+port_message({pyport_sd_invalidate, SD, Key}, State) when is_tuple(SD), is_binary(Key) ->
+    ok = pyport_sd_cache:invalidate(SD, Key),
+    State;
+port_message({pyport_sd_invalidate, SD}, State) when is_tuple(SD) ->
+    ok = pyport_sd_cache:invalidate_dict(SD),
+    State;
 port_message({pyport_log, Level, Source, Msg}, State) ->
     pyport_frames:log_python(Level, Source, Msg),
     State;
@@ -354,7 +370,8 @@ local_stats(#state{} = S) ->
       ready => S#state.ready =/= undefined andalso S#state.startup =:= undefined,
       last_exit => S#state.last_exit,
       os_pid => S#state.os_pid,
-      max_in_flight => S#state.max_in_flight}.
+      max_in_flight => S#state.max_in_flight,
+      shared_dict => pyport_sd_cache:stats()}.
 
 %%====================================================================
 %% Owners (processes that hold state in the port)
@@ -444,6 +461,8 @@ send_startup(State) ->
 -spec port_down(exit_info(), term(), state()) -> state().
 port_down(Exit, Reply, #state{pending = Pending, owners = Owners} = State) ->
     kill_group_of(State),
+    %% Every dict of that port is gone, and so is what the VM cached of them.
+    ok = pyport_sd_cache:clear(),
     cancel_timer(State#state.startup_timer),
     reply_all(Pending, Reply),
     maps:foreach(fun(_Pid, {MRef, _}) -> erlang:demonitor(MRef, [flush]) end, Owners),

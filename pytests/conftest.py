@@ -264,6 +264,7 @@ class Port:
         self._buf = bytearray()
         self.eof = False
         self.logs = []  # (level, source, message) in arrival order
+        self.invalidations = []  # (handle, key) or (handle,) of pyport_sd_invalidate frames
         self.ready = []  # pyport_ready maps
         self.frames_seen = []  # every decoded frame in arrival order (normalised)
         self.pending = {}  # Id -> reply frame not yet consumed
@@ -358,16 +359,23 @@ class Port:
         return isinstance(t, tuple) and len(t) == 4 and t[0] == "pyport_log" and isinstance(t[0], Atom)
 
     @staticmethod
+    def is_invalidation(t):
+        return isinstance(t, tuple) and len(t) in (2, 3) and t[0] == "pyport_sd_invalidate" and isinstance(t[0], Atom)
+
+    @staticmethod
     def is_ready(t):
         return isinstance(t, tuple) and len(t) == 2 and t[0] == "pyport_ready" and isinstance(t[0], Atom)
 
     def recv(self, timeout=DEFAULT_TIMEOUT):
-        """The next frame that is neither pyport_log nor pyport_ready (those are recorded)."""
+        """The next frame that is neither pyport_log, pyport_ready nor a SharedDict cache
+        invalidation (those are recorded)."""
         deadline = time.monotonic() + timeout
         while True:
             t = self.next_frame(max(0.0, deadline - time.monotonic()))
             if self.is_log(t):
                 self.logs.append(t[1:])
+            elif self.is_invalidation(t):
+                self.invalidations.append(t[1:])
             elif self.is_ready(t):
                 self.ready.append(t[1])
             else:
@@ -411,6 +419,10 @@ class Port:
         if status == "ok":
             assert isinstance(x, bytes), "ok reply payload is not a binary: %r" % (t,)
             return "ok", b2t(x)
+        if status == "cached":
+            # A SharedDict get the VM may cache: {Handle, Key, Payload}.
+            assert isinstance(x, tuple) and len(x) == 3 and isinstance(x[2], bytes), "bad cached reply %r" % (t,)
+            return "ok", b2t(x[2])
         assert status == "error", "bad reply status in %r" % (t,)
         return "error", x
 

@@ -28,6 +28,7 @@ use parking_lot::Mutex;
 use pyo3::ffi;
 use pyo3::prelude::*;
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -67,7 +68,8 @@ impl Slot {
 /// What the logs say about a running request. Asked only when a log line is written, so
 /// that describing a request costs nothing on the way to running it.
 pub trait Describe: Send + Sync {
-    /// The process whose request it is (none for start-up code).
+    /// The process whose request it is (none for start-up code and SharedDict reads, which
+    /// `what` names).
     fn caller(&self) -> Option<&Owner>;
     /// What it runs: `call math.sqrt`, `eval <first line>`.
     fn what(&self) -> String;
@@ -87,10 +89,10 @@ impl Running {
 
     /// One line for the logs: id, caller, what, how long, and the thread's CPU time.
     fn describe(&self, id: u64) -> String {
-        let caller = self.request.caller().map_or_else(|| "start-up".to_string(), protocol::describe_pid);
+        let from = self.request.caller().map_or_else(String::new, |p| format!(" from {}", protocol::describe_pid(p)));
         let cpu = thread_cpu_ms(self.slot.tid).map_or_else(|| "?".to_string(), |ms| ms.to_string());
         format!(
-            "request {id} from {caller}: {} (running {} ms, thread {} CPU {cpu} ms)",
+            "request {id}{from}: {} (running {} ms, thread {} CPU {cpu} ms)",
             self.request.what(),
             self.started.elapsed().as_millis(),
             self.slot.tid
@@ -140,6 +142,14 @@ impl Tracking {
         running.sort_by_key(|(_, r)| r.started);
         running.into_iter().map(|(id, r)| r.describe(*id)).collect()
     }
+}
+
+/// Workers written off and still stuck, in every pool of the process.
+static WRITTEN_OFF: AtomicUsize = AtomicUsize::new(0);
+
+/// A written-off request returned (or was dropped): its thread is no longer stuck.
+pub fn written_off_returned() {
+    WRITTEN_OFF.fetch_sub(1, Ordering::AcqRel);
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -312,8 +322,11 @@ impl Canceller {
         if !t.runs_on(id, slot) {
             return false;
         }
-        t.abandoned.insert(id);
-        let abandoned = t.abandoned.len();
+        if t.abandoned.insert(id) {
+            WRITTEN_OFF.fetch_add(1, Ordering::AcqRel);
+        }
+        // Every pool's write-offs count toward the one limit: each holds a stuck thread.
+        let abandoned = WRITTEN_OFF.load(Ordering::Acquire);
         let this = t.running.get(&id).map(|r| r.describe(id)).unwrap_or_default();
         if abandoned > self.cfg.max_abandoned {
             let report = t.report(|rid| t.abandoned.contains(&rid));

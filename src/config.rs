@@ -7,7 +7,7 @@ pub const USAGE: &str = "usage: pyport [--generation N] [--workers N] [--max-wor
 [--spare-after-ms N] [--spare-idle-ms N] [--max-frame-bytes N] [--abandon-after-ms N] \
 [--max-abandoned N] [--gil-watchdog-ms N] [--max-reply-bytes N] [--oom-score-adj N] \
 [--max-memory-bytes N] [--thread-affinity namespace|always|none] [--log-lines-per-sec N] \
-[--none-as undefined|nil]";
+[--none-as undefined|nil] [--sd-decode-workers N]";
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
@@ -36,6 +36,8 @@ pub struct Config {
     pub log_lines_per_sec: f64,
     /// The atom Python's `None` becomes: `undefined` or `nil` (Elixir).
     pub none_as: String,
+    /// Threads that read SharedDict values needing Python for Erlang (at least 1).
+    pub sd_decode_workers: usize,
 }
 
 impl Default for Config {
@@ -56,6 +58,7 @@ impl Default for Config {
             max_memory: 0,
             log_lines_per_sec: 100.0,
             none_as: "undefined".into(),
+            sd_decode_workers: 2,
         }
     }
 }
@@ -93,6 +96,7 @@ impl Config {
                 "--oom-score-adj" => cfg.oom_score_adj = n.min(1000) as i32,
                 "--max-memory-bytes" => cfg.max_memory = n,
                 "--log-lines-per-sec" => cfg.log_lines_per_sec = n.max(1) as f64,
+                "--sd-decode-workers" => cfg.sd_decode_workers = n.clamp(1, 64) as usize,
                 _ => return Err(format!("unknown option {flag}")),
             }
         }
@@ -121,6 +125,8 @@ mod tests {
         assert_eq!((c.gil_watchdog, c.max_reply), (None, 100));
         assert_eq!(parse(&["--thread-affinity", "none"]).unwrap().affinity, Affinity::None);
         assert_eq!(parse(&["--gil-watchdog-ms", "250"]).unwrap().gil_watchdog, Some(Duration::from_millis(250)));
+        assert_eq!(parse(&[]).unwrap().sd_decode_workers, 2);
+        assert_eq!(parse(&["--sd-decode-workers", "0"]).unwrap().sd_decode_workers, 1);
     }
 
     #[test]

@@ -19,7 +19,6 @@ mod homes;
 mod fuzz;
 mod limits;
 mod opaque;
-#[allow(dead_code)] // Used by shared_dict once the Erlang-side get/set go through it.
 mod pickle_etf;
 mod pool;
 mod protocol;
@@ -39,8 +38,7 @@ use crate::cancel::CancelConfig;
 use crate::pool::{Job, Pool, PoolConfig};
 use crate::protocol::Request;
 use crate::registry::Registry;
-use crate::shared_dict::PickleJob;
-use crossbeam_channel::Sender;
+use crate::shared_dict::SharedDicts;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::thread;
@@ -163,7 +161,7 @@ struct Router {
     out: Outbox,
     pool: Arc<Pool>,
     interp: Arc<Interp>,
-    pickler: Sender<PickleJob>,
+    dicts: Arc<SharedDicts>,
     generation: u64,
 }
 
@@ -183,8 +181,13 @@ impl Router {
             },
         };
         let pool = Pool::start(pool_cfg, interp.clone(), out.clone())?;
-        let pickler = shared_dict::start_pickler(out.clone())?;
-        Ok(Router { out, pool, interp, pickler, generation: cfg.generation })
+        // Reading SharedDict values that need Python gets a small pool of its own, so that
+        // values whose unpickling hangs can neither take the callers' workers nor wait
+        // behind them.
+        let decoder_cfg = PoolConfig { hot: cfg.sd_decode_workers, max: cfg.sd_decode_workers, affinity: homes::Affinity::None, ..pool_cfg };
+        let decoders = Pool::start(decoder_cfg, interp.clone(), out.clone())?;
+        let dicts = SharedDicts::start(out.clone(), decoders)?;
+        Ok(Router { out, pool, interp, dicts, generation: cfg.generation })
     }
 
     fn send(&self, frame: Vec<u8>) {
@@ -207,33 +210,36 @@ impl Router {
                 self.pool.submit(Job::Code { id, owner, code, payload, mode: Mode::Exec })
             }
             Request::Startup { id, sys_path, code } => self.pool.submit(Job::Startup { id, sys_path, code }),
-            Request::Cancel { id } => self.pool.cancel(id),
+            Request::Cancel { id } => {
+                self.pool.cancel(id);
+                self.dicts.cancel(id);
+            }
             Request::OwnerDown { owner } => {
                 pymodule::registry().drop_owner(&owner);
                 self.pool.owner_down(&owner);
             }
             Request::Stats { id } => self.send(self.stats(id)),
             Request::Heartbeat { seq } => self.send(protocol::heartbeat_frame(seq)),
-            Request::SdNew { id, owner } => self.send(shared_dict::new(id, owner)),
-            Request::SdGet { id, handle, key } => self.pickle(PickleJob::Get { id, handle, key }),
-            Request::SdSet { id, handle, key, payload } => self.pickle(PickleJob::Set { id, handle, key, payload }),
-            Request::SdDel { id, handle, key } => self.send(shared_dict::del(id, &handle, &key)),
-            Request::SdKeys { id, handle } => self.send(shared_dict::keys(id, &handle)),
-            Request::SdDestroy { id, handle } => self.send(shared_dict::destroy(id, &handle)),
+            Request::SdNew { id, owner } => self.dicts.new_dict(id, owner),
+            Request::SdGet { id, handle, key } => self.dicts.get(id, handle, key),
+            Request::SdSet { id, handle, key, payload } => self.dicts.set(id, handle, key, payload),
+            Request::SdDel { id, handle, key } => self.dicts.del(id, &handle, &key),
+            Request::SdKeys { id, handle } => self.dicts.keys(id, &handle),
+            Request::SdDestroy { id, handle } => self.dicts.destroy(id, &handle),
+            Request::SdUpdateCounter { id, handle, key, incr } => self.dicts.update_counter(id, &handle, &key, &incr),
+            Request::SdCompareAndSwap { id, handle, key, old, new } => {
+                self.dicts.compare_and_swap(id, handle, key, old, new)
+            }
             Request::SdGiveAway { id, handle, owner, caller } => {
-                self.send(shared_dict::give_away(id, &handle, owner, caller.as_ref()))
+                self.dicts.give_away(id, &handle, owner, caller.as_ref())
             }
         }
-    }
-
-    fn pickle(&self, job: PickleJob) {
-        // The pickler lives as long as the process.
-        let _ = self.pickler.send(job);
     }
 
     fn stats(&self, id: u64) -> Vec<u8> {
         let reg = pymodule::registry().stats();
         let pool = self.pool.stats();
+        let sd = self.dicts.stats();
         let entries: [(&str, u64); 9] = [
             ("dicts", reg.dicts as u64),
             ("dict_keys", reg.keys as u64),
@@ -250,8 +256,20 @@ impl Router {
             ("thread_homes", pool.threads.iter().map(|t| t.0 as u64).collect()),
             ("thread_queues", pool.threads.iter().map(|t| t.1 as u64).collect()),
         ];
+        // Decoding SharedDict values that need Python; the VM adds its cache's numbers.
+        let sd_entries: [(&str, u64); 3] = [
+            ("python_decodes", sd.python_decodes),
+            ("decode_queued", sd.decode_queued as u64),
+            ("decode_stuck", sd.decode_stuck as u64),
+        ];
         protocol::ok_frame(id, |out| {
-            etf::put_map_header(out, entries.len() + lists.len());
+            etf::put_map_header(out, entries.len() + lists.len() + 1);
+            etf::put_atom(out, "shared_dict");
+            etf::put_map_header(out, sd_entries.len());
+            for (k, v) in sd_entries {
+                etf::put_atom(out, k);
+                etf::put_u64(out, v);
+            }
             for (k, v) in entries {
                 etf::put_atom(out, k);
                 etf::put_u64(out, v);

@@ -96,10 +96,11 @@ pub fn pickle_int(pickle: &[u8]) -> Option<Int> {
     }
 }
 
-/// Erlang's `=:=` over two ETF bodies written by [`pickle_to_etf`] (whose encodings are
-/// canonical but for map order): maps are equal when they hold the same key/value pairs in
-/// any order; everything else compares structurally. Malformed input is equal only to
-/// identical bytes.
+/// Erlang's `=:=` over two ETF bodies, as written by [`pickle_to_etf`] or by Erlang's
+/// `term_to_binary`: maps are equal when they hold the same key/value pairs in any order,
+/// a STRING_EXT equals the list of its characters, integers and atoms compare by value
+/// whatever their encoding; everything else compares structurally. Malformed input is
+/// equal only to identical bytes.
 pub fn terms_exactly_equal(a: &[u8], b: &[u8]) -> bool {
     if a == b {
         return true;
@@ -236,11 +237,6 @@ impl Int {
         }
         trim_twos(&mut sum);
         Int::from_trimmed(sum)
-    }
-
-    /// Like [`Int::add`]; kept for callers that think in checked arithmetic (never `None`).
-    pub fn checked_add(&self, other: &Int) -> Option<Int> {
-        Some(self.add(other))
     }
 
     /// A complete pickle that `pickle.loads` turns into this int (as `pickle.dumps(i, 5)`
@@ -1322,6 +1318,35 @@ fn canonical_term(r: &mut Reader<'_>, out: &mut Vec<u8>, outer: usize) -> R<()> 
                 out.extend_from_slice(&k);
                 out.extend_from_slice(&v);
             }
+        }
+        // Erlang writes a list of small integers as STRING_EXT: the same term as a LIST.
+        etf::STRING => {
+            let n = r.u16()? as usize;
+            let chars = r.bytes(n)?;
+            etf::put_list_header(out, n);
+            for &c in chars {
+                etf::put_i64(out, c as i64);
+            }
+            etf::put_nil(out);
+        }
+        etf::SMALL_INTEGER | etf::INTEGER | etf::SMALL_BIG | etf::LARGE_BIG => {
+            *r = start;
+            let from = r.pos();
+            etf::skip_term(r, outer, Limits::PAYLOAD)?;
+            match Int::from_etf(r.slice(from, r.pos())) {
+                Some(i) => i.put_etf(out),
+                None => return decline("malformed integer"),
+            }
+        }
+        // Latin-1 and UTF-8 atom encodings name the same atoms.
+        etf::ATOM | etf::SMALL_ATOM | etf::ATOM_UTF8 | etf::SMALL_ATOM_UTF8 => {
+            let name = r.atom_body(tag)?;
+            let text = if matches!(tag, etf::ATOM | etf::SMALL_ATOM) {
+                name.iter().map(|&b| b as char).collect::<String>()
+            } else {
+                std::str::from_utf8(name).map_err(|_| Declined("atom is not valid UTF-8"))?.to_owned()
+            };
+            etf::put_atom(out, &text);
         }
         _ => {
             *r = start;

@@ -451,6 +451,17 @@ fn exact_equality_ignores_map_order_only() {
     assert!(!terms_exactly_equal(&a, &c));
     assert!(!terms_exactly_equal(&a, &a[..a.len() - 1]));
     assert!(terms_exactly_equal(&[etf::LIST, 0xFF], &[etf::LIST, 0xFF]));
+    // Erlang's own encodings of the same terms: "ab" as STRING_EXT is the list [97, 98];
+    // 5 as INTEGER_EXT or as a SMALL_BIG is 5; a Latin-1 atom is the UTF-8 atom.
+    assert!(terms_exactly_equal(&[etf::STRING, 0, 2, b'a', b'b'], &list(97, 98)));
+    assert!(!terms_exactly_equal(&[etf::STRING, 0, 2, b'b', b'a'], &list(97, 98)));
+    assert!(terms_exactly_equal(&[etf::INTEGER, 0, 0, 0, 5], &[etf::SMALL_INTEGER, 5]));
+    assert!(terms_exactly_equal(&[etf::SMALL_BIG, 1, 0, 5], &[etf::SMALL_INTEGER, 5]));
+    assert!(!terms_exactly_equal(&[etf::SMALL_BIG, 1, 1, 5], &[etf::SMALL_INTEGER, 5]));
+    let mut ok = Vec::new();
+    etf::put_atom(&mut ok, "ok");
+    assert!(terms_exactly_equal(&[etf::SMALL_ATOM, 2, b'o', b'k'], &ok));
+    assert!(!terms_exactly_equal(&[etf::SMALL_ATOM, 2, b'o', b'x'], &ok));
 }
 
 #[test]

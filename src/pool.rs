@@ -44,6 +44,9 @@ pub enum Job {
     Call { id: u64, owner: Owner, module: String, function: String, payload: Vec<u8> },
     Code { id: u64, owner: Owner, code: String, payload: Vec<u8>, mode: Mode },
     Startup { id: u64, sys_path: Vec<String>, code: String },
+    /// Work of another module (reading a SharedDict value that needs Python), run like any
+    /// request: cancellable, written off if stuck. It uses no namespace.
+    Task { id: u64, what: String, run: Box<dyn Fn(Python<'_>) -> Frame + Send + Sync> },
 }
 
 impl Job {
@@ -51,7 +54,7 @@ impl Job {
     fn owner(&self) -> Option<&Owner> {
         match self {
             Job::Call { owner, .. } | Job::Code { owner, .. } => Some(owner),
-            Job::Startup { .. } => None,
+            Job::Startup { .. } | Job::Task { .. } => None,
         }
     }
 
@@ -63,13 +66,13 @@ impl Job {
             // without the arguments that name a namespace, which are not decoded here; such
             // a call does not choose a home, the process's next namespace request does.
             Job::Call { module, .. } => module == "__main__",
-            Job::Startup { .. } => false,
+            Job::Startup { .. } | Job::Task { .. } => false,
         }
     }
 
     fn id(&self) -> u64 {
         match self {
-            Job::Call { id, .. } | Job::Code { id, .. } | Job::Startup { id, .. } => *id,
+            Job::Call { id, .. } | Job::Code { id, .. } | Job::Startup { id, .. } | Job::Task { id, .. } => *id,
         }
     }
 
@@ -80,6 +83,7 @@ impl Job {
             }
             Job::Code { id, owner, code, payload, mode } => interp.run_code(py, *id, owner, code, payload, *mode),
             Job::Startup { id, sys_path, code } => interp.run_startup(py, *id, sys_path, code),
+            Job::Task { run, .. } => run(py),
         }
     }
 }
@@ -98,6 +102,7 @@ impl Describe for Job {
                 format!("{verb} {}", clip(first))
             }
             Job::Startup { .. } => "start-up code".to_string(),
+            Job::Task { what, .. } => what.clone(),
         }
     }
 }
@@ -506,7 +511,9 @@ impl Pool {
             let mut t = self.canceller.tracking.lock();
             t.running.remove(&id);
             t.cancelled.remove(&id);
-            t.abandoned.remove(&id);
+            if t.abandoned.remove(&id) {
+                crate::cancel::written_off_returned();
+            }
             job.owner().is_some_and(|o| t.job_done(o))
         };
         if let (true, Some(owner)) = (free_namespace, job.owner()) {

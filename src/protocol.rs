@@ -44,6 +44,10 @@ pub enum Request {
     SdDel { id: u64, handle: Handle, key: Vec<u8> },
     SdKeys { id: u64, handle: Handle },
     SdDestroy { id: u64, handle: Handle },
+    /// `incr` is a versioned ETF integer (any size).
+    SdUpdateCounter { id: u64, handle: Handle, key: Vec<u8>, incr: Vec<u8> },
+    /// `old`: `None` for "only if absent", else a versioned ETF term; `new` likewise a term.
+    SdCompareAndSwap { id: u64, handle: Handle, key: Vec<u8>, old: Option<Vec<u8>>, new: Vec<u8> },
     /// `caller`, when given, must own the dict (as only the owner may `ets:give_away/3`).
     SdGiveAway { id: u64, handle: Handle, owner: Owner, caller: Option<Owner> },
     Cancel { id: u64 },
@@ -133,6 +137,22 @@ pub fn decode_request(frame: &[u8]) -> Result<Request, BadRequest> {
         ("sd_del", 4) => Ok(Request::SdDel { id: f.id()?, handle: f.handle(2)?, key: f.bytes(3)? }),
         ("sd_keys", 3) => Ok(Request::SdKeys { id: f.id()?, handle: f.handle(2)? }),
         ("sd_destroy", 3) => Ok(Request::SdDestroy { id: f.id()?, handle: f.handle(2)? }),
+        ("sd_update_counter", 5) => Ok(Request::SdUpdateCounter {
+            id: f.id()?,
+            handle: f.handle(2)?,
+            key: f.bytes(3)?,
+            incr: f.bytes(4)?,
+        }),
+        ("sd_cas", 6) => Ok(Request::SdCompareAndSwap {
+            id: f.id()?,
+            handle: f.handle(2)?,
+            key: f.bytes(3)?,
+            old: match elements.get(4) {
+                Some(Term::Atom(a)) if a.name == "absent" => None,
+                _ => Some(f.bytes(4)?),
+            },
+            new: f.bytes(5)?,
+        }),
         ("sd_give_away", 4) => {
             Ok(Request::SdGiveAway { id: f.id()?, handle: f.handle(2)?, owner: f.pid(3)?, caller: None })
         }

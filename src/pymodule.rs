@@ -6,11 +6,12 @@
 
 use crate::etf::{self, Limits, Reader};
 use crate::protocol::Handle;
-use crate::registry::{Destroyed, Dict, Registry, Value};
+use crate::pickle_etf::{self, Int};
+use crate::registry::{Destroyed, Dict, Registry, Update, Value};
 use pyo3::exceptions::{PyBaseException, PyKeyError, PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
-use pyo3::types::{PyBytes, PyList, PyString, PyTuple};
+use pyo3::types::{PyBytes, PyInt, PyList, PyString, PyTuple};
 use pyo3::{create_exception, intern};
 use std::sync::{Arc, OnceLock};
 
@@ -71,6 +72,47 @@ pub fn pickle_dumps(value: &Bound<'_, PyAny>) -> PyResult<Value> {
 
 pub fn pickle_loads<'py>(py: Python<'py>, bytes: &[u8]) -> PyResult<Bound<'py, PyAny>> {
     pickle(py)?.loads.bind(py).call1((PyBytes::new(py, bytes),))
+}
+
+/// One step of an atomic counter, from either side: adds `incr` to the stored int (a missing
+/// key counts from 0). The answer is `None`, and nothing is stored, when the stored value is
+/// not a plain `int` (a bool, a float, an `int` subclass are not counters).
+pub fn counter_update(current: Option<&Value>, incr: &Int) -> Update<Option<Int>> {
+    let old = match current {
+        None => Some(Int::from_i64(0)),
+        Some(v) => pickle_etf::pickle_int(v),
+    };
+    match old {
+        Some(old) => {
+            let new = old.add(incr);
+            Update { store: Some(Value::from(new.to_pickle())), answer: Some(new) }
+        }
+        None => Update { store: None, answer: None },
+    }
+}
+
+/// A Python `int` (exactly; not a bool) as a counter increment.
+fn int_arg(n: &Bound<'_, PyAny>) -> PyResult<Int> {
+    if !n.is_exact_instance_of::<PyInt>() {
+        return Err(PyTypeError::new_err(format!("SharedDict.incr: n must be an int, not {}", n.get_type().name()?)));
+    }
+    if let Ok(v) = n.extract::<i64>() {
+        return Ok(Int::from_i64(v));
+    }
+    pickle_etf::pickle_int(&pickle_dumps(n)?).ok_or_else(|| PyTypeError::new_err("SharedDict.incr: n must be an int"))
+}
+
+fn int_object<'py>(py: Python<'py>, n: &Int) -> PyResult<Bound<'py, PyAny>> {
+    pickle_loads(py, &n.to_pickle())
+}
+
+/// `erlang.ABSENT`, the `old` value of a compare-and-swap that wants the key absent.
+static ABSENT: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+
+fn is_absent(obj: &Bound<'_, PyAny>) -> PyResult<bool> {
+    let py = obj.py();
+    let absent = ABSENT.get_or_try_init(py, || -> PyResult<Py<PyAny>> { Ok(py.import("erlang")?.getattr("ABSENT")?.unbind()) })?;
+    Ok(obj.is(absent.bind(py)))
 }
 
 // ---------------------------------------------------------------------------------------
@@ -324,6 +366,48 @@ impl SharedDictCore {
         }
     }
 
+    /// Adds `n` to the int stored under `key` and returns the new value, atomically against
+    /// every other operation from either side. A missing key counts from 0; a value that is
+    /// not an `int` (a bool, a float) raises TypeError and stays as it is.
+    #[pyo3(signature = (key, n = None))]
+    fn incr<'py>(&self, key: &Bound<'py, PyAny>, n: Option<&Bound<'py, PyAny>>) -> PyResult<Bound<'py, PyAny>> {
+        let py = key.py();
+        let k = key_bytes(key)?;
+        let incr = match n {
+            Some(n) => int_arg(n)?,
+            None => Int::from_i64(1),
+        };
+        match live(self.dict()?.update(&k, |current| counter_update(current, &incr)))? {
+            Some(new) => int_object(py, &new),
+            None => Err(PyTypeError::new_err(format!("SharedDict.incr: the value under {} is not an int", key.repr()?))),
+        }
+    }
+
+    /// Stores `new` under `key` if the value there equals `old` (same type and `==`), as one
+    /// step against every other operation from either side; returns whether it did.
+    /// `old=erlang.ABSENT`: only if `key` is absent.
+    fn compare_and_swap(&self, key: &Bound<'_, PyAny>, old: &Bound<'_, PyAny>, new: &Bound<'_, PyAny>) -> PyResult<bool> {
+        let py = key.py();
+        let k = key_bytes(key)?;
+        let dict = self.dict()?;
+        let new = pickle_dumps(new)?;
+        if is_absent(old)? {
+            return live(dict.replace_if_same(&k, None, new));
+        }
+        loop {
+            let Some(current) = live(dict.get(&k))? else { return Ok(false) };
+            // Compared outside the dict's lock (it runs Python code); the swap then only
+            // happens if nobody changed the entry meanwhile, else compare again.
+            let value = pickle_loads(py, &current)?;
+            if !value.get_type().is(&old.get_type()) || !value.eq(old)? {
+                return Ok(false);
+            }
+            if live(dict.replace_if_same(&k, Some(&current), new.clone()))? {
+                return Ok(true);
+            }
+        }
+    }
+
     /// Removes every entry (atomically).
     fn clear(&self) -> PyResult<()> {
         live(self.dict()?.clear())
@@ -384,6 +468,20 @@ class SharedDict(_SharedDictCore, _MutableMapping):
     """
     __slots__ = ()
 
+
+class _Absent:
+    """The type of erlang.ABSENT: SharedDict.compare_and_swap(key, ABSENT, new) stores new
+    only if key is absent."""
+    __slots__ = ()
+
+    def __repr__(self):
+        return "erlang.ABSENT"
+
+    def __reduce__(self):
+        return "ABSENT"
+
+
+ABSENT = _Absent()
 del _MutableMapping
 "#;
 

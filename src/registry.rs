@@ -4,6 +4,11 @@
 //! happen outside these locks, so a dict's mutex is only ever held for a few map
 //! operations and never while waiting for the GIL (the lock order is always GIL, then
 //! dict, never the reverse).
+//!
+//! The Erlang VM keeps a read cache of values it got from here. An entry the VM caches is
+//! flagged; whatever changes or removes it (from either side) reports it to the
+//! [`Invalidator`] while the dict's lock is still held, so the invalidation is queued for
+//! Erlang before anything that follows the change (a reply, a message) can be.
 
 use crate::protocol::{Handle, Owner};
 use parking_lot::Mutex;
@@ -28,6 +33,43 @@ pub enum GiveAwayError {
 
 pub type Value = Arc<[u8]>;
 
+/// What the VM must forget: one key of a dict, or all of them.
+pub enum Invalidation<'a> {
+    Key(&'a Handle, &'a [u8]),
+    Dict(&'a Handle),
+}
+
+/// Called with the dict's lock held: it must only queue (never block, never take a dict lock).
+pub type Invalidator = Box<dyn Fn(Invalidation<'_>) + Send + Sync>;
+
+static INVALIDATOR: std::sync::OnceLock<Invalidator> = std::sync::OnceLock::new();
+
+/// Installs where invalidations go (once, at start-up; later calls are ignored).
+pub fn set_invalidator(f: Invalidator) {
+    let _ = INVALIDATOR.set(f);
+}
+
+fn invalidate(what: Invalidation<'_>) {
+    if let Some(f) = INVALIDATOR.get() {
+        f(what)
+    }
+}
+
+/// A stored value, and whether the VM may hold it in its read cache.
+struct Entry {
+    /// Insertion sequence number (for keys in insertion order).
+    seq: u64,
+    value: Value,
+    cached: bool,
+}
+
+/// The outcome of an atomic read-modify-write: the new value to store (or none to keep the
+/// entry as it is) and what to answer.
+pub struct Update<R> {
+    pub store: Option<Value>,
+    pub answer: R,
+}
+
 pub struct Dict {
     id: u64,
     token: [u8; TOKEN_LEN],
@@ -38,8 +80,9 @@ pub struct Dict {
 #[derive(Default)]
 struct DictState {
     destroyed: bool,
-    /// key → (insertion sequence number, pickled value)
-    entries: HashMap<Vec<u8>, (u64, Value)>,
+    entries: HashMap<Vec<u8>, Entry>,
+    /// Some entry has been flagged cached since the dict was last cleared.
+    any_cached: bool,
     /// insertion sequence number → key, for keys in insertion order
     order: BTreeMap<u64, Vec<u8>>,
     next_seq: u64,
@@ -60,6 +103,31 @@ impl DictState {
         self.order.clear();
         self.bytes = 0;
     }
+
+    /// Stores `value` under `key` (an existing key keeps its place); returns whether the old
+    /// entry was cached by the VM.
+    fn store(&mut self, key: &[u8], value: Value) -> bool {
+        self.bytes += value.len();
+        if let Some(e) = self.entries.get_mut(key) {
+            self.bytes -= e.value.len();
+            e.value = value;
+            std::mem::replace(&mut e.cached, false)
+        } else {
+            let seq = self.next_seq;
+            self.next_seq += 1;
+            self.bytes += key.len();
+            self.order.insert(seq, key.to_vec());
+            self.entries.insert(key.to_vec(), Entry { seq, value, cached: false });
+            false
+        }
+    }
+
+    fn remove(&mut self, key: &[u8]) -> Option<Entry> {
+        let e = self.entries.remove(key)?;
+        self.order.remove(&e.seq);
+        self.bytes -= key.len() + e.value.len();
+        Some(e)
+    }
 }
 
 impl Dict {
@@ -69,7 +137,7 @@ impl Dict {
 
     pub fn get(&self, key: &[u8]) -> Result<Option<Value>, Destroyed> {
         let mut st = self.state.lock();
-        Ok(st.live()?.entries.get(key).map(|(_, v)| v.clone()))
+        Ok(st.live()?.entries.get(key).map(|e| e.value.clone()))
     }
 
     pub fn contains(&self, key: &[u8]) -> Result<bool, Destroyed> {
@@ -81,43 +149,71 @@ impl Dict {
     pub fn set(&self, key: &[u8], value: Value) -> Result<(), Destroyed> {
         let mut guard = self.state.lock();
         let st = guard.live()?;
-        st.bytes += value.len();
-        if let Some((_, old)) = st.entries.get_mut(key) {
-            st.bytes -= old.len();
-            *old = value;
-        } else {
-            let seq = st.next_seq;
-            st.next_seq += 1;
-            st.bytes += key.len();
-            st.order.insert(seq, key.to_vec());
-            st.entries.insert(key.to_vec(), (seq, value));
+        if st.store(key, value) {
+            invalidate(Invalidation::Key(&self.handle(), key));
         }
         Ok(())
     }
 
     /// Removes a key; returns whether it was present.
     pub fn del(&self, key: &[u8]) -> Result<bool, Destroyed> {
-        let mut guard = self.state.lock();
-        let st = guard.live()?;
-        match st.entries.remove(key) {
-            Some((seq, v)) => {
-                st.order.remove(&seq);
-                st.bytes -= key.len() + v.len();
-                Ok(true)
-            }
-            None => Ok(false),
-        }
+        Ok(self.take(key)?.is_some())
     }
 
     /// Removes a key and returns its value, atomically.
     pub fn take(&self, key: &[u8]) -> Result<Option<Value>, Destroyed> {
         let mut guard = self.state.lock();
         let st = guard.live()?;
-        Ok(st.entries.remove(key).map(|(seq, v)| {
-            st.order.remove(&seq);
-            st.bytes -= key.len() + v.len();
-            v
-        }))
+        let entry = st.remove(key);
+        if entry.as_ref().is_some_and(|e| e.cached) {
+            invalidate(Invalidation::Key(&self.handle(), key));
+        }
+        Ok(entry.map(|e| e.value))
+    }
+
+    /// Reads, computes and stores as one step: `f` sees the current value and decides. It
+    /// runs under the dict's lock, so it must be quick and must not touch Python.
+    pub fn update<R>(&self, key: &[u8], f: impl FnOnce(Option<&Value>) -> Update<R>) -> Result<R, Destroyed> {
+        let mut guard = self.state.lock();
+        let st = guard.live()?;
+        let Update { store, answer } = f(st.entries.get(key).map(|e| &e.value));
+        if let Some(v) = store {
+            if st.store(key, v) {
+                invalidate(Invalidation::Key(&self.handle(), key));
+            }
+        }
+        Ok(answer)
+    }
+
+    /// Stores `new` only if the entry still holds exactly `seen` (the same stored bytes, as
+    /// read earlier by [`Dict::get`]; `None`: only if the key is still absent). The building
+    /// block of compare-and-swap loops whose comparison needs Python or time.
+    pub fn replace_if_same(&self, key: &[u8], seen: Option<&Value>, new: Value) -> Result<bool, Destroyed> {
+        self.update(key, |current| {
+            let same = match (current, seen) {
+                (Some(c), Some(s)) => Arc::ptr_eq(c, s),
+                (None, None) => true,
+                _ => false,
+            };
+            Update { store: same.then_some(new), answer: same }
+        })
+    }
+
+    /// For the VM's read cache: if `key` still holds exactly `seen`, flags it cached and runs
+    /// `send` (which queues the reply that lets the VM cache it) under the dict's lock, so
+    /// that any later change's invalidation is queued after that reply. Returns whether it did.
+    pub fn mark_cached_if_same(&self, key: &[u8], seen: &Value, send: impl FnOnce()) -> bool {
+        let mut guard = self.state.lock();
+        let Ok(st) = guard.live() else { return false };
+        match st.entries.get_mut(key) {
+            Some(e) if Arc::ptr_eq(&e.value, seen) => {
+                e.cached = true;
+                st.any_cached = true;
+                send();
+                true
+            }
+            _ => false,
+        }
     }
 
     pub fn keys(&self) -> Result<Vec<Vec<u8>>, Destroyed> {
@@ -128,7 +224,7 @@ impl Dict {
     pub fn items(&self) -> Result<Vec<(Vec<u8>, Value)>, Destroyed> {
         let mut guard = self.state.lock();
         let st = guard.live()?;
-        Ok(st.order.values().map(|k| (k.clone(), st.entries[k].1.clone())).collect())
+        Ok(st.order.values().filter_map(|k| Some((k.clone(), st.entries.get(k)?.value.clone()))).collect())
     }
 
     pub fn len(&self) -> Result<usize, Destroyed> {
@@ -137,7 +233,12 @@ impl Dict {
     }
 
     pub fn clear(&self) -> Result<(), Destroyed> {
-        self.state.lock().live()?.clear();
+        let mut guard = self.state.lock();
+        let st = guard.live()?;
+        st.clear();
+        if std::mem::replace(&mut st.any_cached, false) {
+            invalidate(Invalidation::Dict(&self.handle()));
+        }
         Ok(())
     }
 
@@ -151,6 +252,9 @@ impl Dict {
         let was_live = !st.destroyed;
         st.destroyed = true;
         st.clear();
+        if std::mem::replace(&mut st.any_cached, false) {
+            invalidate(Invalidation::Dict(&self.handle()));
+        }
         was_live
     }
 
@@ -365,6 +469,54 @@ mod tests {
         assert!(!b.is_destroyed() && !c.is_destroyed());
         assert_eq!(r.drop_owner(&owner(2)), 2);
         assert_eq!(r.stats().dicts, 0);
+    }
+
+    /// What the VM caches is invalidated by every change from either side, once: the flag is
+    /// cleared by the invalidation, and a value changed since it was read is not flagged.
+    #[test]
+    fn cached_entries_are_invalidated_once_by_every_change() {
+        static SEEN: Mutex<Vec<(u64, Option<Vec<u8>>)>> = Mutex::new(Vec::new());
+        set_invalidator(Box::new(|what| {
+            let (h, k) = match what {
+                Invalidation::Key(h, k) => (h, Some(k.to_vec())),
+                Invalidation::Dict(h) => (h, None),
+            };
+            SEEN.lock().push((h.id, k));
+        }));
+        let r = Registry::new(0);
+        let d = r.create(owner(1));
+        let seen = || -> Vec<(u64, Option<Vec<u8>>)> { SEEN.lock().iter().filter(|(id, _)| *id == d.id).cloned().collect() };
+        let key = |k: &str| (d.id, Some(k.as_bytes().to_vec()));
+        d.set(b"k", val("1")).unwrap();
+        d.set(b"k", val("2")).unwrap();
+        assert!(seen().is_empty(), "nothing cached, nothing to invalidate");
+        let v = d.get(b"k").unwrap().unwrap();
+        let mut replied = false;
+        assert!(d.mark_cached_if_same(b"k", &v, || replied = true) && replied);
+        d.set(b"k", val("3")).unwrap();
+        d.set(b"k", val("4")).unwrap();
+        assert_eq!(seen(), vec![key("k")], "one invalidation, then the flag is clear");
+        // A value that changed after it was read is not flagged, and no reply is sent for it.
+        assert!(!d.mark_cached_if_same(b"k", &v, || panic!("stale value sent for caching")));
+        for change in 0..4 {
+            let v = d.get(b"k").unwrap().unwrap();
+            assert!(d.mark_cached_if_same(b"k", &v, || ()));
+            match change {
+                0 => assert!(d.del(b"k").unwrap()),
+                1 => assert!(d.replace_if_same(b"k", Some(&v), val("5")).unwrap()),
+                2 => assert_eq!(d.update(b"k", |_| Update { store: Some(val("6")), answer: 1 }).unwrap(), 1),
+                _ => assert_eq!(d.take(b"k").unwrap().as_deref(), Some(&b"6"[..])),
+            }
+            if change == 0 {
+                d.set(b"k", val("4")).unwrap();
+            }
+        }
+        assert_eq!(seen().len(), 5);
+        d.set(b"k", val("7")).unwrap();
+        let v = d.get(b"k").unwrap().unwrap();
+        assert!(d.mark_cached_if_same(b"k", &v, || ()));
+        r.destroy(&d.handle());
+        assert_eq!(seen().last(), Some(&(d.id, None)), "destroy forgets the whole dict");
     }
 
     #[test]

@@ -1,24 +1,57 @@
 //! Erlang-side SharedDict requests.
 //!
-//! `new`, `del`, `keys`, `destroy` and `give_away` only touch the registry and are answered
-//! by the reader thread without the GIL. `get` and `set` must unpickle or pickle, so they run
-//! on a thread of their own (attached once, like a worker) and never wait behind user jobs.
+//! Plain data (the conversion table's types: None, bool, int, float, str, bytes, list, tuple,
+//! dict, sets, Erlang pids/refs/ports/funs, SharedDict handles) moves between its stored
+//! pickle form and ETF in Rust (`pickle_etf`), right on the reader thread and without the GIL:
+//! `get`, `set`, `del`, `keys`, `update_counter` and `compare_and_swap` of such values never
+//! wait for Python, however busy it is. What needs Python goes elsewhere:
+//! * reading an instance of a user class runs its unpickling code, which may be slow or never
+//!   return: it runs on a small pool of decoders with the cancellation and write-off rules of
+//!   calls, so it delays only the callers that asked for that value;
+//! * storing a term only Python can build (a date, an Elixir struct) or one Python must refuse
+//!   with its own error runs on the pickler thread.
+//!
+//! A plain value served to an Erlang `get` goes out as a `cached` reply: the VM keeps it in its
+//! read cache, and the registry flags the entry so that whatever changes it next queues an
+//! invalidation (see `registry`). The reply is queued under the dict's lock, after a check that
+//! the entry still holds the value read, so no invalidation can precede the reply it cancels.
 
 use crate::convert;
 use crate::etf;
 use crate::exec::{failure_reason, Failure, Frame};
 use crate::framing::Outbox;
-use crate::pool::{spin_for_job, PYTHON_THREAD_STACK};
+use crate::pickle_etf::{self, Declined, Int};
+use crate::pool::{spin_for_job, Job, Pool, PYTHON_THREAD_STACK};
 use crate::protocol::{self, atom, Handle};
-use crate::pymodule::{pickle_dumps, pickle_loads, registry};
-use crate::registry::{Destroyed, GiveAwayError};
+use crate::pymodule::{counter_update, pickle_dumps, pickle_loads, registry};
+use crate::registry::{self as reg, Destroyed, Dict, GiveAwayError, Invalidation, Value};
 use crossbeam_channel::{unbounded, Sender};
 use pyo3::prelude::*;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::thread;
 
-pub enum PickleJob {
-    Get { id: u64, handle: Handle, key: Vec<u8> },
-    Set { id: u64, handle: Handle, key: Vec<u8>, payload: Vec<u8> },
+/// Work for the pickler thread: an Erlang-side `set` whose term needs Python to convert.
+pub struct PickleJob {
+    id: u64,
+    handle: Handle,
+    key: Vec<u8>,
+    payload: Vec<u8>,
+}
+
+/// Counters for `stats`.
+pub struct SharedDictStats {
+    pub python_decodes: u64,
+    pub decode_queued: usize,
+    pub decode_stuck: usize,
+}
+
+/// Serves the Erlang side's SharedDict requests.
+pub struct SharedDicts {
+    out: Outbox,
+    pickler: Sender<PickleJob>,
+    decoders: Arc<Pool>,
+    python_decodes: AtomicU64,
 }
 
 fn destroyed(id: u64) -> Frame {
@@ -29,47 +62,272 @@ fn ok_atom(id: u64) -> Frame {
     protocol::ok_frame(id, |out| etf::put_atom(out, "ok"))
 }
 
-pub fn new(id: u64, owner: protocol::Owner) -> Frame {
-    let dict = registry().create(owner);
-    let handle = dict.handle();
-    protocol::ok_frame(id, |out| {
-        etf::put_tuple_header(out, 4);
-        etf::put_atom(out, protocol::HANDLE_TAG);
-        etf::put_u64(out, handle.generation);
-        etf::put_u64(out, handle.id);
-        etf::put_binary(out, &handle.token);
-    })
+fn put_handle(out: &mut Vec<u8>, handle: &Handle) {
+    etf::put_tuple_header(out, 4);
+    etf::put_atom(out, protocol::HANDLE_TAG);
+    etf::put_u64(out, handle.generation);
+    etf::put_u64(out, handle.id);
+    etf::put_binary(out, &handle.token);
 }
 
-pub fn del(id: u64, handle: &Handle, key: &[u8]) -> Frame {
-    match registry().lookup(handle).and_then(|d| d.del(key)) {
-        Ok(_) => ok_atom(id),
-        Err(Destroyed) => destroyed(id),
+/// `{pyport_sd_invalidate, Handle, Key}` or `{pyport_sd_invalidate, Handle}`.
+fn invalidation_frame(what: Invalidation<'_>) -> Frame {
+    let mut out = Vec::with_capacity(96);
+    out.push(etf::VERSION);
+    let (handle, key) = match what {
+        Invalidation::Key(h, k) => (h, Some(k)),
+        Invalidation::Dict(h) => (h, None),
+    };
+    etf::put_tuple_header(&mut out, if key.is_some() { 3 } else { 2 });
+    etf::put_atom(&mut out, "pyport_sd_invalidate");
+    put_handle(&mut out, handle);
+    if let Some(k) = key {
+        etf::put_binary(&mut out, k);
+    }
+    out
+}
+
+/// `{Id, cached, {Handle, Key, Payload}}`: an Erlang `get`'s reply that the VM may cache.
+fn cached_frame(id: u64, handle: &Handle, key: &[u8], payload: &[u8]) -> Frame {
+    let mut out = Vec::with_capacity(payload.len() + key.len() + 96);
+    out.push(etf::VERSION);
+    etf::put_tuple_header(&mut out, 3);
+    etf::put_u64(&mut out, id);
+    etf::put_atom(&mut out, "cached");
+    etf::put_tuple_header(&mut out, 3);
+    put_handle(&mut out, handle);
+    etf::put_binary(&mut out, key);
+    etf::put_binary(&mut out, payload);
+    out
+}
+
+/// `{Id, ok, Payload}` for a payload that is already a versioned term.
+fn payload_frame(id: u64, payload: &[u8]) -> Frame {
+    let (mut out, len_at) = protocol::begin_ok_frame(id, payload.len());
+    out.extend_from_slice(payload);
+    protocol::finish_ok_frame(&mut out, len_at);
+    out
+}
+
+fn bool_frame(id: u64, b: bool) -> Frame {
+    protocol::ok_frame(id, |out| etf::put_atom(out, if b { "true" } else { "false" }))
+}
+
+/// The start of a `{found, Value}` payload; the value's body follows.
+fn found_payload(capacity: usize) -> Vec<u8> {
+    let mut payload = Vec::with_capacity(capacity + 16);
+    payload.push(etf::VERSION);
+    etf::put_tuple_header(&mut payload, 2);
+    etf::put_atom(&mut payload, "found");
+    payload
+}
+
+impl SharedDicts {
+    /// Starts the pickler thread and `decoders` decoding threads, and routes the registry's
+    /// invalidations into `out`.
+    pub fn start(out: Outbox, decoders: Arc<Pool>) -> std::io::Result<Arc<SharedDicts>> {
+        let inv = out.clone();
+        reg::set_invalidator(Box::new(move |what| inv.send(invalidation_frame(what))));
+        let pickler = start_pickler(out.clone())?;
+        Ok(Arc::new(SharedDicts { out, pickler, decoders, python_decodes: AtomicU64::new(0) }))
+    }
+
+    pub fn stats(&self) -> SharedDictStats {
+        let pool = self.decoders.stats();
+        SharedDictStats {
+            python_decodes: self.python_decodes.load(Ordering::Relaxed),
+            decode_queued: pool.queued,
+            decode_stuck: pool.abandoned,
+        }
+    }
+
+    /// A cancelled request may be a decoding one.
+    pub fn cancel(&self, id: u64) {
+        self.decoders.cancel(id);
+    }
+
+    fn lookup(&self, id: u64, handle: &Handle) -> Option<Arc<Dict>> {
+        match registry().lookup(handle) {
+            Ok(d) => Some(d),
+            Err(Destroyed) => {
+                self.out.send(destroyed(id));
+                None
+            }
+        }
+    }
+
+    pub fn new_dict(&self, id: u64, owner: protocol::Owner) {
+        let dict = registry().create(owner);
+        let handle = dict.handle();
+        self.out.send(protocol::ok_frame(id, |out| put_handle(out, &handle)));
+    }
+
+    pub fn del(&self, id: u64, handle: &Handle, key: &[u8]) {
+        self.out.send(match registry().lookup(handle).and_then(|d| d.del(key)) {
+            Ok(_) => ok_atom(id),
+            Err(Destroyed) => destroyed(id),
+        })
+    }
+
+    pub fn keys(&self, id: u64, handle: &Handle) {
+        self.out.send(match registry().lookup(handle).and_then(|d| d.keys()) {
+            Ok(keys) => protocol::ok_frame(id, |out| etf::put_binary_list(out, keys.iter().map(Vec::as_slice))),
+            Err(Destroyed) => destroyed(id),
+        })
+    }
+
+    pub fn destroy(&self, id: u64, handle: &Handle) {
+        // The dict's invalidation, if the VM caches any of it, is queued before this reply.
+        registry().destroy(handle);
+        self.out.send(ok_atom(id));
+    }
+
+    pub fn give_away(&self, id: u64, handle: &Handle, owner: protocol::Owner, caller: Option<&protocol::Owner>) {
+        self.out.send(match registry().give_away(handle, owner, caller) {
+            Ok(()) => ok_atom(id),
+            Err(GiveAwayError::Destroyed) => destroyed(id),
+            Err(GiveAwayError::NotOwner) => protocol::error_frame(Some(id), protocol::atom("not_owner")),
+        })
+    }
+
+    pub fn get(self: &Arc<Self>, id: u64, handle: Handle, key: Vec<u8>) {
+        let Some(dict) = self.lookup(id, &handle) else { return };
+        let value = match dict.get(&key) {
+            Err(Destroyed) => return self.out.send(destroyed(id)),
+            Ok(None) => return self.out.send(protocol::ok_frame(id, |out| etf::put_atom(out, "not_found"))),
+            Ok(Some(v)) => v,
+        };
+        let mut payload = found_payload(value.len());
+        if pickle_etf::pickle_to_etf(&value, &mut payload).is_err() {
+            return self.decode(id, handle, key);
+        }
+        let mut frame = Some(cached_frame(id, &handle, &key, &payload));
+        let out = &self.out;
+        let sent = dict.mark_cached_if_same(&key, &value, || {
+            if let Some(f) = frame.take() {
+                out.send(f)
+            }
+        });
+        if !sent {
+            // Changed since it was read: still a correct answer, but not one to cache.
+            self.out.send(payload_frame(id, &payload));
+        }
+    }
+
+    /// Reads a value that needs Python on a decoder thread.
+    fn decode(self: &Arc<Self>, id: u64, handle: Handle, key: Vec<u8>) {
+        let me = self.clone();
+        self.decoders.submit(Job::Task {
+            id,
+            what: "SharedDict get of a value that needs Python to read".into(),
+            run: Box::new(move |py| {
+                me.python_decodes.fetch_add(1, Ordering::Relaxed);
+                python_get(py, id, &handle, &key)
+            }),
+        });
+    }
+
+    pub fn set(&self, id: u64, handle: Handle, key: Vec<u8>, payload: Vec<u8>) {
+        let Some(dict) = self.lookup(id, &handle) else { return };
+        match pickle_etf::etf_to_pickle(&payload) {
+            Ok(pickled) => self.out.send(match dict.set(&key, Value::from(pickled)) {
+                Ok(()) => ok_atom(id),
+                Err(Destroyed) => destroyed(id),
+            }),
+            // The pickler lives as long as the process.
+            Err(_declined) => drop(self.pickler.send(PickleJob { id, handle, key, payload })),
+        }
+    }
+
+    pub fn update_counter(&self, id: u64, handle: &Handle, key: &[u8], incr: &[u8]) {
+        let Some(incr) = Int::from_etf(incr) else {
+            return self.out.send(protocol::error_frame(Some(id), atom("badarg")));
+        };
+        let Some(dict) = self.lookup(id, handle) else { return };
+        self.out.send(match dict.update(key, |current| counter_update(current, &incr)) {
+            Ok(Some(n)) => protocol::ok_frame(id, |out| n.put_etf(out)),
+            Ok(None) => protocol::error_frame(Some(id), atom("badarg")),
+            Err(Destroyed) => destroyed(id),
+        })
+    }
+
+    pub fn compare_and_swap(self: &Arc<Self>, id: u64, handle: Handle, key: Vec<u8>, old: Option<Vec<u8>>, new: Vec<u8>) {
+        let Some(dict) = self.lookup(id, &handle) else { return };
+        match plain_cas(&dict, &key, old.as_deref(), &new) {
+            Ok(Ok(swapped)) => self.out.send(bool_frame(id, swapped)),
+            Ok(Err(Destroyed)) => self.out.send(destroyed(id)),
+            Err(_declined) => {
+                let me = self.clone();
+                self.decoders.submit(Job::Task {
+                    id,
+                    what: "SharedDict compare_and_swap of a value that needs Python".into(),
+                    run: Box::new(move |py| {
+                        me.python_decodes.fetch_add(1, Ordering::Relaxed);
+                        python_cas(py, id, &dict, &key, old.as_deref(), &new)
+                    }),
+                });
+            }
+        }
     }
 }
 
-pub fn keys(id: u64, handle: &Handle) -> Frame {
-    match registry().lookup(handle).and_then(|d| d.keys()) {
-        Ok(keys) => protocol::ok_frame(id, |out| etf::put_binary_list(out, keys.iter().map(Vec::as_slice))),
-        Err(Destroyed) => destroyed(id),
+/// Compare-and-swap in Rust, or `Declined` when a value involved needs Python. The stored
+/// value, converted as a `get` returns it, must be `=:=` to `old` as Erlang gave it.
+fn plain_cas(dict: &Dict, key: &[u8], old: Option<&[u8]>, new: &[u8]) -> Result<Result<bool, Destroyed>, Declined> {
+    let new: Value = Value::from(pickle_etf::etf_to_pickle(new)?);
+    let Some(old) = old else { return Ok(dict.replace_if_same(key, None, new)) };
+    let want = old.get(1..).unwrap_or_default();
+    loop {
+        let current = match dict.get(key) {
+            Ok(Some(v)) => v,
+            Ok(None) => return Ok(Ok(false)),
+            Err(d) => return Ok(Err(d)),
+        };
+        let mut have = Vec::new();
+        pickle_etf::pickle_to_etf(&current, &mut have)?;
+        if !pickle_etf::terms_exactly_equal(&have, want) {
+            return Ok(Ok(false));
+        }
+        // Changed between the read and now: compare again with what is there.
+        match dict.replace_if_same(key, Some(&current), new.clone()) {
+            Ok(false) => continue,
+            done => return Ok(done),
+        }
     }
 }
 
-pub fn destroy(id: u64, handle: &Handle) -> Frame {
-    registry().destroy(handle);
-    ok_atom(id)
-}
-
-pub fn give_away(id: u64, handle: &Handle, owner: protocol::Owner, caller: Option<&protocol::Owner>) -> Frame {
-    match registry().give_away(handle, owner, caller) {
-        Ok(()) => ok_atom(id),
-        Err(GiveAwayError::Destroyed) => destroyed(id),
-        Err(GiveAwayError::NotOwner) => protocol::error_frame(Some(id), protocol::atom("not_owner")),
+/// [`plain_cas`] with Python doing the conversions, for values it declined.
+fn python_cas(py: Python<'_>, id: u64, dict: &Dict, key: &[u8], old: Option<&[u8]>, new: &[u8]) -> Frame {
+    let attempt = || -> Result<Result<bool, Destroyed>, Failure> {
+        let new = pickle_dumps(&convert::decode(py, new).map_err(Failure::Convert)?)?;
+        let Some(old) = old else { return Ok(dict.replace_if_same(key, None, new)) };
+        let want = old.get(1..).unwrap_or_default();
+        loop {
+            let current = match dict.get(key) {
+                Ok(Some(v)) => v,
+                Ok(None) => return Ok(Ok(false)),
+                Err(d) => return Ok(Err(d)),
+            };
+            let mut have = Vec::new();
+            convert::encode(&pickle_loads(py, &current)?, &mut have).map_err(Failure::Convert)?;
+            if !pickle_etf::terms_exactly_equal(&have, want) {
+                return Ok(Ok(false));
+            }
+            match dict.replace_if_same(key, Some(&current), new.clone()) {
+                Ok(false) => continue,
+                done => return Ok(done),
+            }
+        }
+    };
+    match attempt() {
+        Ok(Ok(b)) => bool_frame(id, b),
+        Ok(Err(Destroyed)) => destroyed(id),
+        Err(f) => protocol::error_frame(Some(id), failure_reason(py, f)),
     }
 }
 
-/// Starts the thread that serves `get`/`set` and returns its queue.
-pub fn start_pickler(out: Outbox) -> std::io::Result<Sender<PickleJob>> {
+/// Starts the thread that stores terms that need Python to convert, and returns its queue.
+fn start_pickler(out: Outbox) -> std::io::Result<Sender<PickleJob>> {
     let (tx, rx) = unbounded::<PickleJob>();
     thread::Builder::new().name("pyport-shared-dict".into()).stack_size(PYTHON_THREAD_STACK).spawn(move || {
         Python::attach(|py| {
@@ -87,17 +345,14 @@ pub fn start_pickler(out: Outbox) -> std::io::Result<Sender<PickleJob>> {
                     spin_for_job(&rx).or_else(|| rx.recv().ok())
                 });
                 let Some(job) = job else { break };
-                reply = Some(match job {
-                    PickleJob::Get { id, handle, key } => get(py, id, &handle, &key),
-                    PickleJob::Set { id, handle, key, payload } => set(py, id, &handle, &key, &payload),
-                });
+                reply = Some(python_set(py, job.id, &job.handle, &job.key, &job.payload));
             }
         })
     })?;
     Ok(tx)
 }
 
-fn get(py: Python<'_>, id: u64, handle: &Handle, key: &[u8]) -> Frame {
+fn python_get(py: Python<'_>, id: u64, handle: &Handle, key: &[u8]) -> Frame {
     let value = match registry().lookup(handle).and_then(|d| d.get(key)) {
         Err(Destroyed) => return destroyed(id),
         Ok(None) => return protocol::ok_frame(id, |out| etf::put_atom(out, "not_found")),
@@ -105,15 +360,9 @@ fn get(py: Python<'_>, id: u64, handle: &Handle, key: &[u8]) -> Frame {
     };
     let failure = match pickle_loads(py, &value) {
         Ok(obj) => {
-            let (mut out, len_at) = protocol::begin_ok_frame(id, value.len() + 16);
-            out.push(etf::VERSION);
-            etf::put_tuple_header(&mut out, 2);
-            etf::put_atom(&mut out, "found");
-            match convert::encode(&obj, &mut out) {
-                Ok(()) => {
-                    protocol::finish_ok_frame(&mut out, len_at);
-                    return out;
-                }
+            let mut payload = found_payload(value.len());
+            match convert::encode(&obj, &mut payload) {
+                Ok(()) => return payload_frame(id, &payload),
                 Err(e) => Failure::Convert(e),
             }
         }
@@ -122,7 +371,7 @@ fn get(py: Python<'_>, id: u64, handle: &Handle, key: &[u8]) -> Frame {
     protocol::error_frame(Some(id), failure_reason(py, failure))
 }
 
-fn set(py: Python<'_>, id: u64, handle: &Handle, key: &[u8], payload: &[u8]) -> Frame {
+fn python_set(py: Python<'_>, id: u64, handle: &Handle, key: &[u8], payload: &[u8]) -> Frame {
     // Check first so that a dead dict is reported as such, not as a conversion error.
     let dict = match registry().lookup(handle) {
         Ok(d) => d,

@@ -13,6 +13,9 @@ from typing import Any, Literal, overload
 #: Most containers a value may nest, both ways.
 NESTING_LIMIT: int
 
+ABSENT: object
+"""SharedDict.compare_and_swap(key, ABSENT, new) stores new only if key is absent."""
+
 class CallCancelled(BaseException):
     """Raised in Python code whose Erlang caller timed out or died. A BaseException, so
     `except Exception` does not swallow it."""
@@ -58,6 +61,12 @@ class SharedDict(MutableMapping[str | bytes, Any]):
     def get(self, key: str | bytes, default: Any) -> Any: ...
     def pop(self, key: str | bytes, *default: Any) -> Any: ...
     def clear(self) -> None: ...
+    def incr(self, key: str | bytes, n: int = 1) -> int:
+        """Adds n to the int under key (a missing key counts from 0) and returns the new
+        value, atomically; TypeError if the value is not an int."""
+    def compare_and_swap(self, key: str | bytes, old: Any, new: Any) -> bool:
+        """Stores new if the value is of old's type and == old (old=ABSENT: only if the key
+        is absent), atomically; returns whether it did."""
     def destroy(self) -> None:
         """Destroys the dict (idempotent); afterwards every operation raises
         SharedDictDestroyed."""
