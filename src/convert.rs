@@ -358,7 +358,7 @@ fn decode_tagged_tuple<'py>(py: Python<'py>, r: &mut Reader<'_>, arity: usize) -
     }
     let name = probe.atom_body(tag)?;
     let parsed = match (arity, name) {
-        (2, n) if n == BYTES_TAG.as_bytes() => probe_binary(&mut probe).map(|b| PyBytes::new(py, b).into_any()),
+        (2, n) if n == BYTES_TAG.as_bytes() => etf::probe_binary(&mut probe).map(|b| PyBytes::new(py, b).into_any()),
         (4, n) if n == HANDLE_TAG.as_bytes() => probe_handle(&mut probe)
             .map(|handle| Bound::new(py, SharedDictHandle { handle }).map(Bound::into_any))
             .transpose()?,
@@ -370,35 +370,10 @@ fn decode_tagged_tuple<'py>(py: Python<'py>, r: &mut Reader<'_>, arity: usize) -
     Ok(parsed)
 }
 
-fn probe_binary<'a>(r: &mut Reader<'a>) -> Option<&'a [u8]> {
-    if r.u8().ok()? != etf::BINARY {
-        return None;
-    }
-    let n = r.u32().ok()? as usize;
-    r.bytes(n).ok()
-}
-
-fn probe_uint(r: &mut Reader<'_>) -> Option<u64> {
-    match r.u8().ok()? {
-        etf::SMALL_INTEGER => Some(r.u8().ok()? as u64),
-        etf::INTEGER => u64::try_from(r.i32().ok()?).ok(),
-        etf::SMALL_BIG => {
-            let n = r.u8().ok()? as usize;
-            if r.u8().ok()? != 0 || n > 8 {
-                return None;
-            }
-            let mut buf = [0u8; 8];
-            buf[..n].copy_from_slice(r.bytes(n).ok()?);
-            Some(u64::from_le_bytes(buf))
-        }
-        _ => None,
-    }
-}
-
 fn probe_handle(r: &mut Reader<'_>) -> Option<Handle> {
-    let generation = probe_uint(r)?;
-    let id = probe_uint(r)?;
-    let token = probe_binary(r)?.to_vec();
+    let generation = etf::probe_uint(r)?;
+    let id = etf::probe_uint(r)?;
+    let token = etf::probe_binary(r)?.to_vec();
     Some(Handle { generation, id, token })
 }
 

@@ -184,6 +184,33 @@ impl<'a> Reader<'a> {
     }
 }
 
+/// Reads a BINARY_EXT if that is what comes next (`None` otherwise; the caller rewinds).
+pub fn probe_binary<'a>(r: &mut Reader<'a>) -> Option<&'a [u8]> {
+    if r.u8().ok()? != BINARY {
+        return None;
+    }
+    let n = r.u32().ok()? as usize;
+    r.bytes(n).ok()
+}
+
+/// Reads a non-negative integer that fits in a u64 if that is what comes next.
+pub fn probe_uint(r: &mut Reader<'_>) -> Option<u64> {
+    match r.u8().ok()? {
+        SMALL_INTEGER => Some(r.u8().ok()? as u64),
+        INTEGER => u64::try_from(r.i32().ok()?).ok(),
+        SMALL_BIG => {
+            let n = r.u8().ok()? as usize;
+            if r.u8().ok()? != 0 || n > 8 {
+                return None;
+            }
+            let mut buf = [0u8; 8];
+            buf[..n].copy_from_slice(r.bytes(n).ok()?);
+            Some(u64::from_le_bytes(buf))
+        }
+        _ => None,
+    }
+}
+
 pub fn is_atom_tag(tag: u8) -> bool {
     matches!(tag, ATOM | ATOM_UTF8 | SMALL_ATOM | SMALL_ATOM_UTF8)
 }

@@ -185,8 +185,7 @@ impl Router {
         // values whose unpickling hangs can neither take the callers' workers nor wait
         // behind them.
         let decoder_cfg = PoolConfig { hot: cfg.sd_decode_workers, max: cfg.sd_decode_workers, affinity: homes::Affinity::None, ..pool_cfg };
-        let decoders = Pool::start(decoder_cfg, interp.clone(), out.clone())?;
-        let dicts = SharedDicts::start(out.clone(), decoders)?;
+        let dicts = SharedDicts::start(out.clone(), decoder_cfg, interp.clone())?;
         Ok(Router { out, pool, interp, dicts, generation: cfg.generation })
     }
 

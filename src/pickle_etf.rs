@@ -1130,11 +1130,11 @@ fn tagged_tuple<'a>(r: &mut Reader<'a>, arity: usize) -> R<Option<V<'a>>> {
     }
     let name = probe.atom_body(tag)?;
     let parsed = match (arity, name) {
-        (2, n) if n == BYTES_TAG.as_bytes() => probe_binary(&mut probe).map(|b| V::Bytes(Cow::Borrowed(b))),
+        (2, n) if n == BYTES_TAG.as_bytes() => etf::probe_binary(&mut probe).map(|b| V::Bytes(Cow::Borrowed(b))),
         (4, n) if n == HANDLE_TAG.as_bytes() => (|| {
-            let generation = probe_uint(&mut probe)?;
-            let id = probe_uint(&mut probe)?;
-            let token = Cow::Borrowed(probe_binary(&mut probe)?);
+            let generation = etf::probe_uint(&mut probe)?;
+            let id = etf::probe_uint(&mut probe)?;
+            let token = Cow::Borrowed(etf::probe_binary(&mut probe)?);
             Some(V::Handle { generation, id, token })
         })(),
         _ => None,
@@ -1143,31 +1143,6 @@ fn tagged_tuple<'a>(r: &mut Reader<'a>, arity: usize) -> R<Option<V<'a>>> {
         *r = probe;
     }
     Ok(parsed)
-}
-
-fn probe_binary<'a>(r: &mut Reader<'a>) -> Option<&'a [u8]> {
-    if r.u8().ok()? != etf::BINARY {
-        return None;
-    }
-    let n = r.u32().ok()? as usize;
-    r.bytes(n).ok()
-}
-
-fn probe_uint(r: &mut Reader<'_>) -> Option<u64> {
-    match r.u8().ok()? {
-        etf::SMALL_INTEGER => Some(r.u8().ok()? as u64),
-        etf::INTEGER => u64::try_from(r.i32().ok()?).ok(),
-        etf::SMALL_BIG => {
-            let n = r.u8().ok()? as usize;
-            if r.u8().ok()? != 0 || n > 8 {
-                return None;
-            }
-            let mut buf = [0u8; 8];
-            buf[..n].copy_from_slice(r.bytes(n).ok()?);
-            Some(u64::from_le_bytes(buf))
-        }
-        _ => None,
-    }
 }
 
 // ---------------------------------------------------------------------------------------

@@ -70,7 +70,7 @@ impl Job {
         }
     }
 
-    fn id(&self) -> u64 {
+    pub fn id(&self) -> u64 {
         match self {
             Job::Call { id, .. } | Job::Code { id, .. } | Job::Startup { id, .. } | Job::Task { id, .. } => *id,
         }

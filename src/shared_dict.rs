@@ -18,17 +18,17 @@
 
 use crate::convert;
 use crate::etf;
-use crate::exec::{failure_reason, Failure, Frame};
+use crate::exec::{failure_reason, Failure, Frame, Interp};
 use crate::framing::Outbox;
 use crate::pickle_etf::{self, Declined, Int};
-use crate::pool::{spin_for_job, Job, Pool, PYTHON_THREAD_STACK};
+use crate::pool::{spin_for_job, Job, Pool, PoolConfig, PYTHON_THREAD_STACK};
 use crate::protocol::{self, atom, Handle};
 use crate::pymodule::{counter_update, pickle_dumps, pickle_loads, registry};
 use crate::registry::{self as reg, Destroyed, Dict, GiveAwayError, Invalidation, Value};
 use crossbeam_channel::{unbounded, Sender};
 use pyo3::prelude::*;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::thread;
 
 /// Work for the pickler thread: an Erlang-side `set` whose term needs Python to convert.
@@ -50,7 +50,12 @@ pub struct SharedDictStats {
 pub struct SharedDicts {
     out: Outbox,
     pickler: Sender<PickleJob>,
-    decoders: Arc<Pool>,
+    /// Started on first use: most ports never read a value that needs Python from Erlang,
+    /// and idle Python threads cost address space (a stack and a malloc arena each), which
+    /// counts against `max_memory_bytes`.
+    decoders: OnceLock<Arc<Pool>>,
+    decoder_cfg: PoolConfig,
+    interp: Arc<Interp>,
     python_decodes: AtomicU64,
 }
 
@@ -123,27 +128,56 @@ fn found_payload(capacity: usize) -> Vec<u8> {
 }
 
 impl SharedDicts {
-    /// Starts the pickler thread and `decoders` decoding threads, and routes the registry's
-    /// invalidations into `out`.
-    pub fn start(out: Outbox, decoders: Arc<Pool>) -> std::io::Result<Arc<SharedDicts>> {
+    /// Starts the pickler thread and routes the registry's invalidations into `out`. The
+    /// decoder pool (`decoder_cfg`) starts when first needed.
+    pub fn start(out: Outbox, decoder_cfg: PoolConfig, interp: Arc<Interp>) -> std::io::Result<Arc<SharedDicts>> {
         let inv = out.clone();
         reg::set_invalidator(Box::new(move |what| inv.send(invalidation_frame(what))));
         let pickler = start_pickler(out.clone())?;
-        Ok(Arc::new(SharedDicts { out, pickler, decoders, python_decodes: AtomicU64::new(0) }))
+        Ok(Arc::new(SharedDicts {
+            out,
+            pickler,
+            decoders: OnceLock::new(),
+            decoder_cfg,
+            interp,
+            python_decodes: AtomicU64::new(0),
+        }))
     }
 
     pub fn stats(&self) -> SharedDictStats {
-        let pool = self.decoders.stats();
+        let (queued, stuck) = self.decoders.get().map_or((0, 0), |p| {
+            let s = p.stats();
+            (s.queued, s.abandoned)
+        });
         SharedDictStats {
             python_decodes: self.python_decodes.load(Ordering::Relaxed),
-            decode_queued: pool.queued,
-            decode_stuck: pool.abandoned,
+            decode_queued: queued,
+            decode_stuck: stuck,
         }
     }
 
     /// A cancelled request may be a decoding one.
     pub fn cancel(&self, id: u64) {
-        self.decoders.cancel(id);
+        if let Some(p) = self.decoders.get() {
+            p.cancel(id);
+        }
+    }
+
+    /// Runs `job` on a decoder thread, starting the pool if need be.
+    fn submit_decode(&self, job: Job) {
+        let id = job.id();
+        let pool = match self.decoders.get() {
+            Some(p) => p,
+            None => match Pool::start(self.decoder_cfg, self.interp.clone(), self.out.clone()) {
+                // Only the reader thread submits, so no other pool can be started meanwhile.
+                Ok(p) => self.decoders.get_or_init(|| p),
+                Err(e) => {
+                    let reason = protocol::tuple(vec![atom("internal_error"), protocol::binary(format!("cannot start SharedDict decoder threads: {e}").as_bytes())]);
+                    return self.out.send(protocol::error_frame(Some(id), reason));
+                }
+            },
+        };
+        pool.submit(job);
     }
 
     fn lookup(&self, id: u64, handle: &Handle) -> Option<Arc<Dict>> {
@@ -217,7 +251,7 @@ impl SharedDicts {
     /// Reads a value that needs Python on a decoder thread.
     fn decode(self: &Arc<Self>, id: u64, handle: Handle, key: Vec<u8>) {
         let me = self.clone();
-        self.decoders.submit(Job::Task {
+        self.submit_decode(Job::Task {
             id,
             what: "SharedDict get of a value that needs Python to read".into(),
             run: Box::new(move |py| {
@@ -258,7 +292,7 @@ impl SharedDicts {
             Ok(Err(Destroyed)) => self.out.send(destroyed(id)),
             Err(_declined) => {
                 let me = self.clone();
-                self.decoders.submit(Job::Task {
+                self.submit_decode(Job::Task {
                     id,
                     what: "SharedDict compare_and_swap of a value that needs Python".into(),
                     run: Box::new(move |py| {
@@ -274,7 +308,42 @@ impl SharedDicts {
 /// Compare-and-swap in Rust, or `Declined` when a value involved needs Python. The stored
 /// value, converted as a `get` returns it, must be `=:=` to `old` as Erlang gave it.
 fn plain_cas(dict: &Dict, key: &[u8], old: Option<&[u8]>, new: &[u8]) -> Result<Result<bool, Destroyed>, Declined> {
-    let new: Value = Value::from(pickle_etf::etf_to_pickle(new)?);
+    let new = Value::from(pickle_etf::etf_to_pickle(new)?);
+    cas_loop(dict, key, old, new, |current| {
+        let mut have = Vec::new();
+        pickle_etf::pickle_to_etf(current, &mut have)?;
+        Ok(have)
+    })
+}
+
+/// [`plain_cas`] with Python doing the conversions, for values it declined.
+fn python_cas(py: Python<'_>, id: u64, dict: &Dict, key: &[u8], old: Option<&[u8]>, new: &[u8]) -> Frame {
+    let attempt = || -> Result<Result<bool, Destroyed>, Failure> {
+        let new = pickle_dumps(&convert::decode(py, new).map_err(Failure::Convert)?)?;
+        cas_loop(dict, key, old, new, |current| {
+            let mut have = Vec::new();
+            convert::encode(&pickle_loads(py, current)?, &mut have).map_err(Failure::Convert)?;
+            Ok(have)
+        })
+    };
+    match attempt() {
+        Ok(Ok(b)) => bool_frame(id, b),
+        Ok(Err(Destroyed)) => destroyed(id),
+        Err(f) => protocol::error_frame(Some(id), failure_reason(py, f)),
+    }
+}
+
+/// Stores `new` if the value under `key`, as `to_etf` converts it, is `=:=` to `old` (a
+/// versioned term; `None`: only if the key is absent). The comparison runs outside the dict's
+/// lock; the swap then happens only if the entry is still the one compared, else it compares
+/// again with what is there now.
+fn cas_loop<E>(
+    dict: &Dict,
+    key: &[u8],
+    old: Option<&[u8]>,
+    new: Value,
+    to_etf: impl Fn(&Value) -> Result<Vec<u8>, E>,
+) -> Result<Result<bool, Destroyed>, E> {
     let Some(old) = old else { return Ok(dict.replace_if_same(key, None, new)) };
     let want = old.get(1..).unwrap_or_default();
     loop {
@@ -283,46 +352,13 @@ fn plain_cas(dict: &Dict, key: &[u8], old: Option<&[u8]>, new: &[u8]) -> Result<
             Ok(None) => return Ok(Ok(false)),
             Err(d) => return Ok(Err(d)),
         };
-        let mut have = Vec::new();
-        pickle_etf::pickle_to_etf(&current, &mut have)?;
-        if !pickle_etf::terms_exactly_equal(&have, want) {
+        if !pickle_etf::terms_exactly_equal(&to_etf(&current)?, want) {
             return Ok(Ok(false));
         }
-        // Changed between the read and now: compare again with what is there.
         match dict.replace_if_same(key, Some(&current), new.clone()) {
             Ok(false) => continue,
             done => return Ok(done),
         }
-    }
-}
-
-/// [`plain_cas`] with Python doing the conversions, for values it declined.
-fn python_cas(py: Python<'_>, id: u64, dict: &Dict, key: &[u8], old: Option<&[u8]>, new: &[u8]) -> Frame {
-    let attempt = || -> Result<Result<bool, Destroyed>, Failure> {
-        let new = pickle_dumps(&convert::decode(py, new).map_err(Failure::Convert)?)?;
-        let Some(old) = old else { return Ok(dict.replace_if_same(key, None, new)) };
-        let want = old.get(1..).unwrap_or_default();
-        loop {
-            let current = match dict.get(key) {
-                Ok(Some(v)) => v,
-                Ok(None) => return Ok(Ok(false)),
-                Err(d) => return Ok(Err(d)),
-            };
-            let mut have = Vec::new();
-            convert::encode(&pickle_loads(py, &current)?, &mut have).map_err(Failure::Convert)?;
-            if !pickle_etf::terms_exactly_equal(&have, want) {
-                return Ok(Ok(false));
-            }
-            match dict.replace_if_same(key, Some(&current), new.clone()) {
-                Ok(false) => continue,
-                done => return Ok(done),
-            }
-        }
-    };
-    match attempt() {
-        Ok(Ok(b)) => bool_frame(id, b),
-        Ok(Err(Destroyed)) => destroyed(id),
-        Err(f) => protocol::error_frame(Some(id), failure_reason(py, f)),
     }
 }
 
