@@ -1,4 +1,4 @@
-# Soak test (issue 4, item 7). Included from the main Makefile.
+# Soak test. Included from the main Makefile.
 #
 # `make soak`   runs ct_suites/soak_SUITE alone for PYPORT_SOAK_SECONDS seconds (600 unless set
 #               in the environment or on the command line; `make test` runs the same suite for

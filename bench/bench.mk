@@ -1,4 +1,4 @@
-# pyport benchmark (issue 5). Included from the main Makefile.
+# pyport benchmark. Included from the main Makefile.
 #
 # `make bench`        full run (7 interleaved rounds, ~2-3 min): table on stdout, JSON + CSV under
 #                     bench/results/ (timestamped and latest.*), PNG chart via bench/plot.py.

@@ -1,4 +1,4 @@
-%% @doc pyport benchmark (issue 5): measures pyport against its limits, side by
+%% @doc pyport benchmark: measures pyport against its limits, side by
 %% side, in one run interleaved over several rounds.
 %%
 %% Every round runs every case once, in the same order, and measures each
@@ -884,7 +884,7 @@ print_table(Figs, Meta) ->
       end, Figs).
 
 print_targets(Ts) ->
-    io:format("~nissue 5 targets (median ratio over rounds; min..max):~n"),
+    io:format("~ntargets (median ratio over rounds; min..max):~n"),
     lists:foreach(
       fun(#{text := T, ratio_median := R, ratio_min := Rmin, ratio_max := Rmax, met := Met,
             value_median := V, baseline_median := BV, figure := F, baseline := B}) ->

@@ -1,12 +1,12 @@
 %% Fault tolerance, cancellation, back-pressure, hostile input through the API
-%% and orphan processes (issue 4, items 1, 2, 3, 5 and 6, and the "no leaked
-%% namespaces or dicts" promise of item 7 for owners that die mid-request),
+%% and orphan processes (no leaked namespaces or dicts for owners that die
+%% mid-request),
 %% beyond what py_crash_SUITE, py_call_SUITE, py_conversion_SUITE and the
-%% wire-level pytests already cover. ct_suites/soak_SUITE.erl is item 7.
+%% wire-level pytests already cover. ct_suites/soak_SUITE.erl is the long run.
 %%
 %% Liveness is asserted with generous bounds (about 10 s: the CI box is a noisy
 %% 2-core machine); the measured times are printed with ct:pal ("fault: ...")
-%% so that a run shows the real figures next to the issue's targets (1 s to
+%% so that a run shows the real figures next to the targets (1 s to
 %% answer every caller of a crashed port, 2 s to the next successful call).
 %%
 %% Already covered elsewhere, so not repeated here: a single-caller abort /

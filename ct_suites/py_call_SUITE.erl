@@ -1,4 +1,4 @@
-%% py:call/eval/exec (issue 2): arguments, per-process namespaces and their
+%% py:call/eval/exec: arguments, per-process namespaces and their
 %% cleanup, exception shape, timeouts with interruption, stdout safety and
 %% configuration by application env.
 -module(py_call_SUITE).

@@ -1,4 +1,4 @@
-%% The conversion table of docs/PROTOCOL.md (issue 2), row by row, both
+%% The conversion table of docs/PROTOCOL.md, row by row, both
 %% directions. Values go to Python through both payload paths (eval locals and
 %% call args/kwargs), Python checks what it received, and results come back.
 -module(py_conversion_SUITE).

@@ -1,4 +1,4 @@
-%% Port crash and restart (issue 2; issue 4 item 1): every pending caller gets
+%% Port crash and restart: every pending caller gets
 %% {error, {pyport_exit, _}}, the VM and application survive, the next call
 %% succeeds within ~10 s, namespaces start empty, old SharedDict handles are
 %% destroyed, and start-up configuration is applied again.

@@ -1,6 +1,6 @@
-%% SharedDict (issue 3): the reference's examples run as written
-%% (../shared/reference/shared-dict-api.txt, with only the glue issue 3
-%% allows), the Erlang API row by row, the Python class (checks in
+%% SharedDict: the reference's examples run as written
+%% (../shared/reference/shared-dict-api.txt, with only the glue its examples
+%% need), the Erlang API row by row, the Python class (checks in
 %% shared_dict_SUITE_data/sd_helpers.py), lifecycle (owner death, give-away,
 %% destroy from either side), concurrency from both sides at once and a leak test.
 -module(shared_dict_SUITE).
@@ -73,7 +73,7 @@ init_per_testcase(_, Config) ->
 end_per_testcase(_, _Config) ->
     ok.
 
-%% The glue issue 3 allows: Python modules (shop, sd_helpers) on sys.path.
+%% The glue the examples need: Python modules (shop, sd_helpers) on sys.path.
 add_data_dir_to_sys_path(Config) ->
     DataDir = list_to_binary(?config(data_dir, Config)),
     ok = py:exec(<<"import sys\nif data_dir not in sys.path:\n    sys.path.insert(0, data_dir)\n">>,
@@ -208,7 +208,7 @@ session_state(_Config) ->
     ?assertEqual([ItemId, Item2Id], Cart),
     ok.
 
-%% As issue 3 corrects it: the handle goes in exec's locals, eval returns {ok, _}.
+%% As the reference means it: the handle goes in exec's locals, eval returns {ok, _}.
 cache_sharing(_Config) ->
     %% glue: the example's expensive_computation
     ok = py:exec(<<"def expensive_computation():\n    return sum(i * i for i in range(1000))\n">>),

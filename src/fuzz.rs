@@ -1,4 +1,4 @@
-//! Fuzzing of the ETF decoders on the stable toolchain (issue 4, item 4): `etf::validate`,
+//! Fuzzing of the ETF decoders on the stable toolchain: `etf::validate`,
 //! `protocol::decode_request` (validator + eetf on envelopes) and `convert::decode`/`encode`
 //! (ETF ↔ Python).
 //!
@@ -1814,7 +1814,7 @@ fn fuzz_seeds_are_real_frames() {
     });
 }
 
-/// The hostile inputs named in the issue, each refused with an error, none fatal: bare, as the
+/// Known hostile inputs, each refused with an error, none fatal: bare, as the
 /// payload binary of a call, and inline where the envelope's payload should be.
 #[test]
 fn fuzz_named_hostile_inputs_are_errors() {
