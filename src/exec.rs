@@ -30,6 +30,13 @@ pub enum Mode {
 /// The result of a request: a reply frame body ready for the writer.
 pub type Frame = Vec<u8>;
 
+/// What a `call` or `eval` came to: a reply, or a coroutine (the call of an `async def`
+/// function) to await before there is one (see `aio`).
+pub enum Outcome {
+    Reply(Frame),
+    Coroutine(Py<PyAny>),
+}
+
 /// State shared by all threads that run Python.
 pub struct Interp {
     namespaces: Mutex<HashMap<Owner, Py<PyDict>>>,
@@ -98,7 +105,7 @@ impl Interp {
     }
 
     /// `eval`/`exec`: binds the locals into the owner's namespace, then runs the code there.
-    pub fn run_code(&self, py: Python<'_>, id: u64, owner: &Owner, code: &str, payload: &[u8], mode: Mode) -> Frame {
+    pub fn run_code(&self, py: Python<'_>, id: u64, owner: &Owner, code: &str, payload: &[u8], mode: Mode) -> Outcome {
         let _caller = crate::pylog::CallerGuard::set(owner);
         let result = (|| -> Result<Bound<'_, PyAny>, Failure> {
             let ns = self.namespace(py, owner)?;
@@ -114,12 +121,12 @@ impl Interp {
             };
             Ok(if mode == Mode::Exec { py.None().into_bound(py) } else { value })
         })();
-        finish(py, id, result)
+        finish_or_await(py, id, result)
     }
 
     /// `call`: `Module.Function(*Args, **Kwargs)`, or a function of the owner's namespace
     /// when the module is `__main__`.
-    pub fn run_call(&self, py: Python<'_>, id: u64, owner: &Owner, module: &str, function: &str, payload: &[u8]) -> Frame {
+    pub fn run_call(&self, py: Python<'_>, id: u64, owner: &Owner, module: &str, function: &str, payload: &[u8]) -> Outcome {
         let _caller = crate::pylog::CallerGuard::set(owner);
         let result = (|| -> Result<Bound<'_, PyAny>, Failure> {
             let target = self.resolve(py, owner, module, function)?;
@@ -141,7 +148,7 @@ impl Interp {
             let kwargs = if kwargs.is_empty() { None } else { Some(kwargs) };
             Ok(target.call(args, kwargs)?)
         })();
-        finish(py, id, result)
+        finish_or_await(py, id, result)
     }
 
     /// The builtins that read the calling frame (`eval`, `exec`, `vars`, `dir`, `locals`,
@@ -303,6 +310,20 @@ impl From<ConvertError> for Failure {
     fn from(e: ConvertError) -> Self {
         Failure::Convert(e)
     }
+}
+
+/// A coroutine result is handed back to be awaited; anything else becomes the reply.
+fn finish_or_await(py: Python<'_>, id: u64, result: Result<Bound<'_, PyAny>, Failure>) -> Outcome {
+    match result {
+        Ok(value) if is_coroutine(&value) => Outcome::Coroutine(value.unbind()),
+        other => Outcome::Reply(finish(py, id, other)),
+    }
+}
+
+/// Whether a result is a coroutine (what calling an `async def` function returns).
+fn is_coroutine(value: &Bound<'_, PyAny>) -> bool {
+    // SAFETY: a type check of a live object; the GIL is held (the Bound proves it).
+    unsafe { ffi::PyCoro_CheckExact(value.as_ptr()) != 0 }
 }
 
 /// Encodes a result as `{Id, ok, <<Term>>}` or a failure as `{Id, error, Reason}`.

@@ -3,10 +3,12 @@
 //! Threads: the main thread reads request frames and routes them, and answers heartbeats,
 //! stats and SharedDict bookkeeping itself, never waiting for the GIL; worker threads run
 //! Python (see `pool`); a canceller that never takes the GIL and a raiser that does deliver
-//! cancellations, and the canceller is the GIL watchdog (see `cancel`); one thread serves
+//! cancellations, and the canceller is the GIL watchdog (see `cancel`); one thread, started
+//! on first use, runs the asyncio event loop that awaits coroutines (see `aio`); one serves
 //! Erlang-side SharedDict get/set; one writes reply frames; two drain Python's stdout and
 //! stderr into log frames. docs/PROTOCOL.md is the contract.
 
+mod aio;
 mod cancel;
 mod config;
 mod convert;
@@ -31,6 +33,7 @@ mod shared_dict;
 mod shutdown;
 mod stdio;
 
+use crate::aio::Aio;
 use crate::config::Config;
 use crate::exec::{Interp, Mode};
 use crate::framing::{FrameReader, Outbox, ReadError};
@@ -162,6 +165,7 @@ struct Router {
     pool: Arc<Pool>,
     interp: Arc<Interp>,
     dicts: Arc<SharedDicts>,
+    aio: Arc<Aio>,
     generation: u64,
 }
 
@@ -180,13 +184,14 @@ impl Router {
                 gil_watchdog: cfg.gil_watchdog,
             },
         };
-        let pool = Pool::start(pool_cfg, interp.clone(), out.clone())?;
+        let aio = Aio::new(out.clone())?;
+        let pool = Pool::start(pool_cfg, interp.clone(), out.clone(), Some(aio.clone()))?;
         // Reading SharedDict values that need Python gets a small pool of its own, so that
         // values whose unpickling hangs can neither take the callers' workers nor wait
         // behind them.
         let decoder_cfg = PoolConfig { hot: cfg.sd_decode_workers, max: cfg.sd_decode_workers, affinity: homes::Affinity::None, ..pool_cfg };
         let dicts = SharedDicts::start(out.clone(), decoder_cfg, interp.clone())?;
-        Ok(Router { out, pool, interp, dicts, generation: cfg.generation })
+        Ok(Router { out, pool, interp, dicts, aio, generation: cfg.generation })
     }
 
     fn send(&self, frame: Vec<u8>) {
@@ -212,6 +217,7 @@ impl Router {
             Request::Cancel { id } => {
                 self.pool.cancel(id);
                 self.dicts.cancel(id);
+                self.aio.cancel(id, |id| self.pool.holds(id));
             }
             Request::OwnerDown { owner } => {
                 pymodule::registry().drop_owner(&owner);
@@ -239,7 +245,7 @@ impl Router {
         let reg = pymodule::registry().stats();
         let pool = self.pool.stats();
         let sd = self.dicts.stats();
-        let entries: [(&str, u64); 9] = [
+        let entries: [(&str, u64); 10] = [
             ("dicts", reg.dicts as u64),
             ("dict_keys", reg.keys as u64),
             ("dict_bytes", reg.bytes as u64),
@@ -248,6 +254,7 @@ impl Router {
             ("busy_workers", pool.busy as u64),
             ("queued", pool.queued as u64),
             ("abandoned_workers", pool.abandoned as u64),
+            ("async_tasks", self.aio.running() as u64),
             ("generation", self.generation),
         ];
         // Per worker thread: processes homed there, requests queued there.

@@ -21,8 +21,9 @@
 //!   too late before a worker's next request. The processes homed on a written-off worker
 //!   move to another: their namespaces survive, objects bound to the old thread may not.
 
+use crate::aio::Aio;
 use crate::cancel::{CancelConfig, Canceller, Describe, Running, Slot};
-use crate::exec::{Frame, Interp, Mode};
+use crate::exec::{Frame, Interp, Mode, Outcome};
 use crate::framing::Outbox;
 use crate::homes::{self, Affinity, Candidate, Choice, HomeTable};
 use crate::protocol::{self, atom, binary, tuple, Owner};
@@ -37,8 +38,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-/// Python recursion and our converters recurse; give every Python thread room for both.
-pub const PYTHON_THREAD_STACK: usize = 16 << 20;
+pub use crate::python::PYTHON_THREAD_STACK;
 
 pub enum Job {
     Call { id: u64, owner: Owner, module: String, function: String, payload: Vec<u8> },
@@ -76,15 +76,18 @@ impl Job {
         }
     }
 
-    fn run(&self, py: Python<'_>, interp: &Interp) -> Frame {
-        match self {
+    fn run(&self, py: Python<'_>, interp: &Interp) -> Outcome {
+        let frame = match self {
             Job::Call { id, owner, module, function, payload } => {
-                interp.run_call(py, *id, owner, module, function, payload)
+                return interp.run_call(py, *id, owner, module, function, payload)
             }
-            Job::Code { id, owner, code, payload, mode } => interp.run_code(py, *id, owner, code, payload, *mode),
+            Job::Code { id, owner, code, payload, mode } => {
+                return interp.run_code(py, *id, owner, code, payload, *mode)
+            }
             Job::Startup { id, sys_path, code } => interp.run_startup(py, *id, sys_path, code),
             Job::Task { run, .. } => run(py),
-        }
+        };
+        Outcome::Reply(frame)
     }
 }
 
@@ -129,6 +132,9 @@ pub struct Pool {
     canceller: Arc<Canceller>,
     kick_tx: Sender<()>,
     sched: Mutex<Sched>,
+    /// Where coroutines go to be awaited; None in a pool whose jobs never make one (the
+    /// SharedDict decoders).
+    aio: Option<Arc<Aio>>,
 }
 
 /// The live workers and the processes' homes. Lock order: `sched`, then the canceller's
@@ -172,7 +178,7 @@ pub struct PoolStats {
 
 impl Pool {
     /// Creates the pool and starts its hot workers, the spare manager and the canceller.
-    pub fn start(cfg: PoolConfig, interp: Arc<Interp>, out: Outbox) -> std::io::Result<Arc<Pool>> {
+    pub fn start(cfg: PoolConfig, interp: Arc<Interp>, out: Outbox, aio: Option<Arc<Aio>>) -> std::io::Result<Arc<Pool>> {
         let (jobs_tx, jobs_rx) = unbounded();
         let (kick_tx, kick_rx) = bounded(1);
         // A written-off worker no longer counts, and the processes homed there need a new
@@ -192,6 +198,7 @@ impl Pool {
             canceller,
             kick_tx,
             sched: Mutex::new(Sched::default()),
+            aio,
         });
         for _ in 0..cfg.hot.max(1) {
             pool.spawn_worker(&mut pool.sched.lock(), true)?;
@@ -289,6 +296,12 @@ impl Pool {
     /// Asks for request `id` to be cancelled (returns at once; the work needs the GIL).
     pub fn cancel(&self, id: u64) {
         self.canceller.cancel(id);
+    }
+
+    /// Whether request `id` is queued or running here (it may yet return a coroutine).
+    pub fn holds(&self, id: u64) -> bool {
+        let t = self.canceller.tracking.lock();
+        t.queued.contains(&id) || t.running.contains_key(&id) || t.cancelled.contains(&id)
     }
 
     pub fn stats(&self) -> PoolStats {
@@ -409,7 +422,7 @@ impl Pool {
                 if idle_now == 0 && !self.jobs_rx.is_empty() {
                     let _ = self.kick_tx.try_send(());
                 }
-                reply = Some(self.run_tracked(py, &slot, &job));
+                reply = self.run_tracked(py, &slot, &job);
                 me.running.store(false, Ordering::Release);
                 // Back from a request it was written off for: an ordinary worker again.
                 me.written_off.store(false, Ordering::Release);
@@ -482,7 +495,9 @@ impl Pool {
         }
     }
 
-    fn run_tracked(&self, py: Python<'_>, slot: &Arc<Slot>, job: &Arc<Job>) -> Frame {
+    /// Runs `job`; returns its reply, or None when a coroutine went to the event loop, which
+    /// answers.
+    fn run_tracked(&self, py: Python<'_>, slot: &Arc<Slot>, job: &Arc<Job>) -> Option<Frame> {
         let id = job.id();
         {
             let mut t = self.canceller.tracking.lock();
@@ -494,19 +509,20 @@ impl Pool {
                 if let (true, Some(owner)) = (last, job.owner()) {
                     self.free_namespace(owner);
                 }
-                return protocol::error_frame(Some(id), atom("cancelled"));
+                return Some(protocol::error_frame(Some(id), atom("cancelled")));
             }
             t.running.insert(id, Running::new(slot.clone(), job.clone()));
         }
-        let frame = catch_unwind(AssertUnwindSafe(|| job.run(py, &self.interp))).unwrap_or_else(|panic| {
+        let outcome = catch_unwind(AssertUnwindSafe(|| job.run(py, &self.interp))).unwrap_or_else(|panic| {
             let msg = panic_message(&panic);
-            protocol::error_frame(Some(id), tuple(vec![atom("internal_error"), binary(msg.as_bytes())]))
+            Outcome::Reply(protocol::error_frame(Some(id), tuple(vec![atom("internal_error"), binary(msg.as_bytes())])))
         });
         if crate::forks::in_forked_child() {
             // Python code forked and the child returned here: the rest is the parent's.
             // SAFETY: _exit ends the child without touching state it shares with the parent.
             unsafe { libc::_exit(0) }
         }
+        let frame = self.hand_off(py, id, outcome);
         let free_namespace = {
             let mut t = self.canceller.tracking.lock();
             t.running.remove(&id);
@@ -522,6 +538,16 @@ impl Pool {
         // A cancel that arrived after the code finished must not hit the next request.
         slot.clear_pending_cancel(py);
         frame
+    }
+
+    /// A coroutine goes to the event loop while the request still counts as running, so
+    /// that a cancel arriving meanwhile is kept for its task (see `aio`).
+    fn hand_off(&self, py: Python<'_>, id: u64, outcome: Outcome) -> Option<Frame> {
+        match (outcome, &self.aio) {
+            (Outcome::Reply(frame), _) => Some(frame),
+            (Outcome::Coroutine(coro), Some(aio)) => aio.hand_off(py, id, coro),
+            (Outcome::Coroutine(coro), None) => Some(crate::exec::finish(py, id, Ok(coro.into_bound(py)))),
+        }
     }
 }
 

@@ -9,6 +9,9 @@ use pyo3::ffi;
 use std::ffi::{CStr, CString};
 use std::sync::Once;
 
+/// Python recursion and our converters recurse; give every Python thread room for both.
+pub const PYTHON_THREAD_STACK: usize = 16 << 20;
+
 /// The interpreter this binary was built against.
 pub const BUILD_HOME: &str = env!("PYPORT_PYTHON_HOME");
 pub const BUILD_EXECUTABLE: &str = env!("PYPORT_PYTHON_EXECUTABLE");
