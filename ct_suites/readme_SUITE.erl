@@ -5,9 +5,9 @@
 -include_lib("common_test/include/ct.hrl").
 
 -export([all/0, init_per_suite/1, end_per_suite/1]).
--export([intro/1, examples/1, shared_dict/1, shared_dict_atomic/1, per_process_state/1]).
+-export([intro/1, examples/1, async_def/1, shared_dict/1, shared_dict_atomic/1, per_process_state/1]).
 
-all() -> [intro, examples, shared_dict, shared_dict_atomic, per_process_state].
+all() -> [intro, examples, async_def, shared_dict, shared_dict_atomic, per_process_state].
 
 init_per_suite(Config) ->
     _ = pyport_ct_lib:start_app(),
@@ -38,6 +38,10 @@ examples(_Config) ->
     {ok, <<"bytes">>} = py:eval(<<"type(b).__name__">>, #{b => py:bytes(<<"abc">>)}),
     {ok, <<"str">>} = py:eval(<<"type(s).__name__">>, #{s => <<"abc">>}),
     {error, timeout} = py:eval(<<"__import__('time').sleep(10)">>, #{}, 100).
+
+%% The Erlang block under "async def", read from README.md and evaluated as written.
+async_def(_Config) ->
+    eval_block(readme_block("### async def")).
 
 %% The Erlang block under "SharedDict".
 shared_dict(_Config) ->
