@@ -58,6 +58,39 @@ struct Inbox {
     broken: Option<Term>,
 }
 
+impl Inbox {
+    /// Admits request `id` for a hand-off: Ok(whether it was cancelled before it came), or
+    /// the reason to answer it with when the loop cannot run.
+    fn admit(&mut self, id: u64) -> Result<bool, Term> {
+        if let Some(reason) = &self.broken {
+            return Err(reason.clone());
+        }
+        self.live.insert(id);
+        Ok(self.early.remove(&id))
+    }
+
+    /// Records the cancel of request `id`; returns true when it was queued for the loop (a
+    /// live task), which must then be woken. See [`Aio::cancel`].
+    fn cancel(&mut self, id: u64, in_pool: impl Fn(u64) -> bool) -> bool {
+        if self.live.contains(&id) {
+            self.messages.push(Message::Cancel(id));
+            return true;
+        }
+        if in_pool(id) {
+            // Cancels of requests that finished without a coroutine are dropped here, so the
+            // set holds at most the requests in the pool.
+            self.early.retain(|e| in_pool(*e));
+            self.early.insert(id);
+        }
+        false
+    }
+
+    /// Request `id` was answered; returns whether it was live.
+    fn answered(&mut self, id: u64) -> bool {
+        self.live.remove(&id)
+    }
+}
+
 /// A task on the loop, as the loop thread tracks it.
 struct Task {
     task: Py<PyAny>,
@@ -104,14 +137,15 @@ impl Aio {
     pub fn hand_off(self: &Arc<Self>, py: Python<'_>, id: u64, coro: Py<PyAny>) -> Option<Frame> {
         self.start_loop_once();
         let mut inbox = self.inbox.lock();
-        if let Some(reason) = inbox.broken.clone() {
-            drop(inbox);
-            // Never awaited: closing it spares a "coroutine was never awaited" warning.
-            let _ = coro.bind(py).call_method0("close");
-            return Some(protocol::error_frame(Some(id), reason));
-        }
-        let cancelled = inbox.early.remove(&id);
-        inbox.live.insert(id);
+        let cancelled = match inbox.admit(id) {
+            Ok(cancelled) => cancelled,
+            Err(reason) => {
+                drop(inbox);
+                // Never awaited: closing it spares a "coroutine was never awaited" warning.
+                let _ = coro.bind(py).call_method0("close");
+                return Some(protocol::error_frame(Some(id), reason));
+            }
+        };
         inbox.messages.push(Message::Start { id, coro, cancelled });
         self.running.fetch_add(1, Ordering::AcqRel);
         drop(inbox);
@@ -123,17 +157,9 @@ impl Aio {
     /// whether the pool still holds request `id` (queued or running): such a request may yet
     /// return a coroutine, so its cancel is kept until it is handed over or done.
     pub fn cancel(&self, id: u64, in_pool: impl Fn(u64) -> bool) {
-        let mut inbox = self.inbox.lock();
-        if inbox.live.contains(&id) {
-            inbox.messages.push(Message::Cancel(id));
-            drop(inbox);
-            return self.wake();
-        }
-        if in_pool(id) {
-            // Cancels of requests that finished without a coroutine are dropped here, so the
-            // set holds at most the requests in the pool.
-            inbox.early.retain(|e| in_pool(*e));
-            inbox.early.insert(id);
+        let queued = self.inbox.lock().cancel(id, in_pool);
+        if queued {
+            self.wake();
         }
     }
 
@@ -272,11 +298,9 @@ impl Aio {
 
     /// Queues the reply of request `id` (only queues: the caller is attached to Python).
     fn answer(&self, id: u64, frame: Frame) {
-        let mut inbox = self.inbox.lock();
-        if inbox.live.remove(&id) {
+        if self.inbox.lock().answered(id) {
             self.running.fetch_sub(1, Ordering::AcqRel);
         }
-        drop(inbox);
         self.out.send(frame);
     }
 
@@ -329,4 +353,58 @@ fn nonblocking_pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
     }
     // SAFETY: both descriptors were just created and are owned by nobody else.
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn admitted(inbox: &mut Inbox, id: u64) -> bool {
+        match inbox.admit(id) {
+            Ok(cancelled) => cancelled,
+            Err(_) => panic!("the loop is not broken here"),
+        }
+    }
+
+    #[test]
+    fn a_cancel_before_the_hand_off_cancels_the_task_at_once() {
+        let mut inbox = Inbox::default();
+        // The request is still in the pool (its call runs): kept, no message yet.
+        assert!(!inbox.cancel(7, |id| id == 7));
+        assert!(inbox.messages.is_empty());
+        assert!(admitted(&mut inbox, 7), "the hand-off must see the early cancel");
+        assert!(inbox.early.is_empty());
+    }
+
+    #[test]
+    fn a_cancel_after_the_hand_off_goes_to_the_loop() {
+        let mut inbox = Inbox::default();
+        assert!(!admitted(&mut inbox, 8));
+        assert!(inbox.cancel(8, |_| false));
+        assert!(matches!(inbox.messages.as_slice(), [Message::Cancel(8)]));
+        // Answered: a late cancel is dropped.
+        assert!(inbox.answered(8));
+        inbox.messages.clear();
+        assert!(!inbox.cancel(8, |_| false));
+        assert!(inbox.messages.is_empty() && inbox.early.is_empty());
+    }
+
+    #[test]
+    fn cancels_of_requests_that_left_the_pool_are_not_kept() {
+        let mut inbox = Inbox::default();
+        // Not in the pool and not live: a finished synchronous call.
+        assert!(!inbox.cancel(1, |_| false));
+        assert!(inbox.early.is_empty());
+        // Kept while in the pool, dropped by the next cancel once it has left it.
+        assert!(!inbox.cancel(2, |id| id == 2));
+        assert!(!inbox.cancel(3, |id| id == 3));
+        assert_eq!(inbox.early.iter().copied().collect::<Vec<_>>(), vec![3]);
+    }
+
+    #[test]
+    fn a_broken_loop_answers_every_hand_off() {
+        let mut inbox = Inbox { broken: Some(internal_error("no loop")), ..Inbox::default() };
+        assert!(inbox.admit(9).is_err());
+        assert!(inbox.live.is_empty());
+    }
 }
