@@ -105,7 +105,10 @@ call(Module, Function, Args, Kwargs) ->
 %% result. `Module' `__main__' means the caller's own namespace; any other
 %% module is imported. `Function' may be a dotted path inside the module.
 %% Kwargs is a map or a keyword list (`[{reverse, true}]', Elixir's
-%% `[reverse: true]'); keys may be atoms or binaries.
+%% `[reverse: true]'); keys may be atoms or binaries. When the result is a
+%% coroutine (an `async def' function was called), the port awaits it on its
+%% asyncio event loop and returns the coroutine's result; a timeout cancels
+%% the task (README "async def").
 -spec call(name(), name(), list(), kwargs(), timeout()) -> result(term()).
 call(Module, Function, Args, Kwargs, Timeout)
   when is_list(Args), (is_map(Kwargs) orelse is_list(Kwargs)), ?IS_TIMEOUT(Timeout) ->
@@ -132,7 +135,7 @@ eval(Code, Locals) ->
 
 %% @doc Evaluates the Python expression `Code' in the caller's namespace,
 %% after binding every entry of `Locals' as a variable there, and returns its
-%% value.
+%% value (awaited first when it is a coroutine, as for {@link call/5}).
 -spec eval(code(), locals(), timeout()) -> result(term()).
 eval(Code, Locals, Timeout) when is_map(Locals), ?IS_TIMEOUT(Timeout) ->
     C = code(Code),
@@ -352,7 +355,8 @@ shared_dict_destroy(_SD) ->
 %%====================================================================
 
 %% @doc What the port holds (`dicts', `dict_keys', `dict_bytes',
-%% `namespaces', `workers', `busy_workers', `queued', see `docs/PROTOCOL.md')
+%% `namespaces', `workers', `busy_workers', `queued', `async_tasks' (coroutines
+%% being awaited), see `docs/PROTOCOL.md')
 %% plus Erlang-side numbers: `pending' requests, `owners' (monitored
 %% processes), `generation', `restarts', `port' (`up' | `down'), `last_exit',
 %% `os_pid'. `shared_dict' is a map: the VM's read cache (`cache_hits',

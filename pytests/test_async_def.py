@@ -75,3 +75,18 @@ def test_cancel_while_the_call_that_makes_the_coroutine_runs(port):
     assert port.err(rid) == A("cancelled")
     wait_until(lambda: port.stats()["async_tasks"] == 0, 10, "no task left")
     assert (b"completed", b"c2") not in port.eval_ok("log")
+
+
+def test_a_cancelled_task_is_never_answered_ok_even_if_it_swallows_the_cancel(port):
+    port.exec_ok(
+        "import asyncio\nswallowed = []\n"
+        "async def stubborn():\n"
+        "    swallowed.append(0)\n"
+        "    try:\n        await asyncio.sleep(30)\n"
+        "    except asyncio.CancelledError:\n        swallowed.append(1)\n        return 'swallowed'\n"
+    )
+    rid = port.call("__main__", "stubborn")
+    wait_until(lambda: port.eval_ok("swallowed") == [0], 10, "the coroutine to reach its await")
+    port.cancel(rid)
+    assert port.err(rid) == A("cancelled")
+    assert port.eval_ok("swallowed") == [0, 1]
