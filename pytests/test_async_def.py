@@ -90,3 +90,12 @@ def test_a_cancelled_task_is_never_answered_ok_even_if_it_swallows_the_cancel(po
     port.cancel(rid)
     assert port.err(rid) == A("cancelled")
     assert port.eval_ok("swallowed") == [0, 1]
+
+
+def test_system_exit_in_a_coroutine_is_its_error_and_the_loop_runs_on(port):
+    port.exec_ok("import asyncio\nasync def leave():\n    await asyncio.sleep(0)\n    raise SystemExit(3)\n"
+                 "async def stop_loop():\n    asyncio.get_running_loop().stop()\n    await asyncio.sleep(0.01)\n    return 'still here'\n")
+    reason = port.err(port.call("__main__", "leave"))
+    assert reason[0] == A("python") and reason[1] == A("SystemExit") and reason[2] == b"3", reason
+    assert port.ok(port.call("__main__", "stop_loop")) == b"still here"
+    assert port.ok(port.eval("stop_loop()")) == b"still here"

@@ -219,10 +219,12 @@ impl Aio {
         event_loop.call_method1("add_reader", (self.wake_rx.as_raw_fd(), drain))?;
         // Hand-offs queued before the loop watched the pipe left their byte in it.
         loop {
-            // Python code may stop the loop (`loop.stop()`); it simply runs on.
-            event_loop.call_method0("run_forever")?;
+            // Python code may stop the loop (`loop.stop()`): it simply runs on. A coroutine's
+            // SystemExit or KeyboardInterrupt comes out of run_forever after asyncio has made
+            // it its task's exception (which answers that request): the loop runs on too.
+            let stopped = event_loop.call_method0("run_forever").err();
             if event_loop.call_method0("is_closed")?.is_truthy()? {
-                return Err(PyRuntimeError::new_err("the event loop was closed"));
+                return Err(stopped.unwrap_or_else(|| PyRuntimeError::new_err("the event loop was closed")));
             }
         }
     }
