@@ -41,6 +41,7 @@
          shared_dict_get/2, shared_dict_get/3, shared_dict_set/3,
          shared_dict_del/2, shared_dict_keys/1, shared_dict_destroy/1,
          shared_dict_update_counter/3, shared_dict_compare_and_swap/4,
+         register_function/2, register_function/3, unregister_function/1,
          stats/0]).
 
 -export_type([name/0, code/0, kwargs/0, locals/0, result/1, error_reason/0,
@@ -114,7 +115,7 @@ call(Module, Function, Args, Kwargs, Timeout)
     is_proper_list(Args) orelse erlang:error(badarg),
     Payload = term_to_binary({Args, kwargs(Kwargs)}, ?T2B_OPTS),
     Id = new_id(),
-    Frame = term_to_binary({call, Id, self(), M, F, Payload}, ?T2B_OPTS),
+    Frame = term_to_binary(chained({call, Id, pyport_callbacks:owner(), M, F, Payload}), ?T2B_OPTS),
     decoded(request(Id, Frame, Timeout));
 call(_Module, _Function, _Args, _Kwargs, _Timeout) ->
     erlang:error(badarg).
@@ -138,7 +139,7 @@ eval(Code, Locals, Timeout) when is_map(Locals), ?IS_TIMEOUT(Timeout) ->
     C = code(Code),
     Payload = term_to_binary(locals(Locals), ?T2B_OPTS),
     Id = new_id(),
-    Frame = term_to_binary({eval, Id, self(), C, Payload}, ?T2B_OPTS),
+    Frame = term_to_binary(chained({eval, Id, pyport_callbacks:owner(), C, Payload}), ?T2B_OPTS),
     decoded(request(Id, Frame, Timeout));
 eval(_Code, _Locals, _Timeout) ->
     erlang:error(badarg).
@@ -161,7 +162,7 @@ exec(Code, Locals, Timeout) when is_map(Locals), ?IS_TIMEOUT(Timeout) ->
     C = code(Code),
     Payload = term_to_binary(locals(Locals), ?T2B_OPTS),
     Id = new_id(),
-    Frame = term_to_binary({exec, Id, self(), C, Payload}, ?T2B_OPTS),
+    Frame = term_to_binary(chained({exec, Id, pyport_callbacks:owner(), C, Payload}), ?T2B_OPTS),
     case request(Id, Frame, Timeout) of
         {ok, _Payload} -> ok;
         {error, _} = Error -> Error
@@ -348,6 +349,46 @@ shared_dict_destroy(_SD) ->
     erlang:error(badarg).
 
 %%====================================================================
+%% Callbacks: Python calling Erlang
+%%====================================================================
+
+%% @doc Registers `Fun' as the function Python calls as `Name':
+%% `erlang.call("Name", A, B)', `erlang.Name(A, B)' or `from erlang import Name'.
+%% `Fun' gets the argument list (`[A, B]'); its result goes back to Python
+%% through the conversion table, and an exception it raises becomes
+%% `erlang.ErlangError' there. It runs in a process of its own (not the
+%% caller's); `py:call/3' and friends made from it run on the Python thread
+%% that waits for it. `Name' is an atom or a binary; replaces an earlier
+%% registration of the same name.
+-spec register_function(atom() | binary(), fun((list()) -> term())) -> ok.
+register_function(Name, Fun) when is_function(Fun, 1) ->
+    pyport_callbacks:register(function_name(Name), Fun);
+register_function(_Name, _Fun) ->
+    erlang:error(badarg).
+
+%% @doc Registers `Module:Function/1' (called with the argument list) as the
+%% function Python calls as `Name'; see {@link register_function/2}.
+-spec register_function(atom() | binary(), module(), atom()) -> ok.
+register_function(Name, Module, Function) when is_atom(Module), is_atom(Function) ->
+    pyport_callbacks:register(function_name(Name), {Module, Function});
+register_function(_Name, _Module, _Function) ->
+    erlang:error(badarg).
+
+%% @doc Removes the function registered as `Name'; `ok' also if there is none.
+%% Python calling it afterwards gets `erlang.UnknownFunction'.
+-spec unregister_function(atom() | binary()) -> ok.
+unregister_function(Name) ->
+    pyport_callbacks:unregister(function_name(Name)).
+
+-spec function_name(term()) -> binary().
+function_name(Name) ->
+    case name(Name) of
+        <<"$", _/binary>> -> erlang:error(badarg);   % reserved for pyport itself
+        <<>> -> erlang:error(badarg);
+        B -> B
+    end.
+
+%%====================================================================
 %% stats
 %%====================================================================
 
@@ -384,6 +425,16 @@ stats() ->
 %%====================================================================
 %% Internal: requests
 %%====================================================================
+
+%% A request made by a callback's process names the callback: the port runs it
+%% on the Python thread that waits for that callback (and in the namespace of
+%% the process whose call made the callback, see pyport_callbacks:owner/0).
+-spec chained(tuple()) -> tuple().
+chained(Request) ->
+    case pyport_callbacks:chain() of
+        undefined -> Request;
+        Chain -> erlang:append_element(Request, Chain)
+    end.
 
 -spec new_id() -> pos_integer().
 new_id() ->

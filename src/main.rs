@@ -7,6 +7,7 @@
 //! Erlang-side SharedDict get/set; one writes reply frames; two drain Python's stdout and
 //! stderr into log frames. docs/PROTOCOL.md is the contract.
 
+mod callbacks;
 mod cancel;
 mod config;
 mod convert;
@@ -115,6 +116,9 @@ fn main() {
     if let Err(e) = pylog::install_handler() {
         out_tx.log("warning", "pyport", e.as_bytes());
     }
+    if let Err(e) = pyo3::Python::attach(callbacks::register) {
+        out_tx.log("warning", "pyport", format!("cannot add callbacks to the erlang module: {e}").as_bytes());
+    }
     let router = match Router::start(&cfg, out_tx.clone()) {
         Ok(r) => r,
         Err(e) => fatal(&out_tx, EXIT_IO, &format!("cannot start threads: {e}")),
@@ -160,6 +164,7 @@ fn fatal(out: &Outbox, code: i32, msg: &str) -> ! {
 struct Router {
     out: Outbox,
     pool: Arc<Pool>,
+    callbacks: Arc<callbacks::Callbacks>,
     interp: Arc<Interp>,
     dicts: Arc<SharedDicts>,
     generation: u64,
@@ -186,7 +191,9 @@ impl Router {
         // behind them.
         let decoder_cfg = PoolConfig { hot: cfg.sd_decode_workers, max: cfg.sd_decode_workers, affinity: homes::Affinity::None, ..pool_cfg };
         let dicts = SharedDicts::start(out.clone(), decoder_cfg, interp.clone())?;
-        Ok(Router { out, pool, interp, dicts, generation: cfg.generation })
+        let callbacks = callbacks::Callbacks::install(out.clone(), interp.clone(), cfg.callback_timeout, cfg.node.clone());
+        callbacks.set_pool(pool.clone());
+        Ok(Router { out, pool, callbacks, interp, dicts, generation: cfg.generation })
     }
 
     fn send(&self, frame: Vec<u8>) {
@@ -199,15 +206,16 @@ impl Router {
             Err(bad) => return self.send(protocol::error_frame(bad.id, bad.to_term())),
         };
         match req {
-            Request::Call { id, owner, module, function, payload } => {
-                self.pool.submit(Job::Call { id, owner, module, function, payload })
+            Request::Call { id, owner, module, function, payload, chain } => {
+                self.run(chain, Job::Call { id, owner, module, function, payload })
             }
-            Request::Eval { id, owner, code, payload } => {
-                self.pool.submit(Job::Code { id, owner, code, payload, mode: Mode::Eval })
+            Request::Eval { id, owner, code, payload, chain } => {
+                self.run(chain, Job::Code { id, owner, code, payload, mode: Mode::Eval })
             }
-            Request::Exec { id, owner, code, payload } => {
-                self.pool.submit(Job::Code { id, owner, code, payload, mode: Mode::Exec })
+            Request::Exec { id, owner, code, payload, chain } => {
+                self.run(chain, Job::Code { id, owner, code, payload, mode: Mode::Exec })
             }
+            Request::CallbackReply { id, ok, payload } => self.callbacks.reply(id, ok, payload),
             Request::Startup { id, sys_path, code } => self.pool.submit(Job::Startup { id, sys_path, code }),
             Request::Cancel { id } => {
                 self.pool.cancel(id);
@@ -232,6 +240,18 @@ impl Router {
             Request::SdGiveAway { id, handle, owner, caller } => {
                 self.dicts.give_away(id, &handle, owner, caller.as_ref())
             }
+        }
+    }
+
+    /// A request made from inside a callback runs on the thread waiting for that callback;
+    /// any other in the pool.
+    fn run(&self, chain: Option<u64>, job: Job) {
+        let job = match chain {
+            Some(c) => self.callbacks.nested(c, job),
+            None => Some(job),
+        };
+        if let Some(job) = job {
+            self.pool.submit(job);
         }
     }
 

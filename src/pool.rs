@@ -76,7 +76,7 @@ impl Job {
         }
     }
 
-    fn run(&self, py: Python<'_>, interp: &Interp) -> Frame {
+    pub fn run(&self, py: Python<'_>, interp: &Interp) -> Frame {
         match self {
             Job::Call { id, owner, module, function, payload } => {
                 interp.run_call(py, *id, owner, module, function, payload)
@@ -391,6 +391,7 @@ impl Pool {
     fn worker_loop(self: Arc<Self>, me: Arc<Worker>) {
         Python::attach(|py| {
             let slot = Arc::new(Slot::current(me.id));
+            crate::cancel::set_current_slot(slot.clone());
             let mut reply: Option<Frame> = None;
             loop {
                 self.idle.fetch_add(1, Ordering::AcqRel);
