@@ -229,8 +229,9 @@ await(Ref) ->
 %% returns what {@link call/5} would have returned. `{error, timeout}' also
 %% interrupts the Python work, as a timed-out call does; so does
 %% `{error, timeout}' for work that was cancelled because it was not awaited
-%% within `call_timeout'. A reference can be awaited once, by the process that
-%% made it: any other await raises `error(badarg)'.
+%% within `call_timeout'. `Timeout' 0 returns a result that is in, without
+%% waiting. A reference can be awaited once, by the process that made it (an
+%% await that timed out counts): any other await raises `error(badarg)'.
 -spec await(async_ref(), timeout()) -> result(term()).
 await(Ref, Timeout) ->
     decoded(pyport_async:await(Ref, Timeout)).

@@ -88,31 +88,46 @@ cast(Id, Frame, WorkTimeout, What) ->
 -spec await(ref(), timeout()) -> reply().
 await({?TAG, Caller, Holder, Id}, Timeout)
   when Caller =:= self(), is_pid(Holder), is_integer(Id), ?IS_TIMEOUT(Timeout) ->
-    %% The alias dies with the monitor: a reply that comes after the timeout
-    %% below is dropped by the runtime, never queued here.
     MRef = erlang:monitor(process, Holder, [{alias, demonitor}]),
     Holder ! {await, MRef, Id},
+    %% The holder answers at once (a result or `pending'), so Timeout 0 polls.
     receive
-        {MRef, Reply} ->
+        {MRef, {result, Reply}} ->
             erlang:demonitor(MRef, [flush]),
             Reply;
+        {MRef, pending} ->
+            wait(MRef, Holder, Id, Timeout);
         {'DOWN', MRef, process, _, _} ->
             %% The holder is gone: the result was handed over already (or the
             %% call was abandoned by an earlier await that timed out).
             erlang:error(badarg)
+    end;
+await(_Ref, _Timeout) ->
+    erlang:error(badarg).
+
+-spec wait(reference(), pid(), pos_integer(), timeout()) -> reply().
+wait(MRef, Holder, Id, Timeout) ->
+    %% The alias dies with the monitor: a reply that comes after the timeout
+    %% below is dropped by the runtime, never queued here.
+    receive
+        {MRef, {result, Reply}} ->
+            erlang:demonitor(MRef, [flush]),
+            Reply;
+        {'DOWN', MRef, process, _, Reason} ->
+            %% Only a bug or an exit signal from outside ends a holder that
+            %% still has to answer.
+            erlang:error({pyport_async_holder_exit, Reason})
     after Timeout ->
             erlang:demonitor(MRef, [flush]),
             receive
-                {MRef, Reply} -> Reply   % came in just before the alias went
+                {MRef, {result, Reply}} -> Reply   % came in just before the alias went
             after 0 ->
                     %% Interrupt the Python work exactly as a timed-out py:call does.
                     ok = gen_server:cast(?SERVER, {cancel, Id}),
                     Holder ! {abandon, Id},
                     {error, timeout}
             end
-    end;
-await(_Ref, _Timeout) ->
-    erlang:error(badarg).
+    end.
 
 %%====================================================================
 %% The holder
@@ -194,9 +209,10 @@ message({timeout, Timer, work_timeout}, #holder{timer = Timer} = S) ->
             loop(S#holder{timer = undefined})
     end;
 message({await, MRef, Id}, #holder{id = Id, result = undefined} = S) ->
+    MRef ! {MRef, pending},
     loop(S#holder{awaiter = MRef});
 message({await, MRef, Id}, #holder{id = Id, result = Result}) ->
-    MRef ! {MRef, Result},
+    MRef ! {MRef, {result, Result}},
     ok;
 message({abandon, Id}, #holder{id = Id, req = Req}) ->
     %% The await timed out and the caller cancelled the request: drop its reply.
@@ -221,7 +237,7 @@ finished(Reply, #holder{mode = cast} = S) ->
 finished(Reply, #holder{awaiter = undefined} = S) ->
     loop(S#holder{result = Reply});
 finished(Reply, #holder{awaiter = MRef}) ->
-    MRef ! {MRef, Reply},
+    MRef ! {MRef, {result, Reply}},
     ok.
 
 -spec log_cast(reply(), holder()) -> ok.
