@@ -18,7 +18,7 @@
          await_from_another_process_is_badarg/1, await_twice_is_badarg/1,
          unawaited_work_cancelled_at_call_timeout/1, dead_caller_cancels_work/1,
          cast_runs_the_call/1, failing_cast_logs_a_warning/1,
-         namespace_is_the_callers/1]).
+         namespace_is_the_callers/1, readme_example/1]).
 %% logger handler callback (failing_cast_logs_a_warning)
 -export([log/2]).
 
@@ -84,7 +84,8 @@ all() ->
      dead_caller_cancels_work,
      cast_runs_the_call,
      failing_cast_logs_a_warning,
-     namespace_is_the_callers].
+     namespace_is_the_callers,
+     readme_example].
 
 init_per_suite(Config) ->
     _ = pyport_ct_lib:start_app(),
@@ -282,6 +283,21 @@ namespace_is_the_callers(_Config) ->
     ok = py:cast('__main__', hit, [1]),
     wait_until(fun() -> {ok, [1]} =:= py:eval(<<"hits">>) end, ?LIVENESS_MS, cast_in_namespace),
     assert_mailbox_empty().
+
+%%--------------------------------------------------------------------
+%% README
+
+%% The Erlang block under "Asynchronous calls" in README.md, evaluated as written.
+readme_example(_Config) ->
+    Readme = filename:join([filename:dirname(code:which(py)), "..", "README.md"]),
+    {ok, Text} = file:read_file(Readme),
+    [_, After] = binary:split(Text, <<"### Asynchronous calls">>),
+    [_, Code0] = binary:split(After, <<"```erlang\n">>),
+    [Code | _] = binary:split(Code0, <<"```">>),
+    {ok, Tokens, _} = erl_scan:string(binary_to_list(Code)),
+    {ok, Exprs} = erl_parse:parse_exprs(Tokens),
+    {value, ok, _} = erl_eval:exprs(Exprs, erl_eval:new_bindings()),
+    assert_quiet().
 
 %%--------------------------------------------------------------------
 %% Helpers
