@@ -18,7 +18,8 @@
          await_from_another_process_is_badarg/1, await_twice_is_badarg/1,
          unawaited_work_cancelled_at_call_timeout/1, dead_caller_cancels_work/1,
          cast_runs_the_call/1, failing_cast_logs_a_warning/1,
-         namespace_is_the_callers/1, readme_example/1]).
+         namespace_is_the_callers/1, readme_example/1,
+         unavailable_port_same_reason_as_call/1]).
 %% logger handler callback (failing_cast_logs_a_warning)
 -export([log/2]).
 
@@ -85,11 +86,12 @@ all() ->
      cast_runs_the_call,
      failing_cast_logs_a_warning,
      namespace_is_the_callers,
-     readme_example].
+     readme_example,
+     unavailable_port_same_reason_as_call].
 
 init_per_suite(Config) ->
     _ = pyport_ct_lib:start_app(),
-    {ok, undefined} = py:call(builtins, exec, [?MOD_PY, #{}]),
+    ok = load_module(),
     Config.
 
 end_per_suite(_Config) ->
@@ -284,6 +286,24 @@ namespace_is_the_callers(_Config) ->
     wait_until(fun() -> {ok, [1]} =:= py:eval(<<"hits">>) end, ?LIVENESS_MS, cast_in_namespace),
     assert_mailbox_empty().
 
+%% With no port program running, await gives what py:call gives, and a
+%% cast logs it as a warning.
+unavailable_port_same_reason_as_call(_Config) ->
+    Tab = ets:new(async_ct_logs, [public, duplicate_bag]),
+    ok = logger:add_handler(async_ct_logs, ?MODULE, #{config => #{tab => Tab}, level => all}),
+    ok = pyport_ct_lib:stop_app(),
+    try
+        Reason = {pyport_unavailable, not_started},
+        {error, Reason} = py:call(math, sqrt, [4]),
+        {error, Reason} = py:await(py:spawn_call(math, sqrt, [4])),
+        ok = py:cast(math, sqrt, [4]),
+        wait_logged(Tab, [<<"py:cast(math, sqrt">>, <<"not_started">>])
+    after
+        _ = pyport_ct_lib:start_app(),
+        ok = load_module()
+    end,
+    assert_quiet().
+
 %%--------------------------------------------------------------------
 %% README
 
@@ -301,6 +321,10 @@ readme_example(_Config) ->
 
 %%--------------------------------------------------------------------
 %% Helpers
+
+load_module() ->
+    {ok, undefined} = py:call(builtins, exec, [?MOD_PY, #{}]),
+    ok.
 
 state(Name) ->
     {ok, #{} = S} = py:call(pyport_async_ct, get, [Name]),
