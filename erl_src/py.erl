@@ -43,6 +43,9 @@
          shared_dict_update_counter/3, shared_dict_compare_and_swap/4,
          register_function/2, register_function/3, unregister_function/1,
          stats/0]).
+%% Asynchronous calls (the machinery is in pyport_async).
+-export([cast/3, cast/4, spawn_call/3, spawn_call/4, await/1, await/2]).
+-export_type([async_ref/0]).
 
 -export_type([name/0, code/0, kwargs/0, locals/0, result/1, error_reason/0,
               shared_dict/0, py_bytes/0]).
@@ -176,6 +179,77 @@ exec(_Code, _Locals, _Timeout) ->
 bytes(Bin) when is_binary(Bin) ->
     {'$pyport_bytes', Bin};
 bytes(_) ->
+    erlang:error(badarg).
+
+%%====================================================================
+%% Asynchronous calls (names as in the erlang_python library)
+%%====================================================================
+
+-type async_ref() :: pyport_async:ref().
+%% What {@link spawn_call/4} returns; only the process that made it may await it.
+
+%% @equiv cast(Module, Function, Args, #{})
+-spec cast(name(), name(), list()) -> ok.
+cast(Module, Function, Args) ->
+    cast(Module, Function, Args, #{}).
+
+%% @doc Runs `Module.Function(*Args, **Kwargs)' as {@link call/4} would, in the
+%% caller's namespace, and returns `ok' at once without waiting for it. A
+%% failure (a Python exception, no answer within the app env `call_timeout',
+%% the port down) is logged as a warning and never sent to the caller. The work
+%% is cancelled if the caller exits before it is done.
+-spec cast(name(), name(), list(), kwargs()) -> ok.
+cast(Module, Function, Args, Kwargs) ->
+    {Id, Frame, What} = async_call_frame(Module, Function, Args, Kwargs),
+    pyport_async:cast(Id, Frame, default_timeout(call_timeout, 30000), What).
+
+%% @equiv spawn_call(Module, Function, Args, #{})
+-spec spawn_call(name(), name(), list()) -> async_ref().
+spawn_call(Module, Function, Args) ->
+    spawn_call(Module, Function, Args, #{}).
+
+%% @doc Starts `Module.Function(*Args, **Kwargs)' as {@link call/4} would, in
+%% the caller's namespace, and returns at once a reference for {@link await/2}.
+%% Arguments are checked as by {@link call/4}. Work that nobody awaits is
+%% cancelled in the port after the app env `call_timeout' (default 30000 ms),
+%% and work whose caller exits is cancelled at once. No reply ever reaches the
+%% caller's mailbox: the result is held until it is awaited. Several
+%% asynchronous calls of one process may start in any order.
+-spec spawn_call(name(), name(), list(), kwargs()) -> async_ref().
+spawn_call(Module, Function, Args, Kwargs) ->
+    {Id, Frame, What} = async_call_frame(Module, Function, Args, Kwargs),
+    pyport_async:spawn_call(Id, Frame, default_timeout(call_timeout, 30000), What).
+
+%% @doc Same as {@link await/2} with the app env `call_timeout' (default
+%% 30000 ms) as the timeout.
+-spec await(async_ref()) -> result(term()).
+await(Ref) ->
+    await(Ref, default_timeout(call_timeout, 30000)).
+
+%% @doc Waits up to `Timeout' for the result of a {@link spawn_call/4} and
+%% returns what {@link call/5} would have returned. `{error, timeout}' also
+%% interrupts the Python work, as a timed-out call does; so does
+%% `{error, timeout}' for work that was cancelled because it was not awaited
+%% within `call_timeout'. `Timeout' 0 returns a result that is in, without
+%% waiting. A reference can be awaited once, by the process that made it (an
+%% await that timed out counts): any other await raises `error(badarg)'.
+-spec await(async_ref(), timeout()) -> result(term()).
+await(Ref, Timeout) ->
+    decoded(pyport_async:await(Ref, Timeout)).
+
+%% The request of call/4, checked and built as call/5 builds it: the caller
+%% is its owner, so it runs in the caller's namespace.
+-spec async_call_frame(name(), name(), list(), kwargs()) ->
+          {pos_integer(), binary(), {binary(), binary()}}.
+async_call_frame(Module, Function, Args, Kwargs)
+  when is_list(Args), (is_map(Kwargs) orelse is_list(Kwargs)) ->
+    M = name(Module),
+    F = name(Function),
+    is_proper_list(Args) orelse erlang:error(badarg),
+    Payload = term_to_binary({Args, kwargs(Kwargs)}, ?T2B_OPTS),
+    Id = new_id(),
+    {Id, term_to_binary({call, Id, self(), M, F, Payload}, ?T2B_OPTS), {M, F}};
+async_call_frame(_Module, _Function, _Args, _Kwargs) ->
     erlang:error(badarg).
 
 %%====================================================================
