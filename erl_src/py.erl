@@ -45,6 +45,8 @@
          stats/0]).
 %% Asynchronous calls (the machinery is in pyport_async).
 -export([cast/3, cast/4, spawn_call/3, spawn_call/4, await/1, await/2]).
+-export([stream_start/3, stream_start/4, stream_start/5, stream_ack/1, stream_ack/2,
+         stream_cancel/1]).
 -export_type([async_ref/0]).
 
 -export_type([name/0, code/0, kwargs/0, locals/0, result/1, error_reason/0,
@@ -421,6 +423,76 @@ shared_dict_destroy(SD) when ?IS_HANDLE(SD) ->
     end;
 shared_dict_destroy(_SD) ->
     erlang:error(badarg).
+
+%%====================================================================
+%% Streams
+%%====================================================================
+
+%% @equiv stream_start(Module, Function, Args, #{}, #{})
+-spec stream_start(name(), name(), list()) -> {ok, reference()} | {error, error_reason()}.
+stream_start(Module, Function, Args) ->
+    stream_start(Module, Function, Args, #{}, #{}).
+
+%% @equiv stream_start(Module, Function, Args, Kwargs, #{})
+-spec stream_start(name(), name(), list(), kwargs()) -> {ok, reference()} | {error, error_reason()}.
+stream_start(Module, Function, Args, Kwargs) ->
+    stream_start(Module, Function, Args, Kwargs, #{}).
+
+%% @doc Calls `Module.Function(*Args, **Kwargs)', which returns a generator or
+%% any iterable, and streams its items to the owner (option `owner', default the
+%% caller) as messages `{py_stream, Ref, {data, V}}', then `{py_stream, Ref, done}'
+%% or `{py_stream, Ref, {error, Reason}}' (`Reason' shaped like a call's).
+%% At most `window' (option, default 64) items are unacknowledged: the owner
+%% calls {@link stream_ack/1} for each item it consumed. A stream waiting for
+%% acknowledgements holds no Python thread. The owner's exit cancels the stream.
+-spec stream_start(name(), name(), list(), kwargs(), #{owner => pid(), window => pos_integer()}) ->
+          {ok, reference()} | {error, error_reason()}.
+stream_start(Module, Function, Args, Kwargs, Opts)
+  when is_list(Args), (is_map(Kwargs) orelse is_list(Kwargs)), is_map(Opts) ->
+    M = name(Module),
+    F = name(Function),
+    is_proper_list(Args) orelse erlang:error(badarg),
+    Owner = maps:get(owner, Opts, self()),
+    Window = maps:get(window, Opts, 64),
+    (is_pid(Owner) andalso is_integer(Window) andalso Window >= 1 andalso Window =< 1 bsl 20
+     andalso maps:size(maps:without([owner, window], Opts)) =:= 0)
+        orelse erlang:error(badarg),
+    Payload = term_to_binary({Args, kwargs(Kwargs)}, ?T2B_OPTS),
+    Ref = make_ref(),
+    Id = new_id(),
+    Frame = term_to_binary({stream_start, Id, pyport_callbacks:owner(), M, F, Payload,
+                            term_to_binary(Ref), Owner, Window}, ?T2B_OPTS),
+    case request_msg(Id, {request, Id, Frame, Owner}, default_timeout(call_timeout, 30000)) of
+        {ok, _} -> {ok, Ref};
+        {error, _} = Error -> Error
+    end;
+stream_start(_Module, _Function, _Args, _Kwargs, _Opts) ->
+    erlang:error(badarg).
+
+%% @equiv stream_ack(Ref, 1)
+-spec stream_ack(reference()) -> ok.
+stream_ack(Ref) ->
+    stream_ack(Ref, 1).
+
+%% @doc Acknowledges `N' items of stream `Ref': `N' more may be sent. `ok' also
+%% for a stream that has ended.
+-spec stream_ack(reference(), pos_integer()) -> ok.
+stream_ack(Ref, N) when is_reference(Ref), is_integer(N), N >= 1 ->
+    notify({stream_ack, term_to_binary(Ref), N});
+stream_ack(_Ref, _N) ->
+    erlang:error(badarg).
+
+%% @doc Stops stream `Ref': its generator is closed (its `finally' clauses run)
+%% and no more items are sent. Items already sent may still arrive.
+-spec stream_cancel(reference()) -> ok.
+stream_cancel(Ref) when is_reference(Ref) ->
+    notify({stream_cancel, term_to_binary(Ref)});
+stream_cancel(_Ref) ->
+    erlang:error(badarg).
+
+-spec notify(tuple()) -> ok.
+notify(Msg) ->
+    gen_server:cast(?SERVER, {notify, term_to_binary(Msg, ?T2B_OPTS)}).
 
 %%====================================================================
 %% Callbacks: Python calling Erlang

@@ -65,7 +65,8 @@ port_atoms() ->
      dicts, dict_keys, dict_bytes, namespaces, busy_workers, queued, abandoned_workers,
      thread_homes, thread_queues,
      cached, pyport_sd_invalidate, badarg, shared_dict, python_decodes, decode_queued,
-     decode_stuck, pyport_callback, pyport_callback_cancel, pyport_send].
+     decode_stuck, pyport_callback, pyport_callback_cancel, pyport_send,
+     py_stream, data, done, streams].
 
 %% @doc Python's output lines (and the port's own messages) to `logger'.
 -spec log_python(term(), term(), term()) -> ok.

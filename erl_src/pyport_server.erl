@@ -155,6 +155,10 @@ handle_cast({cancel, Id}, #state{pending = Pending} = State) ->
         error ->
             {noreply, State}
     end;
+handle_cast({notify, Frame}, #state{port = Port} = State) when Port =/= undefined ->
+    %% A frame that needs no answer (stream flow control): lost with the port.
+    _ = (catch erlang:port_command(Port, Frame)),
+    {noreply, State};
 handle_cast(_Other, State) ->
     {noreply, State}.
 

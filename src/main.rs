@@ -31,6 +31,7 @@ mod richtypes;
 mod shared_dict;
 mod shutdown;
 mod stdio;
+mod streams;
 
 use crate::config::Config;
 use crate::exec::{Interp, Mode};
@@ -165,6 +166,7 @@ struct Router {
     out: Outbox,
     pool: Arc<Pool>,
     callbacks: Arc<callbacks::Callbacks>,
+    streams: Arc<streams::Streams>,
     interp: Arc<Interp>,
     dicts: Arc<SharedDicts>,
     generation: u64,
@@ -193,7 +195,8 @@ impl Router {
         let dicts = SharedDicts::start(out.clone(), decoder_cfg, interp.clone())?;
         let callbacks = callbacks::Callbacks::install(out.clone(), interp.clone(), cfg.callback_timeout, cfg.node.clone());
         callbacks.set_pool(pool.clone());
-        Ok(Router { out, pool, callbacks, interp, dicts, generation: cfg.generation })
+        let streams = streams::Streams::new(out.clone(), interp.clone(), pool.clone());
+        Ok(Router { out, pool, callbacks, streams, interp, dicts, generation: cfg.generation })
     }
 
     fn send(&self, frame: Vec<u8>) {
@@ -216,6 +219,12 @@ impl Router {
                 self.run(chain, Job::Code { id, owner, code, payload, mode: Mode::Exec })
             }
             Request::CallbackReply { id, ok, payload } => self.callbacks.reply(id, ok, payload),
+            Request::StreamStart { id, caller, module, function, payload, key, to, window } => {
+                let start = streams::StreamStart { id, caller, module, function, payload, key, owner: to, window };
+                self.pool.submit(self.streams.start(start))
+            }
+            Request::StreamAck { key, n } => self.streams.ack(&key, n),
+            Request::StreamCancel { key } => self.streams.cancel(&key),
             Request::Startup { id, sys_path, code } => self.pool.submit(Job::Startup { id, sys_path, code }),
             Request::Cancel { id } => {
                 self.pool.cancel(id);
@@ -223,6 +232,7 @@ impl Router {
             }
             Request::OwnerDown { owner } => {
                 pymodule::registry().drop_owner(&owner);
+                self.streams.owner_down(&owner);
                 self.pool.owner_down(&owner);
             }
             Request::Stats { id } => self.send(self.stats(id)),
@@ -259,7 +269,8 @@ impl Router {
         let reg = pymodule::registry().stats();
         let pool = self.pool.stats();
         let sd = self.dicts.stats();
-        let entries: [(&str, u64); 9] = [
+        let entries: [(&str, u64); 10] = [
+            ("streams", self.streams.count() as u64),
             ("dicts", reg.dicts as u64),
             ("dict_keys", reg.keys as u64),
             ("dict_bytes", reg.bytes as u64),

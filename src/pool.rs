@@ -476,6 +476,10 @@ impl Pool {
     /// With no other work waiting, latency wins: write the reply on this thread. Under load,
     /// queue it, so that the writer batches replies into few writes.
     fn deliver(&self, me: &Worker, frame: Frame) {
+        // A job that answers by itself (a stream) or not at all returns an empty frame.
+        if frame.is_empty() {
+            return;
+        }
         if self.jobs_rx.is_empty() && me.rx.is_empty() {
             self.out.send_now(frame);
         } else {

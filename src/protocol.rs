@@ -37,6 +37,20 @@ pub enum Request {
     Call { id: u64, owner: Owner, module: String, function: String, payload: Vec<u8>, chain: Option<u64> },
     Eval { id: u64, owner: Owner, code: String, payload: Vec<u8>, chain: Option<u64> },
     Exec { id: u64, owner: Owner, code: String, payload: Vec<u8>, chain: Option<u64> },
+    /// Starts a stream: `key` names it (an Erlang reference's external format), `to` gets
+    /// its items, at most `window` unacknowledged.
+    StreamStart {
+        id: u64,
+        caller: Owner,
+        module: String,
+        function: String,
+        payload: Vec<u8>,
+        key: Vec<u8>,
+        to: Owner,
+        window: u64,
+    },
+    StreamAck { key: Vec<u8>, n: u64 },
+    StreamCancel { key: Vec<u8> },
     /// The answer to a callback: `ok` with the result's term, or an error term.
     CallbackReply { id: u64, ok: bool, payload: Vec<u8> },
     Startup { id: u64, sys_path: Vec<String>, code: String },
@@ -128,6 +142,21 @@ pub fn decode_request(frame: &[u8]) -> Result<Request, BadRequest> {
                 Request::Exec { id, owner, code, payload, chain }
             })
         }
+        ("stream_start", 9) => Ok(Request::StreamStart {
+            id: f.id()?,
+            caller: f.pid(2)?,
+            module: f.string(3)?,
+            function: f.string(4)?,
+            payload: f.bytes(5)?,
+            key: f.reference(6)?,
+            to: f.pid(7)?,
+            window: elements.get(8).and_then(as_u64).filter(|w| (1..=1 << 20).contains(w)).ok_or_else(|| f.bad(8, "a window of 1 to 2^20"))?,
+        }),
+        ("stream_ack", 3) => Ok(Request::StreamAck {
+            key: f.reference(1)?,
+            n: elements.get(2).and_then(as_u64).ok_or_else(|| f.bad(2, "a count"))?,
+        }),
+        ("stream_cancel", 2) => Ok(Request::StreamCancel { key: f.reference(1)? }),
         ("callback_reply", 4) => Ok(Request::CallbackReply {
             id: f.id()?,
             ok: match elements.get(2) {
@@ -198,6 +227,19 @@ impl Fields<'_> {
         self.id
             .filter(|id| (1..1 << 63).contains(id))
             .ok_or_else(|| self.bad(1, "an integer id from 1 to 2^63-1"))
+    }
+
+    /// `term_to_binary(Ref)` of an Erlang reference: its external format, without the
+    /// version byte.
+    fn reference(&self, pos: usize) -> Result<Vec<u8>, BadRequest> {
+        let bytes = self.bytes(pos)?;
+        let body = bytes.strip_prefix(&[etf::VERSION]).unwrap_or_default();
+        let is_ref = matches!(body.first(), Some(&(etf::REFERENCE | etf::NEW_REFERENCE | etf::NEWER_REFERENCE)));
+        let mut r = etf::Reader::new(body);
+        if !is_ref || etf::skip_term(&mut r, 0, Limits::ENVELOPE).is_err() || r.expect_end().is_err() {
+            return Err(self.bad(pos, "term_to_binary of a reference"));
+        }
+        Ok(body.to_vec())
     }
 
     /// An optional trailing chain id: absent, or a non-negative integer.
