@@ -5,9 +5,10 @@
 -include_lib("common_test/include/ct.hrl").
 
 -export([all/0, init_per_suite/1, end_per_suite/1]).
--export([intro/1, examples/1, shared_dict/1, shared_dict_atomic/1, per_process_state/1]).
+-export([intro/1, examples/1, shared_dict/1, shared_dict_atomic/1, streams/1,
+         per_process_state/1]).
 
-all() -> [intro, examples, shared_dict, shared_dict_atomic, per_process_state].
+all() -> [intro, examples, shared_dict, shared_dict_atomic, streams, per_process_state].
 
 init_per_suite(Config) ->
     _ = pyport_ct_lib:start_app(),
@@ -54,6 +55,10 @@ shared_dict(_Config) ->
 %% The SharedDict block on atomic updates, read from README.md and evaluated as written.
 shared_dict_atomic(_Config) ->
     eval_block(readme_block("Atomic updates, from any number of processes at once:")).
+
+%% The Erlang block under "Streams", read from README.md and evaluated as written.
+streams(_Config) ->
+    eval_block(readme_block("### Streams")).
 
 %% The Erlang block under "Per-process state and threads", read from README.md
 %% and evaluated as written, under load from 8 other processes.
