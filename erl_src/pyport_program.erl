@@ -46,7 +46,8 @@ args(Gen) ->
                           {max_frame_bytes, "--max-frame-bytes"},
                           {log_lines_per_sec, "--log-lines-per-sec"},
                           {sd_decode_workers, "--sd-decode-workers"},
-                          {callback_timeout, "--callback-timeout-ms"}]).
+                          {callback_timeout, "--callback-timeout-ms"},
+                          {max_threads, "--max-threads"}]).
 
 %% @doc SIGKILL for the port program `OsPid' and, if it leads one, its group.
 -spec kill(non_neg_integer() | undefined, boolean()) -> ok.

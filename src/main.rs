@@ -187,6 +187,7 @@ impl Router {
                 gil_watchdog: cfg.gil_watchdog,
             },
         };
+        pool::set_max_threads(cfg.max_threads);
         let pool = Pool::start(pool_cfg, interp.clone(), out.clone())?;
         // Reading SharedDict values that need Python gets a small pool of its own, so that
         // values whose unpickling hangs can neither take the callers' workers nor wait
@@ -269,8 +270,9 @@ impl Router {
         let reg = pymodule::registry().stats();
         let pool = self.pool.stats();
         let sd = self.dicts.stats();
-        let entries: [(&str, u64); 10] = [
+        let entries: [(&str, u64); 11] = [
             ("streams", self.streams.count() as u64),
+            ("python_threads", pool::python_threads() as u64),
             ("dicts", reg.dicts as u64),
             ("dict_keys", reg.keys as u64),
             ("dict_bytes", reg.bytes as u64),
