@@ -147,11 +147,13 @@ round_(R, O, Default, Payloads, Gs) ->
           fun() ->
                   Cat = cat_open(),
                   Raw = raw_open(),
+                  ok = callback_setup(),
                   Fs = [{cat, fun() -> cat_echo(Cat, SqrtFrame) end},
                         {gen_call, fun() -> pong = gen_server:call(Gs, ping) end},
                         {raw_sqrt, fun() -> raw_sqrt(Raw) end},
                         {sqrt, fun sqrt_call/0},
-                        {eval, fun() -> {ok, 13} = py:eval(<<"x * x + y">>, #{x => 3, y => 4}) end}]
+                        {eval, fun() -> {ok, 13} = py:eval(<<"x * x + y">>, #{x => 3, y => 4}) end},
+                        {cb, fun callback_call/0}]
                       ++ [{fid("sd1_~s", [Op]), F} || SD =/= undefined, {Op, F} <- sd_ops(SD, Nmap1k)],
                   lists:append([seq3(Name, St) || {Name, St} <- interleaved(O, seq, Fs)])
           end),
@@ -286,6 +288,24 @@ sd_gil_case(SD, O) ->
           end).
 
 sqrt_call() -> {ok, ?SQRT2} = py:call(math, sqrt, [2.0]).
+
+%% Callback round trip: py:call of a Python function (a module function, like sqrt: no
+%% namespace, so it floats as sqrt does) that calls the Erlang function `echo'.
+callback_call() -> {ok, 1} = py:call(pyport_bench_cb, ping, []).
+
+%% Registers `echo' and makes module pyport_bench_cb, from a throwaway process so that
+%% the bench process gets no namespace (its calls would move to a home thread).
+callback_setup() ->
+    ok = py:register_function(echo, fun([X]) -> X end),
+    Code = <<"import sys, types\n"
+             "m = types.ModuleType('pyport_bench_cb')\n"
+             "exec(\"import erlang\\ndef ping():\\n    return erlang.call('echo', 1)\\n\", m.__dict__)\n"
+             "sys.modules['pyport_bench_cb'] = m\n">>,
+    {Pid, Mon} = spawn_monitor(fun() -> exit(py:exec(Code)) end),
+    receive {'DOWN', Mon, process, Pid, ok} -> ok;
+            {'DOWN', Mon, process, Pid, Other} -> erlang:error({callback_setup, Other})
+    after 30000 -> erlang:error(callback_setup_timeout)
+    end.
 sleep_call() -> {ok, undefined} = py:call(time, sleep, [0.001]).
 %% A small eval in the calling process's namespace.
 ns_eval_call() -> {ok, 13} = py:eval(<<"x * x + y">>, #{x => 3, y => 4}).
@@ -714,7 +734,11 @@ figures() ->
      {sqrt_cps, sequential, "py:call math.sqrt sequential", "calls/s", cat_cps},
      {eval_p50_us, sequential, "py:eval x*x+y p50", "us", cat_p50_us},
      {eval_p99_us, sequential, "py:eval x*x+y p99", "us", cat_p99_us},
-     {eval_cps, sequential, "py:eval x*x+y sequential", "calls/s", cat_cps}]
+     {eval_cps, sequential, "py:eval x*x+y sequential", "calls/s", cat_cps},
+     {cb_p50_us, sequential, "callback round trip (py:call -> erlang.call('echo', 1)) p50", "us",
+      sqrt_p50_us},
+     {cb_p99_us, sequential, "callback round trip p99", "us", sqrt_p99_us},
+     {cb_cps, sequential, "callback round trip sequential", "calls/s", sqrt_cps}]
     ++ lists:append(
          [[{fid("csqrt~b_cps", [K]), concurrency, lbl("sqrt, ~b caller(s)", [K]), "calls/s",
             cat_alone_cps},
@@ -821,6 +845,8 @@ targets(Figs) ->
           {conc64, "64 callers math.sqrt (default pool) >= 1.5x cat-port sequential calls/s",
            csqrt64_cps, '>=', 1.5},
           {echo_100k, "100 KB nested map echo <= 2.0x t2b+b2t", echo_nmap_100k_us, '=<', 2.0},
+          {callback, "callback round trip (Python -> Erlang -> Python) p50 <= 2.0x py:call math.sqrt p50",
+           cb_p50_us, '=<', 2.0},
           {sd_get, "Erlang SharedDict get (small) <= 1.5x py:call math.sqrt (p50)",
            sd1_get_small_p50_us, '=<', 1.5},
           {py_sd_get, "Python sd[k] get <= 2x dict+unpickle", pysd_get_small_ns, '=<', 2.0},

@@ -6,9 +6,10 @@
 
 -export([all/0, init_per_suite/1, end_per_suite/1]).
 -export([intro/1, examples/1, shared_dict/1, shared_dict_atomic/1, streams/1,
-         per_process_state/1]).
+         per_process_state/1, python_calls_erlang/1]).
 
-all() -> [intro, examples, shared_dict, shared_dict_atomic, streams, per_process_state].
+all() -> [intro, examples, shared_dict, shared_dict_atomic, streams, per_process_state,
+          python_calls_erlang].
 
 init_per_suite(Config) ->
     _ = pyport_ct_lib:start_app(),
@@ -73,6 +74,12 @@ per_process_state(_Config) ->
         [pyport_ct_lib:wait_down(P) || P <- Load]
     end,
     ok.
+
+%% The Erlang block under "Python calls Erlang", read from README.md and evaluated as
+%% written (in a process of its own, whose mailbox holds only what the block sends).
+python_calls_erlang(_Config) ->
+    Block = readme_block("### Python calls Erlang"),
+    ok = pyport_ct_lib:run_in_process(fun() -> eval_block(Block) end).
 
 load(Stop) ->
     case atomics:get(Stop, 1) of
