@@ -148,6 +148,7 @@ impl Callbacks {
                 }
                 Err(RecvTimeoutError::Timeout) => {
                     if crate::cancel::current_cancelled() == Some(true) {
+                        crate::cancel::take_current_cancel(py);
                         self.out.send(protocol::callback_cancel_frame(id));
                         return Err(CallCancelled::new_err("the Erlang caller gave up while Python waited for a callback"));
                     }

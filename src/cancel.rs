@@ -62,6 +62,21 @@ pub fn set_current_slot(slot: Arc<Slot>) {
     CURRENT_SLOT.with(|c| *c.borrow_mut() = Some(slot));
 }
 
+/// Takes back the cancellation raised asynchronously in the current thread (a worker) and
+/// not seen yet: code that reports the cancellation itself (a wait for a callback ending with
+/// `CallCancelled`) must not have a second one hit the handler that catches the first.
+pub fn take_current_cancel(py: Python<'_>) {
+    CURRENT_SLOT.with(|c| {
+        if let Some(slot) = c.borrow().as_ref() {
+            // SAFETY: the GIL is held (the token proves it); NULL clears the pending exception.
+            unsafe {
+                ffi::PyThreadState_SetAsyncExc(slot.ident as _, std::ptr::null_mut());
+            }
+            let _ = py;
+        }
+    });
+}
+
 /// Whether the current thread is a worker whose request has been cancelled; `None` when
 /// it is not a worker (its waits need deadlines of their own).
 pub fn current_cancelled() -> Option<bool> {
