@@ -132,7 +132,22 @@ python_calls_erlang() ->
                  receive M -> M after 5000 -> no_message end
          end,
          fun(R) -> R =:= {<<"progress">>, 50} end),
-    ok = py:unregister_function(user_name).
+    ok = py:unregister_function(user_name),
+    step("py:stream_start(builtins, range, [3]), then receive {py_stream, Ref, ...} and stream_ack",
+         fun() ->
+                 {ok, Ref} = py:stream_start(builtins, range, [3]),
+                 demo_stream(Ref, [])
+         end,
+         fun(R) -> R =:= {done, [0, 1, 2]} end).
+
+%% The items of a stream, acknowledged one by one, until done.
+demo_stream(Ref, Acc) ->
+    receive
+        {py_stream, Ref, {data, V}} -> ok = py:stream_ack(Ref), demo_stream(Ref, [V | Acc]);
+        {py_stream, Ref, done} -> {done, lists:reverse(Acc)};
+        {py_stream, Ref, {error, E}} -> {error, E}
+    after 5000 -> stalled
+    end.
 
 exceptions_and_timeouts() ->
     section("Exceptions, argument errors and timeouts"),
