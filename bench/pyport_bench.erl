@@ -147,14 +147,19 @@ round_(R, O, Default, Payloads, Gs) ->
           fun() ->
                   Cat = cat_open(),
                   Raw = raw_open(),
+                  ok = callback_setup(),
                   Fs = [{cat, fun() -> cat_echo(Cat, SqrtFrame) end},
                         {gen_call, fun() -> pong = gen_server:call(Gs, ping) end},
                         {raw_sqrt, fun() -> raw_sqrt(Raw) end},
                         {sqrt, fun sqrt_call/0},
-                        {eval, fun() -> {ok, 13} = py:eval(<<"x * x + y">>, #{x => 3, y => 4}) end}]
+                        {eval, fun() -> {ok, 13} = py:eval(<<"x * x + y">>, #{x => 3, y => 4}) end},
+                        {cb, fun callback_call/0}]
                       ++ [{fid("sd1_~s", [Op]), F} || SD =/= undefined, {Op, F} <- sd_ops(SD, Nmap1k)],
                   lists:append([seq3(Name, St) || {Name, St} <- interleaved(O, seq, Fs)])
           end),
+    %% A stream of small items (window 64, acknowledged 16 at a time), against the
+    %% sequential call rate of the same round.
+    case_(stream, fun() -> [{stream_ips, stream_items_per_sec(O)}] end),
     %% The cat port alone, as the prototype measured it: the calls/s that the
     %% concurrency figures are compared with (in the interleaved case above,
     %% its first calls after a block of Python calls are slower).
@@ -286,7 +291,45 @@ sd_gil_case(SD, O) ->
           end).
 
 sqrt_call() -> {ok, ?SQRT2} = py:call(math, sqrt, [2.0]).
+
+%% Callback round trip: py:call of a Python function (a module function, like sqrt: no
+%% namespace, so it floats as sqrt does) that calls the Erlang function `echo'.
+callback_call() -> {ok, 1} = py:call(pyport_bench_cb, ping, []).
+
+%% Registers `echo' and makes module pyport_bench_cb, from a throwaway process so that
+%% the bench process gets no namespace (its calls would move to a home thread).
+callback_setup() ->
+    ok = py:register_function(echo, fun([X]) -> X end),
+    Code = <<"import sys, types\n"
+             "m = types.ModuleType('pyport_bench_cb')\n"
+             "exec(\"import erlang\\ndef ping():\\n    return erlang.call('echo', 1)\\n\", m.__dict__)\n"
+             "sys.modules['pyport_bench_cb'] = m\n">>,
+    {Pid, Mon} = spawn_monitor(fun() -> exit(py:exec(Code)) end),
+    receive {'DOWN', Mon, process, Pid, ok} -> ok;
+            {'DOWN', Mon, process, Pid, Other} -> erlang:error({callback_setup, Other})
+    after 30000 -> erlang:error(callback_setup_timeout)
+    end.
 sleep_call() -> {ok, undefined} = py:call(time, sleep, [0.001]).
+
+stream_items_per_sec(O) ->
+    N = case maps:get(smoke, O) of
+            true -> 2000;
+            false -> round(50000 * maps:get(scale, O))
+        end,
+    T0 = erlang:monotonic_time(microsecond),
+    {ok, Ref} = py:stream_start(builtins, range, [N], #{}, #{window => 64}),
+    N = stream_drain(Ref, 0),
+    N * 1000000 / max(1, erlang:monotonic_time(microsecond) - T0).
+
+stream_drain(Ref, Got) ->
+    receive
+        {py_stream, Ref, {data, _}} ->
+            (Got + 1) rem 16 =:= 0 andalso py:stream_ack(Ref, 16),
+            stream_drain(Ref, Got + 1);
+        {py_stream, Ref, done} -> Got;
+        {py_stream, Ref, {error, E}} -> erlang:error({stream, E})
+    after 30000 -> erlang:error({stream_stalled, Got})
+    end.
 %% A small eval in the calling process's namespace.
 ns_eval_call() -> {ok, 13} = py:eval(<<"x * x + y">>, #{x => 3, y => 4}).
 
@@ -714,7 +757,12 @@ figures() ->
      {sqrt_cps, sequential, "py:call math.sqrt sequential", "calls/s", cat_cps},
      {eval_p50_us, sequential, "py:eval x*x+y p50", "us", cat_p50_us},
      {eval_p99_us, sequential, "py:eval x*x+y p99", "us", cat_p99_us},
-     {eval_cps, sequential, "py:eval x*x+y sequential", "calls/s", cat_cps}]
+     {eval_cps, sequential, "py:eval x*x+y sequential", "calls/s", cat_cps},
+     {cb_p50_us, sequential, "callback round trip (py:call -> erlang.call('echo', 1)) p50", "us",
+      sqrt_p50_us},
+     {cb_p99_us, sequential, "callback round trip p99", "us", sqrt_p99_us},
+     {cb_cps, sequential, "callback round trip sequential", "calls/s", sqrt_cps},
+     {stream_ips, sequential, "stream items (window 64, acked 16 at a time)", "items/s", sqrt_cps}]
     ++ lists:append(
          [[{fid("csqrt~b_cps", [K]), concurrency, lbl("sqrt, ~b caller(s)", [K]), "calls/s",
             cat_alone_cps},
@@ -814,13 +862,17 @@ lmin(L) -> lists:min(L).
 lmax([]) -> null;
 lmax(L) -> lists:max(L).
 
-%% Issue 5 targets: {Id, Text, Figure, '=<' | '>=', Limit}; the figure's ratio
+%% Targets: {Id, Text, Figure, '=<' | '>=', Limit}; the figure's ratio
 %% to its baseline is compared with the limit.
 targets(Figs) ->
     Ts = [{sqrt_p50, "sequential math.sqrt p50 <= 2.0x cat-port p50", sqrt_p50_us, '=<', 2.0},
           {conc64, "64 callers math.sqrt (default pool) >= 1.5x cat-port sequential calls/s",
            csqrt64_cps, '>=', 1.5},
           {echo_100k, "100 KB nested map echo <= 2.0x t2b+b2t", echo_nmap_100k_us, '=<', 2.0},
+          {callback, "callback round trip (Python -> Erlang -> Python) p50 <= 2.0x py:call math.sqrt p50",
+           cb_p50_us, '=<', 2.0},
+          {stream, "stream items/s >= 5x sequential py:call math.sqrt calls/s",
+           stream_ips, '>=', 5.0},
           {sd_get, "Erlang SharedDict get (small) <= 1.5x py:call math.sqrt (p50)",
            sd1_get_small_p50_us, '=<', 1.5},
           {py_sd_get, "Python sd[k] get <= 2x dict+unpickle", pysd_get_small_ns, '=<', 2.0},

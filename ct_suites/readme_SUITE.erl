@@ -5,9 +5,11 @@
 -include_lib("common_test/include/ct.hrl").
 
 -export([all/0, init_per_suite/1, end_per_suite/1]).
--export([intro/1, examples/1, async_def/1, shared_dict/1, shared_dict_atomic/1, per_process_state/1]).
+-export([intro/1, examples/1, async_def/1, shared_dict/1, shared_dict_atomic/1, streams/1,
+         per_process_state/1, python_calls_erlang/1]).
 
-all() -> [intro, examples, async_def, shared_dict, shared_dict_atomic, per_process_state].
+all() -> [intro, examples, async_def, shared_dict, shared_dict_atomic, streams,
+          per_process_state, python_calls_erlang].
 
 init_per_suite(Config) ->
     _ = pyport_ct_lib:start_app(),
@@ -59,6 +61,10 @@ shared_dict(_Config) ->
 shared_dict_atomic(_Config) ->
     eval_block(readme_block("Atomic updates, from any number of processes at once:")).
 
+%% The Erlang block under "Streams", read from README.md and evaluated as written.
+streams(_Config) ->
+    eval_block(readme_block("### Streams")).
+
 %% The Erlang block under "Per-process state and threads", read from README.md
 %% and evaluated as written, under load from 8 other processes.
 per_process_state(_Config) ->
@@ -72,6 +78,12 @@ per_process_state(_Config) ->
         [pyport_ct_lib:wait_down(P) || P <- Load]
     end,
     ok.
+
+%% The Erlang block under "Python calls Erlang", read from README.md and evaluated as
+%% written (in a process of its own, whose mailbox holds only what the block sends).
+python_calls_erlang(_Config) ->
+    Block = readme_block("### Python calls Erlang"),
+    ok = pyport_ct_lib:run_in_process(fun() -> eval_block(Block) end).
 
 load(Stop) ->
     case atomics:get(Stop, 1) of

@@ -41,7 +41,13 @@
          shared_dict_get/2, shared_dict_get/3, shared_dict_set/3,
          shared_dict_del/2, shared_dict_keys/1, shared_dict_destroy/1,
          shared_dict_update_counter/3, shared_dict_compare_and_swap/4,
+         register_function/2, register_function/3, unregister_function/1,
          stats/0]).
+%% Asynchronous calls (the machinery is in pyport_async).
+-export([cast/3, cast/4, spawn_call/3, spawn_call/4, await/1, await/2]).
+-export([stream_start/3, stream_start/4, stream_start/5, stream_ack/1, stream_ack/2,
+         stream_cancel/1]).
+-export_type([async_ref/0]).
 
 -export_type([name/0, code/0, kwargs/0, locals/0, result/1, error_reason/0,
               shared_dict/0, py_bytes/0]).
@@ -117,7 +123,7 @@ call(Module, Function, Args, Kwargs, Timeout)
     is_proper_list(Args) orelse erlang:error(badarg),
     Payload = term_to_binary({Args, kwargs(Kwargs)}, ?T2B_OPTS),
     Id = new_id(),
-    Frame = term_to_binary({call, Id, self(), M, F, Payload}, ?T2B_OPTS),
+    Frame = term_to_binary(chained({call, Id, pyport_callbacks:owner(), M, F, Payload}), ?T2B_OPTS),
     decoded(request(Id, Frame, Timeout));
 call(_Module, _Function, _Args, _Kwargs, _Timeout) ->
     erlang:error(badarg).
@@ -141,7 +147,7 @@ eval(Code, Locals, Timeout) when is_map(Locals), ?IS_TIMEOUT(Timeout) ->
     C = code(Code),
     Payload = term_to_binary(locals(Locals), ?T2B_OPTS),
     Id = new_id(),
-    Frame = term_to_binary({eval, Id, self(), C, Payload}, ?T2B_OPTS),
+    Frame = term_to_binary(chained({eval, Id, pyport_callbacks:owner(), C, Payload}), ?T2B_OPTS),
     decoded(request(Id, Frame, Timeout));
 eval(_Code, _Locals, _Timeout) ->
     erlang:error(badarg).
@@ -164,7 +170,7 @@ exec(Code, Locals, Timeout) when is_map(Locals), ?IS_TIMEOUT(Timeout) ->
     C = code(Code),
     Payload = term_to_binary(locals(Locals), ?T2B_OPTS),
     Id = new_id(),
-    Frame = term_to_binary({exec, Id, self(), C, Payload}, ?T2B_OPTS),
+    Frame = term_to_binary(chained({exec, Id, pyport_callbacks:owner(), C, Payload}), ?T2B_OPTS),
     case request(Id, Frame, Timeout) of
         {ok, _Payload} -> ok;
         {error, _} = Error -> Error
@@ -178,6 +184,77 @@ exec(_Code, _Locals, _Timeout) ->
 bytes(Bin) when is_binary(Bin) ->
     {'$pyport_bytes', Bin};
 bytes(_) ->
+    erlang:error(badarg).
+
+%%====================================================================
+%% Asynchronous calls (names as in the erlang_python library)
+%%====================================================================
+
+-type async_ref() :: pyport_async:ref().
+%% What {@link spawn_call/4} returns; only the process that made it may await it.
+
+%% @equiv cast(Module, Function, Args, #{})
+-spec cast(name(), name(), list()) -> ok.
+cast(Module, Function, Args) ->
+    cast(Module, Function, Args, #{}).
+
+%% @doc Runs `Module.Function(*Args, **Kwargs)' as {@link call/4} would, in the
+%% caller's namespace, and returns `ok' at once without waiting for it. A
+%% failure (a Python exception, no answer within the app env `call_timeout',
+%% the port down) is logged as a warning and never sent to the caller. The work
+%% is cancelled if the caller exits before it is done.
+-spec cast(name(), name(), list(), kwargs()) -> ok.
+cast(Module, Function, Args, Kwargs) ->
+    {Id, Frame, What} = async_call_frame(Module, Function, Args, Kwargs),
+    pyport_async:cast(Id, Frame, default_timeout(call_timeout, 30000), What).
+
+%% @equiv spawn_call(Module, Function, Args, #{})
+-spec spawn_call(name(), name(), list()) -> async_ref().
+spawn_call(Module, Function, Args) ->
+    spawn_call(Module, Function, Args, #{}).
+
+%% @doc Starts `Module.Function(*Args, **Kwargs)' as {@link call/4} would, in
+%% the caller's namespace, and returns at once a reference for {@link await/2}.
+%% Arguments are checked as by {@link call/4}. Work that nobody awaits is
+%% cancelled in the port after the app env `call_timeout' (default 30000 ms),
+%% and work whose caller exits is cancelled at once. No reply ever reaches the
+%% caller's mailbox: the result is held until it is awaited. Several
+%% asynchronous calls of one process may start in any order.
+-spec spawn_call(name(), name(), list(), kwargs()) -> async_ref().
+spawn_call(Module, Function, Args, Kwargs) ->
+    {Id, Frame, What} = async_call_frame(Module, Function, Args, Kwargs),
+    pyport_async:spawn_call(Id, Frame, default_timeout(call_timeout, 30000), What).
+
+%% @doc Same as {@link await/2} with the app env `call_timeout' (default
+%% 30000 ms) as the timeout.
+-spec await(async_ref()) -> result(term()).
+await(Ref) ->
+    await(Ref, default_timeout(call_timeout, 30000)).
+
+%% @doc Waits up to `Timeout' for the result of a {@link spawn_call/4} and
+%% returns what {@link call/5} would have returned. `{error, timeout}' also
+%% interrupts the Python work, as a timed-out call does; so does
+%% `{error, timeout}' for work that was cancelled because it was not awaited
+%% within `call_timeout'. `Timeout' 0 returns a result that is in, without
+%% waiting. A reference can be awaited once, by the process that made it (an
+%% await that timed out counts): any other await raises `error(badarg)'.
+-spec await(async_ref(), timeout()) -> result(term()).
+await(Ref, Timeout) ->
+    decoded(pyport_async:await(Ref, Timeout)).
+
+%% The request of call/4, checked and built as call/5 builds it: the caller
+%% is its owner, so it runs in the caller's namespace.
+-spec async_call_frame(name(), name(), list(), kwargs()) ->
+          {pos_integer(), binary(), {binary(), binary()}}.
+async_call_frame(Module, Function, Args, Kwargs)
+  when is_list(Args), (is_map(Kwargs) orelse is_list(Kwargs)) ->
+    M = name(Module),
+    F = name(Function),
+    is_proper_list(Args) orelse erlang:error(badarg),
+    Payload = term_to_binary({Args, kwargs(Kwargs)}, ?T2B_OPTS),
+    Id = new_id(),
+    {Id, term_to_binary({call, Id, self(), M, F, Payload}, ?T2B_OPTS), {M, F}};
+async_call_frame(_Module, _Function, _Args, _Kwargs) ->
     erlang:error(badarg).
 
 %%====================================================================
@@ -351,6 +428,116 @@ shared_dict_destroy(_SD) ->
     erlang:error(badarg).
 
 %%====================================================================
+%% Streams
+%%====================================================================
+
+%% @equiv stream_start(Module, Function, Args, #{}, #{})
+-spec stream_start(name(), name(), list()) -> {ok, reference()} | {error, error_reason()}.
+stream_start(Module, Function, Args) ->
+    stream_start(Module, Function, Args, #{}, #{}).
+
+%% @equiv stream_start(Module, Function, Args, Kwargs, #{})
+-spec stream_start(name(), name(), list(), kwargs()) -> {ok, reference()} | {error, error_reason()}.
+stream_start(Module, Function, Args, Kwargs) ->
+    stream_start(Module, Function, Args, Kwargs, #{}).
+
+%% @doc Calls `Module.Function(*Args, **Kwargs)', which returns a generator or
+%% any iterable, and streams its items to the owner (option `owner', default the
+%% caller) as messages `{py_stream, Ref, {data, V}}', then `{py_stream, Ref, done}'
+%% or `{py_stream, Ref, {error, Reason}}' (`Reason' shaped like a call's).
+%% At most `window' (option, default 64) items are unacknowledged: the owner
+%% calls {@link stream_ack/1} for each item it consumed. A stream waiting for
+%% acknowledgements holds no Python thread. The owner's exit cancels the stream.
+-spec stream_start(name(), name(), list(), kwargs(), #{owner => pid(), window => pos_integer()}) ->
+          {ok, reference()} | {error, error_reason()}.
+stream_start(Module, Function, Args, Kwargs, Opts)
+  when is_list(Args), (is_map(Kwargs) orelse is_list(Kwargs)), is_map(Opts) ->
+    M = name(Module),
+    F = name(Function),
+    is_proper_list(Args) orelse erlang:error(badarg),
+    Owner = maps:get(owner, Opts, self()),
+    Window = maps:get(window, Opts, 64),
+    (is_pid(Owner) andalso is_integer(Window) andalso Window >= 1 andalso Window =< 1 bsl 20
+     andalso maps:size(maps:without([owner, window], Opts)) =:= 0)
+        orelse erlang:error(badarg),
+    Payload = term_to_binary({Args, kwargs(Kwargs)}, ?T2B_OPTS),
+    Ref = make_ref(),
+    Id = new_id(),
+    Frame = term_to_binary({stream_start, Id, pyport_callbacks:owner(), M, F, Payload,
+                            term_to_binary(Ref), Owner, Window}, ?T2B_OPTS),
+    case request_msg(Id, {request, Id, Frame, Owner}, default_timeout(call_timeout, 30000)) of
+        {ok, _} -> {ok, Ref};
+        {error, _} = Error -> Error
+    end;
+stream_start(_Module, _Function, _Args, _Kwargs, _Opts) ->
+    erlang:error(badarg).
+
+%% @equiv stream_ack(Ref, 1)
+-spec stream_ack(reference()) -> ok.
+stream_ack(Ref) ->
+    stream_ack(Ref, 1).
+
+%% @doc Acknowledges `N' items of stream `Ref': `N' more may be sent. `ok' also
+%% for a stream that has ended.
+-spec stream_ack(reference(), pos_integer()) -> ok.
+stream_ack(Ref, N) when is_reference(Ref), is_integer(N), N >= 1 ->
+    notify({stream_ack, term_to_binary(Ref), N});
+stream_ack(_Ref, _N) ->
+    erlang:error(badarg).
+
+%% @doc Stops stream `Ref': its generator is closed (its `finally' clauses run)
+%% and no more items are sent. Items already sent may still arrive.
+-spec stream_cancel(reference()) -> ok.
+stream_cancel(Ref) when is_reference(Ref) ->
+    notify({stream_cancel, term_to_binary(Ref)});
+stream_cancel(_Ref) ->
+    erlang:error(badarg).
+
+-spec notify(tuple()) -> ok.
+notify(Msg) ->
+    gen_server:cast(?SERVER, {notify, term_to_binary(Msg, ?T2B_OPTS)}).
+
+%%====================================================================
+%% Callbacks: Python calling Erlang
+%%====================================================================
+
+%% @doc Registers `Fun' as the function Python calls as `Name':
+%% `erlang.call("Name", A, B)', `erlang.Name(A, B)' or `from erlang import Name'.
+%% `Fun' gets the argument list (`[A, B]'); its result goes back to Python
+%% through the conversion table, and an exception it raises becomes
+%% `erlang.ErlangError' there. It runs in a process of its own (not the
+%% caller's); `py:call/3' and friends made from it run on the Python thread
+%% that waits for it. `Name' is an atom or a binary; replaces an earlier
+%% registration of the same name.
+-spec register_function(atom() | binary(), fun((list()) -> term())) -> ok.
+register_function(Name, Fun) when is_function(Fun, 1) ->
+    pyport_callbacks:register(function_name(Name), Fun);
+register_function(_Name, _Fun) ->
+    erlang:error(badarg).
+
+%% @doc Registers `Module:Function/1' (called with the argument list) as the
+%% function Python calls as `Name'; see {@link register_function/2}.
+-spec register_function(atom() | binary(), module(), atom()) -> ok.
+register_function(Name, Module, Function) when is_atom(Module), is_atom(Function) ->
+    pyport_callbacks:register(function_name(Name), {Module, Function});
+register_function(_Name, _Module, _Function) ->
+    erlang:error(badarg).
+
+%% @doc Removes the function registered as `Name'; `ok' also if there is none.
+%% Python calling it afterwards gets `erlang.UnknownFunction'.
+-spec unregister_function(atom() | binary()) -> ok.
+unregister_function(Name) ->
+    pyport_callbacks:unregister(function_name(Name)).
+
+-spec function_name(term()) -> binary().
+function_name(Name) ->
+    case name(Name) of
+        <<"$", _/binary>> -> erlang:error(badarg);   % reserved for pyport itself
+        <<>> -> erlang:error(badarg);
+        B -> B
+    end.
+
+%%====================================================================
 %% stats
 %%====================================================================
 
@@ -388,6 +575,16 @@ stats() ->
 %%====================================================================
 %% Internal: requests
 %%====================================================================
+
+%% A request made by a callback's process names the callback: the port runs it
+%% on the Python thread that waits for that callback (and in the namespace of
+%% the process whose call made the callback, see pyport_callbacks:owner/0).
+-spec chained(tuple()) -> tuple().
+chained(Request) ->
+    case pyport_callbacks:chain() of
+        undefined -> Request;
+        Chain -> erlang:append_element(Request, Chain)
+    end.
 
 -spec new_id() -> pos_integer().
 new_id() ->

@@ -34,7 +34,8 @@ args(Gen) ->
      "--max-workers", integer_to_list(env_int(max_workers, 16))]
         ++ watchdog_arg()
         ++ affinity_arg()
-        ++ ["--none-as", atom_to_list(none_as())]
+        ++ ["--none-as", atom_to_list(none_as()),
+            "--node", atom_to_list(node())]
         ++ optional_args([{spare_after_ms, "--spare-after-ms"},
                           {spare_idle_ms, "--spare-idle-ms"},
                           {abandon_after_ms, "--abandon-after-ms"},
@@ -44,7 +45,9 @@ args(Gen) ->
                           {max_memory_bytes, "--max-memory-bytes"},
                           {max_frame_bytes, "--max-frame-bytes"},
                           {log_lines_per_sec, "--log-lines-per-sec"},
-                          {sd_decode_workers, "--sd-decode-workers"}]).
+                          {sd_decode_workers, "--sd-decode-workers"},
+                          {callback_timeout, "--callback-timeout-ms"},
+                          {max_threads, "--max-threads"}]).
 
 %% @doc SIGKILL for the port program `OsPid' and, if it leads one, its group.
 -spec kill(non_neg_integer() | undefined, boolean()) -> ok.

@@ -65,7 +65,11 @@
           silent_checks = 0 :: non_neg_integer(),
           heartbeat_seq = 0 :: non_neg_integer(),
           %% bound on the SharedDict read cache (app env shared_dict_cache_bytes)
-          cache_max = 0 :: non_neg_integer()
+          cache_max = 0 :: non_neg_integer(),
+          %% callbacks running in processes of their own: id => {pid, monitor}
+          callbacks = #{} :: #{non_neg_integer() => {pid(), reference()}},
+          %% delivers erlang.send messages (decoding them outside this process)
+          sender :: pid() | undefined
          }).
 -type state() :: #state{}.
 
@@ -116,7 +120,8 @@ init([]) ->
     _ = pyport_frames:port_atoms(),
     ok = pyport_sd_cache:new(),
     State = start_port(#state{gen = Gen, gen_ref = Ref, max_in_flight = MaxInFlight,
-                              cache_max = pyport_sd_cache:max_bytes()}),
+                              cache_max = pyport_sd_cache:max_bytes(),
+                              sender = pyport_callbacks:start_sender()}),
     {ok, schedule_heartbeat(State#state{last_check = now_ms()})}.
 
 %% @private
@@ -150,6 +155,10 @@ handle_cast({cancel, Id}, #state{pending = Pending} = State) ->
         error ->
             {noreply, State}
     end;
+handle_cast({notify, Frame}, #state{port = Port} = State) when Port =/= undefined ->
+    %% A frame that needs no answer (stream flow control): lost with the port.
+    _ = (catch erlang:port_command(Port, Frame)),
+    {noreply, State};
 handle_cast(_Other, State) ->
     {noreply, State}.
 
@@ -164,6 +173,8 @@ handle_info({timeout, TRef, startup_timeout}, #state{startup_timer = TRef} = Sta
     {noreply, startup_failed(timeout, State)};
 handle_info({'DOWN', MRef, process, Pid, _Reason}, #state{owners = Owners} = State) ->
     case maps:take(Pid, Owners) of
+        error ->
+            {noreply, callback_down(MRef, State)};
         {{MRef, Ids}, Owners1} ->
             Pending = lists:foldl(
                         fun(Id, P) ->
@@ -285,6 +296,33 @@ port_message({pyport_sd_invalidate, SD, Key}, State) when is_tuple(SD), is_binar
 port_message({pyport_sd_invalidate, SD}, State) when is_tuple(SD) ->
     ok = pyport_sd_cache:invalidate_dict(SD),
     State;
+port_message({pyport_callback, CbId, Name, Args, Caller0}, #state{port = Port} = State)
+  when is_integer(CbId), is_binary(Name), is_binary(Args), Port =/= undefined ->
+    Caller = case is_pid(Caller0) of
+                 true -> Caller0;
+                 false -> undefined
+             end,
+    case pyport_callbacks:start(CbId, Name, Args, Caller, Port) of
+        {ok, Pid} ->
+            MRef = erlang:monitor(process, Pid),
+            State#state{callbacks = maps:put(CbId, {Pid, MRef}, State#state.callbacks)};
+        answered ->
+            State
+    end;
+port_message({pyport_callback_cancel, CbId}, #state{callbacks = Cbs} = State) ->
+    %% Python stopped waiting: the callback's work is of no use to anyone.
+    case maps:take(CbId, Cbs) of
+        {{Pid, MRef}, Cbs1} ->
+            erlang:demonitor(MRef, [flush]),
+            exit(Pid, kill),
+            State#state{callbacks = Cbs1};
+        error ->
+            State
+    end;
+port_message({pyport_send, To, Msg}, #state{sender = Sender} = State)
+  when is_pid(To), is_binary(Msg) ->
+    ok = pyport_callbacks:deliver(Sender, To, Msg),
+    State;
 port_message({pyport_log, Level, Source, Msg}, State) ->
     pyport_frames:log_python(Level, Source, Msg),
     State;
@@ -357,6 +395,14 @@ send_held(Id, Frame, #state{port = Port, pending = Pending} = State) ->
             {From, Pending1} = maps:take(Id, Pending),
             gen_server:reply(From, {error, {pyport_unavailable, closing}}),
             forget_owner_id(From, Id, State#state{pending = Pending1})
+    end.
+
+%% A callback process ended (it answered the port itself, or died trying).
+-spec callback_down(reference(), state()) -> state().
+callback_down(MRef, #state{callbacks = Cbs} = State) ->
+    case [Id || {Id, {_, R}} <- maps:to_list(Cbs), R =:= MRef] of
+        [Id] -> State#state{callbacks = maps:remove(Id, Cbs)};
+        [] -> State
     end.
 
 -spec local_stats(state()) -> map().

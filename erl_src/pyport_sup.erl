@@ -14,6 +14,8 @@ start_link() ->
 %% @doc Supervisor callback.
 -spec init([]) -> {ok, {supervisor:sup_flags(), [supervisor:child_spec()]}}.
 init([]) ->
+    %% Functions registered for Python's callbacks outlive restarts of the server.
+    ok = pyport_callbacks:new_table(),
     Flags = #{strategy => one_for_one, intensity => 5, period => 10},
     Server = #{id => pyport_server,
                start => {pyport_server, start_link, []},

@@ -20,6 +20,7 @@ main() ->
     conversions(),
     namespaces(),
     exceptions_and_timeouts(),
+    python_calls_erlang(),
     shared_dict_quick_start(),
     shared_dict_configuration(),
     shared_dict_session_state(),
@@ -109,6 +110,44 @@ namespaces() ->
     step("back here: py:eval(<<\"counter\">>)",
          fun() -> py:eval(<<"counter">>) end,
          fun(R) -> R =:= {ok, 1} end).
+
+python_calls_erlang() ->
+    section("Python calls Erlang"),
+    step("py:register_function(user_name, fun([Id]) -> maps:get(Id, #{1 => <<\"joe\">>}) end)",
+         fun() -> py:register_function(user_name, fun([Id]) -> maps:get(Id, #{1 => <<"joe">>}) end) end,
+         fun(R) -> R =:= ok end),
+    step("py:exec(<<\"import erlang\\ndef greet_user(uid):\\n    return 'hello ' + erlang.user_name(uid)\\n\">>)",
+         fun() -> py:exec(<<"import erlang\ndef greet_user(uid):\n    return 'hello ' + erlang.user_name(uid)\n">>) end,
+         fun(R) -> R =:= ok end),
+    step("py:call('__main__', greet_user, [1])   % Python -> Erlang -> Python",
+         fun() -> py:call('__main__', greet_user, [1]) end,
+         fun(R) -> R =:= {ok, <<"hello joe">>} end),
+    step("py:call('__main__', greet_user, [2])   % the Erlang error, raised in Python",
+         fun() -> py:call('__main__', greet_user, [2]) end,
+         fun({error, {python, <<"erlang.ErlangError">>, <<"error: {badkey,2}">>, _}}) -> true;
+            (_) -> false end),
+    step("py:exec(<<\"erlang.send(erlang.self(), ('progress', 50))\">>), receive M -> M end",
+         fun() ->
+                 ok = py:exec(<<"erlang.send(erlang.self(), ('progress', 50))">>),
+                 receive M -> M after 5000 -> no_message end
+         end,
+         fun(R) -> R =:= {<<"progress">>, 50} end),
+    ok = py:unregister_function(user_name),
+    step("py:stream_start(builtins, range, [3]), then receive {py_stream, Ref, ...} and stream_ack",
+         fun() ->
+                 {ok, Ref} = py:stream_start(builtins, range, [3]),
+                 demo_stream(Ref, [])
+         end,
+         fun(R) -> R =:= {done, [0, 1, 2]} end).
+
+%% The items of a stream, acknowledged one by one, until done.
+demo_stream(Ref, Acc) ->
+    receive
+        {py_stream, Ref, {data, V}} -> ok = py:stream_ack(Ref), demo_stream(Ref, [V | Acc]);
+        {py_stream, Ref, done} -> {done, lists:reverse(Acc)};
+        {py_stream, Ref, {error, E}} -> {error, E}
+    after 5000 -> stalled
+    end.
 
 exceptions_and_timeouts() ->
     section("Exceptions, argument errors and timeouts"),

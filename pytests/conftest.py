@@ -265,6 +265,11 @@ class Port:
         self.eof = False
         self.logs = []  # (level, source, message) in arrival order
         self.invalidations = []  # (handle, key) or (handle,) of pyport_sd_invalidate frames
+        self.callbacks = []  # (name, args) of the callbacks Python made, answered by recv
+        self.callback_frames = []  # the pyport_callback frames themselves, in arrival order
+        # name (bytes) -> fn(args, cb_id) returning ("ok", Term) or ("error", Term): a test's
+        # own Erlang side for these names (see answer_callback)
+        self.callback_answers = {}
         self.ready = []  # pyport_ready maps
         self.frames_seen = []  # every decoded frame in arrival order (normalised)
         self.pending = {}  # Id -> reply frame not yet consumed
@@ -376,10 +381,37 @@ class Port:
                 self.logs.append(t[1:])
             elif self.is_invalidation(t):
                 self.invalidations.append(t[1:])
+            elif self.is_callback(t):
+                self.answer_callback(t)
             elif self.is_ready(t):
                 self.ready.append(t[1])
             else:
                 return t
+
+    @staticmethod
+    def is_callback(t):
+        return isinstance(t, tuple) and len(t) == 5 and t[0] == "pyport_callback" and isinstance(t[0], Atom)
+
+    def answer_callback(self, t):
+        """Answers Python's callbacks as an Erlang side with no registered function would:
+        built-in questions get their negative answer, other names are unknown. A name in
+        `callback_answers` is answered by the test's function instead (for
+        `$pyport_registered`, the question whether the name asked about has one)."""
+        _, cb_id, name, _args, _caller = t
+        args = b2t(_args)
+        self.callbacks.append((name, args))
+        self.callback_frames.append(t)
+        if name in self.callback_answers:
+            status, value = self.callback_answers[name](args, cb_id)
+            self.send((A("callback_reply"), cb_id, A(status), t2b(value)))
+        elif name == b"$pyport_registered" and args and args[0] in self.callback_answers:
+            self.send((A("callback_reply"), cb_id, A("ok"), t2b(True)))
+        elif name in (b"$pyport_registered", b"$pyport_connected"):
+            self.send((A("callback_reply"), cb_id, A("ok"), t2b(False)))
+        elif name == b"$pyport_whereis":
+            self.send((A("callback_reply"), cb_id, A("ok"), t2b(A("undefined"))))
+        else:
+            self.send((A("callback_reply"), cb_id, A("error"), t2b((A("unknown_function"), name))))
 
     def wait_ready(self, timeout=30):
         deadline = time.monotonic() + timeout

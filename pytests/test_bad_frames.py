@@ -100,7 +100,9 @@ SHAPES = {
     "call_module_not_binary": lambda rid: (A("call"), rid, pid(1), 42, "f", t2b(([], {}))),
     "call_payload_not_binary": lambda rid: (A("call"), rid, pid(1), "builtins", "len", [1]),
     "eval_code_not_binary": lambda rid: (A("eval"), rid, pid(1), [1, 2], t2b({})),
-    "exec_too_many_fields": lambda rid: (A("exec"), rid, pid(1), "x=1", t2b({}), 5),
+    "exec_too_many_fields": lambda rid: (A("exec"), rid, pid(1), "x=1", t2b({}), 5, 6),
+    "exec_chain_not_an_id": lambda rid: (A("exec"), rid, pid(1), "x=1", t2b({}), A("chain")),
+    "call_chain_negative": lambda rid: (A("call"), rid, pid(1), "builtins", "len", t2b(([[]], {})), -1),
     "stats_extra_field": lambda rid: (A("stats"), rid, 1),
 }
 

@@ -19,6 +19,8 @@ def stub_names():
             }
         elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
             names.add(node.target.id)
+        elif isinstance(node, ast.FunctionDef):
+            names.add(node.name)
     return names, members
 
 

@@ -28,7 +28,7 @@ use parking_lot::Mutex;
 use pyo3::ffi;
 use pyo3::prelude::*;
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -46,18 +46,55 @@ pub struct Slot {
     ident: std::os::raw::c_ulong,
     /// The kernel's id for the thread, to read its CPU time from `/proc`.
     tid: libc::pid_t,
+    /// A cancellation was raised in the thread and its request has not ended yet. Code that
+    /// waits outside Python (a callback into Erlang) looks at it, since the raised exception
+    /// only shows once Python code runs again.
+    cancelled: AtomicBool,
+}
+
+thread_local! {
+    /// The worker slot of the current thread, if it is a pool worker.
+    static CURRENT_SLOT: std::cell::RefCell<Option<Arc<Slot>>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Marks the current thread as the worker of `slot` (for its whole life).
+pub fn set_current_slot(slot: Arc<Slot>) {
+    CURRENT_SLOT.with(|c| *c.borrow_mut() = Some(slot));
+}
+
+/// Takes back the cancellation raised asynchronously in the current thread (a worker) and
+/// not seen yet: code that reports the cancellation itself (a wait for a callback ending with
+/// `CallCancelled`) must not have a second one hit the handler that catches the first.
+pub fn take_current_cancel(py: Python<'_>) {
+    CURRENT_SLOT.with(|c| {
+        if let Some(slot) = c.borrow().as_ref() {
+            // SAFETY: the GIL is held (the token proves it); NULL clears the pending exception.
+            unsafe {
+                ffi::PyThreadState_SetAsyncExc(slot.ident as _, std::ptr::null_mut());
+            }
+            let _ = py;
+        }
+    });
+}
+
+/// Whether the current thread is a worker whose request has been cancelled; `None` when
+/// it is not a worker (its waits need deadlines of their own).
+pub fn current_cancelled() -> Option<bool> {
+    CURRENT_SLOT.with(|c| c.borrow().as_ref().map(|s| s.cancelled.load(Ordering::Acquire)))
 }
 
 impl Slot {
     /// The calling thread, worker number `worker`, which must be attached to Python.
     pub fn current(worker: usize) -> Slot {
         // SAFETY: plain queries of the calling thread's ids.
-        unsafe { Slot { worker, ident: ffi::PyThread_get_thread_ident(), tid: libc::gettid() } }
+        let (ident, tid) = unsafe { (ffi::PyThread_get_thread_ident(), libc::gettid()) };
+        Slot { worker, ident, tid, cancelled: AtomicBool::new(false) }
     }
 
     /// Clears an exception raised asynchronously in this thread that it has not seen yet,
     /// so that a cancellation that arrived after its request finished cannot hit the next.
     pub fn clear_pending_cancel(&self, _py: Python<'_>) {
+        self.cancelled.store(false, Ordering::Release);
         // SAFETY: the GIL is held (the token proves it); NULL clears the pending exception.
         unsafe {
             ffi::PyThreadState_SetAsyncExc(self.ident as _, std::ptr::null_mut());
@@ -273,6 +310,7 @@ impl Canceller {
                     unsafe {
                         ffi::PyThreadState_SetAsyncExc(slot.ident as _, exc.as_ptr());
                     }
+                    slot.cancelled.store(true, Ordering::Release);
                 }
             });
             self.undelivered.lock().remove(&id);

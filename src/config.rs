@@ -7,7 +7,7 @@ pub const USAGE: &str = "usage: pyport [--generation N] [--workers N] [--max-wor
 [--spare-after-ms N] [--spare-idle-ms N] [--max-frame-bytes N] [--abandon-after-ms N] \
 [--max-abandoned N] [--gil-watchdog-ms N] [--max-reply-bytes N] [--oom-score-adj N] \
 [--max-memory-bytes N] [--thread-affinity namespace|always|none] [--log-lines-per-sec N] \
-[--none-as undefined|nil] [--sd-decode-workers N]";
+[--none-as undefined|nil] [--sd-decode-workers N] [--callback-timeout-ms N] [--node NAME] [--max-threads N]";
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
@@ -38,6 +38,13 @@ pub struct Config {
     pub none_as: String,
     /// Threads that read SharedDict values needing Python for Erlang (at least 1).
     pub sd_decode_workers: usize,
+    /// How long a callback into Erlang made outside any call (from a thread Python code
+    /// started) waits for its answer.
+    pub callback_timeout: Duration,
+    /// The Erlang node the port serves (pids of other nodes are checked before a send).
+    pub node: String,
+    /// Most worker threads of all pools together (hot workers always start).
+    pub max_threads: usize,
 }
 
 impl Default for Config {
@@ -59,6 +66,9 @@ impl Default for Config {
             log_lines_per_sec: 100.0,
             none_as: "undefined".into(),
             sd_decode_workers: 2,
+            callback_timeout: Duration::from_secs(30),
+            node: String::new(),
+            max_threads: 64,
         }
     }
 }
@@ -72,6 +82,10 @@ impl Config {
             if flag == "--thread-affinity" {
                 cfg.affinity = Affinity::parse(&value)
                     .ok_or_else(|| format!("{flag}: {value:?} is not namespace, always or none"))?;
+                continue;
+            }
+            if flag == "--node" {
+                cfg.node = value;
                 continue;
             }
             if flag == "--none-as" {
@@ -97,6 +111,8 @@ impl Config {
                 "--max-memory-bytes" => cfg.max_memory = n,
                 "--log-lines-per-sec" => cfg.log_lines_per_sec = n.max(1) as f64,
                 "--sd-decode-workers" => cfg.sd_decode_workers = n.clamp(1, 64) as usize,
+                "--callback-timeout-ms" => cfg.callback_timeout = Duration::from_millis(n),
+                "--max-threads" => cfg.max_threads = n.max(1) as usize,
                 _ => return Err(format!("unknown option {flag}")),
             }
         }

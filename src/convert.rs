@@ -29,6 +29,20 @@ pub enum ConvertError {
     Python(PyErr),
 }
 
+impl ConvertError {
+    /// As a Python exception: Python errors as they were, the others as ValueError.
+    pub fn into_pyerr(self) -> PyErr {
+        match self {
+            ConvertError::Python(e) => e,
+            ConvertError::Term(t) => pyo3::exceptions::PyValueError::new_err(t.to_string()),
+            ConvertError::DuplicateKey(k) => {
+                pyo3::exceptions::PyValueError::new_err(format!("two keys become the same key {k}"))
+            }
+            ConvertError::Unsupported(m) => pyo3::exceptions::PyValueError::new_err(m),
+        }
+    }
+}
+
 impl From<TermError> for ConvertError {
     fn from(e: TermError) -> Self {
         ConvertError::Term(e)

@@ -128,27 +128,37 @@ impl Interp {
     /// when the module is `__main__`.
     pub fn run_call(&self, py: Python<'_>, id: u64, owner: &Owner, module: &str, function: &str, payload: &[u8]) -> Outcome {
         let _caller = crate::pylog::CallerGuard::set(owner);
-        let result = (|| -> Result<Bound<'_, PyAny>, Failure> {
-            let target = self.resolve(py, owner, module, function)?;
-            let decoded = convert::decode_wrapped(py, payload, 2)?;
-            let pair = decoded.cast::<PyTuple>().map_err(|_| Failure::bad("call payload must be {Args, Kwargs}"))?;
-            if pair.len() != 2 {
-                return Err(Failure::bad("call payload must be {Args, Kwargs}"));
-            }
-            let args = pair.get_item(0)?;
-            let args = args.cast::<PyList>().map_err(|_| Failure::bad("Args must be a list"))?;
-            let kwargs = pair.get_item(1)?;
-            let kwargs = kwargs.cast::<PyDict>().map_err(|_| Failure::bad("Kwargs must be a map"))?;
-            if module == "builtins" && kwargs.is_empty() {
-                if let Some(value) = self.frame_builtin(py, owner, function, &target, args)? {
-                    return Ok(value);
-                }
-            }
-            let args = PyTuple::new(py, args.iter())?;
-            let kwargs = if kwargs.is_empty() { None } else { Some(kwargs) };
-            Ok(target.call(args, kwargs)?)
-        })();
+        let result = self.call_function(py, owner, module, function, payload);
         finish_or_await(py, id, result)
+    }
+
+    /// What a `call` request's function returns (the caller marks the thread as the owner's).
+    pub fn call_function<'py>(
+        &self,
+        py: Python<'py>,
+        owner: &Owner,
+        module: &str,
+        function: &str,
+        payload: &[u8],
+    ) -> Result<Bound<'py, PyAny>, Failure> {
+        let target = self.resolve(py, owner, module, function)?;
+        let decoded = convert::decode_wrapped(py, payload, 2)?;
+        let pair = decoded.cast::<PyTuple>().map_err(|_| Failure::bad("call payload must be {Args, Kwargs}"))?;
+        if pair.len() != 2 {
+            return Err(Failure::bad("call payload must be {Args, Kwargs}"));
+        }
+        let args = pair.get_item(0)?;
+        let args = args.cast::<PyList>().map_err(|_| Failure::bad("Args must be a list"))?;
+        let kwargs = pair.get_item(1)?;
+        let kwargs = kwargs.cast::<PyDict>().map_err(|_| Failure::bad("Kwargs must be a map"))?;
+        if module == "builtins" && kwargs.is_empty() {
+            if let Some(value) = self.frame_builtin(py, owner, function, &target, args)? {
+                return Ok(value);
+            }
+        }
+        let args = PyTuple::new(py, args.iter())?;
+        let kwargs = if kwargs.is_empty() { None } else { Some(kwargs) };
+        Ok(target.call(args, kwargs)?)
     }
 
     /// The builtins that read the calling frame (`eval`, `exec`, `vars`, `dir`, `locals`,

@@ -9,6 +9,7 @@
 //! stderr into log frames. docs/PROTOCOL.md is the contract.
 
 mod aio;
+mod callbacks;
 mod cancel;
 mod config;
 mod convert;
@@ -32,6 +33,7 @@ mod richtypes;
 mod shared_dict;
 mod shutdown;
 mod stdio;
+mod streams;
 
 use crate::aio::Aio;
 use crate::config::Config;
@@ -118,6 +120,9 @@ fn main() {
     if let Err(e) = pylog::install_handler() {
         out_tx.log("warning", "pyport", e.as_bytes());
     }
+    if let Err(e) = pyo3::Python::attach(callbacks::register) {
+        out_tx.log("warning", "pyport", format!("cannot add callbacks to the erlang module: {e}").as_bytes());
+    }
     let router = match Router::start(&cfg, out_tx.clone()) {
         Ok(r) => r,
         Err(e) => fatal(&out_tx, EXIT_IO, &format!("cannot start threads: {e}")),
@@ -163,6 +168,8 @@ fn fatal(out: &Outbox, code: i32, msg: &str) -> ! {
 struct Router {
     out: Outbox,
     pool: Arc<Pool>,
+    callbacks: Arc<callbacks::Callbacks>,
+    streams: Arc<streams::Streams>,
     interp: Arc<Interp>,
     dicts: Arc<SharedDicts>,
     aio: Arc<Aio>,
@@ -185,13 +192,17 @@ impl Router {
             },
         };
         let aio = Aio::new(out.clone())?;
+        pool::set_max_threads(cfg.max_threads);
         let pool = Pool::start(pool_cfg, interp.clone(), out.clone(), Some(aio.clone()))?;
         // Reading SharedDict values that need Python gets a small pool of its own, so that
         // values whose unpickling hangs can neither take the callers' workers nor wait
         // behind them.
         let decoder_cfg = PoolConfig { hot: cfg.sd_decode_workers, max: cfg.sd_decode_workers, affinity: homes::Affinity::None, ..pool_cfg };
         let dicts = SharedDicts::start(out.clone(), decoder_cfg, interp.clone())?;
-        Ok(Router { out, pool, interp, dicts, aio, generation: cfg.generation })
+        let callbacks = callbacks::Callbacks::install(out.clone(), cfg.callback_timeout, cfg.node.clone());
+        callbacks.set_pool(pool.clone());
+        let streams = streams::Streams::new(out.clone(), interp.clone(), pool.clone());
+        Ok(Router { out, pool, callbacks, streams, interp, dicts, aio, generation: cfg.generation })
     }
 
     fn send(&self, frame: Vec<u8>) {
@@ -204,15 +215,22 @@ impl Router {
             Err(bad) => return self.send(protocol::error_frame(bad.id, bad.to_term())),
         };
         match req {
-            Request::Call { id, owner, module, function, payload } => {
-                self.pool.submit(Job::Call { id, owner, module, function, payload })
+            Request::Call { id, owner, module, function, payload, chain } => {
+                self.run(chain, Job::Call { id, owner, module, function, payload })
             }
-            Request::Eval { id, owner, code, payload } => {
-                self.pool.submit(Job::Code { id, owner, code, payload, mode: Mode::Eval })
+            Request::Eval { id, owner, code, payload, chain } => {
+                self.run(chain, Job::Code { id, owner, code, payload, mode: Mode::Eval })
             }
-            Request::Exec { id, owner, code, payload } => {
-                self.pool.submit(Job::Code { id, owner, code, payload, mode: Mode::Exec })
+            Request::Exec { id, owner, code, payload, chain } => {
+                self.run(chain, Job::Code { id, owner, code, payload, mode: Mode::Exec })
             }
+            Request::CallbackReply { id, ok, payload } => self.callbacks.reply(id, ok, payload),
+            Request::StreamStart { id, caller, module, function, payload, key, to, window } => {
+                let start = streams::StreamStart { id, caller, module, function, payload, key, owner: to, window };
+                self.pool.submit(self.streams.start(start))
+            }
+            Request::StreamAck { key, n } => self.streams.ack(&key, n),
+            Request::StreamCancel { key } => self.streams.cancel(&key),
             Request::Startup { id, sys_path, code } => self.pool.submit(Job::Startup { id, sys_path, code }),
             Request::Cancel { id } => {
                 self.pool.cancel(id);
@@ -221,6 +239,7 @@ impl Router {
             }
             Request::OwnerDown { owner } => {
                 pymodule::registry().drop_owner(&owner);
+                self.streams.owner_down(&owner);
                 self.pool.owner_down(&owner);
             }
             Request::Stats { id } => self.send(self.stats(id)),
@@ -241,11 +260,25 @@ impl Router {
         }
     }
 
+    /// A request made from inside a callback runs on the thread waiting for that callback;
+    /// any other in the pool.
+    fn run(&self, chain: Option<u64>, job: Job) {
+        let job = match chain {
+            Some(c) => self.callbacks.nested(c, job),
+            None => Some(job),
+        };
+        if let Some(job) = job {
+            self.pool.submit(job);
+        }
+    }
+
     fn stats(&self, id: u64) -> Vec<u8> {
         let reg = pymodule::registry().stats();
         let pool = self.pool.stats();
         let sd = self.dicts.stats();
-        let entries: [(&str, u64); 10] = [
+        let entries: [(&str, u64); 12] = [
+            ("streams", self.streams.count() as u64),
+            ("python_threads", pool::python_threads() as u64),
             ("dicts", reg.dicts as u64),
             ("dict_keys", reg.keys as u64),
             ("dict_bytes", reg.bytes as u64),

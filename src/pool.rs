@@ -40,6 +40,22 @@ use std::time::{Duration, Instant};
 
 pub use crate::python::PYTHON_THREAD_STACK;
 
+/// Worker threads of every pool of the process (callers' workers and SharedDict decoders),
+/// stuck ones included, and the most there may be (`--max-threads`): spares stop there.
+/// Requests nested in callbacks never need one (they run on the waiting thread).
+static PYTHON_THREADS: AtomicUsize = AtomicUsize::new(0);
+static MAX_THREADS: AtomicUsize = AtomicUsize::new(64);
+
+/// Sets the cap on worker threads (once, at start-up).
+pub fn set_max_threads(n: usize) {
+    MAX_THREADS.store(n.max(1), Ordering::Release);
+}
+
+/// Worker threads alive now, in every pool.
+pub fn python_threads() -> usize {
+    PYTHON_THREADS.load(Ordering::Acquire)
+}
+
 pub enum Job {
     Call { id: u64, owner: Owner, module: String, function: String, payload: Vec<u8> },
     Code { id: u64, owner: Owner, code: String, payload: Vec<u8>, mode: Mode },
@@ -76,7 +92,7 @@ impl Job {
         }
     }
 
-    fn run(&self, py: Python<'_>, interp: &Interp) -> Outcome {
+    pub fn run(&self, py: Python<'_>, interp: &Interp) -> Outcome {
         let frame = match self {
             Job::Call { id, owner, module, function, payload } => {
                 return interp.run_call(py, *id, owner, module, function, payload)
@@ -317,6 +333,11 @@ impl Pool {
 
     /// Starts a worker; returns its id.
     fn spawn_worker(self: &Arc<Self>, s: &mut Sched, hot: bool) -> std::io::Result<usize> {
+        // Hot workers always start; spares only below the process-wide cap, which written-off
+        // (stuck) threads still count against: they exist.
+        if !hot && PYTHON_THREADS.load(Ordering::Acquire) >= MAX_THREADS.load(Ordering::Acquire) {
+            return Err(std::io::Error::other("max_threads reached"));
+        }
         let (tx, rx) = unbounded();
         let id = s.next_id;
         let worker = Arc::new(Worker {
@@ -331,12 +352,14 @@ impl Pool {
         let me = worker.clone();
         let name = if hot { "pyport-worker" } else { "pyport-spare" };
         self.total.fetch_add(1, Ordering::AcqRel);
+        PYTHON_THREADS.fetch_add(1, Ordering::AcqRel);
         let spawned = thread::Builder::new()
             .name(name.into())
             .stack_size(PYTHON_THREAD_STACK)
             .spawn(move || pool.worker_loop(me));
         if let Err(e) = spawned {
             self.total.fetch_sub(1, Ordering::AcqRel);
+            PYTHON_THREADS.fetch_sub(1, Ordering::AcqRel);
             return Err(e);
         }
         s.next_id += 1;
@@ -404,6 +427,7 @@ impl Pool {
     fn worker_loop(self: Arc<Self>, me: Arc<Worker>) {
         Python::attach(|py| {
             let slot = Arc::new(Slot::current(me.id));
+            crate::cancel::set_current_slot(slot.clone());
             let mut reply: Option<Frame> = None;
             loop {
                 self.idle.fetch_add(1, Ordering::AcqRel);
@@ -429,6 +453,7 @@ impl Pool {
             }
         });
         self.total.fetch_sub(1, Ordering::AcqRel);
+        PYTHON_THREADS.fetch_sub(1, Ordering::AcqRel);
     }
 
     /// The next job: from the worker's own queue first, then the shared one. Hot workers wait
@@ -488,6 +513,10 @@ impl Pool {
     /// With no other work waiting, latency wins: write the reply on this thread. Under load,
     /// queue it, so that the writer batches replies into few writes.
     fn deliver(&self, me: &Worker, frame: Frame) {
+        // A job that answers by itself (a stream) or not at all returns an empty frame.
+        if frame.is_empty() {
+            return;
+        }
         if self.jobs_rx.is_empty() && me.rx.is_empty() {
             self.out.send_now(frame);
         } else {
@@ -538,6 +567,13 @@ impl Pool {
         // A cancel that arrived after the code finished must not hit the next request.
         slot.clear_pending_cancel(py);
         frame
+    }
+
+    /// Runs a request nested in a callback on the calling thread (the one waiting for that
+    /// callback); the reply to send, if any (a coroutine goes to the event loop).
+    pub fn run_nested(&self, py: Python<'_>, job: &Job) -> Option<Frame> {
+        let outcome = job.run(py, &self.interp);
+        self.hand_off(py, job.id(), outcome)
     }
 
     /// A coroutine goes to the event loop while the request still counts as running, so

@@ -33,9 +33,26 @@ pub const BYTES_TAG: &str = "$pyport_bytes";
 
 #[derive(Debug)]
 pub enum Request {
-    Call { id: u64, owner: Owner, module: String, function: String, payload: Vec<u8> },
-    Eval { id: u64, owner: Owner, code: String, payload: Vec<u8> },
-    Exec { id: u64, owner: Owner, code: String, payload: Vec<u8> },
+    /// `chain`: the callback whose Erlang function made this request (see `callbacks`).
+    Call { id: u64, owner: Owner, module: String, function: String, payload: Vec<u8>, chain: Option<u64> },
+    Eval { id: u64, owner: Owner, code: String, payload: Vec<u8>, chain: Option<u64> },
+    Exec { id: u64, owner: Owner, code: String, payload: Vec<u8>, chain: Option<u64> },
+    /// Starts a stream: `key` names it (an Erlang reference's external format), `to` gets
+    /// its items, at most `window` unacknowledged.
+    StreamStart {
+        id: u64,
+        caller: Owner,
+        module: String,
+        function: String,
+        payload: Vec<u8>,
+        key: Vec<u8>,
+        to: Owner,
+        window: u64,
+    },
+    StreamAck { key: Vec<u8>, n: u64 },
+    StreamCancel { key: Vec<u8> },
+    /// The answer to a callback: `ok` with the result's term, or an error term.
+    CallbackReply { id: u64, ok: bool, payload: Vec<u8> },
     Startup { id: u64, sys_path: Vec<String>, code: String },
     Stats { id: u64 },
     SdNew { id: u64, owner: Owner },
@@ -109,21 +126,46 @@ pub fn decode_request(frame: &[u8]) -> Result<Request, BadRequest> {
     let id = elements.get(1).and_then(as_u64);
     let f = Fields { op, id, elems: &elements };
     match (op, elements.len()) {
-        ("call", 6) => Ok(Request::Call {
+        ("call", 6) | ("call", 7) => Ok(Request::Call {
             id: f.id()?,
             owner: f.pid(2)?,
             module: f.string(3)?,
             function: f.string(4)?,
             payload: f.bytes(5)?,
+            chain: f.chain(6)?,
         }),
-        ("eval", 5) | ("exec", 5) => {
-            let (id, owner, code, payload) = (f.id()?, f.pid(2)?, f.string(3)?, f.bytes(4)?);
+        ("eval", 5) | ("exec", 5) | ("eval", 6) | ("exec", 6) => {
+            let (id, owner, code, payload, chain) = (f.id()?, f.pid(2)?, f.string(3)?, f.bytes(4)?, f.chain(5)?);
             Ok(if op == "eval" {
-                Request::Eval { id, owner, code, payload }
+                Request::Eval { id, owner, code, payload, chain }
             } else {
-                Request::Exec { id, owner, code, payload }
+                Request::Exec { id, owner, code, payload, chain }
             })
         }
+        ("stream_start", 9) => Ok(Request::StreamStart {
+            id: f.id()?,
+            caller: f.pid(2)?,
+            module: f.string(3)?,
+            function: f.string(4)?,
+            payload: f.bytes(5)?,
+            key: f.reference(6)?,
+            to: f.pid(7)?,
+            window: elements.get(8).and_then(as_u64).filter(|w| (1..=1 << 20).contains(w)).ok_or_else(|| f.bad(8, "a window of 1 to 2^20"))?,
+        }),
+        ("stream_ack", 3) => Ok(Request::StreamAck {
+            key: f.reference(1)?,
+            n: elements.get(2).and_then(as_u64).ok_or_else(|| f.bad(2, "a count"))?,
+        }),
+        ("stream_cancel", 2) => Ok(Request::StreamCancel { key: f.reference(1)? }),
+        ("callback_reply", 4) => Ok(Request::CallbackReply {
+            id: f.id()?,
+            ok: match elements.get(2) {
+                Some(Term::Atom(a)) if a.name == "ok" => true,
+                Some(Term::Atom(a)) if a.name == "error" => false,
+                _ => return Err(f.bad(2, "ok or error")),
+            },
+            payload: f.bytes(3)?,
+        }),
         ("startup", 4) => Ok(Request::Startup { id: f.id()?, sys_path: f.string_list(2)?, code: f.string(3)? }),
         ("stats", 2) => Ok(Request::Stats { id: f.id()? }),
         ("sd_new", 3) => Ok(Request::SdNew { id: f.id()?, owner: f.pid(2)? }),
@@ -185,6 +227,27 @@ impl Fields<'_> {
         self.id
             .filter(|id| (1..1 << 63).contains(id))
             .ok_or_else(|| self.bad(1, "an integer id from 1 to 2^63-1"))
+    }
+
+    /// `term_to_binary(Ref)` of an Erlang reference: its external format, without the
+    /// version byte.
+    fn reference(&self, pos: usize) -> Result<Vec<u8>, BadRequest> {
+        let bytes = self.bytes(pos)?;
+        let body = bytes.strip_prefix(&[etf::VERSION]).unwrap_or_default();
+        let is_ref = matches!(body.first(), Some(&(etf::REFERENCE | etf::NEW_REFERENCE | etf::NEWER_REFERENCE)));
+        let mut r = etf::Reader::new(body);
+        if !is_ref || etf::skip_term(&mut r, 0, Limits::ENVELOPE).is_err() || r.expect_end().is_err() {
+            return Err(self.bad(pos, "term_to_binary of a reference"));
+        }
+        Ok(body.to_vec())
+    }
+
+    /// An optional trailing chain id: absent, or a non-negative integer.
+    fn chain(&self, pos: usize) -> Result<Option<u64>, BadRequest> {
+        match self.elems.get(pos) {
+            None => Ok(None),
+            Some(t) => as_u64(t).map(Some).ok_or_else(|| self.bad(pos, "a chain id")),
+        }
     }
 
     fn pid(&self, pos: usize) -> Result<Pid, BadRequest> {
@@ -376,6 +439,37 @@ pub fn log_frame(level: &str, source: &str, message: &[u8]) -> Vec<u8> {
 /// A Python `logging` record: `{pyport_log_record, Level, Logger, Module, Line, Caller, Message}`
 /// with `Caller` the requesting pid or `undefined`. Names travel as binaries: nothing Python
 /// chooses becomes an atom.
+/// A term's external format without the version byte (an opaque term's bytes).
+pub fn term_body(term: &Term) -> Vec<u8> {
+    let mut v = encode_term(term);
+    v.remove(0);
+    v
+}
+
+/// `{pyport_callback, Id, Name, Args, Caller}`: Python asks Erlang to run the function
+/// registered as `Name` with the argument list `Args` (a versioned term).
+pub fn callback_frame(id: u64, name: &[u8], args: &[u8], caller: Option<&Owner>) -> Vec<u8> {
+    let caller = caller.map_or_else(|| atom("undefined"), |p| Term::Pid(p.clone()));
+    encode_term(&tuple(vec![atom("pyport_callback"), int(id), binary(name), binary(args), caller]))
+}
+
+/// `{pyport_callback_cancel, Id}`: Python stopped waiting for callback `Id`.
+pub fn callback_cancel_frame(id: u64) -> Vec<u8> {
+    encode_term(&tuple(vec![atom("pyport_callback_cancel"), int(id)]))
+}
+
+/// `{pyport_send, Pid, Message}`: `Message` (a versioned term) for the process `Pid`, whose
+/// external format (without version byte) is `pid`.
+pub fn send_frame(pid: &[u8], message: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(message.len() + pid.len() + 32);
+    out.push(etf::VERSION);
+    etf::put_tuple_header(&mut out, 3);
+    etf::put_atom(&mut out, "pyport_send");
+    out.extend_from_slice(pid);
+    etf::put_binary(&mut out, message);
+    out
+}
+
 pub fn log_record_frame(level: &str, logger: &str, module: &str, line: i64, caller: Option<&Owner>, message: &[u8]) -> Vec<u8> {
     let caller = caller.map_or_else(|| atom("undefined"), |p| Term::Pid(p.clone()));
     encode_term(&tuple(vec![
@@ -432,7 +526,7 @@ mod tests {
             binary(&[131, 106]),
         ]);
         match decode_request(&enc(&t)) {
-            Ok(Request::Call { id, owner, module, function, payload }) => {
+            Ok(Request::Call { id, owner, module, function, payload, .. }) => {
                 assert_eq!((id, owner, module.as_str(), function.as_str()), (42, pid(), "math", "sqrt"));
                 assert_eq!(payload, vec![131, 106]);
             }

@@ -41,6 +41,11 @@ pub fn install(out: Outbox, lines_per_sec: f64) {
     let _ = SINK.set(Sink { out, bucket: Mutex::new(Bucket::new(lines_per_sec)) });
 }
 
+/// The Erlang process whose request the current thread runs (or that started it), if any.
+pub fn current_caller() -> Option<Owner> {
+    CALLER.with(|c| c.borrow().clone())
+}
+
 /// Marks the current thread as serving `owner`'s request until the guard is dropped.
 pub struct CallerGuard(Option<Owner>);
 

@@ -146,6 +146,11 @@ impl OpaqueTerm {
     pub fn bytes(&self) -> &[u8] {
         &self.bytes
     }
+
+    /// 'pid', 'reference', 'port' or 'fun'.
+    pub fn kind_str(&self) -> &'static str {
+        self.kind
+    }
 }
 
 #[pymethods]

@@ -14,6 +14,34 @@ from typing import Any, Literal, overload
 NESTING_LIMIT: int
 
 ABSENT: object
+
+class ErlangError(Exception):
+    """Raised by a callback whose Erlang function raised: class_ is 'error', 'exit' or
+    'throw'; reason and stack are their texts."""
+    class_: str
+    reason: str
+    stack: str
+    def __init__(self, class_: str, reason: str, stack: str) -> None: ...
+
+class UnknownFunction(LookupError):
+    """Raised by call() for a name no Erlang function is registered under."""
+
+class NoCaller(Exception):
+    """Raised by self() in a thread that runs no Erlang call."""
+
+def call(name: str, *args: Any) -> Any:
+    """Runs the Erlang function registered as name (py:register_function) with args and
+    returns its result. erlang.name(*args) and `from erlang import name` work too."""
+
+def send(pid: OpaqueTerm, message: Any) -> None:
+    """Sends message to the Erlang process pid, like `!`."""
+
+def self() -> OpaqueTerm:
+    """The pid of the Erlang process whose call this thread runs (threads started during a
+    call inherit it); NoCaller elsewhere."""
+
+def whereis(name: str) -> OpaqueTerm | None:
+    """The pid registered under name in the VM, or None."""
 """SharedDict.compare_and_swap(key, ABSENT, new) stores new only if key is absent."""
 
 class CallCancelled(BaseException):

@@ -1,0 +1,187 @@
+%% @doc Python talking back: the functions Python may call (`erlang.call'), the
+%% processes that run them, and the delivery of `erlang.send' messages.
+%%
+%% Registered functions live in a public ETS table owned by the supervisor,
+%% so they survive restarts of the server and of the port. Names are binaries:
+%% a name coming from Python never becomes an atom.
+%%
+%% Each callback runs in a process of its own, never in the server. It knows
+%% its callback id (process dictionary `$pyport_chain'), and `py' adds that id
+%% to the requests it makes: the port runs them on the Python thread that waits
+%% for this callback, so Python → Erlang → Python chains need no extra threads.
+%% The process answers the port directly; the server only kills it when Python
+%% stops waiting.
+%%
+%% Messages from `erlang.send' are decoded and delivered by one sender process
+%% (never by the server itself), in the order Python sent them.
+-module(pyport_callbacks).
+
+-export([new_table/0, register/2, unregister/1, lookup/1, start/5, chain/0, owner/0,
+         start_sender/0, deliver/3]).
+-export([sender_loop/0]).
+
+-define(TABLE, pyport_functions).
+-define(CHAIN_KEY, '$pyport_chain').
+-define(OWNER_KEY, '$pyport_owner').
+-define(T2B_OPTS, [{minor_version, 2}]).
+
+-type function_spec() :: fun((list()) -> term()) | {module(), atom()}.
+-export_type([function_spec/0]).
+
+%% @doc Creates the registry table, owned by the calling process (the supervisor).
+-spec new_table() -> ok.
+new_table() ->
+    case ets:whereis(?TABLE) of
+        undefined ->
+            _ = ets:new(?TABLE, [named_table, public, set, {read_concurrency, true}]),
+            ok;
+        _ ->
+            ok
+    end.
+
+%% @doc Registers (or replaces) the function Python calls as `Name'.
+-spec register(binary(), function_spec()) -> ok.
+register(Name, Spec) ->
+    true = ets:insert(?TABLE, {Name, Spec}),
+    ok.
+
+%% @doc Removes `Name'; `ok' also when it was not registered.
+-spec unregister(binary()) -> ok.
+unregister(Name) ->
+    true = ets:delete(?TABLE, Name),
+    ok.
+
+-spec lookup(binary()) -> {ok, function_spec()} | error.
+lookup(Name) ->
+    try ets:lookup(?TABLE, Name) of
+        [{_, Spec}] -> {ok, Spec};
+        [] -> error
+    catch
+        error:badarg -> error
+    end.
+
+%% @doc The callback id the calling process runs for, if it is a callback process.
+-spec chain() -> non_neg_integer() | undefined.
+chain() ->
+    get(?CHAIN_KEY).
+
+%% @doc The process whose namespace the calling process's requests use: for a
+%% callback process, the process whose call made the callback (so that what it
+%% defined with `py:exec' is found); for any other, itself.
+-spec owner() -> pid().
+owner() ->
+    case get(?OWNER_KEY) of
+        undefined -> self();
+        Pid -> Pid
+    end.
+
+%% @doc Starts callback `CbId' of the port `Port', made while Python ran a call
+%% of `Caller': `{ok, Pid}' when a process runs it, `answered' when it was
+%% answered at once (built-ins, unknown names).
+-spec start(non_neg_integer(), binary(), binary(), pid() | undefined, port()) ->
+          {ok, pid()} | answered.
+start(CbId, <<"$pyport_whereis">>, ArgsBin, _Caller, Port) ->
+    Result = case decode(ArgsBin) of
+                 {ok, [Name]} when is_binary(Name) -> whereis_binary(Name);
+                 _ -> undefined
+             end,
+    reply(Port, CbId, ok, term_to_binary(Result, ?T2B_OPTS)),
+    answered;
+start(CbId, <<"$pyport_registered">>, ArgsBin, _Caller, Port) ->
+    Result = case decode(ArgsBin) of
+                 {ok, [Name]} when is_binary(Name) -> lookup(Name) =/= error;
+                 _ -> false
+             end,
+    reply(Port, CbId, ok, term_to_binary(Result, ?T2B_OPTS)),
+    answered;
+start(CbId, <<"$pyport_connected">>, ArgsBin, _Caller, Port) ->
+    Result = case decode(ArgsBin) of
+                 {ok, [Pid]} when is_pid(Pid) -> lists:member(node(Pid), nodes());
+                 _ -> false
+             end,
+    reply(Port, CbId, ok, term_to_binary(Result, ?T2B_OPTS)),
+    answered;
+start(CbId, Name, ArgsBin, Caller, Port) ->
+    case lookup(Name) of
+        {ok, Spec} ->
+            {ok, proc_lib:spawn(fun() -> run(CbId, Spec, ArgsBin, Caller, Port) end)};
+        error ->
+            reply(Port, CbId, error, term_to_binary({unknown_function, Name}, ?T2B_OPTS)),
+            answered
+    end.
+
+-spec run(non_neg_integer(), function_spec(), binary(), pid() | undefined, port()) -> ok.
+run(CbId, Spec, ArgsBin, Caller, Port) ->
+    put(?CHAIN_KEY, CbId),
+    is_pid(Caller) andalso put(?OWNER_KEY, Caller),
+    {Status, Payload} =
+        case decode(ArgsBin) of
+            {ok, Args} when is_list(Args) ->
+                try call(Spec, Args) of
+                    Result -> {ok, term_to_binary(Result, ?T2B_OPTS)}
+                catch
+                    Class:Reason:Stack -> {error, error_payload(Class, Reason, Stack)}
+                end;
+            _ ->
+                {error, error_payload(error, badarg, [])}
+        end,
+    reply(Port, CbId, Status, Payload).
+
+-spec call(function_spec(), list()) -> term().
+call(Fun, Args) when is_function(Fun, 1) -> Fun(Args);
+call({M, F}, Args) -> M:F(Args).
+
+-spec error_payload(atom(), term(), list()) -> binary().
+error_payload(Class, Reason, Stack) ->
+    Text = fun(T) -> unicode:characters_to_binary(io_lib:format("~tP", [T, 50])) end,
+    term_to_binary({atom_to_binary(Class, utf8), Text(Reason), Text(Stack)}, ?T2B_OPTS).
+
+-spec reply(port(), non_neg_integer(), ok | error, binary()) -> ok.
+reply(Port, CbId, Status, Payload) ->
+    Frame = term_to_binary({callback_reply, CbId, Status, Payload}, ?T2B_OPTS),
+    %% Any process may write to the port; a port that is gone has nobody to tell.
+    _ = (catch erlang:port_command(Port, Frame)),
+    ok.
+
+%% Only atoms that exist: a name Python chose never becomes one.
+-spec whereis_binary(binary()) -> pid() | port() | undefined.
+whereis_binary(Name) ->
+    try binary_to_existing_atom(Name, utf8) of
+        A -> erlang:whereis(A)
+    catch
+        error:badarg -> undefined
+    end.
+
+-spec decode(binary()) -> {ok, term()} | error.
+decode(Bin) ->
+    try {ok, binary_to_term(Bin, [safe])}
+    catch error:badarg -> error
+    end.
+
+%%====================================================================
+%% erlang.send
+%%====================================================================
+
+%% @doc Starts the sender process, linked to the caller (the server).
+-spec start_sender() -> pid().
+start_sender() ->
+    proc_lib:spawn_link(?MODULE, sender_loop, []).
+
+%% @doc Hands a message from Python to the sender (called by the server).
+-spec deliver(pid(), pid(), binary()) -> ok.
+deliver(Sender, To, MessageBin) ->
+    Sender ! {send, To, MessageBin},
+    ok.
+
+%% @private
+-spec sender_loop() -> no_return().
+sender_loop() ->
+    receive
+        {send, To, Bin} ->
+            case decode(Bin) of
+                %% Like `!': a dead local process is not an error.
+                {ok, Msg} -> _ = (catch erlang:send(To, Msg, [noconnect])), ok;
+                error -> ok
+            end
+    end,
+    sender_loop().

@@ -1,0 +1,339 @@
+//! Python talking back to Erlang: `erlang.call`, `erlang.send`, `erlang.self` and
+//! `erlang.whereis`.
+//!
+//! A callback is a frame `{pyport_callback, Id, Name, Args, Caller}`. The Erlang side runs the
+//! function registered under `Name` in a process of its own and answers with a
+//! `callback_reply` request, which the reader thread hands to the Python thread waiting for it.
+//! That thread waits without the GIL. While it waits, the requests that the callback's Erlang
+//! process makes (a `py:call` inside the registered function carries the callback's id as its
+//! chain) run on this very thread: a chain Python → Erlang → Python → … nests on one thread,
+//! so it needs no new threads and cannot deadlock on a pool of one worker.
+//!
+//! A worker waits as long as its request lives: when the request is cancelled (its caller
+//! timed out or died) the wait ends with `CallCancelled`. Any other thread (one Python code
+//! started) waits at most `callback_timeout`. Either way, the Erlang process of a callback
+//! nobody waits for any more is killed (`{pyport_callback_cancel, Id}`).
+
+use crate::convert::{self, ConvertError};
+use crate::etf;
+use crate::framing::Outbox;
+use crate::pool::{Job, Pool};
+use crate::protocol::{self, Owner};
+use crate::pymodule::{CallCancelled, OpaqueTerm};
+use crossbeam_channel::{unbounded, Receiver, RecvTimeoutError, Sender};
+use parking_lot::Mutex;
+use pyo3::exceptions::{PyRuntimeError, PyTimeoutError, PyTypeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyList, PyString, PyTuple};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+/// How often a waiting worker looks whether its request was cancelled.
+const CANCEL_POLL: Duration = Duration::from_millis(10);
+
+/// Bytes of frames queued for Erlang beyond which `erlang.send` waits.
+const MAX_UNSENT: usize = 64 << 20;
+
+/// Names the Erlang side answers itself (no registered function can start with `$`).
+const WHEREIS: &str = "$pyport_whereis";
+// (and "$pyport_registered", asked by the module's `__getattr__`)
+const CONNECTED: &str = "$pyport_connected";
+
+/// What a thread waiting for a callback can receive.
+pub enum Event {
+    Reply { ok: bool, payload: Vec<u8> },
+    /// A request of the callback's chain, to run on the waiting thread.
+    Nested(Job),
+}
+
+pub struct Callbacks {
+    out: Outbox,
+    waiters: Mutex<HashMap<u64, Sender<Event>>>,
+    next_id: AtomicU64,
+    timeout: Duration,
+    /// The node this port serves, as an atom's text: pids of other nodes need a check.
+    node: String,
+    /// Where chain requests go that arrive after their callback was answered.
+    pool: OnceLock<Arc<Pool>>,
+}
+
+static HOST: OnceLock<Arc<Callbacks>> = OnceLock::new();
+
+impl Callbacks {
+    /// Sets up callbacks for this port (once).
+    pub fn install(out: Outbox, timeout: Duration, node: String) -> Arc<Callbacks> {
+        HOST.get_or_init(|| {
+            Arc::new(Callbacks {
+                out,
+                waiters: Mutex::new(HashMap::new()),
+                next_id: AtomicU64::new(1),
+                timeout,
+                node,
+                pool: OnceLock::new(),
+            })
+        })
+        .clone()
+    }
+
+    /// The pool that runs chain requests nobody waits for any more.
+    pub fn set_pool(&self, pool: Arc<Pool>) {
+        let _ = self.pool.set(pool);
+    }
+
+    /// Hands Erlang's answer to the thread waiting for callback `id` (if it still waits).
+    pub fn reply(&self, id: u64, ok: bool, payload: Vec<u8>) {
+        if let Some(tx) = self.waiters.lock().get(&id) {
+            let _ = tx.send(Event::Reply { ok, payload });
+        }
+    }
+
+    /// A request made by the Erlang process of callback `chain`: it runs on the thread that
+    /// waits for that callback. Returned when nobody waits any more (the pool runs it).
+    pub fn nested(&self, chain: u64, job: Job) -> Option<Job> {
+        let waiters = self.waiters.lock();
+        match waiters.get(&chain) {
+            Some(tx) => match tx.send(Event::Nested(job)) {
+                Ok(()) => None,
+                Err(e) => match e.into_inner() {
+                    Event::Nested(job) => Some(job),
+                    Event::Reply { .. } => None,
+                },
+            },
+            None => Some(job),
+        }
+    }
+
+    /// Calls the Erlang function registered as `name` with `args` and waits for its result.
+    fn call(&self, py: Python<'_>, name: &[u8], args: &Bound<'_, PyList>) -> PyResult<Py<PyAny>> {
+        let mut payload = vec![etf::VERSION];
+        convert::encode(args.as_any(), &mut payload).map_err(ConvertError::into_pyerr)?;
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = unbounded();
+        self.waiters.lock().insert(id, tx);
+        let caller = crate::pylog::current_caller();
+        self.out.send(protocol::callback_frame(id, name, &payload, caller.as_ref()));
+        let answer = self.wait(py, id, &rx);
+        self.waiters.lock().remove(&id);
+        // Requests of the chain that arrived after the answer run in the pool instead.
+        for ev in rx.try_iter() {
+            if let (Event::Nested(job), Some(pool)) = (ev, self.pool.get()) {
+                pool.submit(job);
+            }
+        }
+        let (ok, payload) = answer?;
+        if ok {
+            Ok(convert::decode(py, &payload).map_err(ConvertError::into_pyerr)?.unbind())
+        } else {
+            Err(erlang_error(py, &payload))
+        }
+    }
+
+    fn wait(&self, py: Python<'_>, id: u64, rx: &Receiver<Event>) -> PyResult<(bool, Vec<u8>)> {
+        let deadline = match crate::cancel::current_cancelled() {
+            Some(_) => None,
+            None => Some(Instant::now() + self.timeout),
+        };
+        loop {
+            let event = py.detach(|| rx.recv_timeout(CANCEL_POLL));
+            match event {
+                Ok(Event::Reply { ok, payload }) => return Ok((ok, payload)),
+                Ok(Event::Nested(job)) => {
+                    if let Some(frame) = self.pool.get().and_then(|p| p.run_nested(py, &job)) {
+                        self.out.send(frame);
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    if crate::cancel::current_cancelled() == Some(true) {
+                        crate::cancel::take_current_cancel(py);
+                        self.out.send(protocol::callback_cancel_frame(id));
+                        return Err(CallCancelled::new_err("the Erlang caller gave up while Python waited for a callback"));
+                    }
+                    if deadline.is_some_and(|d| Instant::now() >= d) {
+                        self.out.send(protocol::callback_cancel_frame(id));
+                        return Err(PyTimeoutError::new_err(format!(
+                            "no answer from Erlang within callback_timeout ({} ms)",
+                            self.timeout.as_millis()
+                        )));
+                    }
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Err(PyRuntimeError::new_err("callback lost"));
+                }
+            }
+        }
+    }
+
+    fn send(&self, py: Python<'_>, pid: &Bound<'_, PyAny>, message: &Bound<'_, PyAny>) -> PyResult<()> {
+        let term = pid.cast::<OpaqueTerm>().map_err(|_| PyTypeError::new_err("erlang.send: the first argument must be a pid"))?;
+        let term = term.get();
+        if term.kind_str() != "pid" {
+            return Err(PyTypeError::new_err(format!("erlang.send: a {} is not a pid", term.kind_str())));
+        }
+        if pid_node(term.bytes()).is_some_and(|n| n != self.node) && !self.connected(py, pid)? {
+            return Err(PyValueError::new_err("erlang.send: the pid's node is not connected"));
+        }
+        let mut payload = vec![etf::VERSION];
+        convert::encode(message, &mut payload).map_err(ConvertError::into_pyerr)?;
+        let frame = protocol::send_frame(term.bytes(), &payload);
+        // Held back, without the GIL, while the VM has not taken what was sent before.
+        py.detach(|| self.out.wait_until_below(MAX_UNSENT));
+        self.out.send(frame);
+        Ok(())
+    }
+
+    fn connected(&self, py: Python<'_>, pid: &Bound<'_, PyAny>) -> PyResult<bool> {
+        let answer = self.call(py, CONNECTED.as_bytes(), &PyList::new(py, [pid])?)?;
+        answer.bind(py).is_truthy()
+    }
+}
+
+/// The node name in a pid's external format (NEW_PID_EXT or PID_EXT: the tag, then the node
+/// atom).
+fn pid_node(bytes: &[u8]) -> Option<String> {
+    let mut r = etf::Reader::new(bytes);
+    r.u8().ok()?;
+    let tag = r.u8().ok()?;
+    let name = r.atom_body(tag).ok()?;
+    Some(if matches!(tag, etf::ATOM | etf::SMALL_ATOM) {
+        name.iter().map(|&b| b as char).collect()
+    } else {
+        String::from_utf8(name.to_vec()).ok()?
+    })
+}
+
+/// The Python exception for an error answer: `{unknown_function, Name}` or
+/// `{Class, Reason, Stack}` (texts).
+fn erlang_error(py: Python<'_>, payload: &[u8]) -> PyErr {
+    let parsed = convert::decode(py, payload).ok().and_then(|t| t.cast_into::<PyTuple>().ok());
+    let module = match py.import("erlang") {
+        Ok(m) => m,
+        Err(e) => return e,
+    };
+    let make = |class: &str, args: Bound<'_, PyTuple>| match module.getattr(class).and_then(|c| c.call1(args)) {
+        Ok(exc) => PyErr::from_value(exc),
+        Err(e) => e,
+    };
+    match parsed {
+        Some(t) if t.len() == 2 => make("UnknownFunction", t.get_slice(1, 2)),
+        Some(t) if t.len() == 3 => make("ErlangError", t),
+        _ => PyRuntimeError::new_err("erlang.call: a malformed error answer"),
+    }
+}
+
+fn host() -> PyResult<&'static Arc<Callbacks>> {
+    HOST.get().ok_or_else(|| PyRuntimeError::new_err("callbacks are not available in this process"))
+}
+
+fn name_bytes(name: &Bound<'_, PyAny>) -> PyResult<Vec<u8>> {
+    if let Ok(s) = name.cast::<PyString>() {
+        Ok(s.to_str()?.as_bytes().to_vec())
+    } else if let Ok(b) = name.cast::<PyBytes>() {
+        Ok(b.as_bytes().to_vec())
+    } else {
+        Err(PyTypeError::new_err("erlang.call: the function name must be a str"))
+    }
+}
+
+/// `erlang.call(name, *args)`: runs the Erlang function registered as `name`.
+#[pyfunction]
+#[pyo3(signature = (name, *args))]
+fn call(py: Python<'_>, name: &Bound<'_, PyAny>, args: &Bound<'_, PyTuple>) -> PyResult<Py<PyAny>> {
+    let name = name_bytes(name)?;
+    if name.first() == Some(&b'$') {
+        return Err(PyValueError::new_err("erlang.call: names starting with $ are reserved"));
+    }
+    host()?.call(py, &name, &PyList::new(py, args.iter())?)
+}
+
+/// `erlang._builtin(name, *args)`: a question only the Erlang side can answer (names
+/// starting with `$`, which no registered function has).
+#[pyfunction]
+#[pyo3(signature = (name, *args))]
+fn _builtin(py: Python<'_>, name: &str, args: &Bound<'_, PyTuple>) -> PyResult<Py<PyAny>> {
+    if !name.starts_with('$') {
+        return Err(PyValueError::new_err("erlang._builtin: not a built-in name"));
+    }
+    host()?.call(py, name.as_bytes(), &PyList::new(py, args.iter())?)
+}
+
+/// `erlang.send(pid, message)`: sends `message` to the Erlang process `pid`, like `!`.
+#[pyfunction]
+fn send(py: Python<'_>, pid: &Bound<'_, PyAny>, message: &Bound<'_, PyAny>) -> PyResult<()> {
+    host()?.send(py, pid, message)
+}
+
+/// `erlang.self()`: the pid of the Erlang process whose call this thread runs.
+#[pyfunction(name = "self")]
+fn self_pid(py: Python<'_>) -> PyResult<Py<PyAny>> {
+    let Some(owner) = crate::pylog::current_caller() else {
+        let no_caller = py.import("erlang")?.getattr("NoCaller")?;
+        return Err(PyErr::from_value(no_caller.call1(("erlang.self(): this thread runs no Erlang call",))?));
+    };
+    opaque_pid(py, &owner)
+}
+
+fn opaque_pid(py: Python<'_>, owner: &Owner) -> PyResult<Py<PyAny>> {
+    let bytes = protocol::term_body(&eetf::Term::Pid(owner.clone()));
+    let term = OpaqueTerm::new_checked(&bytes).ok_or_else(|| PyRuntimeError::new_err("bad pid"))?;
+    Ok(Bound::new(py, term)?.into_any().unbind())
+}
+
+/// `erlang.whereis(name)`: the pid registered as `name`, or None.
+#[pyfunction]
+fn whereis(py: Python<'_>, name: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
+    let name = PyString::new(py, &String::from_utf8_lossy(&name_bytes(name)?));
+    host()?.call(py, WHEREIS.as_bytes(), &PyList::new(py, [name])?)
+}
+
+/// The Python half: the exceptions, and `erlang.name(*args)` / `from erlang import name` for
+/// registered functions (module `__getattr__`, PEP 562).
+const CALLBACKS_PY: &std::ffi::CStr = cr#"
+class ErlangError(Exception):
+    """Raised by erlang.call when the Erlang function raised: class_ is 'error', 'exit'
+    or 'throw'; reason and stack are their texts."""
+
+    def __init__(self, class_, reason, stack):
+        super().__init__("%s: %s" % (class_, reason))
+        self.class_ = class_
+        self.reason = reason
+        self.stack = stack
+
+
+class UnknownFunction(LookupError):
+    """Raised by erlang.call for a name no Erlang function is registered under."""
+
+
+class NoCaller(Exception):
+    """Raised by erlang.self() in a thread that runs no Erlang call."""
+
+
+_known = set()
+
+
+def __getattr__(name):
+    # Only names registered on the Erlang side: hasattr() and `from erlang import x`
+    # stay truthful for everything else. A name found once is remembered; if it is
+    # unregistered later, calling it raises UnknownFunction.
+    if name.startswith("_") or (name not in _known and not _builtin("$pyport_registered", name)):
+        raise AttributeError("module 'erlang' has no attribute %r" % (name,))
+    _known.add(name)
+
+    def registered(*args):
+        return call(name, *args)
+
+    registered.__name__ = registered.__qualname__ = name
+    return registered
+"#;
+
+/// Adds `call`, `send`, `self`, `whereis` and the exceptions to the `erlang` module.
+pub fn register(py: Python<'_>) -> PyResult<()> {
+    let m = py.import("erlang")?;
+    m.add_function(wrap_pyfunction!(call, &m)?)?;
+    m.add_function(wrap_pyfunction!(send, &m)?)?;
+    m.add_function(wrap_pyfunction!(self_pid, &m)?)?;
+    m.add_function(wrap_pyfunction!(whereis, &m)?)?;
+    m.add_function(wrap_pyfunction!(_builtin, &m)?)?;
+    py.run(CALLBACKS_PY, Some(&m.dict()), None)
+}

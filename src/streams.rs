@@ -1,0 +1,235 @@
+//! Streams: a Python generator or iterator whose items an Erlang process receives as
+//! messages, `{py_stream, Ref, {data, V}}`, then `{py_stream, Ref, done}` or
+//! `{py_stream, Ref, {error, Reason}}`.
+//!
+//! Flow control is by credit: a stream starts with `window` credits, each item sent spends
+//! one, and each item the owner acknowledges (`stream_ack`) gives one back. A stream out of
+//! credit holds no thread: its pulling job ends, and the acknowledgement that gives it credit
+//! again queues a new one. So the owner never has more than `window` unacknowledged items in
+//! its mailbox, and thousands of idle streams cost no workers.
+//!
+//! A stream is named by its Erlang reference (its external format). Cancelling it (or its
+//! owner's death) closes the generator, so its `finally` clauses run.
+
+use crate::etf;
+use crate::exec::{failure_reason, Failure, Frame, Interp};
+use crate::framing::Outbox;
+use crate::pool::{Job, Pool};
+use crate::protocol::{self, Owner};
+use parking_lot::Mutex;
+use pyo3::exceptions::PyStopIteration;
+use pyo3::prelude::*;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+/// Ids of the port's own jobs: above every request id Erlang uses (1 to 2^63 - 1).
+static NEXT_TASK_ID: AtomicU64 = AtomicU64::new(1 << 63);
+
+struct Stream {
+    /// The Erlang reference naming the stream, in external format (no version byte).
+    key: Vec<u8>,
+    /// The owner: where the items go, and whose death cancels the stream.
+    owner: Owner,
+    owner_pid: Vec<u8>,
+    iter: Py<PyAny>,
+    state: Mutex<StreamState>,
+}
+
+#[derive(Default)]
+struct StreamState {
+    credit: u64,
+    /// A pulling job is queued or running.
+    pulling: bool,
+    cancelled: bool,
+}
+
+pub struct Streams {
+    out: Outbox,
+    interp: Arc<Interp>,
+    pool: Arc<Pool>,
+    table: Mutex<HashMap<Vec<u8>, Arc<Stream>>>,
+}
+
+/// What starts a stream.
+pub struct StreamStart {
+    pub id: u64,
+    /// Whose namespace the function is looked up in (the calling process).
+    pub caller: Owner,
+    pub module: String,
+    pub function: String,
+    pub payload: Vec<u8>,
+    pub key: Vec<u8>,
+    pub owner: Owner,
+    pub window: u64,
+}
+
+impl Streams {
+    pub fn new(out: Outbox, interp: Arc<Interp>, pool: Arc<Pool>) -> Arc<Streams> {
+        Arc::new(Streams { out, interp, pool, table: Mutex::new(HashMap::new()) })
+    }
+
+    pub fn count(&self) -> usize {
+        self.table.lock().len()
+    }
+
+    /// Calls the function on a worker; answers the request `ok` once it returned something
+    /// iterable (or the error of a call), then sends the first `window` items.
+    pub fn start(self: &Arc<Self>, s: StreamStart) -> Job {
+        let me = self.clone();
+        let what = format!("stream {}.{}", s.module, s.function);
+        Job::Task {
+            id: s.id,
+            what,
+            run: Box::new(move |py| {
+                me.begin(py, &s);
+                Frame::new()
+            }),
+        }
+    }
+
+    fn begin(self: &Arc<Self>, py: Python<'_>, s: &StreamStart) {
+        let _caller = crate::pylog::CallerGuard::set(&s.caller);
+        let iter = self
+            .interp
+            .call_function(py, &s.caller, &s.module, &s.function, &s.payload)
+            .and_then(|v| Ok(v.try_iter()?.into_any().unbind()));
+        let iter = match iter {
+            Ok(i) => i,
+            Err(f) => return self.out.send(protocol::error_frame(Some(s.id), failure_reason(py, f))),
+        };
+        let stream = Arc::new(Stream {
+            key: s.key.clone(),
+            owner: s.owner.clone(),
+            owner_pid: protocol::term_body(&eetf::Term::Pid(s.owner.clone())),
+            iter,
+            state: Mutex::new(StreamState { credit: s.window.max(1), pulling: true, cancelled: false }),
+        });
+        self.table.lock().insert(s.key.clone(), stream.clone());
+        self.out.send(protocol::ok_frame(s.id, |out| etf::put_atom(out, "ok")));
+        self.pull(py, &stream);
+    }
+
+    /// Sends items while there is credit; then the job ends and holds nothing.
+    fn pull(&self, py: Python<'_>, stream: &Arc<Stream>) {
+        let _caller = crate::pylog::CallerGuard::set(&stream.owner);
+        loop {
+            {
+                let mut st = stream.state.lock();
+                if st.cancelled {
+                    drop(st);
+                    return self.close(py, stream);
+                }
+                if st.credit == 0 {
+                    st.pulling = false;
+                    return;
+                }
+                st.credit -= 1;
+            }
+            let message = match stream.iter.bind(py).call_method0(pyo3::intern!(py, "__next__")) {
+                Ok(item) => {
+                    let mut msg = message_start(&stream.key, 2);
+                    etf::put_atom(&mut msg, "data");
+                    match crate::convert::encode(&item, &mut msg) {
+                        Ok(()) => msg,
+                        Err(e) => return self.finish(py, stream, Some(Failure::Convert(e))),
+                    }
+                }
+                Err(e) if e.is_instance_of::<PyStopIteration>(py) => return self.finish(py, stream, None),
+                Err(e) => return self.finish(py, stream, Some(Failure::Python(e))),
+            };
+            self.out.send(protocol::send_frame(&stream.owner_pid, &message));
+        }
+    }
+
+    /// The generator ended (`None`) or failed: the owner is told, the stream forgotten.
+    fn finish(&self, py: Python<'_>, stream: &Stream, failure: Option<Failure>) {
+        self.table.lock().remove(&stream.key);
+        let mut msg = vec![etf::VERSION];
+        etf::put_tuple_header(&mut msg, 3);
+        etf::put_atom(&mut msg, "py_stream");
+        msg.extend_from_slice(&stream.key);
+        match failure {
+            None => etf::put_atom(&mut msg, "done"),
+            Some(f) => {
+                etf::put_tuple_header(&mut msg, 2);
+                etf::put_atom(&mut msg, "error");
+                msg.extend_from_slice(&protocol::term_body(&failure_reason(py, f)));
+            }
+        }
+        self.out.send(protocol::send_frame(&stream.owner_pid, &msg));
+    }
+
+    /// Closes a cancelled stream's generator (its `finally` runs) and forgets it.
+    fn close(&self, py: Python<'_>, stream: &Stream) {
+        self.table.lock().remove(&stream.key);
+        let it = stream.iter.bind(py);
+        if it.hasattr(pyo3::intern!(py, "close")).unwrap_or(false) {
+            if let Err(e) = it.call_method0(pyo3::intern!(py, "close")) {
+                let msg = format!("closing a cancelled stream raised: {e}");
+                self.out.log("warning", "pyport", msg.as_bytes());
+            }
+        }
+    }
+
+    /// The owner consumed `n` items: `n` more may be sent.
+    pub fn ack(self: &Arc<Self>, key: &[u8], n: u64) {
+        let Some(stream) = self.table.lock().get(key).cloned() else { return };
+        let resume = {
+            let mut st = stream.state.lock();
+            st.credit = st.credit.saturating_add(n);
+            !std::mem::replace(&mut st.pulling, true)
+        };
+        if resume {
+            self.resume(stream);
+        }
+    }
+
+    /// Stops a stream: its generator is closed by the next pulling job.
+    pub fn cancel(self: &Arc<Self>, key: &[u8]) {
+        let Some(stream) = self.table.lock().get(key).cloned() else { return };
+        self.cancel_stream(stream);
+    }
+
+    fn cancel_stream(self: &Arc<Self>, stream: Arc<Stream>) {
+        let resume = {
+            let mut st = stream.state.lock();
+            st.cancelled = true;
+            !std::mem::replace(&mut st.pulling, true)
+        };
+        if resume {
+            self.resume(stream);
+        }
+    }
+
+    /// The owner died: its streams are cancelled.
+    pub fn owner_down(self: &Arc<Self>, owner: &Owner) {
+        let doomed: Vec<Arc<Stream>> = self.table.lock().values().filter(|s| &s.owner == owner).cloned().collect();
+        for s in doomed {
+            self.cancel_stream(s);
+        }
+    }
+
+    fn resume(self: &Arc<Self>, stream: Arc<Stream>) {
+        let me = self.clone();
+        self.pool.submit(Job::Task {
+            id: NEXT_TASK_ID.fetch_add(1, Ordering::Relaxed),
+            what: "stream".into(),
+            run: Box::new(move |py| {
+                me.pull(py, &stream);
+                Frame::new()
+            }),
+        });
+    }
+}
+
+/// `{py_stream, Ref, {Tag, ...` with the inner tuple's header of `arity` written.
+fn message_start(key: &[u8], arity: usize) -> Vec<u8> {
+    let mut msg = Vec::with_capacity(64);
+    msg.push(etf::VERSION);
+    etf::put_tuple_header(&mut msg, 3);
+    etf::put_atom(&mut msg, "py_stream");
+    msg.extend_from_slice(key);
+    etf::put_tuple_header(&mut msg, arity);
+    msg
+}
