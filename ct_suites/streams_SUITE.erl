@@ -12,6 +12,7 @@
 -export([items_then_done/1, error_midway/1, start_error_is_a_call_error/1,
          kwargs_and_owner_option/1, cancel_closes_the_generator/1,
          owner_exit_closes_the_generator/1, window_bounds_the_mailbox/1,
+         async_generator_items/1, async_generator_cancel_closes/1,
          waiting_for_credit_holds_no_thread/1, bad_arguments/1]).
 
 -define(GEN, <<"
@@ -27,6 +28,14 @@ def bad(n):
     for i in range(n):
         yield i
     raise ValueError('broke at %d' % n)
+async def agen(n, tag='a'):
+    import asyncio
+    try:
+        for i in range(n):
+            await asyncio.sleep(0)
+            yield i * 10
+    finally:
+        closed[tag] = True
 def not_iterable():
     return 42
 def raises():
@@ -36,7 +45,8 @@ def raises():
 all() ->
     [items_then_done, error_midway, start_error_is_a_call_error, kwargs_and_owner_option,
      cancel_closes_the_generator, owner_exit_closes_the_generator,
-     window_bounds_the_mailbox, waiting_for_credit_holds_no_thread, bad_arguments].
+     window_bounds_the_mailbox, async_generator_items, async_generator_cancel_closes,
+     waiting_for_credit_holds_no_thread, bad_arguments].
 
 init_per_suite(Config) ->
     _ = pyport_ct_lib:start_app(),
@@ -120,6 +130,20 @@ owner_exit_closes_the_generator(_Config) ->
     exit(Owner, kill),
     wait_closed(<<"owner">>),
     pyport_ct_lib:wait_until(fun() -> stream_count() =:= 0 end, 10000, streams_left).
+
+%% An async generator streams like a generator: its items are awaited.
+async_generator_items(_Config) ->
+    {ok, Ref} = py:stream_start(streams_ct, agen, [50], #{}, #{window => 8}),
+    ?assertEqual({done, [I * 10 || I <- lists:seq(0, 49)]}, collect(Ref)),
+    ?assertEqual({ok, true}, py:eval(<<"__import__('streams_ct').closed.get('a', False)">>)).
+
+%% Cancelling an async generator runs its finally (aclose).
+async_generator_cancel_closes(_Config) ->
+    {ok, Ref} = py:stream_start(streams_ct, agen, [1000000], #{tag => <<"acancel">>}, #{window => 2}),
+    receive {py_stream, Ref, {data, 0}} -> ok after 10000 -> ct:fail(no_first_item) end,
+    ok = py:stream_cancel(Ref),
+    wait_closed(<<"acancel">>),
+    _ = drain(Ref, 0).
 
 %% 100,000 items with window 16: the owner's mailbox never holds more than
 %% window + 1 messages (the items it has not acknowledged, and done), and the

@@ -2,6 +2,9 @@
 //! messages, `{py_stream, Ref, {data, V}}`, then `{py_stream, Ref, done}` or
 //! `{py_stream, Ref, {error, Reason}}`.
 //!
+//! The function may also return an async generator (or any async iterator): its items are
+//! awaited on an event loop of the stream's own, on the worker that pulls them.
+//!
 //! Flow control is by credit: a stream starts with `window` credits, each item sent spends
 //! one, and each item the owner acknowledges (`stream_ack`) gives one back. A stream out of
 //! credit holds no thread: its pulling job ends, and the acknowledgement that gives it credit
@@ -17,7 +20,7 @@ use crate::framing::Outbox;
 use crate::pool::{Job, Pool};
 use crate::protocol::{self, Owner};
 use parking_lot::Mutex;
-use pyo3::exceptions::PyStopIteration;
+use pyo3::exceptions::{PyStopAsyncIteration, PyStopIteration};
 use pyo3::prelude::*;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -33,7 +36,50 @@ struct Stream {
     owner: Owner,
     owner_pid: Vec<u8>,
     iter: Py<PyAny>,
+    /// For an async iterator: the event loop its items are awaited on.
+    aloop: Option<Py<PyAny>>,
     state: Mutex<StreamState>,
+}
+
+impl Stream {
+    /// The next item; `Ok(None)` at the end.
+    fn next_item<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyAny>>> {
+        let it = self.iter.bind(py);
+        let next = match &self.aloop {
+            None => it.call_method0(pyo3::intern!(py, "__next__")),
+            Some(lp) => {
+                let awaitable = it.call_method0(pyo3::intern!(py, "__anext__"))?;
+                lp.bind(py).call_method1(pyo3::intern!(py, "run_until_complete"), (awaitable,))
+            }
+        };
+        match next {
+            Ok(item) => Ok(Some(item)),
+            Err(e) if e.is_instance_of::<PyStopIteration>(py) || e.is_instance_of::<PyStopAsyncIteration>(py) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Closes the generator (its `finally` runs) and the stream's event loop.
+    fn close(&self, py: Python<'_>) -> PyResult<()> {
+        let it = self.iter.bind(py);
+        let closed = match &self.aloop {
+            None if it.hasattr(pyo3::intern!(py, "close"))? => it.call_method0(pyo3::intern!(py, "close")).map(drop),
+            None => Ok(()),
+            Some(lp) if it.hasattr(pyo3::intern!(py, "aclose"))? => {
+                let awaitable = it.call_method0(pyo3::intern!(py, "aclose"))?;
+                lp.bind(py).call_method1(pyo3::intern!(py, "run_until_complete"), (awaitable,)).map(drop)
+            }
+            Some(_) => Ok(()),
+        };
+        self.close_loop(py);
+        closed
+    }
+
+    fn close_loop(&self, py: Python<'_>) {
+        if let Some(lp) = &self.aloop {
+            let _ = lp.bind(py).call_method0(pyo3::intern!(py, "close"));
+        }
+    }
 }
 
 #[derive(Default)]
@@ -90,11 +136,15 @@ impl Streams {
 
     fn begin(self: &Arc<Self>, py: Python<'_>, s: &StreamStart) {
         let _caller = crate::pylog::CallerGuard::set(&s.caller);
-        let iter = self
-            .interp
-            .call_function(py, &s.caller, &s.module, &s.function, &s.payload)
-            .and_then(|v| Ok(v.try_iter()?.into_any().unbind()));
-        let iter = match iter {
+        let iter = self.interp.call_function(py, &s.caller, &s.module, &s.function, &s.payload).and_then(|v| {
+            if v.hasattr(pyo3::intern!(py, "__anext__"))? {
+                let lp = py.import("asyncio")?.call_method0("new_event_loop")?;
+                Ok((v.unbind(), Some(lp.unbind())))
+            } else {
+                Ok((v.try_iter()?.into_any().unbind(), None))
+            }
+        });
+        let (iter, aloop) = match iter {
             Ok(i) => i,
             Err(f) => return self.out.send(protocol::error_frame(Some(s.id), failure_reason(py, f))),
         };
@@ -103,6 +153,7 @@ impl Streams {
             owner: s.owner.clone(),
             owner_pid: protocol::term_body(&eetf::Term::Pid(s.owner.clone())),
             iter,
+            aloop,
             state: Mutex::new(StreamState { credit: s.window.max(1), pulling: true, cancelled: false }),
         });
         self.table.lock().insert(s.key.clone(), stream.clone());
@@ -126,8 +177,8 @@ impl Streams {
                 }
                 st.credit -= 1;
             }
-            let message = match stream.iter.bind(py).call_method0(pyo3::intern!(py, "__next__")) {
-                Ok(item) => {
+            let message = match stream.next_item(py) {
+                Ok(Some(item)) => {
                     let mut msg = message_start(&stream.key, 2);
                     etf::put_atom(&mut msg, "data");
                     match crate::convert::encode(&item, &mut msg) {
@@ -135,7 +186,7 @@ impl Streams {
                         Err(e) => return self.finish(py, stream, Some(Failure::Convert(e))),
                     }
                 }
-                Err(e) if e.is_instance_of::<PyStopIteration>(py) => return self.finish(py, stream, None),
+                Ok(None) => return self.finish(py, stream, None),
                 Err(e) => return self.finish(py, stream, Some(Failure::Python(e))),
             };
             self.out.send(protocol::send_frame(&stream.owner_pid, &message));
@@ -145,6 +196,7 @@ impl Streams {
     /// The generator ended (`None`) or failed: the owner is told, the stream forgotten.
     fn finish(&self, py: Python<'_>, stream: &Stream, failure: Option<Failure>) {
         self.table.lock().remove(&stream.key);
+        stream.close_loop(py);
         let mut msg = vec![etf::VERSION];
         etf::put_tuple_header(&mut msg, 3);
         etf::put_atom(&mut msg, "py_stream");
@@ -163,12 +215,9 @@ impl Streams {
     /// Closes a cancelled stream's generator (its `finally` runs) and forgets it.
     fn close(&self, py: Python<'_>, stream: &Stream) {
         self.table.lock().remove(&stream.key);
-        let it = stream.iter.bind(py);
-        if it.hasattr(pyo3::intern!(py, "close")).unwrap_or(false) {
-            if let Err(e) = it.call_method0(pyo3::intern!(py, "close")) {
-                let msg = format!("closing a cancelled stream raised: {e}");
-                self.out.log("warning", "pyport", msg.as_bytes());
-            }
+        if let Err(e) = stream.close(py) {
+            let msg = format!("closing a cancelled stream raised: {e}");
+            self.out.log("warning", "pyport", msg.as_bytes());
         }
     }
 
