@@ -160,6 +160,8 @@ round_(R, O, Default, Payloads, Gs) ->
     %% A stream of small items (window 64, acknowledged 16 at a time), against the
     %% sequential call rate of the same round.
     case_(stream, fun() -> [{stream_ips, stream_items_per_sec(O)}] end),
+    %% 1,000 concurrent async def calls that each await asyncio.sleep(0.1).
+    case_(aio1000, fun() -> [{aio1000_ms, aio_wall_ms(1000)}] end),
     %% The cat port alone, as the prototype measured it: the calls/s that the
     %% concurrency figures are compared with (in the interleaved case above,
     %% its first calls after a block of Python calls are slower).
@@ -310,6 +312,24 @@ callback_setup() ->
     after 30000 -> erlang:error(callback_setup_timeout)
     end.
 sleep_call() -> {ok, undefined} = py:call(time, sleep, [0.001]).
+
+aio_wall_ms(N) ->
+    Code = <<"import sys, types\n"
+             "m = types.ModuleType('pyport_bench_aio')\n"
+             "exec(\"import asyncio\\nasync def nap():\\n    await asyncio.sleep(0.1)\\n    return 1\\n\", m.__dict__)\n"
+             "sys.modules['pyport_bench_aio'] = m\n">>,
+    {Pid, Mon} = spawn_monitor(fun() -> exit(py:exec(Code)) end),
+    receive {'DOWN', Mon, process, Pid, ok} -> ok;
+            {'DOWN', Mon, process, Pid, Other} -> erlang:error({aio_setup, Other})
+    after 30000 -> erlang:error(aio_setup_timeout)
+    end,
+    Self = self(),
+    T0 = erlang:monotonic_time(microsecond),
+    Pids = [spawn(fun() -> Self ! {aio, self(), py:call(pyport_bench_aio, nap, [], #{}, 30000)} end)
+            || _ <- lists:seq(1, N)],
+    [receive {aio, P, {ok, 1}} -> ok; {aio, P, Err} -> erlang:error({aio, Err}) after 60000 -> erlang:error(aio_timeout) end
+     || P <- Pids],
+    (erlang:monotonic_time(microsecond) - T0) / 1000.
 
 stream_items_per_sec(O) ->
     N = case maps:get(smoke, O) of
@@ -762,7 +782,8 @@ figures() ->
       sqrt_p50_us},
      {cb_p99_us, sequential, "callback round trip p99", "us", sqrt_p99_us},
      {cb_cps, sequential, "callback round trip sequential", "calls/s", sqrt_cps},
-     {stream_ips, sequential, "stream items (window 64, acked 16 at a time)", "items/s", sqrt_cps}]
+     {stream_ips, sequential, "stream items (window 64, acked 16 at a time)", "items/s", sqrt_cps},
+     {aio1000_ms, sequential, "1,000 concurrent async def calls awaiting sleep(0.1), wall", "ms", none}]
     ++ lists:append(
          [[{fid("csqrt~b_cps", [K]), concurrency, lbl("sqrt, ~b caller(s)", [K]), "calls/s",
             cat_alone_cps},
