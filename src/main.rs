@@ -1,12 +1,15 @@
 //! pyport: runs Python for an Erlang VM, as a port program.
 //!
 //! Threads: the main thread reads request frames and routes them, and answers heartbeats,
-//! stats and SharedDict bookkeeping itself, never waiting for the GIL; worker threads run
-//! Python (see `pool`); a canceller that never takes the GIL and a raiser that does deliver
-//! cancellations, and the canceller is the GIL watchdog (see `cancel`); one thread, started
-//! on first use, runs the asyncio event loop that awaits coroutines (see `aio`); one serves
-//! Erlang-side SharedDict get/set; one writes reply frames; two drain Python's stdout and
-//! stderr into log frames. docs/PROTOCOL.md is the contract.
+//! stats and SharedDict operations on plain data itself (converting in Rust), never waiting
+//! for the GIL; worker threads run Python (see `pool`), and a worker waiting for a callback
+//! into Erlang runs the requests nested in it (see `callbacks`); a canceller that never takes
+//! the GIL and a raiser that does deliver cancellations, and the canceller is the GIL
+//! watchdog (see `cancel`); one thread, started on first use, runs the asyncio event loop
+//! that awaits coroutines (see `aio`); one stores SharedDict terms only Python can convert,
+//! and a small pool started on first use reads values that need Python (see `shared_dict`);
+//! one writes frames, in the order they were sent (see `framing`); two drain Python's stdout
+//! and stderr into log frames. docs/PROTOCOL.md is the contract.
 
 mod aio;
 mod callbacks;
