@@ -25,7 +25,8 @@
          callback_from_thread_started_in_call/1, send_to_self_converts/1,
          thousand_messages_in_order/1, send_to_dead_pid_is_no_error/1,
          self_in_call_and_inherited_by_threads/1, whereis_never_creates_atoms/1,
-         slow_callback_killed_at_caller_timeout/1, callback_timeout_outside_any_call/1]).
+         slow_callback_killed_at_caller_timeout/1, callback_timeout_outside_any_call/1,
+         callback_processes_are_forgotten/1, frames_over_max_reply_bytes_are_errors/1]).
 %% called by Python through py:register_function/3
 -export([add/1]).
 
@@ -122,7 +123,9 @@ all() ->
      self_in_call_and_inherited_by_threads,
      whereis_never_creates_atoms,
      slow_callback_killed_at_caller_timeout,
-     callback_timeout_outside_any_call].
+     callback_timeout_outside_any_call,
+     callback_processes_are_forgotten,
+     frames_over_max_reply_bytes_are_errors].
 
 init_per_suite(Config) ->
     _ = pyport_ct_lib:start_app(),
@@ -137,6 +140,7 @@ case_env(ten_levels_on_one_worker) -> [{workers, 1}, {max_workers, 1}];
 case_env(ten_levels_from_eight_callers) -> [{workers, 1}, {max_workers, 1}];
 case_env(slow_callback_killed_at_caller_timeout) -> [{workers, 1}, {max_workers, 1}];
 case_env(callback_timeout_outside_any_call) -> [{callback_timeout, 300}];
+case_env(frames_over_max_reply_bytes_are_errors) -> [{max_reply_bytes, 100000}];
 case_env(_) -> [].
 
 init_per_testcase(Case, Config) ->
@@ -458,3 +462,30 @@ callback_timeout_outside_any_call(_Config) ->
     ?assert(Waited >= 0.29),
     ?assert(Waited < 5.0),
     ok = py:unregister_function(slow).
+
+%% The server forgets every callback process once it ended, also those that made
+%% requests of their own (which the server watches a second time, as requesters).
+callback_processes_are_forgotten(_Config) ->
+    ok = py:register_function(nested_sqrt, fun([X]) -> {ok, R} = py:call(math, sqrt, [X]), R end),
+    ok = py:exec(<<"import erlang">>),
+    [{ok, 2.0} = py:eval(<<"erlang.nested_sqrt(4.0)">>) || _ <- lists:seq(1, 20)],
+    wait_until(fun() -> maps:get(callbacks, pyport_ct_lib:stats()) =:= 0 end, ?LIVENESS_MS,
+               callbacks_left),
+    ok = py:unregister_function(nested_sqrt).
+
+%% A frame Python would send over max_reply_bytes (100 kB here) is refused where it
+%% is made, instead of being dropped on the way out: erlang.call and erlang.send
+%% raise ValueError, a stream ends with {error, {reply_too_large, Size, Max}}.
+frames_over_max_reply_bytes_are_errors(_Config) ->
+    ok = py:register_function(echo_big, fun([X]) -> X end),
+    ok = py:exec(<<"import erlang\nbig = b'x' * 200000\n">>),
+    {ok, [<<"ValueError">> | _]} = py:eval(<<"list(__import__('pyport_cb_ct').outcome(erlang.call, 'echo_big', big))">>),
+    {ok, [<<"ValueError">> | _]} = py:eval(<<"list(__import__('pyport_cb_ct').outcome(erlang.send, erlang.self(), big))">>),
+    ok = py:exec(<<"def items():\n    yield 1\n    yield b'y' * 200000\n    yield 3\n">>),
+    {ok, Ref} = py:stream_start('__main__', items, []),
+    receive {py_stream, Ref, {data, 1}} -> ok = py:stream_ack(Ref) after ?LIVENESS_MS -> ct:fail(no_item) end,
+    receive
+        {py_stream, Ref, {error, {reply_too_large, Size, 100000}}} -> ?assert(Size > 100000)
+    after ?LIVENESS_MS -> ct:fail(no_stream_error)
+    end,
+    ok = py:unregister_function(echo_big).

@@ -13,6 +13,7 @@
          kwargs_and_owner_option/1, cancel_closes_the_generator/1,
          owner_exit_closes_the_generator/1, window_bounds_the_mailbox/1,
          async_generator_items/1, async_generator_cancel_closes/1,
+         blocked_generator_is_interrupted/1, port_exit_ends_the_stream/1,
          waiting_for_credit_holds_no_thread/1, bad_arguments/1]).
 
 -define(GEN, <<"
@@ -36,6 +37,14 @@ async def agen(n, tag='a'):
             yield i * 10
     finally:
         closed[tag] = True
+def blocked(tag):
+    import time
+    try:
+        yield 'first'
+        while True:
+            time.sleep(0.05)
+    finally:
+        closed[tag] = True
 def not_iterable():
     return 42
 def raises():
@@ -46,6 +55,7 @@ all() ->
     [items_then_done, error_midway, start_error_is_a_call_error, kwargs_and_owner_option,
      cancel_closes_the_generator, owner_exit_closes_the_generator,
      window_bounds_the_mailbox, async_generator_items, async_generator_cancel_closes,
+     blocked_generator_is_interrupted, port_exit_ends_the_stream,
      waiting_for_credit_holds_no_thread, bad_arguments].
 
 init_per_suite(Config) ->
@@ -144,6 +154,29 @@ async_generator_cancel_closes(_Config) ->
     ok = py:stream_cancel(Ref),
     wait_closed(<<"acancel">>),
     _ = drain(Ref, 0).
+
+%% A generator blocked in next() is interrupted by the cancel, like a call.
+blocked_generator_is_interrupted(_Config) ->
+    {ok, Ref} = py:stream_start(streams_ct, blocked, [<<"blocked">>]),
+    receive {py_stream, Ref, {data, <<"first">>}} -> ok after 10000 -> ct:fail(no_first_item) end,
+    ok = py:stream_ack(Ref),
+    ok = py:stream_cancel(Ref),
+    wait_closed(<<"blocked">>),
+    pyport_ct_lib:wait_until(fun() -> stream_count() =:= 0 end, 10000, streams_left),
+    ?assertEqual(0, drain(Ref, 0)).
+
+%% The port program dies: the owner of a running stream is told, with the reason
+%% calls get, instead of waiting for ever.
+port_exit_ends_the_stream(_Config) ->
+    {ok, Ref} = py:stream_start(streams_ct, gen, [1000000], #{}, #{window => 1}),
+    receive {py_stream, Ref, {data, 0}} -> ok after 10000 -> ct:fail(no_first_item) end,
+    OsPid = pyport_ct_lib:stat(os_pid),
+    _ = os:cmd("kill -9 " ++ integer_to_list(OsPid)),
+    receive
+        {py_stream, Ref, {error, Reason}} -> ?assertEqual({pyport_exit, 137}, Reason)
+    after 10000 -> ct:fail(no_error_after_port_exit)
+    end,
+    ok = pyport_ct_lib:wait_ready().
 
 %% 100,000 items with window 16: the owner's mailbox never holds more than
 %% window + 1 messages (the items it has not acknowledged, and done), and the

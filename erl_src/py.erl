@@ -447,7 +447,9 @@ stream_start(Module, Function, Args, Kwargs) ->
 %% or `{py_stream, Ref, {error, Reason}}' (`Reason' shaped like a call's).
 %% At most `window' (option, default 64) items are unacknowledged: the owner
 %% calls {@link stream_ack/1} for each item it consumed. A stream waiting for
-%% acknowledgements holds no Python thread. The owner's exit cancels the stream.
+%% acknowledgements holds no Python thread. The owner's exit cancels the stream;
+%% if the port program dies, the owner gets `{py_stream, Ref, {error, Reason}}'
+%% with the reason calls get (`{pyport_exit, Status}').
 -spec stream_start(name(), name(), list(), kwargs(), #{owner => pid(), window => pos_integer()}) ->
           {ok, reference()} | {error, error_reason()}.
 stream_start(Module, Function, Args, Kwargs, Opts)
@@ -465,9 +467,13 @@ stream_start(Module, Function, Args, Kwargs, Opts)
     Id = new_id(),
     Frame = term_to_binary({stream_start, Id, pyport_callbacks:owner(), M, F, Payload,
                             term_to_binary(Ref), Owner, Window}, ?T2B_OPTS),
-    case request_msg(Id, {request, Id, Frame, Owner}, default_timeout(call_timeout, 30000)) of
-        {ok, _} -> {ok, Ref};
-        {error, _} = Error -> Error
+    case request_msg(Id, {stream_request, Id, Frame, Owner, Ref}, default_timeout(call_timeout, 30000)) of
+        {ok, _} ->
+            {ok, Ref};
+        {error, _} = Error ->
+            %% A start that timed out may still have begun in the port.
+            ok = stream_cancel(Ref),
+            Error
     end;
 stream_start(_Module, _Function, _Args, _Kwargs, _Opts) ->
     erlang:error(badarg).

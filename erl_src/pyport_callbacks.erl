@@ -24,6 +24,8 @@
 -define(CHAIN_KEY, '$pyport_chain').
 -define(OWNER_KEY, '$pyport_owner').
 -define(T2B_OPTS, [{minor_version, 2}]).
+%% Messages the sender may have queued before the server delivers itself.
+-define(SENDER_BACKLOG, 1000).
 
 -type function_spec() :: fun((list()) -> term()) | {module(), atom()}.
 -export_type([function_spec/0]).
@@ -138,10 +140,27 @@ error_payload(Class, Reason, Stack) ->
 
 -spec reply(port(), non_neg_integer(), ok | error, binary()) -> ok.
 reply(Port, CbId, Status, Payload) ->
-    Frame = term_to_binary({callback_reply, CbId, Status, Payload}, ?T2B_OPTS),
+    Frame0 = term_to_binary({callback_reply, CbId, Status, Payload}, ?T2B_OPTS),
+    %% The port treats a frame over its limit as a corrupt stream and exits: a result
+    %% that large is an error for the one callback instead.
+    Frame = case byte_size(Frame0) > max_frame() of
+                true ->
+                    Reason = iolist_to_binary(io_lib:format("reply_too_large: ~b bytes", [byte_size(Frame0)])),
+                    term_to_binary({callback_reply, CbId, error,
+                                    term_to_binary({<<"error">>, Reason, <<>>}, ?T2B_OPTS)}, ?T2B_OPTS);
+                false ->
+                    Frame0
+            end,
     %% Any process may write to the port; a port that is gone has nobody to tell.
     _ = (catch erlang:port_command(Port, Frame)),
     ok.
+
+-spec max_frame() -> pos_integer().
+max_frame() ->
+    case application:get_env(pyport, max_frame_bytes) of
+        {ok, N} when is_integer(N), N > 0 -> N;
+        _ -> 1 bsl 30
+    end.
 
 %% Only atoms that exist: a name Python chose never becomes one.
 -spec whereis_binary(binary()) -> pid() | port() | undefined.
@@ -167,21 +186,33 @@ decode(Bin) ->
 start_sender() ->
     proc_lib:spawn_link(?MODULE, sender_loop, []).
 
-%% @doc Hands a message from Python to the sender (called by the server).
+%% @doc Hands a message from Python to the sender (called by the server). When
+%% the sender is behind, the server delivers itself: it then reads the port more
+%% slowly, and a Python sender that outruns the VM waits in the port (its queue of
+%% unsent frames is bounded) instead of filling the sender's mailbox.
 -spec deliver(pid(), pid(), binary()) -> ok.
 deliver(Sender, To, MessageBin) ->
-    Sender ! {send, To, MessageBin},
-    ok.
+    case erlang:process_info(Sender, message_queue_len) of
+        {message_queue_len, N} when N < ?SENDER_BACKLOG ->
+            Sender ! {send, To, MessageBin},
+            ok;
+        _ ->
+            send_now(To, MessageBin)
+    end.
+
+-spec send_now(pid(), binary()) -> ok.
+send_now(To, Bin) ->
+    case decode(Bin) of
+        %% Like `!': a dead local process is not an error.
+        {ok, Msg} -> _ = (catch erlang:send(To, Msg, [noconnect])), ok;
+        error -> ok
+    end.
 
 %% @private
 -spec sender_loop() -> no_return().
 sender_loop() ->
     receive
-        {send, To, Bin} ->
-            case decode(Bin) of
-                %% Like `!': a dead local process is not an error.
-                {ok, Msg} -> _ = (catch erlang:send(To, Msg, [noconnect])), ok;
-                error -> ok
-            end
+        {send, To, Bin} -> send_now(To, Bin)
     end,
-    sender_loop().
+    %% A fully qualified call: a new version of this module takes over the loop.
+    ?MODULE:sender_loop().

@@ -69,7 +69,9 @@
           %% callbacks running in processes of their own: id => {pid, monitor}
           callbacks = #{} :: #{non_neg_integer() => {pid(), reference()}},
           %% delivers erlang.send messages (decoding them outside this process)
-          sender :: pid() | undefined
+          sender :: pid() | undefined,
+          %% streams the port runs: ref => owner, told if the port dies
+          streams = #{} :: #{reference() => pid()}
          }).
 -type state() :: #state{}.
 
@@ -138,6 +140,14 @@ handle_call({request, Id, Frame, Owner}, From, #state{port = Port} = State)
     request(Id, Frame, From, monitor_owner(Owner, State));
 handle_call({request, Id, Frame, _Owner}, From, State) ->
     request(Id, Frame, From, State);
+handle_call({stream_request, Id, Frame, Owner, Ref}, From, #state{port = Port} = State)
+  when is_pid(Owner), is_reference(Ref), Port =/= undefined ->
+    %% Remembered until the port says the stream ended, its owner exits or the
+    %% port dies (the owner is then told, instead of waiting for ever).
+    State1 = State#state{streams = maps:put(Ref, Owner, State#state.streams)},
+    request(Id, Frame, From, monitor_owner(Owner, State1));
+handle_call({stream_request, Id, Frame, _Owner, _Ref}, From, State) ->
+    request(Id, Frame, From, State);
 handle_call(stats, _From, State) ->
     {reply, local_stats(State), State};
 handle_call(_Other, _From, State) ->
@@ -182,15 +192,21 @@ handle_info({'DOWN', MRef, process, Pid, _Reason}, #state{owners = Owners} = Sta
                                 maps:remove(Id, P)
                         end, State#state.pending, Ids),
             send_frame(State, {owner_down, Pid}),
-            {noreply, State#state{owners = Owners1, pending = Pending}};
+            Streams = maps:filter(fun(_Ref, Owner) -> Owner =/= Pid end, State#state.streams),
+            {noreply, State#state{owners = Owners1, pending = Pending, streams = Streams}};
         _ ->
-            {noreply, State}
+            %% Another monitor of an owner: a callback process that also made requests.
+            {noreply, callback_down(MRef, State)}
     end;
 handle_info({Port, {exit_status, Status}}, #state{port = Port} = State) ->
     {noreply, port_down({exit_status, Status}, {error, {pyport_exit, Status}}, State)};
 handle_info({'EXIT', Port, Reason}, #state{port = Port} = State) ->
     %% The port closed without an exit status (e.g. a write error).
     {noreply, port_down({port_exit, Reason}, {error, {pyport_exit, Reason}}, State)};
+handle_info({'EXIT', Sender, Reason}, #state{sender = Sender} = State) ->
+    %% Messages from Python must keep flowing: a new sender takes over.
+    ?LOG_ERROR("pyport: the erlang.send sender exited (~tp); starting another", [Reason]),
+    {noreply, State#state{sender = pyport_callbacks:start_sender()}};
 handle_info({'EXIT', _OldPort, _Reason}, State) ->
     {noreply, State};
 handle_info({timeout, TRef, restart_port}, #state{restart_timer = TRef} = State) ->
@@ -323,6 +339,8 @@ port_message({pyport_send, To, Msg}, #state{sender = Sender} = State)
   when is_pid(To), is_binary(Msg) ->
     ok = pyport_callbacks:deliver(Sender, To, Msg),
     State;
+port_message({pyport_stream_end, Ref}, #state{streams = Streams} = State) ->
+    State#state{streams = maps:remove(Ref, Streams)};
 port_message({pyport_log, Level, Source, Msg}, State) ->
     pyport_frames:log_python(Level, Source, Msg),
     State;
@@ -417,6 +435,9 @@ local_stats(#state{} = S) ->
       last_exit => S#state.last_exit,
       os_pid => S#state.os_pid,
       max_in_flight => S#state.max_in_flight,
+      %% callback processes running, streams the server would tell of a port exit
+      callbacks => map_size(S#state.callbacks),
+      open_streams => map_size(S#state.streams),
       shared_dict => pyport_sd_cache:stats()}.
 
 %%====================================================================
@@ -507,6 +528,16 @@ send_startup(State) ->
 -spec port_down(exit_info(), term(), state()) -> state().
 port_down(Exit, Reply, #state{pending = Pending, owners = Owners} = State) ->
     kill_group_of(State),
+    %% Callbacks of the dead port: nobody waits for them, and their ids would name
+    %% the new port's callbacks.
+    maps:foreach(fun(_Id, {Pid, MRef}) ->
+                         erlang:demonitor(MRef, [flush]),
+                         exit(Pid, kill)
+                 end, State#state.callbacks),
+    %% The streams of the dead port end with the reason its callers get.
+    {error, StreamReason} = Reply,
+    maps:foreach(fun(Ref, Owner) -> Owner ! {py_stream, Ref, {error, StreamReason}} end,
+                 State#state.streams),
     %% Every dict of that port is gone, and so is what the VM cached of them.
     ok = pyport_sd_cache:clear(),
     cancel_timer(State#state.startup_timer),
@@ -515,7 +546,8 @@ port_down(Exit, Reply, #state{pending = Pending, owners = Owners} = State) ->
     Gen = atomics:add_get(State#state.gen_ref, 1, 1),
     ?LOG_ERROR("pyport: port program exited (~tp) with ~b request(s) pending; "
                "restarting as generation ~b", [Exit, map_size(Pending), Gen]),
-    State1 = State#state{port = undefined, pending = #{}, owners = #{}, gen = Gen,
+    State1 = State#state{port = undefined, pending = #{}, owners = #{}, gen = Gen, callbacks = #{},
+                         streams = #{},
                          restarts = State#state.restarts + 1, last_exit = Exit,
                          ready = undefined, startup = undefined, os_pid = undefined,
                          group_leader = false, held = queue:new(),

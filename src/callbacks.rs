@@ -110,10 +110,11 @@ impl Callbacks {
         let mut payload = vec![etf::VERSION];
         convert::encode(args.as_any(), &mut payload).map_err(ConvertError::into_pyerr)?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let caller = crate::pylog::current_caller();
+        let frame = fits(protocol::callback_frame(id, name, &payload, caller.as_ref()), "erlang.call arguments")?;
         let (tx, rx) = unbounded();
         self.waiters.lock().insert(id, tx);
-        let caller = crate::pylog::current_caller();
-        self.out.send(protocol::callback_frame(id, name, &payload, caller.as_ref()));
+        self.out.send(frame);
         let answer = self.wait(py, id, &rx);
         self.waiters.lock().remove(&id);
         // Requests of the chain that arrived after the answer run in the pool instead.
@@ -138,18 +139,19 @@ impl Callbacks {
         loop {
             let event = py.detach(|| rx.recv_timeout(CANCEL_POLL));
             match event {
-                Ok(Event::Reply { ok, payload }) => return Ok((ok, payload)),
+                Ok(Event::Reply { ok, payload }) => {
+                    // A cancellation that arrived with the answer still ends the request.
+                    self.check_cancelled(py, id)?;
+                    return Ok((ok, payload));
+                }
                 Ok(Event::Nested(job)) => {
                     if let Some(frame) = self.pool.get().and_then(|p| p.run_nested(py, &job)) {
                         self.out.send(frame);
                     }
+                    self.check_cancelled(py, id)?;
                 }
                 Err(RecvTimeoutError::Timeout) => {
-                    if crate::cancel::current_cancelled() == Some(true) {
-                        crate::cancel::take_current_cancel(py);
-                        self.out.send(protocol::callback_cancel_frame(id));
-                        return Err(CallCancelled::new_err("the Erlang caller gave up while Python waited for a callback"));
-                    }
+                    self.check_cancelled(py, id)?;
                     if deadline.is_some_and(|d| Instant::now() >= d) {
                         self.out.send(protocol::callback_cancel_frame(id));
                         return Err(PyTimeoutError::new_err(format!(
@@ -165,6 +167,17 @@ impl Callbacks {
         }
     }
 
+    /// Ends the wait with `CallCancelled` if the worker's request was cancelled meanwhile
+    /// (taking back the asynchronous one, so that it does not strike a second time).
+    fn check_cancelled(&self, py: Python<'_>, id: u64) -> PyResult<()> {
+        if crate::cancel::current_cancelled() == Some(true) {
+            crate::cancel::take_current_cancel(py);
+            self.out.send(protocol::callback_cancel_frame(id));
+            return Err(CallCancelled::new_err("the Erlang caller gave up while Python waited for a callback"));
+        }
+        Ok(())
+    }
+
     fn send(&self, py: Python<'_>, pid: &Bound<'_, PyAny>, message: &Bound<'_, PyAny>) -> PyResult<()> {
         let term = pid.cast::<OpaqueTerm>().map_err(|_| PyTypeError::new_err("erlang.send: the first argument must be a pid"))?;
         let term = term.get();
@@ -176,7 +189,7 @@ impl Callbacks {
         }
         let mut payload = vec![etf::VERSION];
         convert::encode(message, &mut payload).map_err(ConvertError::into_pyerr)?;
-        let frame = protocol::send_frame(term.bytes(), &payload);
+        let frame = fits(protocol::send_frame(term.bytes(), &payload), "erlang.send message")?;
         // Held back, without the GIL, while the VM has not taken what was sent before.
         py.detach(|| self.out.wait_until_below(MAX_UNSENT));
         self.out.send(frame);
@@ -187,6 +200,15 @@ impl Callbacks {
         let answer = self.call(py, CONNECTED.as_bytes(), &PyList::new(py, [pid])?)?;
         answer.bind(py).is_truthy()
     }
+}
+
+/// A frame to Erlang within `--max-reply-bytes`, or the ValueError saying it is not.
+fn fits(frame: Vec<u8>, what: &str) -> PyResult<Vec<u8>> {
+    let max = protocol::max_reply();
+    if frame.len() > max {
+        return Err(PyValueError::new_err(format!("{what}: {} bytes, over max_reply_bytes ({max})", frame.len())));
+    }
+    Ok(frame)
 }
 
 /// The node name in a pid's external format (NEW_PID_EXT or PID_EXT: the tag, then the node

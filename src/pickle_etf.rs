@@ -41,6 +41,11 @@ impl From<etf::TermError> for Declined {
 
 type R<T> = Result<T, Declined>;
 
+/// Most elements reserved ahead from a count read in the input: a claimed count is only
+/// bounded by the input's size, and a huge reservation would fail (aborting the port under
+/// `max_memory_bytes`) where growing with the elements that really come does not.
+const PREALLOC: usize = 4096;
+
 fn decline<T>(why: &'static str) -> R<T> {
     Err(Declined(why))
 }
@@ -918,7 +923,7 @@ fn unpickle(pickle: &[u8]) -> R<V<'_>> {
             }
             op::TUPLE1 | op::TUPLE2 | op::TUPLE3 => {
                 let n = (code - op::TUPLE1 + 1) as usize;
-                let mut items = Vec::with_capacity(n);
+                let mut items = Vec::with_capacity(n.min(PREALLOC));
                 for _ in 0..n {
                     items.push(m.pop()?);
                 }
@@ -1026,7 +1031,7 @@ fn etf_value<'a>(r: &mut Reader<'a>, depth: usize) -> R<V<'a>> {
             let depth = enter(depth)?;
             let raw = r.u32()?;
             let n = r.count(raw, 1)?;
-            let mut items = Vec::with_capacity(n);
+            let mut items = Vec::with_capacity(n.min(PREALLOC));
             for _ in 0..n {
                 items.push(etf_value(r, depth)?);
             }
@@ -1042,7 +1047,7 @@ fn etf_value<'a>(r: &mut Reader<'a>, depth: usize) -> R<V<'a>> {
             if let Some(special) = tagged_tuple(r, n)? {
                 special
             } else {
-                let mut items = Vec::with_capacity(n);
+                let mut items = Vec::with_capacity(n.min(PREALLOC));
                 for _ in 0..n {
                     items.push(etf_value(r, depth)?);
                 }
@@ -1064,7 +1069,7 @@ fn etf_value<'a>(r: &mut Reader<'a>, depth: usize) -> R<V<'a>> {
             let depth = enter(depth)?;
             let raw = r.u32()?;
             let n = r.count(raw, 2)?;
-            let mut pairs = Vec::with_capacity(n);
+            let mut pairs = Vec::with_capacity(n.min(PREALLOC));
             for _ in 0..n {
                 let k = etf_value(r, depth)?;
                 let v = etf_value(r, depth)?;
@@ -1280,7 +1285,7 @@ fn canonical_term(r: &mut Reader<'_>, out: &mut Vec<u8>, outer: usize) -> R<()> 
         etf::MAP => {
             let raw = r.u32()?;
             let n = r.count(raw, 2)?;
-            let mut pairs = Vec::with_capacity(n);
+            let mut pairs = Vec::with_capacity(n.min(PREALLOC));
             for _ in 0..n {
                 let (mut k, mut v) = (Vec::new(), Vec::new());
                 canonical_term(r, &mut k, depth)?;

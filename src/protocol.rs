@@ -396,6 +396,11 @@ pub fn heartbeat_frame(seq: u64) -> Vec<u8> {
 /// The largest reply frame (`--max-reply-bytes`), never over what a 4-byte length can say.
 static MAX_REPLY: AtomicUsize = AtomicUsize::new(u32::MAX as usize);
 
+/// The largest frame the port sends (`--max-reply-bytes`).
+pub fn max_reply() -> usize {
+    MAX_REPLY.load(Ordering::Relaxed)
+}
+
 pub fn set_max_reply(max: usize) {
     MAX_REPLY.store(max.min(u32::MAX as usize), Ordering::Relaxed);
 }
@@ -451,6 +456,16 @@ pub fn term_body(term: &Term) -> Vec<u8> {
 pub fn callback_frame(id: u64, name: &[u8], args: &[u8], caller: Option<&Owner>) -> Vec<u8> {
     let caller = caller.map_or_else(|| atom("undefined"), |p| Term::Pid(p.clone()));
     encode_term(&tuple(vec![atom("pyport_callback"), int(id), binary(name), binary(args), caller]))
+}
+
+/// `{pyport_stream_end, Ref}`: the stream `Ref` (its key, an external format) is over.
+pub fn stream_end_frame(key: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(key.len() + 24);
+    out.push(etf::VERSION);
+    etf::put_tuple_header(&mut out, 2);
+    etf::put_atom(&mut out, "pyport_stream_end");
+    out.extend_from_slice(key);
+    out
 }
 
 /// `{pyport_callback_cancel, Id}`: Python stopped waiting for callback `Id`.

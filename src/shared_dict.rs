@@ -24,10 +24,12 @@ use crate::pickle_etf::{self, Declined, Int};
 use crate::pool::{spin_for_job, Job, Pool, PoolConfig, PYTHON_THREAD_STACK};
 use crate::protocol::{self, atom, Handle};
 use crate::pymodule::{counter_update, pickle_dumps, pickle_loads, registry};
-use crate::registry::{self as reg, Destroyed, Dict, GiveAwayError, Invalidation, Value};
+use crate::registry::{self as reg, Destroyed, Dict, GiveAwayError, Invalidation, Update, Value};
 use crossbeam_channel::{unbounded, Sender};
 use pyo3::prelude::*;
 use std::sync::atomic::{AtomicU64, Ordering};
+use parking_lot::Mutex;
+use std::collections::HashSet;
 use std::sync::{Arc, OnceLock};
 use std::thread;
 
@@ -37,6 +39,14 @@ pub struct PickleJob {
     handle: Handle,
     key: Vec<u8>,
     payload: Vec<u8>,
+}
+
+/// Sets waiting for the pickler, and those whose caller gave up meanwhile: a set that timed
+/// out must not land after the caller's next write (which returned `ok`) and undo it.
+#[derive(Default)]
+struct PicklerCancels {
+    queued: HashSet<u64>,
+    cancelled: HashSet<u64>,
 }
 
 /// Counters for `stats`.
@@ -50,6 +60,7 @@ pub struct SharedDictStats {
 pub struct SharedDicts {
     out: Outbox,
     pickler: Sender<PickleJob>,
+    pickler_cancels: Arc<Mutex<PicklerCancels>>,
     /// Started on first use: most ports never read a value that needs Python from Erlang,
     /// and idle Python threads cost address space (a stack and a malloc arena each), which
     /// counts against `max_memory_bytes`.
@@ -133,10 +144,12 @@ impl SharedDicts {
     pub fn start(out: Outbox, decoder_cfg: PoolConfig, interp: Arc<Interp>) -> std::io::Result<Arc<SharedDicts>> {
         let inv = out.clone();
         reg::set_invalidator(Box::new(move |what| inv.send(invalidation_frame(what))));
-        let pickler = start_pickler(out.clone())?;
+        let pickler_cancels = Arc::new(Mutex::new(PicklerCancels::default()));
+        let pickler = start_pickler(out.clone(), pickler_cancels.clone())?;
         Ok(Arc::new(SharedDicts {
             out,
             pickler,
+            pickler_cancels,
             decoders: OnceLock::new(),
             decoder_cfg,
             interp,
@@ -160,6 +173,10 @@ impl SharedDicts {
     pub fn cancel(&self, id: u64) {
         if let Some(p) = self.decoders.get() {
             p.cancel(id);
+        }
+        let mut c = self.pickler_cancels.lock();
+        if c.queued.remove(&id) {
+            c.cancelled.insert(id);
         }
     }
 
@@ -269,7 +286,10 @@ impl SharedDicts {
                 Err(Destroyed) => destroyed(id),
             }),
             // The pickler lives as long as the process.
-            Err(_declined) => drop(self.pickler.send(PickleJob { id, handle, key, payload })),
+            Err(_declined) => {
+                self.pickler_cancels.lock().queued.insert(id);
+                drop(self.pickler.send(PickleJob { id, handle, key, payload }))
+            }
         }
     }
 
@@ -363,7 +383,7 @@ fn cas_loop<E>(
 }
 
 /// Starts the thread that stores terms that need Python to convert, and returns its queue.
-fn start_pickler(out: Outbox) -> std::io::Result<Sender<PickleJob>> {
+fn start_pickler(out: Outbox, cancels: Arc<Mutex<PicklerCancels>>) -> std::io::Result<Sender<PickleJob>> {
     let (tx, rx) = unbounded::<PickleJob>();
     thread::Builder::new().name("pyport-shared-dict".into()).stack_size(PYTHON_THREAD_STACK).spawn(move || {
         Python::attach(|py| {
@@ -381,7 +401,7 @@ fn start_pickler(out: Outbox) -> std::io::Result<Sender<PickleJob>> {
                     spin_for_job(&rx).or_else(|| rx.recv().ok())
                 });
                 let Some(job) = job else { break };
-                reply = Some(python_set(py, job.id, &job.handle, &job.key, &job.payload));
+                reply = Some(python_set(py, &job, &cancels));
             }
         })
     })?;
@@ -407,20 +427,39 @@ fn python_get(py: Python<'_>, id: u64, handle: &Handle, key: &[u8]) -> Frame {
     protocol::error_frame(Some(id), failure_reason(py, failure))
 }
 
-fn python_set(py: Python<'_>, id: u64, handle: &Handle, key: &[u8], payload: &[u8]) -> Frame {
+fn python_set(py: Python<'_>, job: &PickleJob, cancels: &Mutex<PicklerCancels>) -> Frame {
+    let id = job.id;
     // Check first so that a dead dict is reported as such, not as a conversion error.
-    let dict = match registry().lookup(handle) {
+    let dict = match registry().lookup(&job.handle) {
         Ok(d) => d,
-        Err(Destroyed) => return destroyed(id),
+        Err(Destroyed) => {
+            cancels.lock().queued.remove(&id);
+            return destroyed(id);
+        }
     };
-    let pickled = convert::decode(py, payload)
+    let pickled = convert::decode(py, &job.payload)
         .map_err(Failure::Convert)
         .and_then(|obj| pickle_dumps(&obj).map_err(Failure::Python));
-    match pickled {
-        Ok(v) => match dict.set(key, v) {
-            Ok(()) => ok_atom(id),
-            Err(Destroyed) => destroyed(id),
-        },
-        Err(f) => protocol::error_frame(Some(id), failure_reason(py, f)),
+    let v = match pickled {
+        Ok(v) => v,
+        Err(f) => {
+            cancels.lock().queued.remove(&id);
+            return protocol::error_frame(Some(id), failure_reason(py, f));
+        }
+    };
+    // Decided under the dict's lock: a cancel seen here is older than any later write.
+    let stored = dict.update(&job.key, |_| {
+        let mut c = cancels.lock();
+        c.queued.remove(&id);
+        if c.cancelled.remove(&id) {
+            Update { store: None, answer: false }
+        } else {
+            Update { store: Some(v), answer: true }
+        }
+    });
+    match stored {
+        Ok(true) => ok_atom(id),
+        Ok(false) => protocol::error_frame(Some(id), atom("cancelled")),
+        Err(Destroyed) => destroyed(id),
     }
 }

@@ -87,6 +87,10 @@ struct StreamState {
     credit: u64,
     /// A pulling job is queued or running.
     pulling: bool,
+    /// Its request id, so that a cancel can interrupt a generator blocked in `next`.
+    pull_id: u64,
+    /// The pulling job has started (a queued one needs no interrupting: it sees `cancelled`).
+    in_next: bool,
     cancelled: bool,
 }
 
@@ -154,7 +158,7 @@ impl Streams {
             owner_pid: protocol::term_body(&eetf::Term::Pid(s.owner.clone())),
             iter,
             aloop,
-            state: Mutex::new(StreamState { credit: s.window.max(1), pulling: true, cancelled: false }),
+            state: Mutex::new(StreamState { credit: s.window.max(1), pulling: true, pull_id: s.id, in_next: false, cancelled: false }),
         });
         self.table.lock().insert(s.key.clone(), stream.clone());
         self.out.send(protocol::ok_frame(s.id, |out| etf::put_atom(out, "ok")));
@@ -173,11 +177,23 @@ impl Streams {
                 }
                 if st.credit == 0 {
                     st.pulling = false;
+                    st.in_next = false;
                     return;
                 }
                 st.credit -= 1;
+                st.in_next = true;
             }
-            let message = match stream.next_item(py) {
+            let next = stream.next_item(py);
+            let cancelled = {
+                let mut st = stream.state.lock();
+                st.in_next = false;
+                st.cancelled
+            };
+            if cancelled {
+                // Interrupted or not, a cancelled stream sends nothing more.
+                return self.close(py, stream);
+            }
+            let message = match next {
                 Ok(Some(item)) => {
                     let mut msg = message_start(&stream.key, 2);
                     etf::put_atom(&mut msg, "data");
@@ -189,14 +205,28 @@ impl Streams {
                 Ok(None) => return self.finish(py, stream, None),
                 Err(e) => return self.finish(py, stream, Some(Failure::Python(e))),
             };
-            self.out.send(protocol::send_frame(&stream.owner_pid, &message));
+            let frame = protocol::send_frame(&stream.owner_pid, &message);
+            let max = protocol::max_reply();
+            if frame.len() > max {
+                // Sent, it would be dropped on the way out while its credit stays spent.
+                let reason = protocol::tuple(vec![protocol::atom("reply_too_large"), protocol::int(frame.len() as u64), protocol::int(max as u64)]);
+                return self.finish(py, stream, Some(Failure::Reason(reason)));
+            }
+            self.out.send(frame);
         }
     }
 
     /// The generator ended (`None`) or failed: the owner is told, the stream forgotten.
     fn finish(&self, py: Python<'_>, stream: &Stream, failure: Option<Failure>) {
         self.table.lock().remove(&stream.key);
-        stream.close_loop(py);
+        self.out.send(protocol::stream_end_frame(&stream.key));
+        if failure.is_some() {
+            // A generator stopped by an item it could not send is still suspended: its
+            // finally runs now, while its event loop (if any) is still open.
+            let _ = stream.close(py);
+        } else {
+            stream.close_loop(py);
+        }
         let mut msg = vec![etf::VERSION];
         etf::put_tuple_header(&mut msg, 3);
         etf::put_atom(&mut msg, "py_stream");
@@ -215,6 +245,7 @@ impl Streams {
     /// Closes a cancelled stream's generator (its `finally` runs) and forgets it.
     fn close(&self, py: Python<'_>, stream: &Stream) {
         self.table.lock().remove(&stream.key);
+        self.out.send(protocol::stream_end_frame(&stream.key));
         if let Err(e) = stream.close(py) {
             let msg = format!("closing a cancelled stream raised: {e}");
             self.out.log("warning", "pyport", msg.as_bytes());
@@ -241,13 +272,18 @@ impl Streams {
     }
 
     fn cancel_stream(self: &Arc<Self>, stream: Arc<Stream>) {
-        let resume = {
+        let (resume, running) = {
             let mut st = stream.state.lock();
             st.cancelled = true;
-            !std::mem::replace(&mut st.pulling, true)
+            let was_pulling = std::mem::replace(&mut st.pulling, true);
+            (!was_pulling, (was_pulling && st.in_next).then_some(st.pull_id))
         };
         if resume {
             self.resume(stream);
+        } else if let Some(id) = running {
+            // A generator blocked in `next` (a queue, a socket, a callback) is interrupted
+            // like a cancelled call; the pulling job then closes it.
+            self.pool.cancel(id);
         }
     }
 
@@ -261,8 +297,10 @@ impl Streams {
 
     fn resume(self: &Arc<Self>, stream: Arc<Stream>) {
         let me = self.clone();
+        let id = NEXT_TASK_ID.fetch_add(1, Ordering::Relaxed);
+        stream.state.lock().pull_id = id;
         self.pool.submit(Job::Task {
-            id: NEXT_TASK_ID.fetch_add(1, Ordering::Relaxed),
+            id,
             what: "stream".into(),
             run: Box::new(move |py| {
                 me.pull(py, &stream);
