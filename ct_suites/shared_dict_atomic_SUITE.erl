@@ -38,6 +38,7 @@ all() ->
      compare_and_swap_absent,
      compare_and_swap_compares_normalised_forms,
      compare_and_swap_badarg,
+     compare_and_swap_zero_signs_follow_the_vm,
      %% both sides at once
      counter_from_both_sides_is_exact,
      cas_retry_from_both_sides_is_exact,
@@ -634,3 +635,11 @@ hanging_decode_only_delays_its_callers(_Config) ->
                end, ?LIVENESS_MS, decode_stuck_counted),
     ?assertEqual(3, uc(SD, <<"plain">>, 1)),
     ok.
+
+%% Old is compared with =:= as this VM has it: before OTP 27, 0.0 =:= -0.0.
+compare_and_swap_zero_signs_follow_the_vm(_Config) ->
+    {ok, SD} = py:shared_dict_new(),
+    ok = py:shared_dict_set(SD, <<"z">>, -0.0),
+    Expected = (0.0 =:= -0.0),
+    ?assertEqual(Expected, py:shared_dict_compare_and_swap(SD, <<"z">>, 0.0, 1)),
+    ok = py:shared_dict_destroy(SD).

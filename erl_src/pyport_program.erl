@@ -35,7 +35,8 @@ args(Gen) ->
         ++ watchdog_arg()
         ++ affinity_arg()
         ++ ["--none-as", atom_to_list(none_as()),
-            "--node", atom_to_list(node())]
+            "--node", atom_to_list(node()),
+            "--otp-release", erlang:system_info(otp_release)]
         ++ optional_args([{spare_after_ms, "--spare-after-ms"},
                           {spare_idle_ms, "--spare-idle-ms"},
                           {abandon_after_ms, "--abandon-after-ms"},

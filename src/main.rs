@@ -103,6 +103,9 @@ fn main() {
     };
     pylog::install(out_tx.clone(), cfg.log_lines_per_sec);
     richtypes::set_none_as(&cfg.none_as);
+    if cfg.otp_release > 0 {
+        pickle_etf::set_otp_release(cfg.otp_release);
+    }
     if let Err(e) = stdio::start_drains(captured, out_tx.clone(), cfg.log_lines_per_sec) {
         fatal(&out_tx, EXIT_IO, &format!("cannot start output drains: {e}"));
     }

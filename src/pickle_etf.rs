@@ -41,6 +41,14 @@ impl From<etf::TermError> for Declined {
 
 type R<T> = Result<T, Declined>;
 
+/// Whether `=:=` of the VM counts 0.0 and -0.0 as equal (OTP releases before 27).
+static ZERO_SIGN_IGNORED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Tells [`terms_exactly_equal`] which OTP release's `=:=` to follow (at start-up).
+pub fn set_otp_release(release: u64) {
+    ZERO_SIGN_IGNORED.store(release < 27, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// Most elements reserved ahead from a count read in the input: a claimed count is only
 /// bounded by the input's size, and a huge reservation would fail (aborting the port under
 /// `max_memory_bytes`) where growing with the elements that really come does not.
@@ -1298,6 +1306,12 @@ fn canonical_term(r: &mut Reader<'_>, out: &mut Vec<u8>, outer: usize) -> R<()> 
                 out.extend_from_slice(&k);
                 out.extend_from_slice(&v);
             }
+        }
+        // Before OTP 27, 0.0 =:= -0.0: the sign of a zero does not count there.
+        etf::NEW_FLOAT => {
+            let v = r.f64()?;
+            let v = if v == 0.0 && ZERO_SIGN_IGNORED.load(std::sync::atomic::Ordering::Relaxed) { 0.0 } else { v };
+            etf::put_f64(out, v);
         }
         // Erlang writes a list of small integers as STRING_EXT: the same term as a LIST.
         etf::STRING => {

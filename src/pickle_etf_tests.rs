@@ -462,6 +462,18 @@ fn exact_equality_ignores_map_order_only() {
     etf::put_atom(&mut ok, "ok");
     assert!(terms_exactly_equal(&[etf::SMALL_ATOM, 2, b'o', b'k'], &ok));
     assert!(!terms_exactly_equal(&[etf::SMALL_ATOM, 2, b'o', b'x'], &ok));
+    // 0.0 and -0.0 follow the VM's =:= (equal before OTP 27, distinct from 27 on).
+    let zero = |v: f64| {
+        let mut o = Vec::new();
+        etf::put_f64(&mut o, v);
+        o
+    };
+    crate::pickle_etf::set_otp_release(27);
+    assert!(!terms_exactly_equal(&zero(0.0), &zero(-0.0)));
+    crate::pickle_etf::set_otp_release(25);
+    assert!(terms_exactly_equal(&zero(0.0), &zero(-0.0)));
+    assert!(!terms_exactly_equal(&zero(0.0), &zero(1.0)));
+    crate::pickle_etf::set_otp_release(27);
 }
 
 #[test]
