@@ -137,7 +137,13 @@ impl Callbacks {
             None => Some(Instant::now() + self.timeout),
         };
         loop {
-            let event = py.detach(|| rx.recv_timeout(CANCEL_POLL));
+            // The answer of a quick Erlang function comes within tens of microseconds; a
+            // thread that went to sleep by then costs a wake-up, often the largest cost of
+            // the round trip. So poll briefly first, without the GIL.
+            let event = py.detach(|| match crate::pool::spin_for_job(rx) {
+                Some(ev) => Ok(ev),
+                None => rx.recv_timeout(CANCEL_POLL),
+            });
             match event {
                 Ok(Event::Reply { ok, payload }) => {
                     // A cancellation that arrived with the answer still ends the request.
