@@ -7,7 +7,7 @@ pub const USAGE: &str = "usage: pyport [--generation N] [--workers N] [--max-wor
 [--spare-after-ms N] [--spare-idle-ms N] [--max-frame-bytes N] [--abandon-after-ms N] \
 [--max-abandoned N] [--gil-watchdog-ms N] [--max-reply-bytes N] [--oom-score-adj N] \
 [--max-memory-bytes N] [--thread-affinity namespace|always|none] [--log-lines-per-sec N] \
-[--none-as undefined|nil] [--sd-decode-workers N] [--callback-timeout-ms N] [--node NAME] [--max-threads N]";
+[--none-as undefined|nil] [--sd-decode-workers N] [--callback-timeout-ms N] [--node NAME] [--max-threads N] [--trace-latency 0|1]";
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
@@ -45,6 +45,8 @@ pub struct Config {
     pub node: String,
     /// Most worker threads of all pools together (hot workers always start).
     pub max_threads: usize,
+    /// Stamp every call for the benchmark's latency breakdown (see `latency`).
+    pub trace_latency: bool,
 }
 
 impl Default for Config {
@@ -69,6 +71,7 @@ impl Default for Config {
             callback_timeout: Duration::from_secs(30),
             node: String::new(),
             max_threads: 64,
+            trace_latency: false,
         }
     }
 }
@@ -113,6 +116,7 @@ impl Config {
                 "--sd-decode-workers" => cfg.sd_decode_workers = n.clamp(1, 64) as usize,
                 "--callback-timeout-ms" => cfg.callback_timeout = Duration::from_millis(n),
                 "--max-threads" => cfg.max_threads = n.max(1) as usize,
+                "--trace-latency" => cfg.trace_latency = n > 0,
                 _ => return Err(format!("unknown option {flag}")),
             }
         }
@@ -143,6 +147,8 @@ mod tests {
         assert_eq!(parse(&["--gil-watchdog-ms", "250"]).unwrap().gil_watchdog, Some(Duration::from_millis(250)));
         assert_eq!(parse(&[]).unwrap().sd_decode_workers, 2);
         assert_eq!(parse(&["--sd-decode-workers", "0"]).unwrap().sd_decode_workers, 1);
+        assert!(!parse(&[]).unwrap().trace_latency);
+        assert!(parse(&["--trace-latency", "1"]).unwrap().trace_latency);
     }
 
     #[test]

@@ -18,6 +18,7 @@ mod exec;
 mod forks;
 mod framing;
 mod homes;
+mod latency;
 #[cfg(test)]
 mod fuzz;
 mod limits;
@@ -91,6 +92,9 @@ fn main() {
         std::process::exit(EXIT_IO);
     }
     protocol::set_max_reply(cfg.max_reply);
+    if cfg.trace_latency {
+        latency::enable();
+    }
     let out_tx = match Outbox::start(proto.output) {
         Ok(o) => o,
         Err(e) => {
@@ -141,7 +145,7 @@ fn main() {
     let mut reader = FrameReader::new(proto.input, cfg.max_frame);
     loop {
         match reader.read_frame() {
-            Ok(frame) => router.route(&frame),
+            Ok(frame) => router.route(&frame, latency::now()),
             Err(ReadError::Eof) => shutdown::exit_now(0),
             Err(ReadError::TooLarge(n)) => fatal(
                 &out_tx,
@@ -209,13 +213,17 @@ impl Router {
         self.out.send(frame);
     }
 
-    fn route(&self, frame: &[u8]) {
+    /// `read_at`: when the frame was read, if calls are traced (see `latency`).
+    fn route(&self, frame: &[u8], read_at: Option<std::time::Instant>) {
         let req = match protocol::decode_request(frame) {
             Ok(r) => r,
             Err(bad) => return self.send(protocol::error_frame(bad.id, bad.to_term())),
         };
         match req {
             Request::Call { id, owner, module, function, payload, chain } => {
+                if let Some(t) = read_at {
+                    latency::routed(id, t);
+                }
                 self.run(chain, Job::Call { id, owner, module, function, payload })
             }
             Request::Eval { id, owner, code, payload, chain } => {
@@ -276,6 +284,7 @@ impl Router {
         let reg = pymodule::registry().stats();
         let pool = self.pool.stats();
         let sd = self.dicts.stats();
+        let trace = latency::drain();
         let entries: [(&str, u64); 12] = [
             ("streams", self.streams.count() as u64),
             ("python_threads", pool::python_threads() as u64),
@@ -302,7 +311,10 @@ impl Router {
             ("decode_stuck", sd.decode_stuck as u64),
         ];
         protocol::ok_frame(id, |out| {
-            etf::put_map_header(out, entries.len() + lists.len() + 1);
+            etf::put_map_header(out, entries.len() + lists.len() + 1 + trace.is_some() as usize);
+            if let Some((n, medians)) = trace {
+                put_latency_trace(out, n, &medians);
+            }
             etf::put_atom(out, "shared_dict");
             etf::put_map_header(out, sd_entries.len());
             for (k, v) in sd_entries {
@@ -320,5 +332,18 @@ impl Router {
                 etf::put_nil(out);
             }
         })
+    }
+}
+
+/// `latency_trace => #{calls => N, route_ns => M, ...}`: stage medians over the calls
+/// traced since the previous stats request (see `latency`).
+fn put_latency_trace(out: &mut Vec<u8>, calls: u64, medians: &[u64; 6]) {
+    etf::put_atom(out, "latency_trace");
+    etf::put_map_header(out, 1 + medians.len());
+    etf::put_atom(out, "calls");
+    etf::put_u64(out, calls);
+    for (name, m) in latency::STAGES.iter().zip(medians) {
+        etf::put_atom(out, name);
+        etf::put_u64(out, *m);
     }
 }

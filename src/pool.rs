@@ -435,8 +435,13 @@ impl Pool {
                     // The reply goes out here, detached: writing may block on the pipe.
                     if let Some(frame) = reply.take() {
                         self.deliver(&me, frame);
+                        crate::latency::written();
                     }
-                    self.next_job(&me)
+                    let job = self.next_job(&me);
+                    if let Some(job) = &job {
+                        crate::latency::dequeued(job.id());
+                    }
+                    job
                 });
                 let idle_now = self.idle.fetch_sub(1, Ordering::AcqRel) - 1;
                 let Some(job) = job else { break };
