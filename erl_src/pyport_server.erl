@@ -69,7 +69,13 @@
           %% callbacks running in processes of their own: id => {pid, monitor}
           callbacks = #{} :: #{non_neg_integer() => {pid(), reference()}},
           %% delivers erlang.send messages (decoding them outside this process)
-          sender :: pid() | undefined
+          sender :: pid() | undefined,
+          %% traced requests (the benchmark's latency breakdown): id => {when
+          %% the request was received, when port_command returned}; nanoseconds
+          %% of erlang:monotonic_time
+          traces = #{} :: #{request_id() => {integer(), integer()}},
+          %% when the frame being handled arrived (set only while traces is non-empty)
+          rx_at = 0 :: integer()
          }).
 -type state() :: #state{}.
 
@@ -138,6 +144,17 @@ handle_call({request, Id, Frame, Owner}, From, #state{port = Port} = State)
     request(Id, Frame, From, monitor_owner(Owner, State));
 handle_call({request, Id, Frame, _Owner}, From, State) ->
     request(Id, Frame, From, State);
+handle_call({traced_request, Id, Frame}, From, State) ->
+    %% The benchmark's latency breakdown: a request like any other, whose reply
+    %% is {traced, Reply, Stamps} (see traced_reply/4).
+    Received = now_ns(),
+    case request(Id, Frame, From, State) of
+        {noreply, State1} ->
+            Traces = maps:put(Id, {Received, now_ns()}, State1#state.traces),
+            {noreply, State1#state{traces = Traces}};
+        Answered ->
+            Answered
+    end;
 handle_call(stats, _From, State) ->
     {reply, local_stats(State), State};
 handle_call(_Other, _From, State) ->
@@ -149,7 +166,8 @@ handle_call(_Other, _From, State) ->
 handle_cast({cancel, Id}, #state{pending = Pending} = State) ->
     case maps:take(Id, Pending) of
         {From, Pending1} ->
-            State1 = forget_owner_id(From, Id, State#state{pending = Pending1}),
+            State1 = forget_owner_id(From, Id, State#state{pending = Pending1,
+                                                           traces = maps:remove(Id, State#state.traces)}),
             send_frame(State1, {cancel, Id}),
             {noreply, State1};
         error ->
@@ -166,7 +184,7 @@ handle_cast(_Other, State) ->
 %% @doc gen_server callback: port data, port exit, owner exit, restart timer.
 -spec handle_info(term(), state()) -> {noreply, state()}.
 handle_info({Port, {data, Bin}}, #state{port = Port} = State) ->
-    {noreply, port_data(Bin, State#state{last_rx = now_ms(), silent_checks = 0})};
+    {noreply, port_data(Bin, stamp_rx(State#state{last_rx = now_ms(), silent_checks = 0}))};
 handle_info(heartbeat, State) ->
     {noreply, schedule_heartbeat(check_liveness(State))};
 handle_info({timeout, TRef, startup_timeout}, #state{startup_timer = TRef} = State) ->
@@ -182,7 +200,8 @@ handle_info({'DOWN', MRef, process, Pid, _Reason}, #state{owners = Owners} = Sta
                                 maps:remove(Id, P)
                         end, State#state.pending, Ids),
             send_frame(State, {owner_down, Pid}),
-            {noreply, State#state{owners = Owners1, pending = Pending}};
+            {noreply, State#state{owners = Owners1, pending = Pending,
+                                  traces = maps:without(Ids, State#state.traces)}};
         _ ->
             {noreply, State}
     end;
@@ -278,8 +297,8 @@ port_message({Id, Status, Result}, #state{pending = Pending} = State)
         {startup, Pending1} ->
             startup_result(Status, Result, State#state{pending = Pending1});
         {From, Pending1} ->
-            gen_server:reply(From, {Status, Result}),
-            forget_owner_id(From, Id, State#state{pending = Pending1});
+            State1 = reply(Id, From, {Status, Result}, State),
+            forget_owner_id(From, Id, State1#state{pending = Pending1});
         error ->
             %% Cancelled or timed out: nobody waits for it.
             State
@@ -354,6 +373,37 @@ port_message({undefined, error, Reason}, State) ->
 port_message(Other, State) ->
     ?LOG_WARNING("pyport: unexpected frame from the port: ~tP", [Other, 30]),
     State.
+
+%% Answers a request; a traced one with the server's timestamps.
+-spec reply(request_id(), gen_server:from(), term(), state()) -> state().
+reply(_Id, From, Reply, #state{traces = Traces} = State) when map_size(Traces) =:= 0 ->
+    gen_server:reply(From, Reply),
+    State;
+reply(Id, From, Reply, #state{traces = Traces} = State) ->
+    case maps:take(Id, Traces) of
+        {{Received, Forwarded}, Traces1} ->
+            traced_reply(From, Reply, {Received, Forwarded}, State#state.rx_at),
+            State#state{traces = Traces1};
+        error ->
+            gen_server:reply(From, Reply),
+            State
+    end.
+
+%% The reply to a traced request: {traced, Reply, Stamps}, Stamps in ns of
+%% erlang:monotonic_time: the request received, port_command returned, the
+%% reply frame received from the port, and just before this reply was sent.
+-spec traced_reply(gen_server:from(), term(), {integer(), integer()}, integer()) -> ok.
+traced_reply(From, Reply, {Received, Forwarded}, RxAt) ->
+    Stamps = #{received => Received, forwarded => Forwarded, reply_rx => RxAt,
+               replied => now_ns()},
+    gen_server:reply(From, {traced, Reply, Stamps}).
+
+%% Notes when a frame arrived, only while some request is traced.
+-spec stamp_rx(state()) -> state().
+stamp_rx(#state{traces = Traces} = State) when map_size(Traces) =:= 0 ->
+    State;
+stamp_rx(State) ->
+    State#state{rx_at = now_ns()}.
 
 %% Start-up code finished: send what was held, in order. Or it failed: its
 %% callers cannot be served by this port.
@@ -515,7 +565,7 @@ port_down(Exit, Reply, #state{pending = Pending, owners = Owners} = State) ->
     Gen = atomics:add_get(State#state.gen_ref, 1, 1),
     ?LOG_ERROR("pyport: port program exited (~tp) with ~b request(s) pending; "
                "restarting as generation ~b", [Exit, map_size(Pending), Gen]),
-    State1 = State#state{port = undefined, pending = #{}, owners = #{}, gen = Gen,
+    State1 = State#state{port = undefined, pending = #{}, owners = #{}, gen = Gen, traces = #{},
                          restarts = State#state.restarts + 1, last_exit = Exit,
                          ready = undefined, startup = undefined, os_pid = undefined,
                          group_leader = false, held = queue:new(),
@@ -586,6 +636,10 @@ heartbeat_timeout() ->
 -spec check_interval(pos_integer()) -> pos_integer().
 check_interval(Timeout) ->
     max(10, Timeout div 2).
+
+-spec now_ns() -> integer().
+now_ns() ->
+    erlang:monotonic_time(nanosecond).
 
 -spec now_ms() -> integer().
 now_ms() ->
