@@ -16,6 +16,8 @@
 //! are never compared), as medians over the calls traced since the previous `stats`
 //! request (see [`drain`]). Stamps go from the reader to the worker through a small map
 //! keyed by request id, and stay on the worker thread in a thread-local in between.
+//! Meant for plain sequential calls: a call nested in a callback runs on the thread of the
+//! call waiting for it and stamps over that call's points.
 
 use parking_lot::Mutex;
 use std::cell::RefCell;
