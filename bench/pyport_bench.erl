@@ -1215,12 +1215,13 @@ targets(Figs) ->
 %%====================================================================
 
 print_table(Figs, Meta) ->
-    io:format("~npyport benchmark  ~s  commit ~s~s  ~s, ~b cores, OTP ~s, Python ~s, ~b round(s)~n",
+    io:format("~npyport benchmark  ~s  commit ~s~s  ~s, ~b cores, OTP ~s, Python ~s, ~b round(s), "
+              "pinned => ~p~n",
               [maps:get(date, Meta), maps:get(commit, Meta),
                case maps:get(dirty, Meta) of [] -> ""; _ -> " (+uncommitted changes)" end,
                maps:get(cpu, Meta),
                maps:get(cores, Meta), maps:get(otp, Meta), maps:get(python, Meta),
-               maps:get(rounds, Meta)]),
+               maps:get(rounds, Meta), maps:get(pinned, Meta)]),
     io:format("~-44s ~12s ~23s ~-8s ~8s ~15s  ~s~n",
               ["figure", "median", "min..max", "unit", "ratio", "ratio min..max", "baseline"]),
     lists:foreach(
