@@ -10,11 +10,16 @@
 //! 4. `call_start`: the function is resolved and its arguments decoded; the call begins;
 //! 5. `call_end`: the Python function has returned;
 //! 6. `encoded`: the reply frame is built;
-//! 7. `written`: the reply frame has been written to the pipe and flushed.
+//! 7. `writing`: the GIL is released and the frame is about to be written.
+//!
+//! The write itself is not a stage: on a single CPU, `write(2)` wakes the VM, which can run
+//! its whole side of the reply before the call returns here, so a stamp after it would
+//! overlap the VM's stages. It belongs to the part nobody can time (the pipes).
 //!
 //! Only durations between stamps leave the port (clocks of the VM and of this process
-//! are never compared), as medians over the calls traced since the previous `stats`
-//! request (see [`drain`]). Stamps go from the reader to the worker through a small map
+//! are never compared), per request id, for the calls traced since the previous `stats`
+//! request (see [`drain`]), so that the benchmark can join them with its own per-call
+//! stages. Stamps go from the reader to the worker through a small map
 //! keyed by request id, and stay on the worker thread in a thread-local in between.
 //! Meant for plain sequential calls: a call nested in a callback runs on the thread of the
 //! call waiting for it and stamps over that call's points.
@@ -30,7 +35,7 @@ static ENABLED: AtomicBool = AtomicBool::new(false);
 
 /// Stage names, in the order of [`Stamps::durations`]; each is the time from one stamp
 /// to the next.
-pub const STAGES: [&str; 6] = ["route_ns", "queue_ns", "prepare_ns", "python_ns", "encode_ns", "write_ns"];
+pub const STAGES: [&str; 6] = ["route_ns", "queue_ns", "prepare_ns", "python_ns", "encode_ns", "release_ns"];
 
 /// Most traced calls kept between two `stats` requests (the oldest are dropped).
 const KEEP: usize = 4096;
@@ -40,8 +45,8 @@ const MAX_ARRIVALS: usize = 10_000;
 
 /// Request id => (read, routed), from the reader to whichever worker takes the job.
 static ARRIVALS: LazyLock<Mutex<HashMap<u64, (Instant, Instant)>>> = LazyLock::new(Default::default);
-/// Durations of the calls traced since the last `drain`.
-static DONE: LazyLock<Mutex<VecDeque<[u64; 6]>>> = LazyLock::new(Default::default);
+/// Request id and stage durations of the calls traced since the last `drain`.
+static DONE: LazyLock<Mutex<VecDeque<(u64, [u64; 6])>>> = LazyLock::new(Default::default);
 
 thread_local! {
     /// The traced request this worker thread is running, if any.
@@ -57,6 +62,7 @@ pub enum Mark {
 }
 
 struct Stamps {
+    id: u64,
     read: Instant,
     routed: Instant,
     dequeued: Instant,
@@ -68,8 +74,8 @@ struct Stamps {
 impl Stamps {
     /// The six stage durations in ns, if every stamp was taken (an `eval`, or a builtin
     /// that reads the caller's namespace, never stamps `call_start`: not a plain call).
-    fn durations(&self, written: Instant) -> Option<[u64; 6]> {
-        let points = [self.read, self.routed, self.dequeued, self.call_start?, self.call_end?, self.encoded?, written];
+    fn durations(&self, writing: Instant) -> Option<[u64; 6]> {
+        let points = [self.read, self.routed, self.dequeued, self.call_start?, self.call_end?, self.encoded?, writing];
         let mut out = [0u64; 6];
         for (i, d) in out.iter_mut().enumerate() {
             *d = points[i + 1].saturating_duration_since(points[i]).as_nanos() as u64;
@@ -119,6 +125,7 @@ fn start_on_this_thread(id: u64) {
     let dequeued = Instant::now();
     let arrival = ARRIVALS.lock().remove(&id);
     let stamps = arrival.map(|(read, routed)| Stamps {
+        id,
         read,
         routed,
         dequeued,
@@ -150,48 +157,34 @@ fn stamp(m: Mark) {
     });
 }
 
-/// This thread has written the reply of the request it ran: its trace is complete.
+/// This thread, detached from Python, is about to write the reply of the request it ran:
+/// its trace is complete.
 #[inline]
-pub fn written() {
+pub fn writing() {
     if enabled() {
         finish_on_this_thread();
     }
 }
 
 fn finish_on_this_thread() {
-    let written = Instant::now();
+    let writing = Instant::now();
     let Some(stamps) = CURRENT.with(|c| c.borrow_mut().take()) else { return };
-    if let Some(d) = stamps.durations(written) {
+    if let Some(d) = stamps.durations(writing) {
         let mut done = DONE.lock();
         if done.len() >= KEEP {
             done.pop_front();
         }
-        done.push_back(d);
+        done.push_back((stamps.id, d));
     }
 }
 
-/// Medians (ns) per stage over the calls traced since the previous drain, and how many
-/// calls that was; forgets them. None when tracing is off.
-pub fn drain() -> Option<(u64, [u64; 6])> {
+/// Request id and stage durations (ns, in the order of [`STAGES`]) of the calls traced
+/// since the previous drain, oldest first; forgets them. None when tracing is off.
+pub fn drain() -> Option<Vec<(u64, [u64; 6])>> {
     if !enabled() {
         return None;
     }
-    let done: Vec<[u64; 6]> = std::mem::take(&mut *DONE.lock()).into();
-    let mut medians = [0u64; 6];
-    for (stage, m) in medians.iter_mut().enumerate() {
-        let mut column: Vec<u64> = done.iter().map(|d| d[stage]).collect();
-        *m = median(&mut column);
-    }
-    Some((done.len() as u64, medians))
-}
-
-/// The median of `v` (the lower middle one of an even count); 0 for none.
-fn median(v: &mut [u64]) -> u64 {
-    if v.is_empty() {
-        return 0;
-    }
-    v.sort_unstable();
-    v[(v.len() - 1) / 2]
+    Some(std::mem::take(&mut *DONE.lock()).into())
 }
 
 #[cfg(test)]
@@ -199,17 +192,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn median_of_odd_even_and_empty() {
-        assert_eq!(median(&mut [5, 1, 3]), 3);
-        assert_eq!(median(&mut [4, 1, 3, 2]), 2);
-        assert_eq!(median(&mut []), 0);
-    }
-
-    #[test]
     fn durations_need_every_stamp() {
         let t = Instant::now();
         let ms = |n| t + std::time::Duration::from_millis(n);
-        let mut s = Stamps { read: t, routed: ms(1), dequeued: ms(3), call_start: Some(ms(6)), call_end: Some(ms(10)), encoded: None };
+        let mut s = Stamps { id: 1, read: t, routed: ms(1), dequeued: ms(3), call_start: Some(ms(6)), call_end: Some(ms(10)), encoded: None };
         assert_eq!(s.durations(ms(20)), None);
         s.encoded = Some(ms(15));
         assert_eq!(s.durations(ms(21)), Some([1_000_000, 2_000_000, 3_000_000, 4_000_000, 5_000_000, 6_000_000]));

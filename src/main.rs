@@ -312,8 +312,8 @@ impl Router {
         ];
         protocol::ok_frame(id, |out| {
             etf::put_map_header(out, entries.len() + lists.len() + 1 + trace.is_some() as usize);
-            if let Some((n, medians)) = trace {
-                put_latency_trace(out, n, &medians);
+            if let Some(samples) = &trace {
+                put_latency_trace(out, samples);
             }
             etf::put_atom(out, "shared_dict");
             etf::put_map_header(out, sd_entries.len());
@@ -335,15 +335,23 @@ impl Router {
     }
 }
 
-/// `latency_trace => #{calls => N, route_ns => M, ...}`: stage medians over the calls
-/// traced since the previous stats request (see `latency`).
-fn put_latency_trace(out: &mut Vec<u8>, calls: u64, medians: &[u64; 6]) {
+/// `latency_trace => #{stages => [route_ns, ...], calls => [{Id, [Ns, ...]}, ...]}`: the
+/// stage durations of each call traced since the previous stats request (see `latency`).
+fn put_latency_trace(out: &mut Vec<u8>, samples: &[(u64, [u64; 6])]) {
     etf::put_atom(out, "latency_trace");
-    etf::put_map_header(out, 1 + medians.len());
+    etf::put_map_header(out, 2);
+    etf::put_atom(out, "stages");
+    etf::put_list_header(out, latency::STAGES.len());
+    latency::STAGES.iter().for_each(|name| etf::put_atom(out, name));
+    etf::put_nil(out);
     etf::put_atom(out, "calls");
-    etf::put_u64(out, calls);
-    for (name, m) in latency::STAGES.iter().zip(medians) {
-        etf::put_atom(out, name);
-        etf::put_u64(out, *m);
+    etf::put_list_header(out, samples.len());
+    for (id, durations) in samples {
+        etf::put_tuple_header(out, 2);
+        etf::put_u64(out, *id);
+        etf::put_list_header(out, durations.len());
+        durations.iter().for_each(|d| etf::put_u64(out, *d));
+        etf::put_nil(out);
     }
+    etf::put_nil(out);
 }

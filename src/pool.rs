@@ -434,8 +434,8 @@ impl Pool {
                 let job = py.detach(|| {
                     // The reply goes out here, detached: writing may block on the pipe.
                     if let Some(frame) = reply.take() {
+                        crate::latency::writing();
                         self.deliver(&me, frame);
-                        crate::latency::written();
                     }
                     let job = self.next_job(&me);
                     if let Some(job) = &job {
