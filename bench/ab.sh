@@ -2,8 +2,9 @@
 # A/B of the sequential py:call(math, sqrt, [2.0]) latency of two builds (for instance the
 # commit before a change and the change, to show that something off by default costs nothing).
 # Every run starts a fresh VM pinned to CPU 0 (taskset -c 0, port included) and the two builds
-# alternate, so that both see the same machine over time. Prints each run, then the median
-# p50 and p99 of each build and new/old.
+# alternate, so that both see the same machine over time. Prints each run (p50 p99 p10 mean, us),
+# then the median over runs of each of these per build, and new/old. Pinned with one worker the
+# latency can be bimodal (a fast and a slow mode): compare p10 and the mean too, not p50 alone.
 #
 #   bench/ab.sh OLD_EBIN OLD_BIN NEW_EBIN NEW_BIN [PAIRS=10] [CALLS=5000]
 #
@@ -33,9 +34,16 @@ function median(a, n,   i, j, t) {
     for (i = 2; i <= n; i++) { t = a[i]; for (j = i - 1; j >= 1 && a[j] > t; j--) a[j+1] = a[j]; a[j+1] = t }
     return n % 2 ? a[(n+1)/2] : (a[n/2] + a[n/2+1]) / 2
 }
-{ if ($1 == "old") { o50[++no] = $2; o99[no] = $3 } else { n50[++nn] = $2; n99[nn] = $3 } }
+{ if ($1 == "old") { n = ++no; for (k = 2; k <= 5; k++) o[k, n] = $k }
+  else { n = ++nn; for (k = 2; k <= 5; k++) w[k, n] = $k } }
 END {
-    mo50 = median(o50, no); mo99 = median(o99, no); mn50 = median(n50, nn); mn99 = median(n99, nn)
-    printf "median of %d runs each: old p50 %.2f p99 %.2f us, new p50 %.2f p99 %.2f us\n", no, mo50, mo99, mn50, mn99
-    printf "new/old: p50 %.3fx, p99 %.3fx\n", mn50 / mo50, mn99 / mo99
+    # Run i of each build ran next to each other (pair i): the median of the per-pair
+    # ratios is robust to the machine changing speed between pairs.
+    split("p50 p99 p10 mean", name, " ")
+    for (k = 2; k <= 5; k++) {
+        for (i = 1; i <= no; i++) a[i] = o[k, i]; mo = median(a, no)
+        for (i = 1; i <= nn; i++) b[i] = w[k, i]; mn = median(b, nn)
+        for (i = 1; i <= no; i++) r[i] = w[k, i] / o[k, i]; mr = median(r, no)
+        printf "%-4s median of %d runs: old %.2f us, new %.2f us; median of per-pair new/old %.3fx\n", name[k-1], no, mo, mn, mr
+    }
 }' "$out"

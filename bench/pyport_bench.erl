@@ -757,16 +757,25 @@ clock_ticks() ->
     end.
 
 %% The port program's CPU while nobody calls (heartbeats included), in % of
-%% one core over Ms.
+%% one core over Ms. Read from each thread's schedstat (ns on a CPU), since
+%% the 10 ms clock ticks of /proc/<pid>/stat would show 0 over 10 s.
 idle_cpu_pct(Ms) ->
-    Hz = clock_ticks(),
     Pid = os_pid(),
-    T0 = cpu_ticks(Pid),
+    T0 = cpu_ns(Pid),
     W0 = now_ns(),
     timer:sleep(Ms),
-    T1 = cpu_ticks(Pid),
+    T1 = cpu_ns(Pid),
     W1 = now_ns(),
-    100 * ((T1 - T0) / Hz) / ((W1 - W0) / 1.0e9).
+    100 * (T1 - T0) / (W1 - W0).
+
+%% ns on a CPU of all threads of a process (threads that ended are not counted).
+cpu_ns(OsPid) ->
+    Dir = "/proc/" ++ integer_to_list(OsPid) ++ "/task",
+    {ok, Tids} = file:list_dir(Dir),
+    lists:sum([case file:read_file(filename:join([Dir, Tid, "schedstat"])) of
+                   {ok, B} -> binary_to_integer(hd(binary:split(B, <<" ">>)));
+                   {error, _} -> 0
+               end || Tid <- Tids]).
 
 %% A process that owns a /bin/cat port and serves gen_server:call's the way
 %% pyport_server does: writes the caller's frame, decodes each echo to find
