@@ -3,12 +3,18 @@
 # `make bench`        full run (7 interleaved rounds, ~2-3 min): table on stdout, JSON + CSV under
 #                     bench/results/ (timestamped and latest.*), PNG chart via bench/plot.py.
 #                     BENCH_ARGS="rounds=3 scale=0.5" passes options to pyport_bench:main/1.
+#                     BENCH_ARGS="pin=1" runs the whole VM under `taskset -c 0`: its threads,
+#                     erl_child_setup and so every port program it starts (pyport, the cat
+#                     baseline, restarts) inherit the one CPU; the bench checks and records it.
 # `make bench-smoke`  1 round, tiny counts (a few seconds); exits non-zero if any case crashed or
 #                     got a wrong answer. Results go to _build/bench/smoke/, no chart.
 
 BENCH_BUILD := $(BUILD)/bench
 BENCH_BEAMS := $(patsubst bench/%.erl,$(BENCH_BUILD)/%.beam,$(wildcard bench/*.erl))
 BENCH_ARGS  ?=
+# Pinned mode: affinity set once, before the VM starts, so nothing started later escapes it
+# (pinning pids from inside the bench would miss every port restarted after the fact).
+BENCH_PIN   := $(if $(filter pin=1,$(BENCH_ARGS)),taskset -c 0)
 
 .PHONY: bench bench-smoke
 
@@ -17,7 +23,7 @@ $(BENCH_BUILD)/%.beam: bench/%.erl
 	$(ERLC) +debug_info -o $(BENCH_BUILD) $<
 
 bench: all $(BENCH_BEAMS)
-	erl -noshell -pa ebin -pa $(BENCH_BUILD) \
+	$(BENCH_PIN) erl -noshell -pa ebin -pa $(BENCH_BUILD) \
 	    -eval 'pyport_bench:main(string:lexemes("$(BENCH_ARGS)", " ")), halt().'
 	@$(PYTHON) -c 'import matplotlib' 2>/dev/null || $(PYTHON) -m pip install -q matplotlib
 	$(PYTHON) bench/plot.py bench/results/latest.json

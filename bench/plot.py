@@ -138,7 +138,7 @@ def main(argv):
     commit = meta["commit"] + (" + uncommitted changes" if meta.get("dirty") else "")
     fig.suptitle(f"pyport benchmark — {meta['date']}, commit {commit}\n"
                  f"{meta['cpu']} ({meta['cores']} cores), OTP {meta['otp']}, Python {meta['python']}, "
-                 f"{meta['rounds']} round(s); points = medians, bars = min..max over rounds",
+                 f"{meta['rounds']} round(s), {'pinned to one CPU' if meta.get('pinned') else 'unpinned'}; points = medians, bars = min..max over rounds",
                  fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 0.95))
     fig.savefig(out, dpi=110)

@@ -12,6 +12,10 @@
 %%   "rounds=N"     number of rounds (default 7)
 %%   "out=DIR"      results directory (default bench/results)
 %%   "scale=F"      multiply durations and counts by F (default 1.0)
+%%   "pin=1"        the run is pinned to one CPU: bench.mk starts erl under
+%%                  `taskset -c 0' (the VM, erl_child_setup and every port
+%%                  program inherit it); checked here, recorded as `pinned'
+%%   "pin=0"        not pinned (the default)
 -module(pyport_bench).
 -behaviour(gen_server).
 
@@ -26,6 +30,26 @@
 -define(PAYLOADS, [small_int, bin_1k, bin_100k, map_100, nmap_1k, nmap_100k, list_1m]).
 -define(SD_OPS, [get_small, set_small, get_1k, set_1k, get_cached]).
 -define(SD16_OPS, ?SD_OPS ++ [update_counter]).
+%% The latency breakdown of one call, in the order the time is spent (the
+%% remainder, the pipes in and out, is listed where the request enters the port).
+-define(BD_STAGES,
+        [{bd_encode_us, caller, "caller: build the request (py:call's checks, 2x term_to_binary)"},
+         {bd_to_server_us, caller, "caller -> server (gen_server:call sent, server scheduled)"},
+         {bd_server_in_us, server, "server: request -> port_command returned"},
+         {bd_pipe_us, remainder, "remainder: pipes in+out, write(2), port reader wake-up, VM port read"},
+         {bd_route_us, port, "port: frame read -> envelope decoded, routed"},
+         {bd_queue_us, port, "port: routed -> taken by the worker (hand-off)"},
+         {bd_prepare_us, port, "port: take the GIL, resolve the function, decode args"},
+         {bd_python_us, port, "port: the Python call math.sqrt(2.0)"},
+         {bd_encode_result_us, port, "port: encode the result into the reply frame"},
+         {bd_release_us, port, "port: bookkeeping, release the GIL (reply about to be written)"},
+         {bd_server_out_us, server, "server: reply frame -> gen_server:reply (binary_to_term)"},
+         {bd_to_caller_us, caller, "server -> caller (reply message, caller scheduled)"},
+         {bd_decode_us, caller, "caller: decode the result (binary_to_term [safe])"}]).
+%% The port's stage names (latency_trace of py:stats()) and their figures.
+-define(BD_PORT, [{route_ns, bd_route_us}, {queue_ns, bd_queue_us}, {prepare_ns, bd_prepare_us},
+                  {python_ns, bd_python_us}, {encode_ns, bd_encode_result_us},
+                  {release_ns, bd_release_us}]).
 
 %%====================================================================
 %% Entry point
@@ -46,23 +70,29 @@ main(Args) ->
     end.
 
 opts(Args) ->
-    Base = #{rounds => 7, out => "bench/results", scale => 1.0, smoke => false},
+    Base = #{rounds => 7, out => "bench/results", scale => 1.0, smoke => false, pin => false},
     O = lists:foldl(fun opt/2, Base, Args),
     S = maps:get(scale, O),
     Sizes = case maps:get(smoke, O) of
                 true ->
                     #{seq_n => 60, seq_ms => 25, conc_ms => 25, pay_ms => 25, py_n => 300,
-                      min_n => 3};
+                      min_n => 3, trace_n => 40, cpu_ms => 100, idle_ms => 300};
                 false ->
                     #{seq_n => round(5000 * S), seq_ms => round(400 * S),
                       conc_ms => round(400 * S), pay_ms => round(350 * S),
-                      py_n => round(20000 * S), min_n => 10}
+                      py_n => round(20000 * S), min_n => 10,
+                      %% at most 2000: the port keeps the last 4096 traced calls, and
+                      %% traced calls are interleaved with as many plain ones
+                      trace_n => min(2000, round(2000 * S)),
+                      cpu_ms => max(2000, round(2000 * S)), idle_ms => 10000}
             end,
     maps:merge(O, Sizes).
 
 opt("smoke", O) -> O#{smoke := true, rounds := 1, out := "_build/bench/smoke"};
 opt("rounds=" ++ N, O) -> O#{rounds := list_to_integer(N)};
 opt("out=" ++ D, O) -> O#{out := D};
+opt("pin=1", O) -> O#{pin := true};
+opt("pin=0", O) -> O#{pin := false};
 opt("scale=" ++ F, O) ->
     O#{scale := try list_to_float(F) catch error:badarg -> float(list_to_integer(F)) end};
 opt(Other, _) -> erlang:error({bad_argument, Other}).
@@ -74,14 +104,15 @@ run(O) ->
     %% Application start/stop reports would drown the table.
     ok = logger:set_primary_config(level, warning),
     ok = ensure_loaded(),
+    Pinned = check_pinned(O),
     {W0, M0} = {env(workers, 1), env(max_workers, 16)},
     Default = #{workers => W0, max_workers => M0},
     rand:seed(exsss, {17, 42, 2024}),
     Payloads = [{P, payload(P)} || P <- ?PAYLOADS],
     {ok, Gs} = gen_server:start(?MODULE, [], []),
     Rounds = maps:get(rounds, O),
-    io:format("pyport_bench: ~b round(s), default pool ~p, ~b scheduler(s)~n",
-              [Rounds, Default, erlang:system_info(schedulers_online)]),
+    io:format("pyport_bench: ~b round(s), default pool ~p, ~b scheduler(s), pinned ~p~n",
+              [Rounds, Default, erlang:system_info(schedulers_online), Pinned]),
     T0 = erlang:monotonic_time(millisecond),
     Results = [begin
                    Tr = erlang:monotonic_time(millisecond),
@@ -90,7 +121,7 @@ run(O) ->
                              [R, Rounds, (erlang:monotonic_time(millisecond) - Tr) / 1000]),
                    Res
                end || R <- lists:seq(1, Rounds)],
-    Meta = meta(O, Default, erlang:monotonic_time(millisecond) - T0),
+    Meta = (meta(O, Default, erlang:monotonic_time(millisecond) - T0))#{pinned => Pinned},
     _ = application:stop(pyport),
     gen_server:stop(Gs),
     Figs = summarise(figures(), Results),
@@ -99,6 +130,8 @@ run(O) ->
         true -> ok;   % keeps `make test' output short; the JSON has everything
         false ->
             print_table(Figs, Meta),
+            print_breakdown(Figs),
+            print_cpu(Figs),
             print_targets(Targets)
     end,
     Errors = lists:reverse(get(errors)),
@@ -209,7 +242,17 @@ round_(R, O, Default, Payloads, Gs) ->
                     {fid("aff_~s_sqrt64_cps", [Mode]), S64},
                     {fid("aff_~s_nseval64_cps", [Mode]), E64}]
            end) || Mode <- Modes],
+    %% Where the time of one small call goes (port restarted with trace_latency).
+    case_(breakdown, fun() ->
+                             _ = restart_app(Default#{trace_latency => true}),
+                             breakdown(O)
+                     end),
     _ = restart_app(Default),
+    %% CPU per call at 16 callers, pyport and the cat port driven the same way.
+    case_(cpu, fun() -> cpu_per_call(R, O) end),
+    %% Idle CPU of the port program, heartbeats included: once per run.
+    R =:= maps:get(rounds, O) andalso
+        case_(idle_cpu, fun() -> [{port_idle_cpu_pct, idle_cpu_pct(maps:get(idle_ms, O))}] end),
     get(acc).
 
 %% The dict is owned by the round's process, which outlives the cases.
@@ -535,6 +578,243 @@ pct(T, Q) ->
 now_ns() -> erlang:monotonic_time(nanosecond).
 
 %%====================================================================
+%% Pinning
+%%====================================================================
+
+%% Whether this VM runs on a single CPU (its Cpus_allowed_list). pin=1 only
+%% checks: bench.mk pins by starting erl under `taskset -c 0', so that the VM's
+%% threads, erl_child_setup and every port program started later (the bench
+%% restarts the application many times) inherit the one CPU.
+check_pinned(O) ->
+    Cpus = cpus_allowed(os:getpid()),
+    Pinned = is_one_cpu(Cpus),
+    case {maps:get(pin, O), Pinned} of
+        {true, false} ->
+            erlang:error({not_pinned, Cpus, "pin=1 wants the VM started under taskset -c 0: "
+                          "make bench BENCH_ARGS=\"pin=1\" does that"});
+        _ -> Pinned
+    end.
+
+cpus_allowed(OsPid) ->
+    {ok, Status} = file:read_file(lists:concat(["/proc/", OsPid, "/status"])),
+    {match, [Cpus]} = re:run(Status, "Cpus_allowed_list:\\s*(\\S+)",
+                             [{capture, all_but_first, list}]),
+    Cpus.
+
+is_one_cpu(Cpus) -> string:find(Cpus, ",") =:= nomatch andalso string:find(Cpus, "-") =:= nomatch.
+
+%% A port program runs where the VM runs (when pinned, on the same one CPU).
+check_port_affinity() ->
+    Vm = cpus_allowed(os:getpid()),
+    case cpus_allowed(os_pid()) of
+        Vm -> ok;
+        Port -> erlang:error({port_affinity_differs, Vm, Port})
+    end.
+
+%%====================================================================
+%% Latency breakdown
+%%====================================================================
+
+%% Sequential py:call(math, sqrt, [2.0]) against a port started with
+%% trace_latency: traced calls (built here exactly as py:call builds them, sent
+%% as {traced_request, ...} so that the server returns its timestamps) are
+%% interleaved in blocks of 10 with plain py:call's. The caller's and the
+%% server's stages are erlang:monotonic_time differences; the port's stages are
+%% durations measured in the port, per request id (from py:stats()), joined
+%% here with the same call; what neither sees (write(2), the pipes, the port
+%% reader waking up, the VM reading the port) is, call by call, the remainder
+%% of "port_command returned -> reply received" after the port's stages. So
+%% each call's stages add up exactly to its end-to-end time. Figures, in us:
+%% bd_<stage>_us the stage's mean over the calls whose end-to-end time lies
+%% between the 40th and 60th percentile (these add up to that band's mean,
+%% which is close to the p50), bd_<stage>_med_us its median over all calls
+%% (medians need not add up: a stage that is slow in some calls only, such as a
+%% wake-up, has a small median).
+breakdown(O) ->
+    check_port_affinity(),
+    N = maps:get(trace_n, O),
+    _ = [{traced_sqrt(), sqrt_call()} || _ <- lists:seq(1, 20)],
+    {ok, _} = py:stats(),   % the port forgets the warm-up calls' traces
+    {Traced, Plain} = bd_loop(N, [], []),
+    {ok, #{latency_trace := #{stages := Names, calls := PortCalls}}} = py:stats(),
+    Names =:= [K || {K, _} <- ?BD_PORT] orelse erlang:error({unexpected_stages, Names}),
+    PortById = maps:from_list(PortCalls),
+    Rows = [{Total, bd_row(Parts, maps:get(Id, PortById))}
+            || {Id, Total, Parts} <- Traced, is_map_key(Id, PortById)],
+    length(Rows) >= N div 2 orelse erlang:error({too_few_traced_calls, length(Rows), N}),
+    Sorted = lists:sort(Rows),
+    Len = length(Sorted),
+    Band = lists:sublist(Sorted, max(1, round(0.4 * Len)), max(1, round(0.2 * Len))),
+    Means = [lists:sum(C) / length(C) / 1000 || C <- transpose([R || {_, R} <- Band])],
+    Medians = [median(C) / 1000 || C <- transpose([R || {_, R} <- Rows])],
+    Ids = [Id || {Id, _, _} <- ?BD_STAGES],
+    #{p50 := PlainP50} = stats(Plain, length(Plain), 1),
+    [{bd_sum_us, lists:sum(Means)},
+     {bd_med_sum_us, lists:sum(Medians)},
+     {bd_traced_p50_us, median([T || {T, _} <- Rows]) / 1000},
+     {bd_pycall_p50_us, PlainP50},
+     {bd_traced_calls, Len}]
+    ++ lists:zip(Ids, Means)
+    ++ [{med_id(Id), M} || {Id, M} <- lists:zip(Ids, Medians)].
+
+med_id(Id) ->
+    list_to_atom(lists:flatten(string:replace(atom_to_list(Id), "_us", "_med_us", trailing))).
+
+%% One call's 13 stages (ns) in ?BD_STAGES order, from the Erlang-side parts
+%% and the port's durations.
+bd_row([Enc, ToServer, ServerIn, InPort, ServerOut, ToCaller, Dec], PortDs) ->
+    [Enc, ToServer, ServerIn, InPort - lists:sum(PortDs)] ++ PortDs
+        ++ [ServerOut, ToCaller, Dec].
+
+bd_loop(N, Traced, Plain) when N =< 0 ->
+    {Traced, Plain};
+bd_loop(N, Traced, Plain) ->
+    B = min(10, N),
+    Tr = [traced_sqrt() || _ <- lists:seq(1, B)],
+    Pl = [begin T0 = now_ns(), _ = sqrt_call(), now_ns() - T0 end || _ <- lists:seq(1, B)],
+    bd_loop(N - B, Tr ++ Traced, Pl ++ Plain).
+
+%% One traced call: {Id, end-to-end ns, [ns of each Erlang-side stage]}, the
+%% fourth being "port_command returned -> reply frame received" (port + pipe).
+%% Before sending it does what py:call does (name conversion, argument check,
+%% the two term_to_binary, the two app env reads).
+traced_sqrt() ->
+    T0 = now_ns(),
+    {M, F} = {atom_to_binary(math, utf8), atom_to_binary(sqrt, utf8)},
+    Args = [2.0],
+    true = is_list(Args) andalso length(Args) >= 0,
+    _ = application:get_env(pyport, call_timeout),
+    Payload = term_to_binary({Args, #{}}, ?T2B),
+    Id = erlang:unique_integer([positive, monotonic]),
+    Frame = term_to_binary({call, Id, self(), M, F, Payload}, ?T2B),
+    _ = application:get_env(pyport, max_frame_bytes),
+    T1 = now_ns(),
+    {traced, {ok, Res}, #{received := S1, forwarded := S2, reply_rx := S3, replied := S4}} =
+        gen_server:call(pyport_server, {traced_request, Id, Frame}, 10000),
+    T2 = now_ns(),
+    ?SQRT2 = binary_to_term(Res, [safe]),
+    T3 = now_ns(),
+    {Id, T3 - T0, [T1 - T0, S1 - T1, S2 - S1, S3 - S2, S4 - S3, T2 - S4, T3 - T2]}.
+
+transpose([[] | _]) -> [];
+transpose(Rows) -> [[hd(R) || R <- Rows] | transpose([tl(R) || R <- Rows])].
+
+%%====================================================================
+%% CPU
+%%====================================================================
+
+%% 16 callers for cpu_ms (at least 2 s in a full run): CPU time (utime +
+%% stime of /proc/<pid>/stat, all threads) of the VM and of the port program
+%% per call, for pyport (py:call math.sqrt) and for the cat port driven the
+%% same way (a server process owning the port; callers encode the same frame,
+%% the server decodes the echo with binary_to_term to find the caller, the
+%% caller decodes the payload). The order alternates from round to round.
+cpu_per_call(R, O) ->
+    O1 = O#{conc_ms := maps:get(cpu_ms, O)},
+    Hz = clock_ticks(),
+    Py = fun() ->
+                 cpu_run(Hz, os_pid(), fun() -> conc(16, O1, fun sqrt_call/0) end)
+         end,
+    Cat = fun() ->
+                  {Srv, CatPid} = cat_server_start(),
+                  try cpu_run(Hz, CatPid, fun() -> conc(16, O1, fun() -> cat_call(Srv) end) end)
+                  after Srv ! stop
+                  end
+          end,
+    {{PyVm, PyPort, PyCps}, {CatVm, CatPort, CatCps}} =
+        case R rem 2 of
+            1 -> {Py(), Cat()};
+            0 -> C = Cat(), {Py(), C}
+        end,
+    [{cpu_py_vm_us, PyVm}, {cpu_py_port_us, PyPort}, {cpu_py_total_us, PyVm + PyPort},
+     {cpu_py_cps, PyCps},
+     {cpu_cat_vm_us, CatVm}, {cpu_cat_port_us, CatPort}, {cpu_cat_total_us, CatVm + CatPort},
+     {cpu_cat_cps, CatCps}].
+
+%% {VM us of CPU per call, port us of CPU per call, calls/s} over F().
+cpu_run(Hz, PortPid, F) ->
+    Vm = list_to_integer(os:getpid()),
+    {V0, P0} = {cpu_ticks(Vm), cpu_ticks(PortPid)},
+    #{n := N, cps := Cps} = F(),
+    {V1, P1} = {cpu_ticks(Vm), cpu_ticks(PortPid)},
+    Calls = N + 16,   % and one warm-up call per caller
+    PerCall = fun(Ticks) -> Ticks * 1.0e6 / Hz / Calls end,
+    {PerCall(V1 - V0), PerCall(P1 - P0), Cps}.
+
+%% utime + stime of a process (all its threads), in clock ticks.
+cpu_ticks(OsPid) ->
+    {ok, Stat} = file:read_file("/proc/" ++ integer_to_list(OsPid) ++ "/stat"),
+    %% "pid (comm) state ppid ...": comm may hold spaces; utime and stime are
+    %% fields 14 and 15, the 12th and 13th after the closing paren.
+    [_, Rest] = string:split(Stat, ")", trailing),
+    Fields = string:lexemes(Rest, " "),
+    binary_to_integer(lists:nth(12, Fields)) + binary_to_integer(lists:nth(13, Fields)).
+
+clock_ticks() ->
+    case string:to_integer(os:cmd("getconf CLK_TCK")) of
+        {Hz, _} when is_integer(Hz), Hz > 0 -> Hz;
+        _ -> 100
+    end.
+
+%% The port program's CPU while nobody calls (heartbeats included), in % of
+%% one core over Ms. Read from each thread's schedstat (ns on a CPU), since
+%% the 10 ms clock ticks of /proc/<pid>/stat would show 0 over 10 s.
+idle_cpu_pct(Ms) ->
+    Pid = os_pid(),
+    T0 = cpu_ns(Pid),
+    W0 = now_ns(),
+    timer:sleep(Ms),
+    T1 = cpu_ns(Pid),
+    W1 = now_ns(),
+    100 * (T1 - T0) / (W1 - W0).
+
+%% ns on a CPU of all threads of a process (threads that ended are not counted).
+cpu_ns(OsPid) ->
+    Dir = "/proc/" ++ integer_to_list(OsPid) ++ "/task",
+    {ok, Tids} = file:list_dir(Dir),
+    lists:sum([case file:read_file(filename:join([Dir, Tid, "schedstat"])) of
+                   {ok, B} -> binary_to_integer(hd(binary:split(B, <<" ">>)));
+                   {error, _} -> 0
+               end || Tid <- Tids]).
+
+%% A process that owns a /bin/cat port and serves gen_server:call's the way
+%% pyport_server does: writes the caller's frame, decodes each echo to find
+%% whom it answers. {Pid, os pid of the cat}.
+cat_server_start() ->
+    Parent = self(),
+    Pid = spawn_link(fun() ->
+                             Port = cat_open(),
+                             {os_pid, OsPid} = erlang:port_info(Port, os_pid),
+                             Parent ! {cat_server, self(), OsPid},
+                             cat_server_loop(Port, #{})
+                     end),
+    receive {cat_server, Pid, OsPid} -> {Pid, OsPid}
+    after 10000 -> erlang:error(cat_server_timeout)
+    end.
+
+cat_server_loop(Port, Pending) ->
+    receive
+        {'$gen_call', From, {request, Id, Frame}} ->
+            true = port_command(Port, Frame),
+            cat_server_loop(Port, Pending#{Id => From});
+        {Port, {data, Bin}} ->
+            {call, Id, _, _, _, Payload} = binary_to_term(Bin, [safe]),
+            {From, Pending1} = maps:take(Id, Pending),
+            gen_server:reply(From, {ok, Payload}),
+            cat_server_loop(Port, Pending1);
+        stop ->
+            cat_close(Port)
+    end.
+
+%% What a py:call of math.sqrt does in the caller, with the cat server instead.
+cat_call(Srv) ->
+    Payload = term_to_binary({[2.0], #{}}, ?T2B),
+    Id = erlang:unique_integer([positive, monotonic]),
+    Frame = term_to_binary({call, Id, self(), <<"math">>, <<"sqrt">>, Payload}, ?T2B),
+    {ok, Echo} = gen_server:call(Srv, {request, Id, Frame}, 10000),
+    {[2.0], #{}} = binary_to_term(Echo, [safe]).
+
+%%====================================================================
 %% Baselines
 %%====================================================================
 
@@ -617,6 +897,10 @@ restart_app(#{workers := W, max_workers := M} = Pool) ->
     case Pool of
         #{thread_affinity := A} -> ok = application:set_env(pyport, thread_affinity, A);
         _ -> ok = application:unset_env(pyport, thread_affinity)
+    end,
+    case Pool of
+        #{trace_latency := true} -> ok = application:set_env(pyport, trace_latency, true);
+        _ -> ok = application:unset_env(pyport, trace_latency)
     end,
     T0 = now_ns(),
     ok = application:start(pyport),
@@ -837,6 +1121,28 @@ figures() ->
             "calls/s", cat_alone_cps},
            {fid("w~b_startup_ms", [N]), workers, lbl("~b worker(s): start-up", [N]), "ms",
             cat_start_ms}] || N <- ?SWEEP])
+    ++ [{Id, breakdown, L, "us", bd_pycall_p50_us} || {Id, _, L} <- ?BD_STAGES]
+    ++ [{med_id(Id), breakdown, "median: " ++ L, "us", bd_pycall_p50_us}
+        || {Id, _, L} <- ?BD_STAGES]
+    ++ [{bd_sum_us, breakdown, "breakdown: sum of the stages (calls near the p50)", "us",
+         bd_pycall_p50_us},
+        {bd_med_sum_us, breakdown, "breakdown: sum of the stage medians", "us",
+         bd_pycall_p50_us},
+        {bd_traced_p50_us, breakdown, "breakdown: traced call end to end p50", "us",
+         bd_pycall_p50_us},
+        {bd_pycall_p50_us, breakdown, "breakdown: py:call sqrt p50, trace on, interleaved", "us",
+         sqrt_p50_us},
+        {bd_traced_calls, breakdown, "breakdown: calls the port traced", "calls", none},
+        {cpu_cat_vm_us, baseline, "CPU/call, cat port, 16 callers: VM", "us", none},
+        {cpu_cat_port_us, baseline, "CPU/call, cat port, 16 callers: port", "us", none},
+        {cpu_cat_total_us, baseline, "CPU/call, cat port, 16 callers: VM + port", "us", none},
+        {cpu_cat_cps, baseline, "cat port (served like pyport), 16 callers", "calls/s", none},
+        {cpu_py_vm_us, cpu, "CPU/call, py:call sqrt, 16 callers: VM", "us", cpu_cat_vm_us},
+        {cpu_py_port_us, cpu, "CPU/call, py:call sqrt, 16 callers: port", "us", cpu_cat_port_us},
+        {cpu_py_total_us, cpu, "CPU/call, py:call sqrt, 16 callers: VM + port", "us",
+         cpu_cat_total_us},
+        {cpu_py_cps, cpu, "py:call sqrt, 16 callers (CPU case)", "calls/s", cpu_cat_cps},
+        {port_idle_cpu_pct, cpu, "port program idle CPU (heartbeats included)", "% core", none}]
     ++ [{aff_none_sqrt16_cps, affinity, "affinity none: sqrt, 16 callers", "calls/s", cat_alone_cps},
         {aff_none_sqrt64_cps, affinity, "affinity none: sqrt, 64 callers", "calls/s", cat_alone_cps},
         {aff_none_nseval64_cps, affinity, "affinity none: eval in own namespace, 64 procs",
@@ -916,7 +1222,9 @@ targets(Figs) ->
           {sd16_set, "16 procs SharedDict set (small) >= 1x 16 math.sqrt callers",
            sd16_set_small_ops, '>=', 1.0},
           {sd16_update_counter, "16 procs SharedDict update_counter >= 1x 16 math.sqrt callers",
-           sd16_update_counter_ops, '>=', 1.0}],
+           sd16_update_counter_ops, '>=', 1.0},
+          {breakdown, "latency breakdown: stage sum within 15% of py:call sqrt p50 (same case)",
+           bd_sum_us, within, 0.15}],
     [begin
          F = lists:keyfind(Fig, 1, [{maps:get(id, X), X} || X <- Figs]),
          #{ratio_median := R, ratio_min := Rmin, ratio_max := Rmax, median := V,
@@ -925,10 +1233,12 @@ targets(Figs) ->
          Met = case R of
                    null -> null;
                    _ when Op =:= '=<' -> R =< Lim;
+                   _ when Op =:= within -> abs(R - 1) =< Lim;
                    _ -> R >= Lim
                end,
          #{id => Id, text => list_to_binary(Text), figure => Fig, baseline => B,
-           op => case Op of '=<' -> <<"<=">>; '>=' -> <<">=">> end, limit => Lim,
+           op => case Op of '=<' -> <<"<=">>; '>=' -> <<">=">>; within -> <<"within">> end,
+           limit => Lim,
            ratio_median => R, ratio_min => Rmin, ratio_max => Rmax,
            value_median => V, baseline_median => BV, met => Met}
      end || {Id, Text, Fig, Op, Lim} <- Ts].
@@ -938,12 +1248,13 @@ targets(Figs) ->
 %%====================================================================
 
 print_table(Figs, Meta) ->
-    io:format("~npyport benchmark  ~s  commit ~s~s  ~s, ~b cores, OTP ~s, Python ~s, ~b round(s)~n",
+    io:format("~npyport benchmark  ~s  commit ~s~s  ~s, ~b cores, OTP ~s, Python ~s, ~b round(s), "
+              "pinned => ~p~n",
               [maps:get(date, Meta), maps:get(commit, Meta),
                case maps:get(dirty, Meta) of [] -> ""; _ -> " (+uncommitted changes)" end,
                maps:get(cpu, Meta),
                maps:get(cores, Meta), maps:get(otp, Meta), maps:get(python, Meta),
-               maps:get(rounds, Meta)]),
+               maps:get(rounds, Meta), maps:get(pinned, Meta)]),
     io:format("~-44s ~12s ~23s ~-8s ~8s ~15s  ~s~n",
               ["figure", "median", "min..max", "unit", "ratio", "ratio min..max", "baseline"]),
     lists:foreach(
@@ -955,6 +1266,66 @@ print_table(Figs, Meta) ->
                          case R of null -> ""; _ -> [num(Rmin), "..", num(Rmax)] end,
                          case B of none -> ""; _ -> atom_to_list(B) end])
       end, Figs).
+
+%% The breakdown: each stage's median over rounds and its share of the py:call
+%% p50 measured in the same case (median over rounds of the per-round share).
+print_breakdown(Figs) ->
+    ById = maps:from_list([{maps:get(id, F), F} || F <- Figs]),
+    case maps:get(median, maps:get(bd_pycall_p50_us, ById)) of
+        null -> ok;
+        P50 ->
+            io:format("~nlatency breakdown: py:call(math, sqrt, [2.0]), sequential, port with "
+                      "trace_latency (median over rounds)~n"),
+            io:format("  calls near the p50: the traced calls between the 40th and 60th "
+                      "percentile of end-to-end time;~n  share: of the py:call p50 below~n"),
+            io:format("  ~-70s ~12s ~7s ~12s~n",
+                      ["stage", "near p50 us", "share", "median us"]),
+            Row = fun(Id, Label) ->
+                          #{median := M, ratio_median := R} = maps:get(Id, ById),
+                          Med = case maps:find(med_id(Id), ById) of
+                                    {ok, #{median := X}} -> num(X);
+                                    error -> ""
+                                end,
+                          io:format("  ~-70s ~12s ~6s% ~12s~n", [Label, num(M), pct_num(R), Med])
+                  end,
+            [Row(Id, L) || {Id, _, L} <- ?BD_STAGES],
+            Row(bd_sum_us, "sum of the stages"),
+            #{median := MedSum} = maps:get(bd_med_sum_us, ById),
+            io:format("  ~-70s ~12s ~7s ~12s~n", ["sum of the stage medians", "", "",
+                                                  num(MedSum)]),
+            Row(bd_traced_p50_us, "traced calls, end to end p50"),
+            io:format("  ~-68s ~10s~n", ["py:call sqrt p50 (interleaved with the traced calls)",
+                                        num(P50)]),
+            #{ratio_median := Sum} = maps:get(bd_sum_us, ById),
+            io:format("  stages (calls near the p50) sum to ~s% of that p50: ~s~n",
+                      [pct_num(Sum), case Sum =/= null andalso abs(Sum - 1) =< 0.15 of
+                                         true -> "within 15%";
+                                         false -> "NOT within 15%"
+                                     end])
+    end.
+
+pct_num(null) -> "-";
+pct_num(R) -> float_to_list(100 * R, [{decimals, 1}]).
+
+print_cpu(Figs) ->
+    ById = maps:from_list([{maps:get(id, F), F} || F <- Figs]),
+    M = fun(Id) -> num(maps:get(median, maps:get(Id, ById))) end,
+    R = fun(Id) -> case maps:get(ratio_median, maps:get(Id, ById)) of
+                       null -> "-";
+                       X -> [num(X), "x"]
+                   end
+        end,
+    io:format("~nCPU per call, 16 callers (us of CPU per call, median over rounds):~n"),
+    io:format("  ~-26s ~10s ~10s ~10s ~12s~n", ["", "VM", "port", "total", "calls/s"]),
+    io:format("  ~-26s ~10s ~10s ~10s ~12s~n",
+              ["cat port, served alike", M(cpu_cat_vm_us), M(cpu_cat_port_us),
+               M(cpu_cat_total_us), M(cpu_cat_cps)]),
+    io:format("  ~-26s ~10s ~10s ~10s ~12s~n",
+              ["pyport py:call sqrt", M(cpu_py_vm_us), M(cpu_py_port_us), M(cpu_py_total_us),
+               M(cpu_py_cps)]),
+    io:format("  ~-26s ~10s ~10s ~10s~n",
+              ["ratio pyport / cat", R(cpu_py_vm_us), R(cpu_py_port_us), R(cpu_py_total_us)]),
+    io:format("  port program idle: ~s % of a core~n", [M(port_idle_cpu_pct)]).
 
 print_targets(Ts) ->
     io:format("~ntargets (median ratio over rounds; min..max):~n"),

@@ -34,6 +34,7 @@ args(Gen) ->
      "--max-workers", integer_to_list(env_int(max_workers, 16))]
         ++ watchdog_arg()
         ++ affinity_arg()
+        ++ trace_arg()
         ++ ["--none-as", atom_to_list(none_as()),
             "--node", atom_to_list(node()),
             "--otp-release", erlang:system_info(otp_release)]
@@ -128,6 +129,15 @@ affinity_arg() ->
             [];
         undefined ->
             []
+    end.
+
+%% --trace-latency: the port stamps every call for the benchmark's latency
+%% breakdown (`py:stats()' then has `latency_trace'). Off by default.
+-spec trace_arg() -> [string()].
+trace_arg() ->
+    case application:get_env(pyport, trace_latency) of
+        {ok, true} -> ["--trace-latency", "1"];
+        _ -> []
     end.
 
 %% --gil-watchdog-ms: `infinity' turns the watchdog off (0 for the port).

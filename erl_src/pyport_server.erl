@@ -71,7 +71,13 @@
           %% delivers erlang.send messages (decoding them outside this process)
           sender :: pid() | undefined,
           %% streams the port runs: ref => owner, told if the port dies
-          streams = #{} :: #{reference() => pid()}
+          streams = #{} :: #{reference() => pid()},
+          %% traced requests (the benchmark's latency breakdown): id => {when
+          %% the request was received, when port_command returned}; nanoseconds
+          %% of erlang:monotonic_time
+          traces = #{} :: #{request_id() => {integer(), integer()}},
+          %% when the frame being handled arrived (set only while traces is non-empty)
+          rx_at = 0 :: integer()
          }).
 -type state() :: #state{}.
 
@@ -148,6 +154,17 @@ handle_call({stream_request, Id, Frame, Owner, Ref}, From, #state{port = Port} =
     request(Id, Frame, From, monitor_owner(Owner, State1));
 handle_call({stream_request, Id, Frame, _Owner, _Ref}, From, State) ->
     request(Id, Frame, From, State);
+handle_call({traced_request, Id, Frame}, From, State) ->
+    %% The benchmark's latency breakdown: a request like any other, whose reply
+    %% is {traced, Reply, Stamps} (see traced_reply/4).
+    Received = now_ns(),
+    case request(Id, Frame, From, State) of
+        {noreply, State1} ->
+            Traces = maps:put(Id, {Received, now_ns()}, State1#state.traces),
+            {noreply, State1#state{traces = Traces}};
+        Answered ->
+            Answered
+    end;
 handle_call(stats, _From, State) ->
     {reply, local_stats(State), State};
 handle_call(_Other, _From, State) ->
@@ -159,7 +176,8 @@ handle_call(_Other, _From, State) ->
 handle_cast({cancel, Id}, #state{pending = Pending} = State) ->
     case maps:take(Id, Pending) of
         {From, Pending1} ->
-            State1 = forget_owner_id(From, Id, State#state{pending = Pending1}),
+            State1 = forget_owner_id(From, Id, State#state{pending = Pending1,
+                                                           traces = maps:remove(Id, State#state.traces)}),
             send_frame(State1, {cancel, Id}),
             {noreply, State1};
         error ->
@@ -176,7 +194,7 @@ handle_cast(_Other, State) ->
 %% @doc gen_server callback: port data, port exit, owner exit, restart timer.
 -spec handle_info(term(), state()) -> {noreply, state()}.
 handle_info({Port, {data, Bin}}, #state{port = Port} = State) ->
-    {noreply, port_data(Bin, State#state{last_rx = now_ms(), silent_checks = 0})};
+    {noreply, port_data(Bin, stamp_rx(State#state{last_rx = now_ms(), silent_checks = 0}))};
 handle_info(heartbeat, State) ->
     {noreply, schedule_heartbeat(check_liveness(State))};
 handle_info({timeout, TRef, startup_timeout}, #state{startup_timer = TRef} = State) ->
@@ -193,7 +211,8 @@ handle_info({'DOWN', MRef, process, Pid, _Reason}, #state{owners = Owners} = Sta
                         end, State#state.pending, Ids),
             send_frame(State, {owner_down, Pid}),
             Streams = maps:filter(fun(_Ref, Owner) -> Owner =/= Pid end, State#state.streams),
-            {noreply, State#state{owners = Owners1, pending = Pending, streams = Streams}};
+            {noreply, State#state{owners = Owners1, pending = Pending, streams = Streams,
+                                  traces = maps:without(Ids, State#state.traces)}};
         _ ->
             %% Another monitor of an owner: a callback process that also made requests.
             {noreply, callback_down(MRef, State)}
@@ -294,8 +313,8 @@ port_message({Id, Status, Result}, #state{pending = Pending} = State)
         {startup, Pending1} ->
             startup_result(Status, Result, State#state{pending = Pending1});
         {From, Pending1} ->
-            gen_server:reply(From, {Status, Result}),
-            forget_owner_id(From, Id, State#state{pending = Pending1});
+            State1 = reply(Id, From, {Status, Result}, State),
+            forget_owner_id(From, Id, State1#state{pending = Pending1});
         error ->
             %% Cancelled or timed out: nobody waits for it.
             State
@@ -372,6 +391,37 @@ port_message({undefined, error, Reason}, State) ->
 port_message(Other, State) ->
     ?LOG_WARNING("pyport: unexpected frame from the port: ~tP", [Other, 30]),
     State.
+
+%% Answers a request; a traced one with the server's timestamps.
+-spec reply(request_id(), gen_server:from(), term(), state()) -> state().
+reply(_Id, From, Reply, #state{traces = Traces} = State) when map_size(Traces) =:= 0 ->
+    gen_server:reply(From, Reply),
+    State;
+reply(Id, From, Reply, #state{traces = Traces} = State) ->
+    case maps:take(Id, Traces) of
+        {{Received, Forwarded}, Traces1} ->
+            traced_reply(From, Reply, {Received, Forwarded}, State#state.rx_at),
+            State#state{traces = Traces1};
+        error ->
+            gen_server:reply(From, Reply),
+            State
+    end.
+
+%% The reply to a traced request: {traced, Reply, Stamps}, Stamps in ns of
+%% erlang:monotonic_time: the request received, port_command returned, the
+%% reply frame received from the port, and just before this reply was sent.
+-spec traced_reply(gen_server:from(), term(), {integer(), integer()}, integer()) -> ok.
+traced_reply(From, Reply, {Received, Forwarded}, RxAt) ->
+    Stamps = #{received => Received, forwarded => Forwarded, reply_rx => RxAt,
+               replied => now_ns()},
+    gen_server:reply(From, {traced, Reply, Stamps}).
+
+%% Notes when a frame arrived, only while some request is traced.
+-spec stamp_rx(state()) -> state().
+stamp_rx(#state{traces = Traces} = State) when map_size(Traces) =:= 0 ->
+    State;
+stamp_rx(State) ->
+    State#state{rx_at = now_ns()}.
 
 %% Start-up code finished: send what was held, in order. Or it failed: its
 %% callers cannot be served by this port.
@@ -547,7 +597,7 @@ port_down(Exit, Reply, #state{pending = Pending, owners = Owners} = State) ->
     ?LOG_ERROR("pyport: port program exited (~tp) with ~b request(s) pending; "
                "restarting as generation ~b", [Exit, map_size(Pending), Gen]),
     State1 = State#state{port = undefined, pending = #{}, owners = #{}, gen = Gen, callbacks = #{},
-                         streams = #{},
+                         streams = #{}, traces = #{},
                          restarts = State#state.restarts + 1, last_exit = Exit,
                          ready = undefined, startup = undefined, os_pid = undefined,
                          group_leader = false, held = queue:new(),
@@ -618,6 +668,10 @@ heartbeat_timeout() ->
 -spec check_interval(pos_integer()) -> pos_integer().
 check_interval(Timeout) ->
     max(10, Timeout div 2).
+
+-spec now_ns() -> integer().
+now_ns() ->
+    erlang:monotonic_time(nanosecond).
 
 -spec now_ms() -> integer().
 now_ms() ->

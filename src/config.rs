@@ -7,7 +7,7 @@ pub const USAGE: &str = "usage: pyport [--generation N] [--workers N] [--max-wor
 [--spare-after-ms N] [--spare-idle-ms N] [--max-frame-bytes N] [--abandon-after-ms N] \
 [--max-abandoned N] [--gil-watchdog-ms N] [--max-reply-bytes N] [--oom-score-adj N] \
 [--max-memory-bytes N] [--thread-affinity namespace|always|none] [--log-lines-per-sec N] \
-[--none-as undefined|nil] [--sd-decode-workers N] [--callback-timeout-ms N] [--node NAME] [--max-threads N] [--otp-release N]";
+[--none-as undefined|nil] [--sd-decode-workers N] [--callback-timeout-ms N] [--node NAME] [--max-threads N] [--otp-release N] [--trace-latency 0|1]";
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
@@ -47,6 +47,8 @@ pub struct Config {
     pub max_threads: usize,
     /// The VM's OTP release, whose `=:=` compare-and-swap follows (0: unknown, the newest).
     pub otp_release: u64,
+    /// Stamp every call for the benchmark's latency breakdown (see `latency`).
+    pub trace_latency: bool,
 }
 
 impl Default for Config {
@@ -72,6 +74,7 @@ impl Default for Config {
             node: String::new(),
             max_threads: 64,
             otp_release: 0,
+            trace_latency: false,
         }
     }
 }
@@ -117,6 +120,7 @@ impl Config {
                 "--callback-timeout-ms" => cfg.callback_timeout = Duration::from_millis(n),
                 "--max-threads" => cfg.max_threads = n.max(1) as usize,
                 "--otp-release" => cfg.otp_release = n,
+                "--trace-latency" => cfg.trace_latency = n > 0,
                 _ => return Err(format!("unknown option {flag}")),
             }
         }
@@ -147,6 +151,8 @@ mod tests {
         assert_eq!(parse(&["--gil-watchdog-ms", "250"]).unwrap().gil_watchdog, Some(Duration::from_millis(250)));
         assert_eq!(parse(&[]).unwrap().sd_decode_workers, 2);
         assert_eq!(parse(&["--sd-decode-workers", "0"]).unwrap().sd_decode_workers, 1);
+        assert!(!parse(&[]).unwrap().trace_latency);
+        assert!(parse(&["--trace-latency", "1"]).unwrap().trace_latency);
     }
 
     #[test]

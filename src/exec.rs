@@ -129,7 +129,9 @@ impl Interp {
     pub fn run_call(&self, py: Python<'_>, id: u64, owner: &Owner, module: &str, function: &str, payload: &[u8]) -> Outcome {
         let _caller = crate::pylog::CallerGuard::set(owner);
         let result = self.call_function(py, owner, module, function, payload);
-        finish_or_await(py, id, result)
+        let outcome = finish_or_await(py, id, result);
+        crate::latency::mark(crate::latency::Mark::Encoded);
+        outcome
     }
 
     /// What a `call` request's function returns (the caller marks the thread as the owner's).
@@ -158,7 +160,10 @@ impl Interp {
         }
         let args = PyTuple::new(py, args.iter())?;
         let kwargs = if kwargs.is_empty() { None } else { Some(kwargs) };
-        Ok(target.call(args, kwargs)?)
+        crate::latency::mark(crate::latency::Mark::CallStart);
+        let value = target.call(args, kwargs);
+        crate::latency::mark(crate::latency::Mark::CallEnd);
+        Ok(value?)
     }
 
     /// The builtins that read the calling frame (`eval`, `exec`, `vars`, `dir`, `locals`,

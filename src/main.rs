@@ -21,6 +21,7 @@ mod exec;
 mod forks;
 mod framing;
 mod homes;
+mod latency;
 #[cfg(test)]
 mod fuzz;
 mod limits;
@@ -94,6 +95,9 @@ fn main() {
         std::process::exit(EXIT_IO);
     }
     protocol::set_max_reply(cfg.max_reply);
+    if cfg.trace_latency {
+        latency::enable();
+    }
     let out_tx = match Outbox::start(proto.output) {
         Ok(o) => o,
         Err(e) => {
@@ -147,7 +151,7 @@ fn main() {
     let mut reader = FrameReader::new(proto.input, cfg.max_frame);
     loop {
         match reader.read_frame() {
-            Ok(frame) => router.route(&frame),
+            Ok(frame) => router.route(&frame, latency::now()),
             Err(ReadError::Eof) => shutdown::exit_now(0),
             Err(ReadError::TooLarge(n)) => fatal(
                 &out_tx,
@@ -215,13 +219,17 @@ impl Router {
         self.out.send(frame);
     }
 
-    fn route(&self, frame: &[u8]) {
+    /// `read_at`: when the frame was read, if calls are traced (see `latency`).
+    fn route(&self, frame: &[u8], read_at: Option<std::time::Instant>) {
         let req = match protocol::decode_request(frame) {
             Ok(r) => r,
             Err(bad) => return self.send(protocol::error_frame(bad.id, bad.to_term())),
         };
         match req {
             Request::Call { id, owner, module, function, payload, chain } => {
+                if let Some(t) = read_at {
+                    latency::routed(id, t);
+                }
                 self.run(chain, Job::Call { id, owner, module, function, payload })
             }
             Request::Eval { id, owner, code, payload, chain } => {
@@ -282,6 +290,7 @@ impl Router {
         let reg = pymodule::registry().stats();
         let pool = self.pool.stats();
         let sd = self.dicts.stats();
+        let trace = latency::drain();
         let entries: [(&str, u64); 12] = [
             ("streams", self.streams.count() as u64),
             ("python_threads", pool::python_threads() as u64),
@@ -308,7 +317,10 @@ impl Router {
             ("decode_stuck", sd.decode_stuck as u64),
         ];
         protocol::ok_frame(id, |out| {
-            etf::put_map_header(out, entries.len() + lists.len() + 1);
+            etf::put_map_header(out, entries.len() + lists.len() + 1 + trace.is_some() as usize);
+            if let Some(samples) = &trace {
+                put_latency_trace(out, samples);
+            }
             etf::put_atom(out, "shared_dict");
             etf::put_map_header(out, sd_entries.len());
             for (k, v) in sd_entries {
@@ -327,4 +339,25 @@ impl Router {
             }
         })
     }
+}
+
+/// `latency_trace => #{stages => [route_ns, ...], calls => [{Id, [Ns, ...]}, ...]}`: the
+/// stage durations of each call traced since the previous stats request (see `latency`).
+fn put_latency_trace(out: &mut Vec<u8>, samples: &[(u64, [u64; 6])]) {
+    etf::put_atom(out, "latency_trace");
+    etf::put_map_header(out, 2);
+    etf::put_atom(out, "stages");
+    etf::put_list_header(out, latency::STAGES.len());
+    latency::STAGES.iter().for_each(|name| etf::put_atom(out, name));
+    etf::put_nil(out);
+    etf::put_atom(out, "calls");
+    etf::put_list_header(out, samples.len());
+    for (id, durations) in samples {
+        etf::put_tuple_header(out, 2);
+        etf::put_u64(out, *id);
+        etf::put_list_header(out, durations.len());
+        durations.iter().for_each(|d| etf::put_u64(out, *d));
+        etf::put_nil(out);
+    }
+    etf::put_nil(out);
 }

@@ -434,9 +434,14 @@ impl Pool {
                 let job = py.detach(|| {
                     // The reply goes out here, detached: writing may block on the pipe.
                     if let Some(frame) = reply.take() {
+                        crate::latency::writing();
                         self.deliver(&me, frame);
                     }
-                    self.next_job(&me)
+                    let job = self.next_job(&me);
+                    if let Some(job) = &job {
+                        crate::latency::dequeued(job.id());
+                    }
+                    job
                 });
                 let idle_now = self.idle.fetch_sub(1, Ordering::AcqRel) - 1;
                 let Some(job) = job else { break };
