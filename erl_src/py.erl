@@ -552,7 +552,8 @@ function_name(Name) ->
 %% being awaited), see `docs/PROTOCOL.md')
 %% plus Erlang-side numbers: `pending' requests, `owners' (monitored
 %% processes), `generation', `restarts', `port' (`up' | `down'), `last_exit',
-%% `os_pid'. `shared_dict' is a map: the VM's read cache (`cache_hits',
+%% `os_pid', `callbacks' (callback processes running), `open_streams' (streams
+%% the server tracks). `shared_dict' is a map: the VM's read cache (`cache_hits',
 %% `cache_misses', `cache_entries', `cache_bytes') and the port's decoding of
 %% values that need Python (`python_decodes', `decode_queued', `decode_stuck').
 -spec stats() -> {ok, map()} | {error, error_reason()}.
