@@ -4,7 +4,7 @@ import os
 import struct
 import time
 
-from conftest import A, Atom, b2t, frame, pid, t2b
+from conftest import A, Atom, b2t, frame, pid, t2b, wait_until
 
 
 def test_ready_frame_first_and_once(port_factory):
@@ -123,6 +123,21 @@ def test_concurrent_sleepers_run_in_parallel(port):
     ]
     for i, rid in enumerate(ids):
         assert port.ok(rid, timeout=60) == i
+
+
+def test_new_home_never_shares_a_worker_that_took_a_request(port_factory):
+    """A worker that has taken a request off its queue but still waits for the GIL is busy: a
+    namespace created meanwhile gets a thread of its own, not that one (it would wait behind
+    the first request, or deadlock with it)."""
+    p = port_factory(["--workers", "2", "--max-workers", "4"])
+    hog = p.eval("sum(range(10**8))")  # seconds in C, holding the GIL
+    wait_until(lambda: p.stats()["busy_workers"] == 1, 10, "the loop is running")
+    first = p.eval("__import__('threading').get_ident()", owner=pid(401))
+    # The idle worker took `first` off its queue; it now waits for the GIL the loop holds.
+    wait_until(lambda: sum(p.stats()["thread_queues"]) == 0, 10, "the request left its queue")
+    second = p.eval("__import__('threading').get_ident()", owner=pid(402))
+    assert p.ok(hog, timeout=60) == sum(range(10**8))
+    assert p.ok(first, timeout=60) != p.ok(second, timeout=60)
 
 
 def test_max_workers_caps_the_pool(port_factory):

@@ -169,16 +169,27 @@ struct Worker {
     /// Its own queue: requests of the processes homed on it.
     tx: Sender<Arc<Job>>,
     rx: Receiver<Arc<Job>>,
-    running: AtomicBool,
+    /// Requests sent to its own queue or taken from the shared one, and not yet done. Counted
+    /// from the moment a request is sent, not when the worker gets the GIL to run it: a worker
+    /// that took a request but waits for the GIL is busy, and a home chosen meanwhile must not
+    /// land behind that request.
+    load: AtomicUsize,
     /// Stuck in code that ignores cancellation: it homes nobody until its request returns.
     written_off: AtomicBool,
 }
 
 impl Worker {
     fn candidate(&self, homes: usize) -> Candidate {
-        let running = self.running.load(Ordering::Acquire);
-        let queued = self.rx.len();
-        Candidate { worker: self.id, busy: running || queued > 0, load: queued + running as usize, homes }
+        let load = self.load.load(Ordering::Acquire);
+        Candidate { worker: self.id, busy: load > 0, load, homes }
+    }
+
+    /// Sends `job` to this worker's own queue. Callers hold `sched`, so a home chosen after
+    /// this sees the load.
+    fn give(&self, job: Arc<Job>) {
+        self.load.fetch_add(1, Ordering::AcqRel);
+        // The receiver lives as long as the worker, which is in `workers`.
+        let _ = self.tx.send(job);
     }
 }
 
@@ -247,8 +258,7 @@ impl Pool {
                     None => None,
                 };
                 match home.and_then(|w| s.workers.get(&w)) {
-                    // The receiver lives as long as the worker, which is in `workers`.
-                    Some(w) => return drop(w.tx.send(job)),
+                    Some(w) => return w.give(job),
                     None => job,
                 }
             }
@@ -345,7 +355,7 @@ impl Pool {
             hot,
             tx,
             rx,
-            running: AtomicBool::new(false),
+            load: AtomicUsize::new(0),
             written_off: AtomicBool::new(false),
         });
         let pool = self.clone();
@@ -418,9 +428,12 @@ impl Pool {
             self.out.log("warning", "pyport", msg.as_bytes());
         }
         while let Ok(job) = old.rx.try_recv() {
-            let home = job.owner().and_then(|o| s.homes.home_of(o)).and_then(|w| s.workers.get(&w));
-            // Receivers live as long as their worker and the pool.
-            let _ = home.map_or(&self.jobs_tx, |w| &w.tx).send(job);
+            old.load.fetch_sub(1, Ordering::AcqRel);
+            match job.owner().and_then(|o| s.homes.home_of(o)).and_then(|w| s.workers.get(&w)) {
+                Some(w) => w.give(job),
+                // The receiver lives as long as the pool.
+                None => drop(self.jobs_tx.send(job)),
+            }
         }
     }
 
@@ -445,14 +458,13 @@ impl Pool {
                 });
                 let idle_now = self.idle.fetch_sub(1, Ordering::AcqRel) - 1;
                 let Some(job) = job else { break };
-                me.running.store(true, Ordering::Release);
                 // Work still queued and nobody left to take it: the manager decides whether
                 // to add a spare. (Submitters kick too, but only see the pool as it was.)
                 if idle_now == 0 && !self.jobs_rx.is_empty() {
                     let _ = self.kick_tx.try_send(());
                 }
                 reply = self.run_tracked(py, &slot, &job);
-                me.running.store(false, Ordering::Release);
+                me.load.fetch_sub(1, Ordering::AcqRel);
                 // Back from a request it was written off for: an ordinary worker again.
                 me.written_off.store(false, Ordering::Release);
             }
@@ -469,7 +481,7 @@ impl Pool {
                 return Some(job);
             }
             if let Ok(job) = self.jobs_rx.try_recv() {
-                return Some(job);
+                return Some(self.took_shared(me, job));
             }
             if let Some(job) = self.poll_for_job(me) {
                 return Some(job);
@@ -486,9 +498,12 @@ impl Pool {
                     Err(_) => continue,
                 }
             };
-            let got = if op.index() == mine { op.recv(&me.rx) } else { op.recv(&self.jobs_rx) };
-            if let Ok(job) = got {
-                return Some(job);
+            if op.index() == mine {
+                if let Ok(job) = op.recv(&me.rx) {
+                    return Some(job);
+                }
+            } else if let Ok(job) = op.recv(&self.jobs_rx) {
+                return Some(self.took_shared(me, job));
             }
         }
     }
@@ -512,7 +527,17 @@ impl Pool {
         if !me.hot || self.total.load(Ordering::Acquire) > 1 {
             return None;
         }
-        spin_for(|| me.rx.try_recv().or_else(|_| self.jobs_rx.try_recv()).ok())
+        spin_for(|| match me.rx.try_recv() {
+            Ok(job) => Some(job),
+            Err(_) => self.jobs_rx.try_recv().ok().map(|job| self.took_shared(me, job)),
+        })
+    }
+
+    /// A request from the shared queue now counts as this worker's load. (Its own queue's
+    /// requests were counted when they were sent.)
+    fn took_shared(&self, me: &Worker, job: Arc<Job>) -> Arc<Job> {
+        me.load.fetch_add(1, Ordering::AcqRel);
+        job
     }
 
     /// With no other work waiting, latency wins: write the reply on this thread. Under load,
