@@ -34,7 +34,7 @@ use std::collections::BTreeMap;
 use std::sync::atomic::AtomicBool;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -627,8 +627,15 @@ pub fn spin_for_job<T>(rx: &Receiver<T>) -> Option<T> {
     spin_for(|| rx.try_recv().ok())
 }
 
-/// Polls `try_next` for up to [`SPIN`].
+/// Polls `try_next` for up to [`SPIN`], if this process may run on more than one CPU;
+/// otherwise tries once. Polling pays only while the thread that will hand over the next job
+/// runs on another CPU; on the only one it took the CPU from that thread: pinned with
+/// `taskset -c 0`, half of all sequential calls waited out the whole poll (p50 46 µs instead
+/// of 17 µs).
 fn spin_for<T>(mut try_next: impl FnMut() -> Option<T>) -> Option<T> {
+    if !spinning_pays() {
+        return try_next();
+    }
     let start = Instant::now();
     loop {
         if let Some(job) = try_next() {
@@ -638,6 +645,25 @@ fn spin_for<T>(mut try_next: impl FnMut() -> Option<T>) -> Option<T> {
             return None;
         }
         std::hint::spin_loop();
+    }
+}
+
+/// Whether the process may run on more than one CPU (read once, at the first poll).
+fn spinning_pays() -> bool {
+    static PAYS: OnceLock<bool> = OnceLock::new();
+    *PAYS.get_or_init(|| allowed_cpus().is_none_or(|n| n > 1))
+}
+
+/// How many CPUs this process may run on (`sched_getaffinity`), if the kernel says.
+fn allowed_cpus() -> Option<usize> {
+    // SAFETY: `set` is a plain bit set that sched_getaffinity fills in; zeroed is its empty
+    // value.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return None;
+        }
+        usize::try_from(libc::CPU_COUNT(&set)).ok()
     }
 }
 
