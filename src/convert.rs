@@ -84,7 +84,7 @@ pub fn decode_wrapped<'py>(py: Python<'py>, bytes: &[u8], wrapper_levels: usize)
     let _gc = GcPause::new(py);
     let mut r = Reader::new(bytes);
     r.expect_version()?;
-    let mut d = Decoder { py, limit: MAX_DEPTH + wrapper_levels, strings: StrCache::new() };
+    let mut d = Decoder { py, limit: MAX_DEPTH + wrapper_levels, strings: StrCache::new(py) };
     let v = decode_term(&mut d, &mut r, 0)?;
     r.expect_end()?;
     Ok(v)
@@ -157,7 +157,7 @@ fn decode_term<'py>(d: &mut Decoder<'py>, r: &mut Reader<'_>, depth: usize) -> R
         }
         etf::BINARY => {
             let n = r.u32()? as usize;
-            d.strings.binary(py, r.bytes(n)?)
+            d.strings.binary(r.bytes(n)?)
         }
         etf::NIL => {
             // [] is a list like any other: it counts for the nesting limit, as an empty
@@ -313,42 +313,71 @@ fn decode_atom<'py>(py: Python<'py>, name: &[u8], latin1: bool) -> Result<Bound<
     })
 }
 
-/// Payloads repeat the same short strings (map keys above all) over and over. Reusing one
-/// Python string for each saves creating it and, for dict keys, hashing it again (the hash is
-/// cached in the string): a 100 KB map of records decoded markedly faster. Direct-mapped and
-/// small, so a miss costs one hash of at most `MAX_LEN` bytes.
+/// Payloads repeat the same short strings (map keys above all) over and over, within one
+/// payload and from one call to the next. Reusing one Python string for each saves creating
+/// it and, for dict keys, hashing it again (the hash is cached in the string): a 100 KB map of
+/// records decoded markedly faster, and a 100-entry map whose keys the previous call already
+/// used costs no new string at all. Direct-mapped and small, so a miss costs one hash of at
+/// most `MAX_LEN` bytes. The slots outlive the decode: each thread keeps its own (they hold
+/// Python objects, used only under the GIL, and strings are immutable, so sharing one between
+/// calls is invisible), at most `SLOTS` strings of at most `MAX_LEN` bytes.
 struct StrCache<'py> {
-    slots: Vec<Option<Bound<'py, PyString>>>,
+    py: Python<'py>,
+    slots: Vec<Option<CachedStr>>,
+}
+
+/// A cached string and its UTF-8 bytes, kept beside it so that a lookup compares bytes
+/// without asking Python for them.
+struct CachedStr {
+    obj: Py<PyString>,
+    len: u8,
+    bytes: [u8; StrCache::MAX_LEN],
+}
+
+thread_local! {
+    /// The calling thread's slots between decodes (see [`StrCache`]).
+    static SHORT_STRINGS: std::cell::Cell<Vec<Option<CachedStr>>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
 impl<'py> StrCache<'py> {
     const SLOTS: usize = 512;
     const MAX_LEN: usize = 24;
 
-    fn new() -> Self {
-        StrCache { slots: Vec::new() }
+    /// Takes the thread's slots for one decode; they go back when it ends.
+    fn new(py: Python<'py>) -> Self {
+        StrCache { py, slots: SHORT_STRINGS.with(|c| c.take()) }
     }
 
     /// A binary as `str` when it is UTF-8, else as `bytes`.
-    fn binary(&mut self, py: Python<'py>, bytes: &[u8]) -> Bound<'py, PyAny> {
+    fn binary(&mut self, bytes: &[u8]) -> Bound<'py, PyAny> {
+        let py = self.py;
         if bytes.len() > Self::MAX_LEN {
             return binary_object(py, bytes);
         }
         if self.slots.is_empty() {
-            self.slots.resize(Self::SLOTS, None);
+            self.slots.resize_with(Self::SLOTS, || None);
         }
         let h = bytes.iter().fold(0x811c_9dc5u32, |h, &b| (h ^ b as u32).wrapping_mul(0x0100_0193));
         let slot = &mut self.slots[h as usize % Self::SLOTS];
-        if let Some(s) = slot {
-            if s.to_str().is_ok_and(|t| t.as_bytes() == bytes) {
-                return s.clone().into_any();
+        if let Some(c) = slot {
+            if &c.bytes[..c.len as usize] == bytes {
+                return c.obj.bind(py).clone().into_any();
             }
         }
         let obj = binary_object(py, bytes);
         if let Ok(s) = obj.cast::<PyString>() {
-            *slot = Some(s.clone());
+            let mut c = CachedStr { obj: s.clone().unbind(), len: bytes.len() as u8, bytes: [0; Self::MAX_LEN] };
+            c.bytes[..bytes.len()].copy_from_slice(bytes);
+            *slot = Some(c);
         }
         obj
+    }
+}
+
+impl Drop for StrCache<'_> {
+    fn drop(&mut self) {
+        let slots = std::mem::take(&mut self.slots);
+        SHORT_STRINGS.with(|c| c.set(slots));
     }
 }
 
@@ -685,6 +714,35 @@ mod tests {
         });
     }
 
+    fn binary_term(b: &[u8]) -> Vec<u8> {
+        let mut v = vec![131, 109];
+        v.extend((b.len() as u32).to_be_bytes());
+        v.extend(b);
+        v
+    }
+
+    /// A short string is made once per thread and reused by later decodes (the point of the
+    /// cache); a different string that lands in the same slot is never taken for it.
+    #[test]
+    fn short_strings_are_reused_across_decodes_and_never_confused() {
+        init_for_tests();
+        Python::attach(|py| {
+            let a = decode(py, &binary_term(b"user_id")).unwrap();
+            let again = decode(py, &binary_term(b"user_id")).unwrap();
+            assert!(a.is(&again), "the second decode made a new string");
+            // 768 two-byte strings (invalid UTF-8 among them) for 512 slots: many land in a
+            // slot that holds another string.
+            for x in 0..=255u8 {
+                for y in [b'a', b'z', x] {
+                    let bytes = [x, y];
+                    let obj = decode(py, &binary_term(&bytes)).unwrap();
+                    let back = encode_versioned(&obj).unwrap();
+                    assert_eq!(back, binary_term(&bytes), "{bytes:?} came back as something else");
+                }
+            }
+        });
+    }
+
     #[test]
     fn bignum_of_many_digits_round_trips() {
         init_for_tests();
@@ -852,7 +910,8 @@ mod bench {
         let bytes = std::fs::read(path).expect("payload file");
         crate::python::init_for_tests();
         Python::attach(|py| {
-            let n = 200;
+            // PYPORT_CONVERT_BENCH_N: more rounds, to profile the loop (perf record).
+            let n = std::env::var("PYPORT_CONVERT_BENCH_N").ok().and_then(|v| v.parse().ok()).unwrap_or(200);
             let obj = decode(py, &bytes).expect("decodes");
             let t = Instant::now();
             for _ in 0..n {
