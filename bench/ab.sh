@@ -6,18 +6,19 @@
 # then the median over runs of each of these per build, and new/old. Pinned with one worker the
 # latency can be bimodal (a fast and a slow mode): compare p10 and the mean too, not p50 alone.
 #
-#   bench/ab.sh OLD_EBIN OLD_BIN NEW_EBIN NEW_BIN [PAIRS=10] [CALLS=5000]
+#   bench/ab.sh OLD_EBIN OLD_BIN NEW_EBIN NEW_BIN [PAIRS=10] [CALLS=5000] [CASE=sqrt]
 #
+# CASE: sqrt (py:call(math, sqrt, [2.0])) or map_100 (echo of a 100-entry map).
 # OLD_EBIN / NEW_EBIN: directories with the pyport beams; OLD_BIN / NEW_BIN: port binaries.
 # Needs _build/bench/ab_sqrt.beam (`make _build/bench/ab_sqrt.beam`).
 set -eu
-[ $# -ge 4 ] || { sed -n '2,10p' "$0" >&2; exit 2; }
-old_ebin=$1 old_bin=$2 new_ebin=$3 new_bin=$4 pairs=${5:-10} calls=${6:-5000}
+[ $# -ge 4 ] || { sed -n '2,12p' "$0" >&2; exit 2; }
+old_ebin=$1 old_bin=$2 new_ebin=$3 new_bin=$4 pairs=${5:-10} calls=${6:-5000} case=${7:-sqrt}
 out=$(mktemp)
 trap 'rm -f "$out"' EXIT
 run() {
     taskset -c 0 erl -noshell -pa "$2" -pa _build/bench \
-        -eval "ab_sqrt:main([\"$3\", \"$calls\"])" | sed "s/^/$1 /"
+        -eval "ab_sqrt:main([\"$3\", \"$calls\", \"$case\"])" | sed "s/^/$1 /"
 }
 i=0
 while [ "$i" -lt "$pairs" ]; do

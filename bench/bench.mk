@@ -15,6 +15,8 @@ BENCH_ARGS  ?=
 # Pinned mode: affinity set once, before the VM starts, so nothing started later escapes it
 # (pinning pids from inside the bench would miss every port restarted after the fact).
 BENCH_PIN   := $(if $(filter pin=1,$(BENCH_ARGS)),taskset -c 0)
+# Where the run writes (option out=DIR): the chart is drawn from that run, not bench/results.
+BENCH_OUT   := $(or $(patsubst out=%,%,$(filter out=%,$(BENCH_ARGS))),bench/results)
 
 .PHONY: bench bench-smoke
 
@@ -26,7 +28,7 @@ bench: all $(BENCH_BEAMS)
 	$(BENCH_PIN) erl -noshell -pa ebin -pa $(BENCH_BUILD) \
 	    -eval 'pyport_bench:main(string:lexemes("$(BENCH_ARGS)", " ")), halt().'
 	@$(PYTHON) -c 'import matplotlib' 2>/dev/null || $(PYTHON) -m pip install -q matplotlib
-	$(PYTHON) bench/plot.py bench/results/latest.json
+	$(PYTHON) bench/plot.py $(BENCH_OUT)/latest.json
 
 bench-smoke: all $(BENCH_BEAMS)
 	erl -noshell -pa ebin -pa $(BENCH_BUILD) -eval 'pyport_bench:main(["smoke"]), halt().'
