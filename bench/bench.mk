@@ -6,6 +6,8 @@
 #                     BENCH_ARGS="pin=1" runs the whole VM under `taskset -c 0`: its threads,
 #                     erl_child_setup and so every port program it starts (pyport, the cat
 #                     baseline, restarts) inherit the one CPU; the bench checks and records it.
+# `make bench-floor`  what a reader-to-worker thread hand-off alone costs a port program against
+#                     /bin/cat, on one CPU (3 fresh pinned VMs; bench/floor/, ~1 min).
 # `make bench-smoke`  1 round, tiny counts (a few seconds); exits non-zero if any case crashed or
 #                     got a wrong answer. Results go to _build/bench/smoke/, no chart.
 
@@ -18,7 +20,7 @@ BENCH_PIN   := $(if $(filter pin=1,$(BENCH_ARGS)),taskset -c 0)
 # Where the run writes (option out=DIR): the chart is drawn from that run, not bench/results.
 BENCH_OUT   := $(or $(patsubst out=%,%,$(filter out=%,$(BENCH_ARGS))),bench/results)
 
-.PHONY: bench bench-smoke
+.PHONY: bench bench-smoke bench-floor
 
 $(BENCH_BUILD)/%.beam: bench/%.erl
 	@mkdir -p $(BENCH_BUILD)
@@ -32,3 +34,13 @@ bench: all $(BENCH_BEAMS)
 
 bench-smoke: all $(BENCH_BEAMS)
 	erl -noshell -pa ebin -pa $(BENCH_BUILD) -eval 'pyport_bench:main(["smoke"]), halt().'
+
+bench-floor: $(BENCH_BUILD)/floor/floor_probe.beam
+	CARGO_TARGET_DIR=$(BENCH_BUILD)/floor $(CARGO) build --release --locked --manifest-path bench/floor/Cargo.toml
+	@for i in 1 2 3; do \
+	  taskset -c 0 erl -noshell -pa $(BENCH_BUILD)/floor \
+	    -eval 'floor_probe:main(["$(BENCH_BUILD)/floor/release/pyport-floor"])'; echo; done
+
+$(BENCH_BUILD)/floor/floor_probe.beam: bench/floor/floor_probe.erl
+	@mkdir -p $(BENCH_BUILD)/floor
+	$(ERLC) +debug_info -o $(BENCH_BUILD)/floor $<
