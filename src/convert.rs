@@ -572,7 +572,7 @@ fn encode_dict(d: &Bound<'_, PyDict>, out: &mut Vec<u8>, depth: usize) -> Result
     let py = d.py();
     let len = d.len();
     etf::put_map_header(out, len);
-    let mut key_spans = Vec::with_capacity(len);
+    let entries_start = out.len();
     let mut all_str = true;
     let mut pos: ffi::Py_ssize_t = 0;
     let mut count = 0usize;
@@ -592,9 +592,7 @@ fn encode_dict(d: &Bound<'_, PyDict>, out: &mut Vec<u8>, depth: usize) -> Result
             return Err(ConvertError::Unsupported("dict changed size during conversion".into()));
         }
         all_str &= key.is_exact_instance_of::<PyString>();
-        let start = out.len();
         encode_term(&key, out, depth)?;
-        key_spans.push((start, out.len()));
         encode_term(&value, out, depth)?;
         if d.len() != len {
             return Err(ConvertError::Unsupported("dict changed size during conversion".into()));
@@ -603,14 +601,28 @@ fn encode_dict(d: &Bound<'_, PyDict>, out: &mut Vec<u8>, depth: usize) -> Result
     if count != len {
         return Err(ConvertError::Unsupported("dict changed size during conversion".into()));
     }
+    // Distinct str keys always encode to distinct binaries; other keys may collide, with each
+    // other or with a str (`'a'` and `b'a'` both become <<"a">>). Only then are the encoded
+    // keys compared, found again by walking what was just written, so that the common
+    // all-str dict costs no bookkeeping.
     if !all_str {
-        let mut seen = HashSet::with_capacity(key_spans.len());
-        for &(a, b) in &key_spans {
-            if !seen.insert(&out[a..b]) {
-                let repr = describe_key(&out[a..b]);
-                return Err(ConvertError::DuplicateKey(repr));
-            }
+        check_distinct_keys(&out[entries_start..], len)?;
+    }
+    Ok(())
+}
+
+/// `entries` holds `len` encoded key-value pairs: fails on the first key seen twice.
+fn check_distinct_keys(entries: &[u8], len: usize) -> Result<()> {
+    let mut r = Reader::new(entries);
+    let mut seen = HashSet::with_capacity(len);
+    for _ in 0..len {
+        let start = r.pos();
+        etf::skip_term(&mut r, 0, Limits::PAYLOAD)?;
+        let key = &entries[start..r.pos()];
+        if !seen.insert(key) {
+            return Err(ConvertError::DuplicateKey(describe_key(key)));
         }
+        etf::skip_term(&mut r, 0, Limits::PAYLOAD)?;
     }
     Ok(())
 }
@@ -793,6 +805,27 @@ mod tests {
             let d = PyDict::new(py);
             d.set_item("a", 1).unwrap();
             d.set_item(PyBytes::new(py, b"a"), 2).unwrap();
+            assert!(matches!(encode_versioned(d.as_any()), Err(ConvertError::DuplicateKey(_))));
+        });
+    }
+
+    /// The duplicate check of a dict with keys other than str walks the encoded pairs: nested
+    /// values must not be taken for keys, and a duplicate after them is still found.
+    #[test]
+    fn mixed_key_dicts_with_nested_values() {
+        init_for_tests();
+        Python::attach(|py| {
+            let d = PyDict::new(py);
+            let inner = PyDict::new(py);
+            inner.set_item("a", PyList::new(py, [1, 2]).unwrap()).unwrap();
+            d.set_item(1, &inner).unwrap();
+            d.set_item("a", (PyBytes::new(py, b"a"), "a")).unwrap();
+            d.set_item(PyBytes::new(py, b"b"), 2).unwrap();
+            let bytes = encode_versioned(d.as_any()).expect("distinct keys encode");
+            let back = decode(py, &bytes).unwrap();
+            assert_eq!(back.len().unwrap(), 3);
+            assert_eq!(encode_versioned(&back).unwrap(), bytes);
+            d.set_item(PyBytes::new(py, b"a"), 3).unwrap();
             assert!(matches!(encode_versioned(d.as_any()), Err(ConvertError::DuplicateKey(_))));
         });
     }
