@@ -16,6 +16,10 @@
 //!   (thread-locals survive between calls); it detaches only while waiting for a job. It
 //!   never blocks on a channel or a lock that another thread holds while waiting for the
 //!   GIL: that deadlocked `threading.Thread.start()` in the prototype.
+//! * A lone hot worker polls for its next job for a few microseconds before it sleeps, so
+//!   that a sequential caller's next request finds it awake, but only when the port may run
+//!   on more than one CPU: on one, the poll takes the CPU from the reader that would hand the
+//!   job over.
 //! * Cancellation, write-offs of stuck workers and the GIL watchdog live in `cancel`; the
 //!   pool reports to it which request runs where, and clears a cancellation that arrived
 //!   too late before a worker's next request. The processes homed on a written-off worker
