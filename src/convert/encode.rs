@@ -1,7 +1,7 @@
 //! Python objects to ETF.
 
 use super::{enter, truncate, ConvertError, Result};
-use crate::etf::{self, Limits, Reader, MAX_DEPTH};
+use crate::etf::{self, Limits, MAX_DEPTH};
 use crate::protocol::{Handle, HANDLE_TAG};
 use crate::pymodule::{handle_of, OpaqueTerm};
 use crate::richtypes;
@@ -11,6 +11,7 @@ use pyo3::types::{
     PyBool, PyByteArray, PyBytes, PyDict, PyFloat, PyFrozenSet, PyInt, PyList, PySet, PyString, PyTuple,
     PyType,
 };
+use std::cell::RefCell;
 use std::collections::HashSet;
 
 /// Appends the external format of `obj` (no version byte) to `out`.
@@ -145,7 +146,7 @@ fn encode_dict(d: &Bound<'_, PyDict>, out: &mut Vec<u8>, depth: usize) -> Result
     let py = d.py();
     let len = d.len();
     etf::put_map_header(out, len);
-    let entries_start = out.len();
+    let spans = KeySpans::open();
     let mut all_str = true;
     let mut pos: ffi::Py_ssize_t = 0;
     let mut count = 0usize;
@@ -165,7 +166,9 @@ fn encode_dict(d: &Bound<'_, PyDict>, out: &mut Vec<u8>, depth: usize) -> Result
             return Err(ConvertError::Unsupported("dict changed size during conversion".into()));
         }
         all_str &= key.is_exact_instance_of::<PyString>();
+        let key_start = out.len();
         encode_term(&key, out, depth)?;
+        spans.push(key_start, out.len());
         encode_term(&value, out, depth)?;
         if d.len() != len {
             return Err(ConvertError::Unsupported("dict changed size during conversion".into()));
@@ -175,29 +178,57 @@ fn encode_dict(d: &Bound<'_, PyDict>, out: &mut Vec<u8>, depth: usize) -> Result
         return Err(ConvertError::Unsupported("dict changed size during conversion".into()));
     }
     // Distinct str keys always encode to distinct binaries; other keys may collide, with each
-    // other or with a str (`'a'` and `b'a'` both become <<"a">>). Only then are the encoded
-    // keys compared, found again by walking what was just written, so that the common
-    // all-str dict costs no bookkeeping.
+    // other or with a str (`'a'` and `b'a'` both become <<"a">>): only then are they compared.
     if !all_str {
-        check_distinct_keys(&out[entries_start..], len)?;
+        spans.check_distinct(out)?;
     }
     Ok(())
 }
 
-/// `entries` holds `len` encoded key-value pairs: fails on the first key seen twice.
-fn check_distinct_keys(entries: &[u8], len: usize) -> Result<()> {
-    let mut r = Reader::new(entries);
-    let mut seen = HashSet::with_capacity(len);
-    for _ in 0..len {
-        let start = r.pos();
-        etf::skip_term(&mut r, 0, Limits::PAYLOAD)?;
-        let key = &entries[start..r.pos()];
-        if !seen.insert(key) {
-            return Err(ConvertError::DuplicateKey(describe_key(key)));
-        }
-        etf::skip_term(&mut r, 0, Limits::PAYLOAD)?;
+thread_local! {
+    /// Where in the output the keys of the dicts being encoded on this thread lie, innermost
+    /// dict last. One vector per thread, reused, so that encoding a dict allocates nothing
+    /// for its keys (it did, for every dict, when each kept its own).
+    static KEY_SPANS: RefCell<Vec<(usize, usize)>> = const { RefCell::new(Vec::new()) };
+}
+
+/// One dict's share of [`KEY_SPANS`]: the entries from `base` on. Dropping it (also on an
+/// error) gives them back. Borrows are never held across encoding, which can run Python code
+/// that encodes on this thread too (a `__repr__` sending a message): such a nested encode
+/// pushes above this dict's entries and gives them back before this one continues.
+struct KeySpans {
+    base: usize,
+}
+
+impl KeySpans {
+    fn open() -> KeySpans {
+        KeySpans { base: KEY_SPANS.with(|s| s.borrow().len()) }
     }
-    Ok(())
+
+    fn push(&self, start: usize, end: usize) {
+        KEY_SPANS.with(|s| s.borrow_mut().push((start, end)));
+    }
+
+    /// Fails on the first key, of this dict's keys in `out`, that was seen before.
+    fn check_distinct(&self, out: &[u8]) -> Result<()> {
+        KEY_SPANS.with(|s| {
+            let spans = s.borrow();
+            let mine = spans.get(self.base..).unwrap_or_default();
+            let mut seen = HashSet::with_capacity(mine.len());
+            for &(a, b) in mine {
+                if !seen.insert(&out[a..b]) {
+                    return Err(ConvertError::DuplicateKey(describe_key(&out[a..b])));
+                }
+            }
+            Ok(())
+        })
+    }
+}
+
+impl Drop for KeySpans {
+    fn drop(&mut self) {
+        KEY_SPANS.with(|s| s.borrow_mut().truncate(self.base));
+    }
 }
 
 /// A readable rendering of an encoded key for the duplicate-key error.
