@@ -140,7 +140,7 @@ impl Callbacks {
             // The answer of a quick Erlang function comes within tens of microseconds; a
             // thread that went to sleep by then costs a wake-up, often the largest cost of
             // the round trip. So poll briefly first, without the GIL.
-            let event = py.detach(|| match crate::pool::spin_for_job(rx) {
+            let event = py.detach(|| match crate::spin::spin_for_job(rx) {
                 Some(ev) => Ok(ev),
                 None => rx.recv_timeout(CANCEL_POLL),
             });

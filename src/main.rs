@@ -13,8 +13,9 @@
 //!
 //! Why a request is handed from the reader to a worker rather than read by the worker that
 //! runs it: a worker that read for itself would save that hand-off (a context switch; on one
-//! CPU about half of a bare pipe round trip, see `make bench-floor`), but while it ran
-//! Python nobody would read, and a cancellation or a heartbeat would wait behind the GIL.
+//! CPU about half of a bare pipe round trip, see `make bench-floor`), but before taking the
+//! GIL it would have to pass reading on to another thread, or a cancellation or a heartbeat
+//! would wait behind Python; on one CPU, waking that thread costs the same switch.
 
 mod aio;
 mod callbacks;
@@ -41,6 +42,7 @@ mod registry;
 mod richtypes;
 mod shared_dict;
 mod shutdown;
+mod spin;
 mod stdio;
 mod streams;
 

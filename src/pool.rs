@@ -18,8 +18,7 @@
 //!   GIL: that deadlocked `threading.Thread.start()` in the prototype.
 //! * A lone hot worker polls for its next job for a few microseconds before it sleeps, so
 //!   that a sequential caller's next request finds it awake, but only when the port may run
-//!   on more than one CPU: on one, the poll takes the CPU from the reader that would hand the
-//!   job over.
+//!   on more than one CPU at a time (see `spin`).
 //! * Cancellation, write-offs of stuck workers and the GIL watchdog live in `cancel`; the
 //!   pool reports to it which request runs where, and clears a cancellation that arrived
 //!   too late before a worker's next request. The processes homed on a written-off worker
@@ -38,9 +37,9 @@ use std::collections::BTreeMap;
 use std::sync::atomic::AtomicBool;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 pub use crate::python::PYTHON_THREAD_STACK;
 
@@ -210,6 +209,8 @@ pub struct PoolStats {
 impl Pool {
     /// Creates the pool and starts its hot workers, the spare manager and the canceller.
     pub fn start(cfg: PoolConfig, interp: Arc<Interp>, out: Outbox, aio: Option<Arc<Aio>>) -> std::io::Result<Arc<Pool>> {
+        // Decided now, on this thread, before Python code could change any affinity.
+        crate::spin::spinning_pays();
         let (jobs_tx, jobs_rx) = unbounded();
         let (kick_tx, kick_rx) = bounded(1);
         // A written-off worker no longer counts, and the processes homed there need a new
@@ -531,14 +532,16 @@ impl Pool {
         if !me.hot || self.total.load(Ordering::Acquire) > 1 {
             return None;
         }
-        spin_for(|| match me.rx.try_recv() {
+        crate::spin::spin_for(|| match me.rx.try_recv() {
             Ok(job) => Some(job),
             Err(_) => self.jobs_rx.try_recv().ok().map(|job| self.took_shared(me, job)),
         })
     }
 
     /// A request from the shared queue now counts as this worker's load. (Its own queue's
-    /// requests were counted when they were sent.)
+    /// requests were counted when they were sent, under `sched`.) This count comes just
+    /// after the take, outside `sched`: a home chosen in those few nanoseconds may still land
+    /// behind this request, a window the GIL no longer widens.
     fn took_shared(&self, me: &Worker, job: Arc<Job>) -> Arc<Job> {
         me.load.fetch_add(1, Ordering::AcqRel);
         job
@@ -618,56 +621,6 @@ impl Pool {
             (Outcome::Coroutine(coro), Some(aio)) => aio.hand_off(py, id, coro),
             (Outcome::Coroutine(coro), None) => Some(crate::exec::finish(py, id, Ok(coro.into_bound(py)))),
         }
-    }
-}
-
-/// How long an idle worker polls for the next job before it sleeps.
-const SPIN: Duration = Duration::from_micros(30);
-
-/// A sequential caller's next request tends to arrive a few microseconds after the reply;
-/// a worker that has gone to sleep by then costs a wake-up, which on a virtual machine is
-/// often the largest single cost of a round trip. Polling briefly first avoids it.
-pub fn spin_for_job<T>(rx: &Receiver<T>) -> Option<T> {
-    spin_for(|| rx.try_recv().ok())
-}
-
-/// Polls `try_next` for up to [`SPIN`], if this process may run on more than one CPU;
-/// otherwise tries once. Polling pays only while the thread that will hand over the next job
-/// runs on another CPU; on the only one it took the CPU from that thread: pinned with
-/// `taskset -c 0`, half of all sequential calls waited out the whole poll (p50 46 µs instead
-/// of 17 µs).
-fn spin_for<T>(mut try_next: impl FnMut() -> Option<T>) -> Option<T> {
-    if !spinning_pays() {
-        return try_next();
-    }
-    let start = Instant::now();
-    loop {
-        if let Some(job) = try_next() {
-            return Some(job);
-        }
-        if start.elapsed() >= SPIN {
-            return None;
-        }
-        std::hint::spin_loop();
-    }
-}
-
-/// Whether the process may run on more than one CPU (read once, at the first poll).
-fn spinning_pays() -> bool {
-    static PAYS: OnceLock<bool> = OnceLock::new();
-    *PAYS.get_or_init(|| allowed_cpus().is_none_or(|n| n > 1))
-}
-
-/// How many CPUs this process may run on (`sched_getaffinity`), if the kernel says.
-fn allowed_cpus() -> Option<usize> {
-    // SAFETY: `set` is a plain bit set that sched_getaffinity fills in; zeroed is its empty
-    // value.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
-            return None;
-        }
-        usize::try_from(libc::CPU_COUNT(&set)).ok()
     }
 }
 
