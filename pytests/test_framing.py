@@ -136,6 +136,10 @@ def test_new_home_never_shares_a_worker_that_took_a_request(port_factory):
     # The idle worker took `first` off its queue; it now waits for the GIL the loop holds.
     wait_until(lambda: sum(p.stats()["thread_queues"]) == 0, 10, "the request left its queue")
     second = p.eval("__import__('threading').get_ident()", owner=pid(402))
+    # The reader answers stats in frame order, so `second` had its home by then: if the
+    # loop's reply has not come yet, the loop still held the GIL when that home was chosen.
+    p.stats()
+    assert hog not in p.pending, "the loop ended before the second home was chosen: the test proved nothing"
     assert p.ok(hog, timeout=60) == sum(range(10**8))
     assert p.ok(first, timeout=60) != p.ok(second, timeout=60)
 
