@@ -30,6 +30,8 @@
 -define(PAYLOADS, [small_int, bin_1k, bin_100k, map_100, nmap_1k, nmap_100k, list_1m]).
 -define(SD_OPS, [get_small, set_small, get_1k, set_1k, get_cached]).
 -define(SD16_OPS, ?SD_OPS ++ [update_counter]).
+%% Figures measured in one round of a run only (the last), not in every round.
+-define(ONCE_PER_RUN, [port_idle_cpu_pct]).
 %% The latency breakdown of one call, in the order the time is spent (the
 %% remainder, the pipes in and out, is listed where the request enters the port).
 -define(BD_STAGES,
@@ -1215,8 +1217,9 @@ lmax(L) -> lists:max(L).
 %% baseline is compared with the limit (`below': the figure's own value, for
 %% a figure without a baseline). A target is met when the median over rounds
 %% meets it and so do at least 5 rounds in 7 of all the run's rounds (a round
-%% without the figure counts as not meeting it; every round in a run of
-%% fewer than 3).
+%% without the figure counts as not meeting it, except for the figures that
+%% are measured once per run, ?ONCE_PER_RUN; every round in a run of fewer
+%% than 3).
 targets(Figs, Pinned) ->
     Ts = [{sqrt_p50, "sequential math.sqrt p50 <= 1.6x cat-port p50", sqrt_p50_us, '=<', 1.6,
            pinned},
@@ -1279,7 +1282,11 @@ targets(Figs, Pinned) ->
                     (X) -> X >= Lim
                  end,
          RoundsMet = length([X || X <- Rs, Meets(X)]),
-         Rounds = length(Vs),
+         %% A figure measured once per run (in its last round) is judged on that one.
+         Rounds = case lists:member(Fig, ?ONCE_PER_RUN) of
+                      true -> length(Rs);
+                      false -> length(Vs)
+                  end,
          Run = case Pinned of true -> pinned; false -> unpinned end,
          Met = case R of
                    _ when Mode =/= any, Mode =/= Run -> other_run;
