@@ -231,6 +231,15 @@ impl Limits {
     pub const PAYLOAD: Limits = Limits { max_depth: MAX_DEPTH, max_count: usize::MAX };
 }
 
+/// The bytes of the complete term that starts where `start` stands (`r` may have read its
+/// tag already), checked as [`skip_term`] checks them; `r` ends up just after the term.
+pub fn term_bytes<'a>(r: &mut Reader<'a>, start: Reader<'a>, depth: usize, limits: Limits) -> Result<&'a [u8]> {
+    *r = start;
+    let from = r.pos();
+    skip_term(r, depth, limits)?;
+    Ok(r.slice(from, r.pos()))
+}
+
 /// Skips one complete term (tag included), checking structure, lengths and depth.
 ///
 /// `depth` is the number of containers already entered around this term.

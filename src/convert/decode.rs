@@ -2,6 +2,7 @@
 
 use super::{enter, short_repr, ConvertError, Result};
 use crate::etf::{self, Limits, Reader, TermError, MAX_DEPTH};
+use crate::opaque::kind_of_tag;
 use crate::protocol::{Handle, BYTES_TAG, HANDLE_TAG};
 use crate::pymodule::{OpaqueTerm, SharedDictHandle};
 use crate::richtypes;
@@ -164,20 +165,8 @@ fn decode_term<'py>(d: &mut Decoder<'py>, r: &mut Reader<'_>, depth: usize) -> R
                 None => dict.into_any(),
             }
         }
-        etf::PID
-        | etf::NEW_PID
-        | etf::PORT
-        | etf::NEW_PORT
-        | etf::V4_PORT
-        | etf::REFERENCE
-        | etf::NEW_REFERENCE
-        | etf::NEWER_REFERENCE
-        | etf::NEW_FUN
-        | etf::EXPORT => {
-            *r = start;
-            let from = r.pos();
-            etf::skip_term(r, depth, Limits { max_depth: limit, max_count: usize::MAX })?;
-            let bytes = r.slice(from, r.pos());
+        tag if kind_of_tag(tag).is_some() => {
+            let bytes = etf::term_bytes(r, start, depth, Limits { max_depth: limit, max_count: usize::MAX })?;
             let term = OpaqueTerm::new_checked(bytes).ok_or(TermError::Invalid("malformed opaque term"))?;
             Bound::new(py, term)?.into_any()
         }

@@ -330,20 +330,8 @@ pub(super) fn etf_value<'a>(r: &mut Reader<'a>, depth: usize) -> R<V<'a>> {
             }
             V::Dict(pairs, 0)
         }
-        etf::PID
-        | etf::NEW_PID
-        | etf::PORT
-        | etf::NEW_PORT
-        | etf::V4_PORT
-        | etf::REFERENCE
-        | etf::NEW_REFERENCE
-        | etf::NEWER_REFERENCE
-        | etf::NEW_FUN
-        | etf::EXPORT => {
-            *r = start;
-            let from = r.pos();
-            etf::skip_term(r, depth, Limits { max_depth: MAX_DEPTH, max_count: usize::MAX })?;
-            let bytes = r.slice(from, r.pos());
+        tag if kind_of_tag(tag).is_some() => {
+            let bytes = etf::term_bytes(r, start, depth, Limits::PAYLOAD)?;
             if opaque_kind(bytes).is_none() {
                 return decline("malformed opaque term");
             }
