@@ -351,10 +351,15 @@ callback_setup() ->
              "m = types.ModuleType('pyport_bench_cb')\n"
              "exec(\"import erlang\\ndef ping():\\n    return erlang.call('echo', 1)\\n\", m.__dict__)\n"
              "sys.modules['pyport_bench_cb'] = m\n">>,
+    exec_elsewhere(Code, callback_setup).
+
+%% Runs py:exec(Code) in a throwaway process (so that the caller gets no
+%% namespace, and with it no home thread); fails with What if it does.
+exec_elsewhere(Code, What) ->
     {Pid, Mon} = spawn_monitor(fun() -> exit(py:exec(Code)) end),
     receive {'DOWN', Mon, process, Pid, ok} -> ok;
-            {'DOWN', Mon, process, Pid, Other} -> erlang:error({callback_setup, Other})
-    after 30000 -> erlang:error(callback_setup_timeout)
+            {'DOWN', Mon, process, Pid, Other} -> erlang:error({What, Other})
+    after 30000 -> erlang:error({What, timeout})
     end.
 sleep_call() -> {ok, undefined} = py:call(time, sleep, [0.001]).
 
@@ -363,11 +368,7 @@ aio_wall_ms(N) ->
              "m = types.ModuleType('pyport_bench_aio')\n"
              "exec(\"import asyncio\\nasync def nap():\\n    await asyncio.sleep(0.1)\\n    return 1\\n\", m.__dict__)\n"
              "sys.modules['pyport_bench_aio'] = m\n">>,
-    {Pid, Mon} = spawn_monitor(fun() -> exit(py:exec(Code)) end),
-    receive {'DOWN', Mon, process, Pid, ok} -> ok;
-            {'DOWN', Mon, process, Pid, Other} -> erlang:error({aio_setup, Other})
-    after 30000 -> erlang:error(aio_setup_timeout)
-    end,
+    ok = exec_elsewhere(Code, aio_setup),
     Self = self(),
     T0 = erlang:monotonic_time(microsecond),
     Pids = [spawn(fun() -> Self ! {aio, self(), py:call(pyport_bench_aio, nap, [], #{}, 30000)} end)
