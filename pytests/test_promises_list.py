@@ -73,6 +73,6 @@ def test_the_checker_rejects_what_does_not_exist():
     assert exists("pytests/test_api.py", "test_no_such_test") is not None
     assert exists("ct_suites/py_call_SUITE.erl", "no_such_case") is not None
     assert exists("ct_suites/no_such_SUITE.erl", "call_errors") is not None
-    assert exists("src/fuzz.rs", "no_such_fuzz") is not None
+    assert exists("src/tests/fuzz.rs", "no_such_fuzz") is not None
     assert exists("pytests/test_api.py", "test_eval") is None
     assert exists("ct_suites/py_call_SUITE.erl", "call_errors") is None

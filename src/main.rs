@@ -28,8 +28,6 @@ mod forks;
 mod framing;
 mod homes;
 mod latency;
-#[cfg(test)]
-mod fuzz;
 mod limits;
 mod opaque;
 mod pickle_etf;
@@ -45,6 +43,8 @@ mod shutdown;
 mod spin;
 mod stdio;
 mod streams;
+#[cfg(test)]
+mod tests;
 
 use crate::aio::Aio;
 use crate::config::Config;

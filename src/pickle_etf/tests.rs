@@ -2,7 +2,7 @@
 //!
 //! The differential fuzz checks the module's one promise, EXACT or DECLINE, on three kinds of
 //! input, for `PICKLE_FUZZ_SECONDS` (default 12) from a fixed seed:
-//! (a) random ETF terms (the generator of `src/fuzz.rs`, valid and hostile): `etf_to_pickle`
+//! (a) random ETF terms (the generator of `src/tests/fuzz.rs`, valid and hostile): `etf_to_pickle`
 //!     declines whenever `convert::decode` fails, and otherwise `pickle.loads` of its output is
 //!     identical (types, float bits, dict order) to what `convert::decode` built; the decoded
 //!     value, pickled by CPython and by `etf_to_pickle`, must translate back to what
@@ -275,7 +275,7 @@ fn differential_fuzz() {
     let seed = *b"pyport pickle_etf differential!!";
     let mut runner = TestRunner::new_with_rng(Config::default(), TestRng::from_seed(RngAlgorithm::ChaCha, &seed));
     let mut rng = 0x9E37_79B9_7F4A_7C15u64;
-    let terms = proptest::prop_oneof![crate::fuzz::valid_term(), crate::fuzz::any_term()];
+    let terms = proptest::prop_oneof![crate::tests::fuzz::valid_term(), crate::tests::fuzz::any_term()];
     let deadline = Instant::now() + Duration::from_secs(seconds);
     let mut n = Counts::default();
     let mut py_seed = 0u64;

@@ -8,7 +8,7 @@
 //! tuples, maps (with unique, colliding and unhashable keys), pids/ports/references/funs,
 //! bitstrings, tagged tuples, nesting from 0 to 100,000 levels, and raw hostile bytes (unknown
 //! tags 68/82/121/80, counts of 0xFFFFFFFF). Request envelopes of every kind are generated around
-//! such payloads. Both, and the real frames in `src/fuzz_seeds/*.bin` (`term_to_binary` output of
+//! such payloads. Both, and the real frames in `src/tests/fuzz_seeds/*.bin` (`term_to_binary` output of
 //! OTP 25, see `regen.sh` there), are then mutated: truncation, bit flips, byte insertion and
 //! deletion, counts overwritten with 0xFFFF/0xFFFFFFFF, tags spliced in, pieces of seeds spliced in.
 //!
@@ -980,13 +980,13 @@ impl Case {
 // ---------------------------------------------------------------------------------------
 // Seeds: real frames, and the payloads inside the envelopes among them.
 
-const SEED_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/src/fuzz_seeds");
+const SEED_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/src/tests/fuzz_seeds");
 
 fn seeds() -> &'static [(String, Vec<u8>)] {
     static SEEDS: OnceLock<Vec<(String, Vec<u8>)>> = OnceLock::new();
     SEEDS.get_or_init(|| {
         let mut files: Vec<(String, Vec<u8>)> = std::fs::read_dir(SEED_DIR)
-            .expect("src/fuzz_seeds")
+            .expect("src/tests/fuzz_seeds")
             .filter_map(|e| e.ok())
             .filter(|e| e.path().extension().is_some_and(|x| x == "bin"))
             .map(|e| {
