@@ -54,9 +54,6 @@
 
 -define(SERVER, pyport_server).
 -define(T2B_OPTS, [{minor_version, 2}]).
-%% Default of the largest request frame (app env max_frame_bytes, passed to the
-%% port program as --max-frame-bytes): 1 GiB.
--define(MAX_FRAME, (1 bsl 30)).
 -define(SD_TAG, '$pyport_shared_dict').
 -define(IS_U64(N), (is_integer(N) andalso N >= 0 andalso N < 16#10000000000000000)).
 -define(TOKEN_SIZE, 16).
@@ -105,7 +102,7 @@ call(Module, Function, Args) ->
 %% 30000 ms) as the timeout.
 -spec call(name(), name(), list(), kwargs()) -> result(term()).
 call(Module, Function, Args, Kwargs) ->
-    call(Module, Function, Args, Kwargs, default_timeout(call_timeout, 30000)).
+    call(Module, Function, Args, Kwargs, pyport_request:default_timeout(call_timeout, 30000)).
 
 %% @doc Calls `Module.Function(*Args, **Kwargs)' in Python and returns its
 %% result. `Module' `__main__' means the caller's own namespace; any other
@@ -118,13 +115,14 @@ call(Module, Function, Args, Kwargs) ->
 -spec call(name(), name(), list(), kwargs(), timeout()) -> result(term()).
 call(Module, Function, Args, Kwargs, Timeout)
   when is_list(Args), (is_map(Kwargs) orelse is_list(Kwargs)), ?IS_TIMEOUT(Timeout) ->
-    M = name(Module),
-    F = name(Function),
-    is_proper_list(Args) orelse erlang:error(badarg),
-    Payload = term_to_binary({Args, kwargs(Kwargs)}, ?T2B_OPTS),
-    Id = new_id(),
-    Frame = term_to_binary(chained({call, Id, pyport_callbacks:owner(), M, F, Payload}), ?T2B_OPTS),
-    decoded(request(Id, Frame, Timeout));
+    M = pyport_args:name(Module),
+    F = pyport_args:name(Function),
+    pyport_args:is_proper_list(Args) orelse erlang:error(badarg),
+    Payload = term_to_binary({Args, pyport_args:kwargs(Kwargs)}, ?T2B_OPTS),
+    Id = pyport_request:new_id(),
+    Request = pyport_request:chained({call, Id, pyport_callbacks:owner(), M, F, Payload}),
+    Frame = term_to_binary(Request, ?T2B_OPTS),
+    pyport_request:decoded(pyport_request:request(Id, Frame, Timeout));
 call(_Module, _Function, _Args, _Kwargs, _Timeout) ->
     erlang:error(badarg).
 
@@ -137,18 +135,19 @@ eval(Code) ->
 %% 30000 ms) as the timeout.
 -spec eval(code(), locals()) -> result(term()).
 eval(Code, Locals) ->
-    eval(Code, Locals, default_timeout(call_timeout, 30000)).
+    eval(Code, Locals, pyport_request:default_timeout(call_timeout, 30000)).
 
 %% @doc Evaluates the Python expression `Code' in the caller's namespace,
 %% after binding every entry of `Locals' as a variable there, and returns its
 %% value (awaited first when it is a coroutine, as for {@link call/5}).
 -spec eval(code(), locals(), timeout()) -> result(term()).
 eval(Code, Locals, Timeout) when is_map(Locals), ?IS_TIMEOUT(Timeout) ->
-    C = code(Code),
-    Payload = term_to_binary(locals(Locals), ?T2B_OPTS),
-    Id = new_id(),
-    Frame = term_to_binary(chained({eval, Id, pyport_callbacks:owner(), C, Payload}), ?T2B_OPTS),
-    decoded(request(Id, Frame, Timeout));
+    C = pyport_args:code(Code),
+    Payload = term_to_binary(pyport_args:locals(Locals), ?T2B_OPTS),
+    Id = pyport_request:new_id(),
+    Request = pyport_request:chained({eval, Id, pyport_callbacks:owner(), C, Payload}),
+    Frame = term_to_binary(Request, ?T2B_OPTS),
+    pyport_request:decoded(pyport_request:request(Id, Frame, Timeout));
 eval(_Code, _Locals, _Timeout) ->
     erlang:error(badarg).
 
@@ -167,11 +166,12 @@ exec(Code, Locals) ->
 %% or assigns stays available to the caller's later calls.
 -spec exec(code(), locals(), timeout()) -> ok | {error, error_reason()}.
 exec(Code, Locals, Timeout) when is_map(Locals), ?IS_TIMEOUT(Timeout) ->
-    C = code(Code),
-    Payload = term_to_binary(locals(Locals), ?T2B_OPTS),
-    Id = new_id(),
-    Frame = term_to_binary(chained({exec, Id, pyport_callbacks:owner(), C, Payload}), ?T2B_OPTS),
-    case request(Id, Frame, Timeout) of
+    C = pyport_args:code(Code),
+    Payload = term_to_binary(pyport_args:locals(Locals), ?T2B_OPTS),
+    Id = pyport_request:new_id(),
+    Request = pyport_request:chained({exec, Id, pyport_callbacks:owner(), C, Payload}),
+    Frame = term_to_binary(Request, ?T2B_OPTS),
+    case pyport_request:request(Id, Frame, Timeout) of
         {ok, _Payload} -> ok;
         {error, _} = Error -> Error
     end;
@@ -206,7 +206,7 @@ cast(Module, Function, Args) ->
 -spec cast(name(), name(), list(), kwargs()) -> ok.
 cast(Module, Function, Args, Kwargs) ->
     {Id, Frame, What} = async_call_frame(Module, Function, Args, Kwargs),
-    pyport_async:cast(Id, Frame, default_timeout(call_timeout, 30000), What).
+    pyport_async:cast(Id, Frame, pyport_request:default_timeout(call_timeout, 30000), What).
 
 %% @equiv spawn_call(Module, Function, Args, #{})
 -spec spawn_call(name(), name(), list()) -> async_ref().
@@ -223,13 +223,13 @@ spawn_call(Module, Function, Args) ->
 -spec spawn_call(name(), name(), list(), kwargs()) -> async_ref().
 spawn_call(Module, Function, Args, Kwargs) ->
     {Id, Frame, What} = async_call_frame(Module, Function, Args, Kwargs),
-    pyport_async:spawn_call(Id, Frame, default_timeout(call_timeout, 30000), What).
+    pyport_async:spawn_call(Id, Frame, pyport_request:default_timeout(call_timeout, 30000), What).
 
 %% @doc Same as {@link await/2} with the app env `call_timeout' (default
 %% 30000 ms) as the timeout.
 -spec await(async_ref()) -> result(term()).
 await(Ref) ->
-    await(Ref, default_timeout(call_timeout, 30000)).
+    await(Ref, pyport_request:default_timeout(call_timeout, 30000)).
 
 %% @doc Waits up to `Timeout' for the result of a {@link spawn_call/4} and
 %% returns what {@link call/5} would have returned. `{error, timeout}' also
@@ -240,7 +240,7 @@ await(Ref) ->
 %% await that timed out counts): any other await raises `error(badarg)'.
 -spec await(async_ref(), timeout()) -> result(term()).
 await(Ref, Timeout) ->
-    decoded(pyport_async:await(Ref, Timeout)).
+    pyport_request:decoded(pyport_async:await(Ref, Timeout)).
 
 %% The request of call/4, checked and built as call/5 builds it: the caller
 %% is its owner, so it runs in the caller's namespace.
@@ -248,11 +248,11 @@ await(Ref, Timeout) ->
           {pos_integer(), binary(), {binary(), binary()}}.
 async_call_frame(Module, Function, Args, Kwargs)
   when is_list(Args), (is_map(Kwargs) orelse is_list(Kwargs)) ->
-    M = name(Module),
-    F = name(Function),
-    is_proper_list(Args) orelse erlang:error(badarg),
-    Payload = term_to_binary({Args, kwargs(Kwargs)}, ?T2B_OPTS),
-    Id = new_id(),
+    M = pyport_args:name(Module),
+    F = pyport_args:name(Function),
+    pyport_args:is_proper_list(Args) orelse erlang:error(badarg),
+    Payload = term_to_binary({Args, pyport_args:kwargs(Kwargs)}, ?T2B_OPTS),
+    Id = pyport_request:new_id(),
     {Id, term_to_binary({call, Id, self(), M, F, Payload}, ?T2B_OPTS), {M, F}};
 async_call_frame(_Module, _Function, _Args, _Kwargs) ->
     erlang:error(badarg).
@@ -276,13 +276,13 @@ shared_dict_new(Opts) when is_map(Opts) ->
                 [{owner, P}] when is_pid(P) -> P;
                 _ -> erlang:error(badarg)
             end,
-    Id = new_id(),
+    Id = pyport_request:new_id(),
     Frame = term_to_binary({sd_new, Id, Owner}, ?T2B_OPTS),
     Msg = case Owner =:= self() of
               true -> {request, Id, Frame};
               false -> {request, Id, Frame, Owner}
           end,
-    case sd_result(shared_dict_new, request_msg(Id, Msg, sd_timeout())) of
+    case sd_result(shared_dict_new, pyport_request:request_msg(Id, Msg, sd_timeout())) of
         {ok, Payload} ->
             case sd_payload(Payload) of
                 SD when ?IS_HANDLE(SD) -> {ok, SD};
@@ -299,7 +299,7 @@ shared_dict_new(_Opts) ->
 %% give a dict away; anyone else gets `error(not_owner)'.
 -spec shared_dict_give_away(shared_dict(), pid()) -> ok.
 shared_dict_give_away(SD, Pid) when ?IS_HANDLE(SD), is_pid(Pid) ->
-    Id = new_id(),
+    Id = pyport_request:new_id(),
     Frame = term_to_binary({sd_give_away, Id, SD, Pid, self()}, ?T2B_OPTS),
     _ = sd_ok(SD, sd_request(SD, Id, {request, Id, Frame, Pid})),
     ok;
@@ -322,7 +322,7 @@ shared_dict_get(SD, Key, Default) when ?IS_HANDLE(SD), is_binary(Key) ->
                   {ok, Cached} ->
                       Cached;
                   miss ->
-                      Id = new_id(),
+                      Id = pyport_request:new_id(),
                       Frame = term_to_binary({sd_get, Id, SD, Key}, ?T2B_OPTS),
                       sd_ok(SD, sd_request(SD, Id, {request, Id, Frame}))
               end,
@@ -338,7 +338,7 @@ shared_dict_get(_SD, _Key, _Default) ->
 %% that cannot be stored gives `{error, Reason}'.
 -spec shared_dict_set(shared_dict(), binary(), term()) -> ok | {error, term()}.
 shared_dict_set(SD, Key, Value) when ?IS_HANDLE(SD), is_binary(Key) ->
-    Id = new_id(),
+    Id = pyport_request:new_id(),
     Payload = term_to_binary(Value, ?T2B_OPTS),
     Frame = term_to_binary({sd_set, Id, SD, Key, Payload}, ?T2B_OPTS),
     case sd_request(SD, Id, {request, Id, Frame}) of
@@ -351,7 +351,7 @@ shared_dict_set(_SD, _Key, _Value) ->
 %% @doc Deletes `Key'; `ok' also when it is missing.
 -spec shared_dict_del(shared_dict(), binary()) -> ok.
 shared_dict_del(SD, Key) when ?IS_HANDLE(SD), is_binary(Key) ->
-    Id = new_id(),
+    Id = pyport_request:new_id(),
     Frame = term_to_binary({sd_del, Id, SD, Key}, ?T2B_OPTS),
     _ = sd_ok(SD, sd_request(SD, Id, {request, Id, Frame})),
     ok;
@@ -361,7 +361,7 @@ shared_dict_del(_SD, _Key) ->
 %% @doc The keys, in insertion order.
 -spec shared_dict_keys(shared_dict()) -> [binary()].
 shared_dict_keys(SD) when ?IS_HANDLE(SD) ->
-    Id = new_id(),
+    Id = pyport_request:new_id(),
     Frame = term_to_binary({sd_keys, Id, SD}, ?T2B_OPTS),
     case sd_payload(sd_ok(SD, sd_request(SD, Id, {request, Id, Frame}))) of
         Keys when is_list(Keys) -> Keys;
@@ -376,7 +376,7 @@ shared_dict_keys(_SD) ->
 %% `true', a string) raises `error(badarg)' and stays as it is.
 -spec shared_dict_update_counter(shared_dict(), binary(), integer()) -> integer().
 shared_dict_update_counter(SD, Key, Incr) when ?IS_HANDLE(SD), is_binary(Key), is_integer(Incr) ->
-    Id = new_id(),
+    Id = pyport_request:new_id(),
     Frame = term_to_binary({sd_update_counter, Id, SD, Key, term_to_binary(Incr)}, ?T2B_OPTS),
     case sd_payload(sd_ok(SD, sd_request(SD, Id, {request, Id, Frame}))) of
         N when is_integer(N) -> N;
@@ -391,7 +391,7 @@ shared_dict_update_counter(_SD, _Key, _Incr) ->
 %% `Key' is absent" (a stored value never reads back as that atom).
 -spec shared_dict_compare_and_swap(shared_dict(), binary(), absent | term(), term()) -> boolean().
 shared_dict_compare_and_swap(SD, Key, Old, New) when ?IS_HANDLE(SD), is_binary(Key) ->
-    Id = new_id(),
+    Id = pyport_request:new_id(),
     OldArg = case Old of
                  absent -> absent;
                  _ -> term_to_binary(Old, ?T2B_OPTS)
@@ -413,9 +413,9 @@ shared_dict_destroy(SD) when ?IS_HANDLE(SD) ->
         false ->
             ok;
         true ->
-            Id = new_id(),
+            Id = pyport_request:new_id(),
             Frame = term_to_binary({sd_destroy, Id, SD}, ?T2B_OPTS),
-            case request_msg(Id, {request, Id, Frame}, sd_timeout()) of
+            case pyport_request:request_msg(Id, {request, Id, Frame}, sd_timeout()) of
                 {ok, _} -> ok;
                 {error, shared_dict_destroyed} -> ok;
                 {error, {pyport_unavailable, _}} -> ok;
@@ -454,20 +454,21 @@ stream_start(Module, Function, Args, Kwargs) ->
           {ok, reference()} | {error, error_reason()}.
 stream_start(Module, Function, Args, Kwargs, Opts)
   when is_list(Args), (is_map(Kwargs) orelse is_list(Kwargs)), is_map(Opts) ->
-    M = name(Module),
-    F = name(Function),
-    is_proper_list(Args) orelse erlang:error(badarg),
+    M = pyport_args:name(Module),
+    F = pyport_args:name(Function),
+    pyport_args:is_proper_list(Args) orelse erlang:error(badarg),
     Owner = maps:get(owner, Opts, self()),
     Window = maps:get(window, Opts, 64),
     (is_pid(Owner) andalso is_integer(Window) andalso Window >= 1 andalso Window =< 1 bsl 20
      andalso maps:size(maps:without([owner, window], Opts)) =:= 0)
         orelse erlang:error(badarg),
-    Payload = term_to_binary({Args, kwargs(Kwargs)}, ?T2B_OPTS),
+    Payload = term_to_binary({Args, pyport_args:kwargs(Kwargs)}, ?T2B_OPTS),
     Ref = make_ref(),
-    Id = new_id(),
+    Id = pyport_request:new_id(),
     Frame = term_to_binary({stream_start, Id, pyport_callbacks:owner(), M, F, Payload,
                             term_to_binary(Ref), Owner, Window}, ?T2B_OPTS),
-    case request_msg(Id, {stream_request, Id, Frame, Owner, Ref}, default_timeout(call_timeout, 30000)) of
+    case pyport_request:request_msg(Id, {stream_request, Id, Frame, Owner, Ref},
+                                    pyport_request:default_timeout(call_timeout, 30000)) of
         {ok, _} ->
             {ok, Ref};
         {error, _} = Error ->
@@ -537,7 +538,7 @@ unregister_function(Name) ->
 
 -spec function_name(term()) -> binary().
 function_name(Name) ->
-    case name(Name) of
+    case pyport_args:name(Name) of
         <<"$", _/binary>> -> erlang:error(badarg);   % reserved for pyport itself
         <<>> -> erlang:error(badarg);
         B -> B
@@ -561,9 +562,9 @@ stats() ->
     Timeout = sd_timeout(),
     try gen_server:call(?SERVER, stats, Timeout) of
         Local when is_map(Local) ->
-            Id = new_id(),
+            Id = pyport_request:new_id(),
             Frame = term_to_binary({stats, Id}, ?T2B_OPTS),
-            case decoded(request(Id, Frame, Timeout)) of
+            case pyport_request:decoded(pyport_request:request(Id, Frame, Timeout)) of
                 {ok, Port} when is_map(Port) ->
                     %% SharedDict numbers come from both: decoding from the port,
                     %% the read cache from the VM.
@@ -579,87 +580,21 @@ stats() ->
         exit:{Reason, _} -> {error, {pyport_unavailable, {server_exit, Reason}}}
     end.
 
+
 %%====================================================================
-%% Internal: requests
+%% Internal: SharedDict requests
 %%====================================================================
-
-%% A request made by a callback's process names the callback: the port runs it
-%% on the Python thread that waits for that callback (and in the namespace of
-%% the process whose call made the callback, see pyport_callbacks:owner/0).
--spec chained(tuple()) -> tuple().
-chained(Request) ->
-    case pyport_callbacks:chain() of
-        undefined -> Request;
-        Chain -> erlang:append_element(Request, Chain)
-    end.
-
--spec new_id() -> pos_integer().
-new_id() ->
-    erlang:unique_integer([positive, monotonic]).
-
--spec request(pos_integer(), binary(), timeout()) -> {ok, binary()} | {error, error_reason()}.
-request(Id, Frame, Timeout) ->
-    request_msg(Id, {request, Id, Frame}, Timeout).
-
-%% The server answers {ok, PayloadBinary} | {error, Reason}. A caller that
-%% times out cancels its request; gen_server:call's alias drops a late reply.
--spec request_msg(pos_integer(), tuple(), timeout()) ->
-          {ok, binary()} | {error, error_reason()}.
-request_msg(Id, Msg, Timeout) ->
-    Size = byte_size(element(3, Msg)),
-    case application:get_env(pyport, max_frame_bytes, ?MAX_FRAME) of
-        Max when is_integer(Max), Size > Max ->
-            %% The port program treats a longer frame as a corrupt stream and
-            %% exits: refuse it here, before it costs other callers their requests.
-            {error, {request_too_large, Size, Max}};
-        _ ->
-            send_request(Id, Msg, Timeout)
-    end.
-
--spec send_request(pos_integer(), tuple(), timeout()) ->
-          {ok, binary()} | {error, error_reason()}.
-send_request(Id, Msg, Timeout) ->
-    try
-        gen_server:call(?SERVER, Msg, Timeout)
-    catch
-        exit:{timeout, _} ->
-            ok = gen_server:cast(?SERVER, {cancel, Id}),
-            {error, timeout};
-        exit:{noproc, _} ->
-            {error, {pyport_unavailable, not_started}};
-        exit:{Reason, _} ->
-            {error, {pyport_unavailable, {server_exit, Reason}}}
-    end.
-
-%% Results are decoded with `[safe]': nothing Python returns can create an
-%% atom (or a pid of a made-up node) in this VM.
--spec decoded({ok, binary()} | {error, error_reason()}) -> result(term()).
-decoded({ok, Payload}) ->
-    try binary_to_term(Payload, [safe]) of
-        Value -> {ok, Value}
-    catch
-        error:badarg -> {error, {pyport_bad_reply, undecodable}}
-    end;
-decoded({error, _} = Error) ->
-    Error.
 
 -spec sd_payload(binary()) -> term().
 sd_payload(Payload) ->
-    case decoded({ok, Payload}) of
+    case pyport_request:decoded({ok, Payload}) of
         {ok, Value} -> Value;
         {error, Reason} -> erlang:error(Reason)
     end.
 
--spec default_timeout(atom(), timeout()) -> timeout().
-default_timeout(Key, Default) ->
-    case application:get_env(pyport, Key) of
-        {ok, T} when ?IS_TIMEOUT(T) -> T;
-        _ -> Default
-    end.
-
 -spec sd_timeout() -> timeout().
 sd_timeout() ->
-    default_timeout(shared_dict_timeout, 5000).
+    pyport_request:default_timeout(shared_dict_timeout, 5000).
 
 %% A handle from another port generation is destroyed: no need to ask.
 -spec is_current(shared_dict()) -> boolean().
@@ -674,7 +609,7 @@ is_current({?SD_TAG, Gen, _, _}) ->
 -spec sd_request(shared_dict(), pos_integer(), tuple()) -> {ok, binary()} | {error, term()}.
 sd_request(SD, Id, Msg) ->
     is_current(SD) orelse erlang:error({shared_dict_destroyed, SD}),
-    sd_result(SD, request_msg(Id, Msg, sd_timeout())).
+    sd_result(SD, pyport_request:request_msg(Id, Msg, sd_timeout())).
 
 -spec sd_result(shared_dict() | shared_dict_new,
                 {ok, binary()} | {error, error_reason()}) ->
@@ -693,170 +628,3 @@ sd_ok(_SD, {error, not_owner}) -> erlang:error(not_owner);
 sd_ok(_SD, {ok, Payload}) -> Payload;
 sd_ok(_SD, {error, Reason}) -> erlang:error(Reason).
 
-%%====================================================================
-%% Internal: argument checks and normalisation
-%%====================================================================
-
--spec is_proper_list(list()) -> boolean().
-is_proper_list([]) -> true;
-is_proper_list([_ | T]) -> is_proper_list(T);
-is_proper_list(_) -> false.
-
--spec name(term()) -> binary().
-name(A) when is_atom(A) -> atom_to_binary(A, utf8);
-name(B) when is_binary(B) -> utf8(B);
-name(L) when is_list(L) -> chars(L);
-name(_) -> erlang:error(badarg).
-
--spec code(term()) -> binary().
-code(B) when is_binary(B) -> utf8(B);
-code(L) when is_list(L) -> chars(L);
-code(_) -> erlang:error(badarg).
-
-%% A binary that must be text: invalid UTF-8 is an argument error.
--spec utf8(binary()) -> binary().
-utf8(B) ->
-    case unicode:characters_to_binary(B) of
-        Valid when is_binary(Valid) -> B;
-        _ -> erlang:error(badarg)
-    end.
-
--spec chars(list()) -> binary().
-chars(L) ->
-    try unicode:characters_to_binary(L) of
-        B when is_binary(B) -> B;
-        _ -> erlang:error(badarg)
-    catch
-        error:badarg -> erlang:error(badarg)
-    end.
-
-%% Kwargs: atom keys become UTF-8 binaries; two keys naming the same
-%% argument (a and <<"a">>) are an argument error.
--spec kwargs(kwargs()) -> #{binary() => term()}.
-kwargs([]) ->
-    #{};
-kwargs(Kwargs) when is_list(Kwargs) ->
-    %% A keyword list: a key given twice is an argument error, as in Python.
-    is_proper_list(Kwargs) orelse erlang:error(badarg),
-    Pairs = [case P of
-                 {K, _} when is_atom(K); is_binary(K) -> P;
-                 _ -> erlang:error(badarg)
-             end || P <- Kwargs],
-    Map = maps:from_list(Pairs),
-    map_size(Map) =:= length(Pairs) orelse erlang:error(badarg),
-    kwargs(Map);
-kwargs(Kwargs) when map_size(Kwargs) =:= 0 ->
-    Kwargs;
-kwargs(Kwargs) ->
-    Norm = maps:fold(fun(K, V, Acc) when is_binary(K) -> Acc#{utf8(K) => V};
-                        (K, V, Acc) when is_atom(K) -> Acc#{atom_to_binary(K, utf8) => V};
-                        (_, _, _) -> erlang:error(badarg)
-                     end, #{}, Kwargs),
-    map_size(Norm) =:= map_size(Kwargs) orelse erlang:error(badarg),
-    Norm.
-
-%% Locals: every key must be a Python identifier, not a dunder name and not a
-%% keyword. Keys are NFKC-normalised as Python normalises identifiers in
-%% source code, so a key binds the variable that code spelling it refers to.
--spec locals(map()) -> #{binary() => term()}.
-locals(Locals) when map_size(Locals) =:= 0 ->
-    Locals;
-locals(Locals) ->
-    Norm = maps:fold(fun(K, V, Acc) -> Acc#{identifier(K) => V} end, #{}, Locals),
-    map_size(Norm) =:= map_size(Locals) orelse erlang:error(badarg),
-    Norm.
-
--spec identifier(term()) -> binary().
-identifier(A) when is_atom(A) ->
-    identifier(atom_to_binary(A, utf8));
-identifier(B) when is_binary(B) ->
-    Name = case ascii_identifier(B) of
-               true -> B;
-               non_ascii -> unicode_identifier(B);
-               false -> erlang:error(badarg)
-           end,
-    (is_keyword(Name) orelse is_dunder(Name)) andalso erlang:error(badarg),
-    Name;
-identifier(_) ->
-    erlang:error(badarg).
-
--spec ascii_identifier(binary()) -> boolean() | non_ascii.
-ascii_identifier(<<C, Rest/binary>>)
-  when (C >= $a andalso C =< $z); (C >= $A andalso C =< $Z); C =:= $_ ->
-    ascii_identifier_rest(Rest);
-ascii_identifier(<<C, _/binary>>) when C >= 128 ->
-    non_ascii;
-ascii_identifier(_) ->
-    false.
-
--spec ascii_identifier_rest(binary()) -> boolean() | non_ascii.
-ascii_identifier_rest(<<C, Rest/binary>>)
-  when (C >= $a andalso C =< $z); (C >= $A andalso C =< $Z); (C >= $0 andalso C =< $9);
-       C =:= $_ ->
-    ascii_identifier_rest(Rest);
-ascii_identifier_rest(<<>>) ->
-    true;
-ascii_identifier_rest(<<C, _/binary>>) when C >= 128 ->
-    non_ascii;
-ascii_identifier_rest(_) ->
-    false.
-
-%% Python identifiers: XID_Start (or _) followed by XID_Continue, checked
-%% after NFKC normalisation (approximated with Unicode general categories).
--spec unicode_identifier(binary()) -> binary().
-unicode_identifier(B) ->
-    Norm = try unicode:characters_to_nfkc_binary(B) of
-               N when is_binary(N) -> N;
-               _ -> erlang:error(badarg)
-           catch
-               error:badarg -> erlang:error(badarg)
-           end,
-    Pattern = "\\A[\\p{L}\\p{Nl}_][\\p{L}\\p{Nl}\\p{Mn}\\p{Mc}\\p{Nd}\\p{Pc}]*\\z",
-    case re:run(Norm, Pattern, [unicode, ucp, {capture, none}]) of
-        match -> Norm;
-        nomatch -> erlang:error(badarg)
-    end.
-
--spec is_dunder(binary()) -> boolean().
-is_dunder(<<"__", _/binary>> = B) when byte_size(B) >= 5 ->
-    binary:part(B, byte_size(B) - 2, 2) =:= <<"__">>;
-is_dunder(_) ->
-    false.
-
--spec is_keyword(binary()) -> boolean().
-is_keyword(<<"False">>) -> true;
-is_keyword(<<"None">>) -> true;
-is_keyword(<<"True">>) -> true;
-is_keyword(<<"and">>) -> true;
-is_keyword(<<"as">>) -> true;
-is_keyword(<<"assert">>) -> true;
-is_keyword(<<"async">>) -> true;
-is_keyword(<<"await">>) -> true;
-is_keyword(<<"break">>) -> true;
-is_keyword(<<"class">>) -> true;
-is_keyword(<<"continue">>) -> true;
-is_keyword(<<"def">>) -> true;
-is_keyword(<<"del">>) -> true;
-is_keyword(<<"elif">>) -> true;
-is_keyword(<<"else">>) -> true;
-is_keyword(<<"except">>) -> true;
-is_keyword(<<"finally">>) -> true;
-is_keyword(<<"for">>) -> true;
-is_keyword(<<"from">>) -> true;
-is_keyword(<<"global">>) -> true;
-is_keyword(<<"if">>) -> true;
-is_keyword(<<"import">>) -> true;
-is_keyword(<<"in">>) -> true;
-is_keyword(<<"is">>) -> true;
-is_keyword(<<"lambda">>) -> true;
-is_keyword(<<"nonlocal">>) -> true;
-is_keyword(<<"not">>) -> true;
-is_keyword(<<"or">>) -> true;
-is_keyword(<<"pass">>) -> true;
-is_keyword(<<"raise">>) -> true;
-is_keyword(<<"return">>) -> true;
-is_keyword(<<"try">>) -> true;
-is_keyword(<<"while">>) -> true;
-is_keyword(<<"with">>) -> true;
-is_keyword(<<"yield">>) -> true;
-is_keyword(_) -> false.

@@ -18,6 +18,7 @@
 
 -export([new_table/0, register/2, unregister/1, lookup/1, start/5, chain/0, owner/0,
          start_sender/0, deliver/3]).
+-export([started/6, cancelled/2, ended/2, kill_all/1]).
 -export([sender_loop/0]).
 
 -define(TABLE, pyport_functions).
@@ -28,7 +29,11 @@
 -define(SENDER_BACKLOG, 1000).
 
 -type function_spec() :: fun((list()) -> term()) | {module(), atom()}.
--export_type([function_spec/0]).
+-export_type([function_spec/0, running/0]).
+
+-type running() :: #{non_neg_integer() => {pid(), reference()}}.
+%% The callbacks of the port that run in processes of their own, by callback id:
+%% the process and the server's monitor of it. Kept by `pyport_server'.
 
 %% @doc Creates the registry table, owned by the calling process (the supervisor).
 -spec new_table() -> ok.
@@ -216,3 +221,50 @@ sender_loop() ->
     end,
     %% A fully qualified call: a new version of this module takes over the loop.
     ?MODULE:sender_loop().
+
+%%====================================================================
+%% The server's record of running callback processes
+%%====================================================================
+
+%% @doc The port asks for callback `CbId': start it (see {@link start/5}) and,
+%% when it runs in a process, watch that process.
+-spec started(non_neg_integer(), binary(), binary(), term(), port(), running()) -> running().
+started(CbId, Name, Args, Caller0, Port, Running) ->
+    Caller = case is_pid(Caller0) of
+                 true -> Caller0;
+                 false -> undefined
+             end,
+    case start(CbId, Name, Args, Caller, Port) of
+        {ok, Pid} -> maps:put(CbId, {Pid, erlang:monitor(process, Pid)}, Running);
+        answered -> Running
+    end.
+
+%% @doc Python stopped waiting for callback `CbId': its work is of no use to
+%% anyone, so its process is killed.
+-spec cancelled(non_neg_integer(), running()) -> running().
+cancelled(CbId, Running) ->
+    case maps:take(CbId, Running) of
+        {{Pid, MRef}, Running1} ->
+            erlang:demonitor(MRef, [flush]),
+            exit(Pid, kill),
+            Running1;
+        error ->
+            Running
+    end.
+
+%% @doc The monitor `MRef' fired: if it watched a callback process, that
+%% callback ended (it answered the port itself, or died trying).
+-spec ended(reference(), running()) -> running().
+ended(MRef, Running) ->
+    case [Id || {Id, {_, R}} <- maps:to_list(Running), R =:= MRef] of
+        [Id] -> maps:remove(Id, Running);
+        [] -> Running
+    end.
+
+%% @doc The port died: its callbacks' processes are killed.
+-spec kill_all(running()) -> ok.
+kill_all(Running) ->
+    maps:foreach(fun(_Id, {Pid, MRef}) ->
+                         erlang:demonitor(MRef, [flush]),
+                         exit(Pid, kill)
+                 end, Running).

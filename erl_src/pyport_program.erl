@@ -6,6 +6,10 @@
 -include_lib("kernel/include/logger.hrl").
 
 -export([executable/0, args/1, kill/2, kill_group/2, is_group_leader/1, env_int/2]).
+-export([startup_config/0, startup_timeout/0, heartbeat_timeout/0, check_interval/1,
+         restart_delay/1]).
+
+-define(FIRST_BACKOFF, 100).
 
 %% @doc The path of the port program: app env `pyport_executable' if set, else
 %% `priv/pyport' of the application (located from this module's `.beam' when
@@ -149,3 +153,70 @@ watchdog_arg() ->
         _ -> []
     end.
 
+%%====================================================================
+%% Configuration read from the app env
+%%====================================================================
+
+%% @doc What the port runs before anything else: the app env `sys_path' (a list
+%% of directories; a single directory string is accepted too) and
+%% `startup_code', as binaries. Raises `{bad_config, Value}' for a value that is
+%% not a string.
+-spec startup_config() -> {[binary()], binary()}.
+startup_config() ->
+    {[to_binary(P) || P <- sys_path()],
+     to_binary(application:get_env(pyport, startup_code, <<>>))}.
+
+%% @doc The wait before the `N'th restart of a port that keeps dying before it
+%% is ready: 100 ms, 200 ms, ... up to the app env `restart_backoff_max'.
+-spec restart_delay(pos_integer()) -> pos_integer().
+restart_delay(N) ->
+    Max = env_int(restart_backoff_max, 5000),
+    min(Max, ?FIRST_BACKOFF bsl min(N - 1, 20)).
+
+%% @doc The app env `heartbeat_timeout_ms': how long the port may stay silent.
+-spec heartbeat_timeout() -> pos_integer() | infinity.
+heartbeat_timeout() ->
+    case application:get_env(pyport, heartbeat_timeout_ms) of
+        {ok, infinity} -> infinity;
+        {ok, N} when is_integer(N), N > 0 -> N;
+        _ -> 5000
+    end.
+
+%% @doc How often liveness is checked for a heartbeat timeout.
+-spec check_interval(pos_integer()) -> pos_integer().
+check_interval(Timeout) ->
+    max(10, Timeout div 2).
+
+%% @doc The app env `startup_timeout_ms': how long start-up code may run.
+-spec startup_timeout() -> timeout().
+startup_timeout() ->
+    case application:get_env(pyport, startup_timeout_ms) of
+        {ok, T} when T =:= infinity; is_integer(T), T >= 0 -> T;
+        _ -> 60000
+    end.
+
+-spec sys_path() -> list().
+sys_path() ->
+    case application:get_env(pyport, sys_path) of
+        {ok, []} -> [];
+        {ok, L} when is_list(L) ->
+            case io_lib:printable_unicode_list(L) of
+                true -> [L];
+                false -> L
+            end;
+        {ok, B} when is_binary(B) -> [B];
+        _ -> []
+    end.
+
+-spec to_binary(term()) -> binary().
+to_binary(B) when is_binary(B) -> B;
+to_binary(A) when is_atom(A) -> atom_to_binary(A, utf8);
+to_binary(L) when is_list(L) ->
+    try unicode:characters_to_binary(L) of
+        B when is_binary(B) -> B;
+        _ -> erlang:error({bad_config, L})
+    catch
+        error:badarg -> erlang:error({bad_config, L})
+    end;
+to_binary(Other) ->
+    erlang:error({bad_config, Other}).

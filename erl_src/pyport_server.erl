@@ -26,7 +26,6 @@
 
 -define(GEN_KEY, {?MODULE, generation}).
 -define(T2B_OPTS, [{minor_version, 2}]).
--define(FIRST_BACKOFF, 100).
 
 -type request_id() :: pos_integer().
 -type exit_info() :: not_started | {exit_status, integer()} | {port_exit, term()}
@@ -67,7 +66,7 @@
           %% bound on the SharedDict read cache (app env shared_dict_cache_bytes)
           cache_max = 0 :: non_neg_integer(),
           %% callbacks running in processes of their own: id => {pid, monitor}
-          callbacks = #{} :: #{non_neg_integer() => {pid(), reference()}},
+          callbacks = #{} :: pyport_callbacks:running(),
           %% delivers erlang.send messages (decoding them outside this process)
           sender :: pid() | undefined,
           %% streams the port runs: ref => owner, told if the port dies
@@ -331,29 +330,12 @@ port_message({pyport_sd_invalidate, SD, Key}, State) when is_tuple(SD), is_binar
 port_message({pyport_sd_invalidate, SD}, State) when is_tuple(SD) ->
     ok = pyport_sd_cache:invalidate_dict(SD),
     State;
-port_message({pyport_callback, CbId, Name, Args, Caller0}, #state{port = Port} = State)
+port_message({pyport_callback, CbId, Name, Args, Caller}, #state{port = Port} = State)
   when is_integer(CbId), is_binary(Name), is_binary(Args), Port =/= undefined ->
-    Caller = case is_pid(Caller0) of
-                 true -> Caller0;
-                 false -> undefined
-             end,
-    case pyport_callbacks:start(CbId, Name, Args, Caller, Port) of
-        {ok, Pid} ->
-            MRef = erlang:monitor(process, Pid),
-            State#state{callbacks = maps:put(CbId, {Pid, MRef}, State#state.callbacks)};
-        answered ->
-            State
-    end;
+    Cbs = pyport_callbacks:started(CbId, Name, Args, Caller, Port, State#state.callbacks),
+    State#state{callbacks = Cbs};
 port_message({pyport_callback_cancel, CbId}, #state{callbacks = Cbs} = State) ->
-    %% Python stopped waiting: the callback's work is of no use to anyone.
-    case maps:take(CbId, Cbs) of
-        {{Pid, MRef}, Cbs1} ->
-            erlang:demonitor(MRef, [flush]),
-            exit(Pid, kill),
-            State#state{callbacks = Cbs1};
-        error ->
-            State
-    end;
+    State#state{callbacks = pyport_callbacks:cancelled(CbId, Cbs)};
 port_message({pyport_send, To, Msg}, #state{sender = Sender} = State)
   when is_pid(To), is_binary(Msg) ->
     ok = pyport_callbacks:deliver(Sender, To, Msg),
@@ -468,10 +450,7 @@ send_held(Id, Frame, #state{port = Port, pending = Pending} = State) ->
 %% A callback process ended (it answered the port itself, or died trying).
 -spec callback_down(reference(), state()) -> state().
 callback_down(MRef, #state{callbacks = Cbs} = State) ->
-    case [Id || {Id, {_, R}} <- maps:to_list(Cbs), R =:= MRef] of
-        [Id] -> State#state{callbacks = maps:remove(Id, Cbs)};
-        [] -> State
-    end.
+    State#state{callbacks = pyport_callbacks:ended(MRef, Cbs)}.
 
 -spec local_stats(state()) -> map().
 local_stats(#state{} = S) ->
@@ -551,16 +530,13 @@ start_port(#state{gen = Gen} = State) ->
 
 -spec send_startup(state()) -> state().
 send_startup(State) ->
-    try
-        {[to_binary(P) || P <- sys_path()],
-         to_binary(application:get_env(pyport, startup_code, <<>>))}
-    of
+    try pyport_program:startup_config() of
         {[], <<>>} ->
             State;
         {SysPath, Code} ->
             Id = erlang:unique_integer([positive, monotonic]),
             send_frame(State, {startup, Id, SysPath, Code}),
-            TRef = case startup_timeout() of
+            TRef = case pyport_program:startup_timeout() of
                        infinity -> undefined;
                        T -> erlang:start_timer(T, self(), startup_timeout)
                    end,
@@ -580,10 +556,7 @@ port_down(Exit, Reply, #state{pending = Pending, owners = Owners} = State) ->
     kill_group_of(State),
     %% Callbacks of the dead port: nobody waits for them, and their ids would name
     %% the new port's callbacks.
-    maps:foreach(fun(_Id, {Pid, MRef}) ->
-                         erlang:demonitor(MRef, [flush]),
-                         exit(Pid, kill)
-                 end, State#state.callbacks),
+    ok = pyport_callbacks:kill_all(State#state.callbacks),
     %% The streams of the dead port end with the reason its callers get.
     {error, StreamReason} = Reply,
     maps:foreach(fun(Ref, Owner) -> Owner ! {py_stream, Ref, {error, StreamReason}} end,
@@ -616,9 +589,9 @@ reply_all(Pending, Reply) ->
 
 -spec schedule_heartbeat(state()) -> state().
 schedule_heartbeat(State) ->
-    case heartbeat_timeout() of
+    case pyport_program:heartbeat_timeout() of
         infinity -> State;
-        Timeout -> erlang:send_after(check_interval(Timeout), self(), heartbeat), State
+        Timeout -> erlang:send_after(pyport_program:check_interval(Timeout), self(), heartbeat), State
     end.
 
 %% Each check asks the port for a heartbeat and counts the checks that found
@@ -630,11 +603,11 @@ check_liveness(#state{port = undefined} = State) ->
     State#state{last_check = now_ms(), silent_checks = 0};
 check_liveness(#state{last_check = LastCheck, last_rx = LastRx} = State) ->
     Now = now_ms(),
-    case heartbeat_timeout() of
+    case pyport_program:heartbeat_timeout() of
         infinity ->
             State#state{last_check = Now};
         Timeout ->
-            Late = Now - LastCheck > 2 * check_interval(Timeout),
+            Late = Now - LastCheck > 2 * pyport_program:check_interval(Timeout),
             Silent = Now - LastRx >= Timeout,
             Seq = State#state.heartbeat_seq + 1,
             send_frame(State, {heartbeat, Seq}),
@@ -657,18 +630,6 @@ unresponsive(SilentMs, #state{port = Port, os_pid = OsPid} = State) ->
     _ = (catch erlang:port_close(Port)),
     port_down({exit_status, 137}, {error, {pyport_exit, 137}}, State#state{group_leader = false}).
 
--spec heartbeat_timeout() -> pos_integer() | infinity.
-heartbeat_timeout() ->
-    case application:get_env(pyport, heartbeat_timeout_ms) of
-        {ok, infinity} -> infinity;
-        {ok, N} when is_integer(N), N > 0 -> N;
-        _ -> 5000
-    end.
-
--spec check_interval(pos_integer()) -> pos_integer().
-check_interval(Timeout) ->
-    max(10, Timeout div 2).
-
 -spec now_ns() -> integer().
 now_ns() ->
     erlang:monotonic_time(nanosecond).
@@ -688,9 +649,7 @@ cancel_timer(TRef) -> _ = erlang:cancel_timer(TRef), ok.
 schedule_restart(#state{failures = 0} = State) ->
     start_port(State#state{failures = 1});
 schedule_restart(#state{failures = N} = State) ->
-    Max = pyport_program:env_int(restart_backoff_max, 5000),
-    Delay = min(Max, ?FIRST_BACKOFF bsl min(N - 1, 20)),
-    TRef = erlang:start_timer(Delay, self(), restart_port),
+    TRef = erlang:start_timer(pyport_program:restart_delay(N), self(), restart_port),
     State#state{failures = N + 1, restart_timer = TRef}.
 
 %% Kill the port program's process group, so that processes Python started die
@@ -708,41 +667,3 @@ send_frame(#state{port = Port}, Term) ->
     catch
         error:badarg -> ok
     end.
-
-%%====================================================================
-%% Helpers
-%%====================================================================
-
--spec startup_timeout() -> timeout().
-startup_timeout() ->
-    case application:get_env(pyport, startup_timeout_ms) of
-        {ok, T} when T =:= infinity; is_integer(T), T >= 0 -> T;
-        _ -> 60000
-    end.
-
-%% sys_path: a list of directories; a single directory string is accepted too.
--spec sys_path() -> list().
-sys_path() ->
-    case application:get_env(pyport, sys_path) of
-        {ok, []} -> [];
-        {ok, L} when is_list(L) ->
-            case io_lib:printable_unicode_list(L) of
-                true -> [L];
-                false -> L
-            end;
-        {ok, B} when is_binary(B) -> [B];
-        _ -> []
-    end.
-
--spec to_binary(term()) -> binary().
-to_binary(B) when is_binary(B) -> B;
-to_binary(A) when is_atom(A) -> atom_to_binary(A, utf8);
-to_binary(L) when is_list(L) ->
-    try unicode:characters_to_binary(L) of
-        B when is_binary(B) -> B;
-        _ -> erlang:error({bad_config, L})
-    catch
-        error:badarg -> erlang:error({bad_config, L})
-    end;
-to_binary(Other) ->
-    erlang:error({bad_config, Other}).

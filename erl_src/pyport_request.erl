@@ -1,0 +1,87 @@
+%% @private
+%% @doc Sending one request to the port through `pyport_server' and reading its
+%% answer: request ids, the callback chain of a nested request, the frame-size
+%% check, timeouts (a caller that gives up cancels its request) and the safe
+%% decoding of results. Used by {@link py} and by nothing that users call.
+-module(pyport_request).
+
+-export([new_id/0, chained/1, request/3, request_msg/3, decoded/1, default_timeout/2]).
+
+-define(SERVER, pyport_server).
+%% Default of the largest request frame (app env max_frame_bytes, passed to the
+%% port program as --max-frame-bytes): 1 GiB.
+-define(MAX_FRAME, (1 bsl 30)).
+-define(IS_TIMEOUT(T), (T =:= infinity orelse (is_integer(T) andalso T >= 0 andalso T =< 16#FFFFFFFF))).
+
+%% @doc A request made by a callback's process names the callback: the port runs it
+%% on the Python thread that waits for that callback (and in the namespace of
+%% the process whose call made the callback, see pyport_callbacks:owner/0).
+-spec chained(tuple()) -> tuple().
+chained(Request) ->
+    case pyport_callbacks:chain() of
+        undefined -> Request;
+        Chain -> erlang:append_element(Request, Chain)
+    end.
+
+%% @doc A request id: unique in this VM and increasing.
+-spec new_id() -> pos_integer().
+new_id() ->
+    erlang:unique_integer([positive, monotonic]).
+
+%% @doc Sends the request frame `Frame' (id `Id') and waits up to `Timeout'
+%% for the port's answer.
+-spec request(pos_integer(), binary(), timeout()) -> {ok, binary()} | {error, py:error_reason()}.
+request(Id, Frame, Timeout) ->
+    request_msg(Id, {request, Id, Frame}, Timeout).
+
+%% @doc Sends `Msg' (`{request, Id, Frame, ...}', as the server takes it) unless
+%% its frame is over `max_frame_bytes'. The server answers `{ok, PayloadBinary}'
+%% or `{error, Reason}'. A caller that
+%% times out cancels its request; gen_server:call's alias drops a late reply.
+-spec request_msg(pos_integer(), tuple(), timeout()) ->
+          {ok, binary()} | {error, py:error_reason()}.
+request_msg(Id, Msg, Timeout) ->
+    Size = byte_size(element(3, Msg)),
+    case application:get_env(pyport, max_frame_bytes, ?MAX_FRAME) of
+        Max when is_integer(Max), Size > Max ->
+            %% The port program treats a longer frame as a corrupt stream and
+            %% exits: refuse it here, before it costs other callers their requests.
+            {error, {request_too_large, Size, Max}};
+        _ ->
+            send_request(Id, Msg, Timeout)
+    end.
+
+-spec send_request(pos_integer(), tuple(), timeout()) ->
+          {ok, binary()} | {error, py:error_reason()}.
+send_request(Id, Msg, Timeout) ->
+    try
+        gen_server:call(?SERVER, Msg, Timeout)
+    catch
+        exit:{timeout, _} ->
+            ok = gen_server:cast(?SERVER, {cancel, Id}),
+            {error, timeout};
+        exit:{noproc, _} ->
+            {error, {pyport_unavailable, not_started}};
+        exit:{Reason, _} ->
+            {error, {pyport_unavailable, {server_exit, Reason}}}
+    end.
+
+%% @doc Results are decoded with `[safe]': nothing Python returns can create an
+%% atom (or a pid of a made-up node) in this VM.
+-spec decoded({ok, binary()} | {error, py:error_reason()}) -> py:result(term()).
+decoded({ok, Payload}) ->
+    try binary_to_term(Payload, [safe]) of
+        Value -> {ok, Value}
+    catch
+        error:badarg -> {error, {pyport_bad_reply, undecodable}}
+    end;
+decoded({error, _} = Error) ->
+    Error.
+
+%% @doc The app env `Key' if it is a valid timeout, else `Default'.
+-spec default_timeout(atom(), timeout()) -> timeout().
+default_timeout(Key, Default) ->
+    case application:get_env(pyport, Key) of
+        {ok, T} when ?IS_TIMEOUT(T) -> T;
+        _ -> Default
+    end.
