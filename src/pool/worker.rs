@@ -1,0 +1,198 @@
+//! What a worker thread does: wait for a job (its own queue first, then the shared one,
+//! polling briefly before it sleeps where that pays, see `spin`), run it with the canceller
+//! told where it runs, send its reply, and retire when a spare has been idle too long.
+
+use super::*;
+
+impl Pool {
+    pub(super) fn worker_loop(self: Arc<Self>, me: Arc<Worker>) {
+        Python::attach(|py| {
+            let slot = Arc::new(Slot::current(me.id));
+            crate::cancel::set_current_slot(slot.clone());
+            let mut reply: Option<Frame> = None;
+            loop {
+                self.idle.fetch_add(1, Ordering::AcqRel);
+                let job = py.detach(|| {
+                    // The reply goes out here, detached: writing may block on the pipe.
+                    if let Some(frame) = reply.take() {
+                        crate::latency::writing();
+                        self.deliver(&me, frame);
+                    }
+                    let job = self.next_job(&me);
+                    if let Some(job) = &job {
+                        crate::latency::dequeued(job.id());
+                    }
+                    job
+                });
+                let idle_now = self.idle.fetch_sub(1, Ordering::AcqRel) - 1;
+                let Some(job) = job else { break };
+                // Work still queued and nobody left to take it: the manager decides whether
+                // to add a spare. (Submitters kick too, but only see the pool as it was.)
+                if idle_now == 0 && !self.jobs_rx.is_empty() {
+                    let _ = self.kick_tx.try_send(());
+                }
+                reply = self.run_tracked(py, &slot, &job);
+                me.load.fetch_sub(1, Ordering::AcqRel);
+                // Back from a request it was written off for: an ordinary worker again.
+                me.written_off.store(false, Ordering::Release);
+            }
+        });
+        self.total.fetch_sub(1, Ordering::AcqRel);
+        PYTHON_THREADS.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// The next job: from the worker's own queue first, then the shared one. Hot workers wait
+    /// for ever; a spare that waited `spare_idle` exits, unless it is home to a process.
+    fn next_job(&self, me: &Worker) -> Option<Arc<Job>> {
+        loop {
+            if let Ok(job) = me.rx.try_recv() {
+                return Some(job);
+            }
+            if let Ok(job) = self.jobs_rx.try_recv() {
+                return Some(self.took_shared(me, job));
+            }
+            if let Some(job) = self.poll_for_job(me) {
+                return Some(job);
+            }
+            let mut sel = Select::new();
+            let mine = sel.recv(&me.rx);
+            sel.recv(&self.jobs_rx);
+            let op = if me.hot {
+                sel.select()
+            } else {
+                match sel.select_timeout(self.cfg.spare_idle) {
+                    Ok(op) => op,
+                    Err(_) if self.retire(me) => return None,
+                    Err(_) => continue,
+                }
+            };
+            if op.index() == mine {
+                if let Ok(job) = op.recv(&me.rx) {
+                    return Some(job);
+                }
+            } else if let Ok(job) = op.recv(&self.jobs_rx) {
+                return Some(self.took_shared(me, job));
+            }
+        }
+    }
+
+    /// An idle spare leaves the pool, unless it is home to a process or has work queued.
+    fn retire(&self, me: &Worker) -> bool {
+        let mut s = self.sched.lock();
+        if s.homes.homes_on(me.id) > 0 || !me.rx.is_empty() {
+            return false;
+        }
+        s.workers.remove(&me.id);
+        true
+    }
+
+    /// Polls briefly for the next job, but only while this is the pool's only worker (the
+    /// default pool serving a sequential caller). With several workers, a polling one takes
+    /// jobs while another holds the GIL and the two hand it back and forth: 64 callers on
+    /// 16 hot workers ran at half the calls/s. And every polling thread takes a core from
+    /// the VM itself, which has only two here.
+    fn poll_for_job(&self, me: &Worker) -> Option<Arc<Job>> {
+        if !me.hot || self.total.load(Ordering::Acquire) > 1 {
+            return None;
+        }
+        crate::spin::spin_for(|| match me.rx.try_recv() {
+            Ok(job) => Some(job),
+            Err(_) => self.jobs_rx.try_recv().ok().map(|job| self.took_shared(me, job)),
+        })
+    }
+
+    /// A request from the shared queue now counts as this worker's load. (Its own queue's
+    /// requests were counted when they were sent, under `sched`.) This count comes just
+    /// after the take, outside `sched`: a home chosen in those few nanoseconds may still land
+    /// behind this request, a window the GIL no longer widens.
+    fn took_shared(&self, me: &Worker, job: Arc<Job>) -> Arc<Job> {
+        me.load.fetch_add(1, Ordering::AcqRel);
+        job
+    }
+
+    /// With no other work waiting, latency wins: write the reply on this thread. Under load,
+    /// queue it, so that the writer batches replies into few writes.
+    fn deliver(&self, me: &Worker, frame: Frame) {
+        // A job that answers by itself (a stream) or not at all returns an empty frame.
+        if frame.is_empty() {
+            return;
+        }
+        if self.jobs_rx.is_empty() && me.rx.is_empty() {
+            self.out.send_now(frame);
+        } else {
+            self.out.send(frame);
+        }
+    }
+
+    /// Runs `job`; returns its reply, or None when a coroutine went to the event loop, which
+    /// answers.
+    fn run_tracked(&self, py: Python<'_>, slot: &Arc<Slot>, job: &Arc<Job>) -> Option<Frame> {
+        let id = job.id();
+        {
+            let mut t = self.canceller.tracking.lock();
+            t.queued.remove(&id);
+            let owner_dead = job.owner().is_some_and(|o| t.dead.contains(o));
+            if t.cancelled.remove(&id) || owner_dead {
+                let last = job.owner().is_some_and(|o| t.job_done(o));
+                drop(t);
+                if let (true, Some(owner)) = (last, job.owner()) {
+                    self.free_namespace(owner);
+                }
+                return Some(protocol::error_frame(Some(id), atom("cancelled")));
+            }
+            t.running.insert(id, Running::new(slot.clone(), job.clone()));
+        }
+        let outcome = catch_unwind(AssertUnwindSafe(|| job.run(py, &self.interp))).unwrap_or_else(|panic| {
+            let msg = panic_message(&panic);
+            Outcome::Reply(protocol::error_frame(Some(id), tuple(vec![atom("internal_error"), binary(msg.as_bytes())])))
+        });
+        if crate::forks::in_forked_child() {
+            // Python code forked and the child returned here: the rest is the parent's.
+            // SAFETY: _exit ends the child without touching state it shares with the parent.
+            unsafe { libc::_exit(0) }
+        }
+        let frame = self.hand_off(py, id, outcome);
+        let free_namespace = {
+            let mut t = self.canceller.tracking.lock();
+            t.running.remove(&id);
+            t.cancelled.remove(&id);
+            if t.abandoned.remove(&id) {
+                crate::cancel::written_off_returned();
+            }
+            job.owner().is_some_and(|o| t.job_done(o))
+        };
+        if let (true, Some(owner)) = (free_namespace, job.owner()) {
+            self.free_namespace(owner);
+        }
+        // A cancel that arrived after the code finished must not hit the next request.
+        slot.clear_pending_cancel(py);
+        frame
+    }
+
+    /// Runs a request nested in a callback on the calling thread (the one waiting for that
+    /// callback); the reply to send, if any (a coroutine goes to the event loop).
+    pub fn run_nested(&self, py: Python<'_>, job: &Job) -> Option<Frame> {
+        let outcome = job.run(py, &self.interp);
+        self.hand_off(py, job.id(), outcome)
+    }
+
+    /// A coroutine goes to the event loop while the request still counts as running, so
+    /// that a cancel arriving meanwhile is kept for its task (see `aio`).
+    fn hand_off(&self, py: Python<'_>, id: u64, outcome: Outcome) -> Option<Frame> {
+        match (outcome, &self.aio) {
+            (Outcome::Reply(frame), _) => Some(frame),
+            (Outcome::Coroutine(coro), Some(aio)) => aio.hand_off(py, id, coro),
+            (Outcome::Coroutine(coro), None) => Some(crate::exec::finish(py, id, Ok(coro.into_bound(py)))),
+        }
+    }
+}
+
+fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        s.to_string()
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "panic".to_string()
+    }
+}
