@@ -1,7 +1,8 @@
 %% Documented promises of the Erlang side that no other suite pins: where the
 %% binary is found, SharedDict operations raising `{pyport_timeout, SD}' and
 %% `{pyport_unavailable, _}', and the capped restart back-off of a crash loop
-%% (README "SharedDict", "Failure semantics", "Configuration").
+%% (README "SharedDict", "Failure semantics", "Configuration"), and the
+%% `trace_latency' report of py:stats().
 -module(promises_SUITE).
 
 -include_lib("common_test/include/ct.hrl").
@@ -10,16 +11,17 @@
 -export([all/0, suite/0, init_per_suite/1, end_per_suite/1,
          init_per_testcase/2, end_per_testcase/2]).
 -export([documented_defaults/1, binary_found_next_to_ebin/1, shared_dict_timeout_raises/1,
-         crash_loop_backs_off_capped_and_reports_unavailable/1]).
+         crash_loop_backs_off_capped_and_reports_unavailable/1,
+         stats_report_latency_trace/1]).
 
--define(ENV_KEYS, [pyport_executable, shared_dict_timeout, restart_backoff_max]).
+-define(ENV_KEYS, [pyport_executable, shared_dict_timeout, restart_backoff_max, trace_latency]).
 
 suite() ->
     [{timetrap, {seconds, 60}}].
 
 all() ->
     [documented_defaults, binary_found_next_to_ebin, shared_dict_timeout_raises,
-     crash_loop_backs_off_capped_and_reports_unavailable].
+     crash_loop_backs_off_capped_and_reports_unavailable, stats_report_latency_trace].
 
 init_per_suite(Config) ->
     _ = pyport_ct_lib:start_app(),
@@ -129,3 +131,24 @@ crash_loop_backs_off_capped_and_reports_unavailable(Config) ->
 
 local(Key) ->
     maps:get(Key, gen_server:call(pyport_server, stats)).
+
+%% README "Configuration": with `trace_latency => true', py:stats() reports the
+%% traced calls as `latency_trace'. Every atom of that report must be one the
+%% VM knows before anything else names it (replies are decoded with `[safe]'),
+%% so this test names none of them: it compares their text.
+stats_report_latency_trace(_Config) ->
+    ok = pyport_ct_lib:stop_app(),
+    ok = application:set_env(pyport, trace_latency, true),
+    _ = pyport_ct_lib:start_app(),
+    {ok, _} = py:call(math, sqrt, [2.0]),
+    Stats = case py:stats() of
+                {ok, S} -> S;
+                Other -> ct:fail({stats, Other})
+            end,
+    [Trace] = [V || {K, V} <- maps:to_list(Stats), is_atom(K),
+                    atom_to_binary(K) =:= <<"latency_trace">>],
+    Fields = maps:from_list([{atom_to_binary(K), V} || {K, V} <- maps:to_list(Trace)]),
+    ?assertEqual([<<"route_ns">>, <<"queue_ns">>, <<"prepare_ns">>, <<"python_ns">>,
+                  <<"encode_ns">>, <<"release_ns">>],
+                 [atom_to_binary(A) || A <- maps:get(<<"stages">>, Fields)]),
+    ?assertMatch([{Id, [_, _, _, _, _, _]} | _] when is_integer(Id), maps:get(<<"calls">>, Fields)).

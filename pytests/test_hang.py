@@ -123,6 +123,15 @@ def test_ready_frame_lists_the_builtin_exceptions(port):
     assert b"OSError" in names and b"IOError" not in names and len(set(names)) == len(names)
 
 
+def product_code(text):
+    """A Rust file without its test code: a declaration of a test module kept in its own file
+    (`#[cfg(test)] mod tests;`, read or skipped on its own) is dropped, and an inline test
+    module (`#[cfg(test)] mod tests { ... }`, written last) ends the product code. Other
+    `#[cfg(test)]` items stay: reading them too only makes the check stricter."""
+    text = re.sub(r"#\[cfg\(test\)\]\s*(?:pub(?:\([a-z]+\))? )?mod \w+;", "", text)
+    return re.split(r"#\[cfg\(test\)\]\s*(?:pub(?:\([a-z]+\))? )?mod \w+ \{", text)[0]
+
+
 def test_every_atom_the_port_sends_exists_on_the_erlang_side():
     """Frames are decoded with binary_to_term(B, [safe]), which refuses atoms the VM does not
     know: each atom literal of the port's product code must be in pyport_frames:port_atoms/0."""
@@ -135,7 +144,7 @@ def test_every_atom_the_port_sends_exists_on_the_erlang_side():
     for path in sorted((ROOT / "src").rglob("*.rs")):
         if "tests" in path.relative_to(ROOT / "src").parts or path.name == "tests.rs":
             continue
-        code = path.read_text().split("#[cfg(test)]")[0]
+        code = product_code(path.read_text())
         sent |= set(re.findall(r'(?:\batom|put_atom)\((?:&mut out, |out, )?"([^"]+)"', code))
         # log levels and sources: .log("warning", "pyport", ..), Drain::new("info", "stdout", ..)
         for pair in re.findall(r'(?:\.log|Drain::new)\("([a-z]+)", "([a-z]+)"', code):
@@ -143,6 +152,9 @@ def test_every_atom_the_port_sends_exists_on_the_erlang_side():
         # the stats map's keys: ("dicts", reg.dicts as u64)
         sent |= set(re.findall(r'\("([a-z_]+)", [a-z]+\.[a-z_]+ as u64\)', code))
         sent |= set(re.findall(r'\("([a-z_]+)", pool\.threads', code))
+        # the latency trace's stage names: pub const STAGES: [&str; 6] = ["route_ns", ...]
+        for names in re.findall(r"const STAGES: \[&str; \d+\] = \[([^\]]*)\]", code):
+            sent |= set(re.findall(r'"([a-z_]+)"', names))
     assert len(sent) > 20, sent
     missing = sorted(sent - known)
     assert not missing, "atoms the port sends that Erlang may not know: %s" % missing
