@@ -52,6 +52,8 @@
 -export_type([name/0, code/0, kwargs/0, locals/0, result/1, error_reason/0,
               shared_dict/0, py_bytes/0]).
 
+-include("pyport.hrl").
+
 -define(SERVER, pyport_server).
 -define(T2B_OPTS, [{minor_version, 2}]).
 -define(SD_TAG, '$pyport_shared_dict').
@@ -64,7 +66,6 @@
                         andalso ?IS_U64(element(3, SD))
                         andalso is_binary(element(4, SD))
                         andalso byte_size(element(4, SD)) =:= ?TOKEN_SIZE)).
--define(IS_TIMEOUT(T), (T =:= infinity orelse (is_integer(T) andalso T >= 0 andalso T =< 16#FFFFFFFF))).
 
 -type name() :: atom() | binary() | string().
 %% A Python module or function name.
@@ -579,7 +580,6 @@ stats() ->
         exit:{noproc, _} -> {error, {pyport_unavailable, not_started}};
         exit:{Reason, _} -> {error, {pyport_unavailable, {server_exit, Reason}}}
     end.
-
 
 %%====================================================================
 %% Internal: SharedDict requests

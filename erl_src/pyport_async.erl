@@ -34,11 +34,10 @@
 
 -export_type([ref/0]).
 
+-include("pyport.hrl").
+
 -define(SERVER, pyport_server).
 -define(TAG, '$pyport_async').
-%% Same default as py.erl's largest request frame (app env max_frame_bytes).
--define(MAX_FRAME, (1 bsl 30)).
--define(IS_TIMEOUT(T), (T =:= infinity orelse (is_integer(T) andalso T >= 0 andalso T =< 16#FFFFFFFF))).
 
 -opaque ref() :: {?TAG, Caller :: pid(), Holder :: pid(), Id :: pos_integer()}.
 %% What {@link py:spawn_call/4} returns: only `Caller' may await it.
@@ -143,12 +142,10 @@ start(Mode, Id, Frame, WorkTimeout, What) ->
 holder({Mode, Caller, Id, Frame, WorkTimeout, What}) ->
     S = #holder{mode = Mode, caller = Caller, caller_mon = erlang:monitor(process, Caller),
                 id = Id, what = What},
-    Size = byte_size(Frame),
-    case application:get_env(pyport, max_frame_bytes, ?MAX_FRAME) of
-        Max when is_integer(Max), Size > Max ->
-            %% As py:call: refused here, before the port treats it as a corrupt stream.
-            finished({error, {request_too_large, Size, Max}}, S);
-        _ ->
+    case pyport_request:frame_allowed(Frame) of
+        {error, _} = TooLarge ->
+            finished(TooLarge, S);
+        ok ->
             Req = gen_server:send_request(?SERVER, {request, Id, Frame, Caller}),
             Timer = case WorkTimeout of
                         infinity -> undefined;

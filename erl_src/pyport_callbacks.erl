@@ -6,8 +6,8 @@
 %% a name coming from Python never becomes an atom.
 %%
 %% Each callback runs in a process of its own, never in the server. It knows
-%% its callback id (process dictionary `$pyport_chain'), and `py' adds that id
-%% to the requests it makes: the port runs them on the Python thread that waits
+%% its callback id (process dictionary `$pyport_chain'), and requests it makes
+%% carry that id (see `pyport_request:chained/1'): the port runs them on the Python thread that waits
 %% for this callback, so Python → Erlang → Python chains need no extra threads.
 %% The process answers the port directly; the server only kills it when Python
 %% stops waiting.
@@ -58,6 +58,7 @@ unregister(Name) ->
     true = ets:delete(?TABLE, Name),
     ok.
 
+%% @doc The function registered as `Name'.
 -spec lookup(binary()) -> {ok, function_spec()} | error.
 lookup(Name) ->
     try ets:lookup(?TABLE, Name) of

@@ -1,6 +1,8 @@
 %% @doc The port program as an OS process: where its binary is, the command
-%% line it gets from the application environment, and killing it with the
-%% processes Python started (its process group).
+%% line it gets from the application environment, killing it with the
+%% processes Python started (its process group), and the rest of its
+%% configuration that the server reads from the application environment
+%% (start-up code, start-up and heartbeat timeouts, restart back-off).
 -module(pyport_program).
 
 -include_lib("kernel/include/logger.hrl").
@@ -168,7 +170,7 @@ startup_config() ->
 
 %% @doc The wait before the `N'th restart of a port that keeps dying before it
 %% is ready: 100 ms, 200 ms, ... up to the app env `restart_backoff_max'.
--spec restart_delay(pos_integer()) -> pos_integer().
+-spec restart_delay(pos_integer()) -> integer().
 restart_delay(N) ->
     Max = env_int(restart_backoff_max, 5000),
     min(Max, ?FIRST_BACKOFF bsl min(N - 1, 20)).

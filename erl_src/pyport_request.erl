@@ -5,13 +5,15 @@
 %% decoding of results. Used by {@link py} and by nothing that users call.
 -module(pyport_request).
 
--export([new_id/0, chained/1, request/3, request_msg/3, decoded/1, default_timeout/2]).
+-export([new_id/0, chained/1, request/3, request_msg/3, decoded/1, default_timeout/2,
+         frame_allowed/1]).
+
+-include("pyport.hrl").
 
 -define(SERVER, pyport_server).
 %% Default of the largest request frame (app env max_frame_bytes, passed to the
 %% port program as --max-frame-bytes): 1 GiB.
 -define(MAX_FRAME, (1 bsl 30)).
--define(IS_TIMEOUT(T), (T =:= infinity orelse (is_integer(T) andalso T >= 0 andalso T =< 16#FFFFFFFF))).
 
 %% @doc A request made by a callback's process names the callback: the port runs it
 %% on the Python thread that waits for that callback (and in the namespace of
@@ -41,14 +43,20 @@ request(Id, Frame, Timeout) ->
 -spec request_msg(pos_integer(), tuple(), timeout()) ->
           {ok, binary()} | {error, py:error_reason()}.
 request_msg(Id, Msg, Timeout) ->
-    Size = byte_size(element(3, Msg)),
+    case frame_allowed(element(3, Msg)) of
+        ok -> send_request(Id, Msg, Timeout);
+        {error, _} = TooLarge -> TooLarge
+    end.
+
+%% @doc Whether a request frame may be sent: the port program treats a frame
+%% longer than the app env `max_frame_bytes' as a corrupt stream and exits, so
+%% such a frame is refused here, before it costs other callers their requests.
+-spec frame_allowed(binary()) -> ok | {error, {request_too_large, non_neg_integer(), integer()}}.
+frame_allowed(Frame) ->
+    Size = byte_size(Frame),
     case application:get_env(pyport, max_frame_bytes, ?MAX_FRAME) of
-        Max when is_integer(Max), Size > Max ->
-            %% The port program treats a longer frame as a corrupt stream and
-            %% exits: refuse it here, before it costs other callers their requests.
-            {error, {request_too_large, Size, Max}};
-        _ ->
-            send_request(Id, Msg, Timeout)
+        Max when is_integer(Max), Size > Max -> {error, {request_too_large, Size, Max}};
+        _ -> ok
     end.
 
 -spec send_request(pos_integer(), tuple(), timeout()) ->

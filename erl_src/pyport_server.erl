@@ -1,7 +1,8 @@
 %% @doc The process that owns the `priv/pyport' port program.
 %%
-%% The server is deliberately thin. Callers (module {@link py}) encode their
-%% request frames themselves and decode the result payloads themselves; the
+%% The server is deliberately thin. Callers (through {@link py} and
+%% `pyport_request') encode their request frames themselves and decode the
+%% result payloads themselves; the
 %% server only writes frames to the port, remembers who waits for which request
 %% id, routes replies back and watches the processes that own state in the port
 %% (their Python namespace and SharedDicts).
