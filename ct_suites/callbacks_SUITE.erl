@@ -16,6 +16,8 @@
 -include_lib("common_test/include/ct.hrl").
 -include_lib("stdlib/include/assert.hrl").
 
+-export([nested_request_cancelled_at_its_own_timeout/1,
+         outer_cancel_not_taken_back_by_nested_request/1]).
 -export([suite/0, all/0, init_per_suite/1, end_per_suite/1,
          init_per_testcase/2, end_per_testcase/2]).
 -export([register_fun_and_mf_three_spellings/1, register_names_refused/1,
@@ -116,6 +118,8 @@ all() ->
      callback_runs_in_its_own_process,
      ten_levels_on_one_worker,
      ten_levels_from_eight_callers,
+     nested_request_cancelled_at_its_own_timeout,
+     outer_cancel_not_taken_back_by_nested_request,
      callback_from_thread_started_in_call,
      send_to_self_converts,
      thousand_messages_in_order,
@@ -301,6 +305,40 @@ ten_levels_on_one_worker(_Config) ->
 down([N]) ->
     {ok, R} = py:call('__main__', up, [N - 1]),
     R.
+
+%% A request made in a callback runs on the Python thread that waits for that
+%% callback. When its own caller times out, it is cancelled there, as any request
+%% is: the loop stops, the callback returns, and the outer call finishes long
+%% before its own timeout.
+nested_request_cancelled_at_its_own_timeout(_Config) ->
+    ok = py:register_function(nested_spin,
+                              fun([]) ->
+                                      case py:exec(<<"while True: pass">>, #{}, 300) of
+                                          {error, timeout} -> <<"nested timed out">>;
+                                          Other -> Other
+                                      end
+                              end),
+    ok = py:exec(<<"import erlang">>),
+    T0 = erlang:monotonic_time(millisecond),
+    ?assertEqual({ok, <<"nested timed out">>},
+                 py:eval(<<"erlang.call('nested_spin')">>, #{}, ?LIVENESS_MS)),
+    ct:log("outer call took ~b ms", [erlang:monotonic_time(millisecond) - T0]),
+    %% The thread is free again: its next request runs.
+    ?assertEqual({ok, 2.0}, py:call(math, sqrt, [4.0], #{}, ?LIVENESS_MS)),
+    ok = py:unregister_function(nested_spin).
+
+%% The other way round: the outer call times out while a request nested in its
+%% callback runs. The cancellation ends the nested request, and still ends the
+%% outer one after it: the Python code after `erlang.call' never runs.
+outer_cancel_not_taken_back_by_nested_request(_Config) ->
+    ok = py:register_function(nested_spin_long,
+                              fun([]) -> py:exec(<<"while True: pass">>, #{}, 3 * ?LIVENESS_MS) end),
+    ok = py:exec(<<"import erlang\nreached = False">>),
+    ?assertEqual({error, timeout},
+                 py:exec(<<"erlang.call('nested_spin_long')\nreached = True">>, #{}, 500)),
+    ?assertEqual({ok, 2.0}, py:call(math, sqrt, [4.0], #{}, ?LIVENESS_MS)),
+    ?assertEqual({ok, false}, py:eval(<<"reached">>, #{}, ?LIVENESS_MS)),
+    ok = py:unregister_function(nested_spin_long).
 
 %% The same from 8 Erlang processes at once: each gets 10 (from its own namespace's
 %% up), and the port's `workers' is 1 in every stats sample taken meanwhile.

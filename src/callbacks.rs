@@ -151,7 +151,7 @@ impl Callbacks {
                     return Ok((ok, payload));
                 }
                 Ok(Event::Nested(job)) => {
-                    if let Some(frame) = self.pool.get().and_then(|p| p.run_nested(py, &job)) {
+                    if let Some(frame) = self.pool.get().and_then(|p| p.run_nested(py, job)) {
                         self.out.send(frame);
                     }
                     self.check_cancelled(py, id)?;

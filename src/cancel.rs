@@ -28,7 +28,7 @@ use parking_lot::Mutex;
 use pyo3::ffi;
 use pyo3::prelude::*;
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -46,11 +46,19 @@ pub struct Slot {
     ident: std::os::raw::c_ulong,
     /// The kernel's id for the thread, to read its CPU time from `/proc`.
     tid: libc::pid_t,
-    /// A cancellation was raised in the thread and its request has not ended yet. Code that
-    /// waits outside Python (a callback into Erlang) looks at it, since the raised exception
-    /// only shows once Python code runs again.
-    cancelled: AtomicBool,
+    /// A cancellation was raised in the thread and its request has not ended yet: the
+    /// nesting depth of that request (see `nesting`), `NOT_CANCELLED` when there is none.
+    /// Code that waits outside Python (a callback into Erlang) looks at it, since the raised
+    /// exception only shows once Python code runs again. The outermost cancelled request is
+    /// kept: a nested request ending must not take back its caller's cancellation.
+    cancelled: AtomicUsize,
+    /// How many requests run nested in callbacks on this thread just now: the worker's own
+    /// request is depth 0, one made in a callback it waits for is 1, and so on. Only the
+    /// thread itself changes it.
+    nesting: AtomicUsize,
 }
+
+const NOT_CANCELLED: usize = usize::MAX;
 
 thread_local! {
     /// The worker slot of the current thread, if it is a pool worker.
@@ -80,7 +88,12 @@ pub fn take_current_cancel(py: Python<'_>) {
 /// Whether the current thread is a worker whose request has been cancelled; `None` when
 /// it is not a worker (its waits need deadlines of their own).
 pub fn current_cancelled() -> Option<bool> {
-    CURRENT_SLOT.with(|c| c.borrow().as_ref().map(|s| s.cancelled.load(Ordering::Acquire)))
+    CURRENT_SLOT.with(|c| c.borrow().as_ref().map(|s| s.cancelled.load(Ordering::Acquire) != NOT_CANCELLED))
+}
+
+/// The worker slot of the current thread, if it is a pool worker.
+pub fn current_slot() -> Option<Arc<Slot>> {
+    CURRENT_SLOT.with(|c| c.borrow().clone())
 }
 
 impl Slot {
@@ -88,16 +101,38 @@ impl Slot {
     pub fn current(worker: usize) -> Slot {
         // SAFETY: plain queries of the calling thread's ids.
         let (ident, tid) = unsafe { (ffi::PyThread_get_thread_ident(), libc::gettid()) };
-        Slot { worker, ident, tid, cancelled: AtomicBool::new(false) }
+        Slot {
+            worker,
+            ident,
+            tid,
+            cancelled: AtomicUsize::new(NOT_CANCELLED),
+            nesting: AtomicUsize::new(0),
+        }
     }
 
     /// Clears an exception raised asynchronously in this thread that it has not seen yet,
     /// so that a cancellation that arrived after its request finished cannot hit the next.
     pub fn clear_pending_cancel(&self, _py: Python<'_>) {
-        self.cancelled.store(false, Ordering::Release);
+        self.cancelled.store(NOT_CANCELLED, Ordering::Release);
         // SAFETY: the GIL is held (the token proves it); NULL clears the pending exception.
         unsafe {
             ffi::PyThreadState_SetAsyncExc(self.ident as _, std::ptr::null_mut());
+        }
+    }
+
+    /// A request nested in a callback starts on this thread (the calling one): its depth.
+    pub fn enter_nested(&self) -> usize {
+        self.nesting.fetch_add(1, Ordering::AcqRel) + 1
+    }
+
+    /// The nested request of depth `depth` has ended. A cancellation raised for it that it
+    /// never saw is taken back, so that it cannot strike the request it was nested in; one
+    /// raised for an outer request stays. Called with the GIL held, as the raiser raises
+    /// with it held: nothing is raised between the look and the clearing.
+    pub fn leave_nested(&self, py: Python<'_>, depth: usize) {
+        self.nesting.fetch_sub(1, Ordering::AcqRel);
+        if self.cancelled.load(Ordering::Acquire) == depth {
+            self.clear_pending_cancel(py);
         }
     }
 }
@@ -117,11 +152,14 @@ pub struct Running {
     slot: Arc<Slot>,
     started: Instant,
     request: Arc<dyn Describe>,
+    /// Its nesting depth on the thread (see `Slot`).
+    depth: usize,
 }
 
 impl Running {
-    pub fn new(slot: Arc<Slot>, request: Arc<dyn Describe>) -> Running {
-        Running { slot, started: Instant::now(), request }
+    /// A worker's own request (depth 0) or one nested in a callback (see `Slot::enter_nested`).
+    pub fn new(slot: Arc<Slot>, request: Arc<dyn Describe>, depth: usize) -> Running {
+        Running { slot, started: Instant::now(), request, depth }
     }
 
     /// One line for the logs: id, caller, what, how long, and the thread's CPU time.
@@ -170,7 +208,12 @@ impl Tracking {
 
     /// Whether request `id` is still running on the worker `slot`.
     fn runs_on(&self, id: u64, slot: &Arc<Slot>) -> bool {
-        self.running.get(&id).is_some_and(|r| Arc::ptr_eq(&r.slot, slot))
+        self.depth_on(id, slot).is_some()
+    }
+
+    /// The nesting depth of request `id` if it runs on `slot`.
+    fn depth_on(&self, id: u64, slot: &Arc<Slot>) -> Option<usize> {
+        self.running.get(&id).filter(|r| Arc::ptr_eq(&r.slot, slot)).map(|r| r.depth)
     }
 
     /// A line per running request, oldest first.
@@ -305,12 +348,12 @@ impl Canceller {
                 // a worker waiting for this very lock.
                 let exc = py.get_type::<CallCancelled>();
                 let t = self.tracking.lock();
-                if t.runs_on(id, &slot) {
+                if let Some(depth) = t.depth_on(id, &slot) {
                     // SAFETY: GIL held; the type object stays alive for the call.
                     unsafe {
                         ffi::PyThreadState_SetAsyncExc(slot.ident as _, exc.as_ptr());
                     }
-                    slot.cancelled.store(true, Ordering::Release);
+                    slot.cancelled.fetch_min(depth, Ordering::AcqRel);
                 }
             });
             self.undelivered.lock().remove(&id);

@@ -140,7 +140,7 @@ impl Pool {
                 }
                 return Some(protocol::error_frame(Some(id), atom("cancelled")));
             }
-            t.running.insert(id, Running::new(slot.clone(), job.clone()));
+            t.running.insert(id, Running::new(slot.clone(), job.clone(), 0));
         }
         let outcome = catch_unwind(AssertUnwindSafe(|| job.run(py, &self.interp))).unwrap_or_else(|panic| {
             let msg = panic_message(&panic);
@@ -170,10 +170,30 @@ impl Pool {
     }
 
     /// Runs a request nested in a callback on the calling thread (the one waiting for that
-    /// callback); the reply to send, if any (a coroutine goes to the event loop).
-    pub fn run_nested(&self, py: Python<'_>, job: &Job) -> Option<Frame> {
+    /// callback); the reply to send, if any (a coroutine goes to the event loop). On a worker
+    /// it is known to the canceller like any request, at the next nesting depth, so that its
+    /// own caller's timeout interrupts it (and only it).
+    pub fn run_nested(&self, py: Python<'_>, job: Job) -> Option<Frame> {
+        let id = job.id();
+        let Some(slot) = crate::cancel::current_slot() else {
+            let outcome = job.run(py, &self.interp);
+            return self.hand_off(py, id, outcome);
+        };
+        let job = Arc::new(job);
+        let depth = slot.enter_nested();
+        self.canceller.tracking.lock().running.insert(id, Running::new(slot.clone(), job.clone(), depth));
         let outcome = job.run(py, &self.interp);
-        self.hand_off(py, job.id(), outcome)
+        let frame = self.hand_off(py, id, outcome);
+        {
+            let mut t = self.canceller.tracking.lock();
+            t.running.remove(&id);
+            t.cancelled.remove(&id);
+            if t.abandoned.remove(&id) {
+                crate::cancel::written_off_returned();
+            }
+        }
+        slot.leave_nested(py, depth);
+        frame
     }
 
     /// A coroutine goes to the event loop while the request still counts as running, so
