@@ -350,7 +350,10 @@ writer_loop(Id, SD, N, Acked, PyLast, Deadline, C, Wrong) when N > ?KEYS_PER_DIC
                 Keys -> wrong(Wrong, C, {keys_after_destroy, SD, length(Keys)})
             catch
                 error:{shared_dict_destroyed, SD} -> counters:add(C, ?DICTS_CYCLED, 1);
-                error:{pyport_timeout, _} -> counters:add(C, ?SD_TIMEOUTS, 1)
+                error:{pyport_timeout, _} -> counters:add(C, ?SD_TIMEOUTS, 1);
+                %% A kill landed between the two: destroy answers ok for a dict whose
+                %% port is going, and keys raises, as documented. The dict is gone.
+                error:{pyport_unavailable, _} -> ok
             end;
         gone ->
             ok
