@@ -17,7 +17,8 @@
 -include_lib("stdlib/include/assert.hrl").
 
 -export([nested_request_cancelled_at_its_own_timeout/1,
-         outer_cancel_not_taken_back_by_nested_request/1]).
+         outer_cancel_not_taken_back_by_nested_request/1,
+         nested_request_cancelled_before_it_starts/1]).
 -export([suite/0, all/0, init_per_suite/1, end_per_suite/1,
          init_per_testcase/2, end_per_testcase/2]).
 -export([register_fun_and_mf_three_spellings/1, register_names_refused/1,
@@ -120,6 +121,7 @@ all() ->
      ten_levels_from_eight_callers,
      nested_request_cancelled_at_its_own_timeout,
      outer_cancel_not_taken_back_by_nested_request,
+     nested_request_cancelled_before_it_starts,
      callback_from_thread_started_in_call,
      send_to_self_converts,
      thousand_messages_in_order,
@@ -338,7 +340,37 @@ outer_cancel_not_taken_back_by_nested_request(_Config) ->
                  py:exec(<<"erlang.call('nested_spin_long')\nreached = True">>, #{}, 500)),
     ?assertEqual({ok, 2.0}, py:call(math, sqrt, [4.0], #{}, ?LIVENESS_MS)),
     ?assertEqual({ok, false}, py:eval(<<"reached">>, #{}, ?LIVENESS_MS)),
+    %% Ended, not written off: the thread was freed by the cancellation.
+    ?assertEqual(0, stat(abandoned_workers)),
     ok = py:unregister_function(nested_spin_long).
+
+%% A nested request whose caller gives up before it starts never starts. Here the
+%% thread that waits for the callback has taken the request but cannot run it: a
+%% request of another process holds the GIL in C (`sum' over a range) on a spare
+%% worker. The nested caller times out meanwhile; when the GIL is free, the
+%% request is answered `cancelled' instead of running its endless loop.
+nested_request_cancelled_before_it_starts(_Config) ->
+    Self = self(),
+    ok = py:register_function(
+           nested_behind_gil,
+           fun([]) ->
+                   spawn(fun() ->
+                                 Self ! {hog, py:eval(<<"sum(range(2 * 10**8))">>, #{},
+                                                      3 * ?LIVENESS_MS)}
+                         end),
+                   pyport_ct_lib:wait_until(fun() -> stat(busy_workers) >= 2 end, ?LIVENESS_MS,
+                                            hog_running),
+                   case py:exec(<<"while True: pass">>, #{}, 200) of
+                       {error, timeout} -> <<"nested timed out">>;
+                       Other -> Other
+                   end
+           end),
+    ok = py:exec(<<"import erlang">>),
+    ?assertEqual({ok, <<"nested timed out">>},
+                 py:eval(<<"erlang.call('nested_behind_gil')">>, #{}, 3 * ?LIVENESS_MS)),
+    receive {hog, Hog} -> ?assertMatch({ok, _}, Hog) after 3 * ?LIVENESS_MS -> ct:fail(no_hog) end,
+    ?assertEqual(0, stat(abandoned_workers)),
+    ok = py:unregister_function(nested_behind_gil).
 
 %% The same from 8 Erlang processes at once: each gets 10 (from its own namespace's
 %% up), and the port's `workers' is 1 in every stats sample taken meanwhile.

@@ -40,6 +40,8 @@ pub const EXIT_GIL_WATCHDOG: i32 = 7;
 
 /// A worker thread as the canceller sees it.
 pub struct Slot {
+    /// The pool the worker belongs to (a number unique in the process).
+    pool: usize,
     /// The pool's number for the worker.
     worker: usize,
     /// CPython's id for the thread (`threading.get_ident()`), the target of the raise.
@@ -98,10 +100,11 @@ pub fn current_slot() -> Option<Arc<Slot>> {
 
 impl Slot {
     /// The calling thread, worker number `worker`, which must be attached to Python.
-    pub fn current(worker: usize) -> Slot {
+    pub fn current(pool: usize, worker: usize) -> Slot {
         // SAFETY: plain queries of the calling thread's ids.
         let (ident, tid) = unsafe { (ffi::PyThread_get_thread_ident(), libc::gettid()) };
         Slot {
+            pool,
             worker,
             ident,
             tid,
@@ -118,6 +121,11 @@ impl Slot {
         unsafe {
             ffi::PyThreadState_SetAsyncExc(self.ident as _, std::ptr::null_mut());
         }
+    }
+
+    /// The pool the worker belongs to.
+    pub fn pool(&self) -> usize {
+        self.pool
     }
 
     /// A request nested in a callback starts on this thread (the calling one): its depth.
@@ -161,6 +169,7 @@ impl Running {
     pub fn new(slot: Arc<Slot>, request: Arc<dyn Describe>, depth: usize) -> Running {
         Running { slot, started: Instant::now(), request, depth }
     }
+
 
     /// One line for the logs: id, caller, what, how long, and the thread's CPU time.
     fn describe(&self, id: u64) -> String {
@@ -209,6 +218,18 @@ impl Tracking {
     /// Whether request `id` is still running on the worker `slot`.
     fn runs_on(&self, id: u64, slot: &Arc<Slot>) -> bool {
         self.depth_on(id, slot).is_some()
+    }
+
+    /// Whether a request that runs on `slot` has been written off.
+    fn abandoned_on(&self, slot: &Arc<Slot>) -> bool {
+        self.abandoned.iter().any(|id| self.running.get(id).is_some_and(|r| Arc::ptr_eq(&r.slot, slot)))
+    }
+
+    /// Request `id`, which ran on `slot`, has ended and left `running`: whether the thread
+    /// stops counting as written off (it was, for this request, and no other request on it
+    /// still is).
+    pub fn ended_abandoned(&mut self, id: u64, slot: &Arc<Slot>) -> bool {
+        self.abandoned.remove(&id) && !self.abandoned_on(slot)
     }
 
     /// The nesting depth of request `id` if it runs on `slot`.
@@ -283,8 +304,15 @@ impl Canceller {
         let _ = self.requests.send(id);
     }
 
+    /// Workers written off: threads still running a request that ignored its cancellation
+    /// (a thread counts once, however many of its nested requests did).
     pub fn abandoned(&self) -> usize {
-        self.tracking.lock().abandoned.len()
+        let t = self.tracking.lock();
+        let mut slots: Vec<*const Slot> =
+            t.abandoned.iter().filter_map(|id| t.running.get(id)).map(|r| Arc::as_ptr(&r.slot)).collect();
+        slots.sort_unstable();
+        slots.dedup();
+        slots.len()
     }
 
     fn cancel_loop(&self, requests: Receiver<u64>, raiser: Sender<(u64, Arc<Slot>)>, on_write_off: impl Fn(usize)) {
@@ -401,6 +429,12 @@ impl Canceller {
     fn write_off_if_still_running(&self, id: u64, slot: &Arc<Slot>) -> bool {
         let mut t = self.tracking.lock();
         if !t.runs_on(id, slot) {
+            return false;
+        }
+        if t.abandoned_on(slot) {
+            // The thread is written off already, for the request this one is nested in or
+            // one nested in it: one stuck thread, one write-off.
+            t.abandoned.insert(id);
             return false;
         }
         if t.abandoned.insert(id) {

@@ -285,7 +285,10 @@ impl Router {
     /// any other in the pool.
     fn run(&self, chain: Option<u64>, job: Job) {
         let job = match chain {
-            Some(c) => self.callbacks.nested(c, job),
+            Some(c) => {
+                self.pool.expect_nested(job.id());
+                self.callbacks.nested(c, job)
+            }
             None => Some(job),
         };
         if let Some(job) = job {

@@ -142,6 +142,8 @@ pub struct PoolConfig {
 }
 
 pub struct Pool {
+    /// A number unique among the process's pools (see `Slot`).
+    id: usize,
     /// The shared queue, for requests of processes without a home.
     jobs_tx: Sender<Arc<Job>>,
     jobs_rx: Receiver<Arc<Job>>,
@@ -221,7 +223,9 @@ impl Pool {
         let canceller = Canceller::start(cfg.cancel, out.clone(), move |worker| {
             let _ = off_tx.send(worker);
         })?;
+        static NEXT_POOL: AtomicUsize = AtomicUsize::new(0);
         let pool = Arc::new(Pool {
+            id: NEXT_POOL.fetch_add(1, Ordering::Relaxed),
             jobs_tx,
             jobs_rx,
             out,
@@ -324,6 +328,12 @@ impl Pool {
     fn free_namespace(&self, owner: &Owner) {
         self.interp.drop_namespace(owner);
         self.sched.lock().homes.remove(owner);
+    }
+
+    /// Request `id` will run nested in a callback (see `run_nested`): until it starts it
+    /// counts as queued, so that a cancellation that comes first is kept for it.
+    pub fn expect_nested(&self, id: u64) {
+        self.canceller.tracking.lock().queued.insert(id);
     }
 
     /// Asks for request `id` to be cancelled (returns at once; the work needs the GIL).

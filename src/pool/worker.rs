@@ -7,7 +7,7 @@ use super::*;
 impl Pool {
     pub(super) fn worker_loop(self: Arc<Self>, me: Arc<Worker>) {
         Python::attach(|py| {
-            let slot = Arc::new(Slot::current(me.id));
+            let slot = Arc::new(Slot::current(self.id, me.id));
             crate::cancel::set_current_slot(slot.clone());
             let mut reply: Option<Frame> = None;
             loop {
@@ -156,7 +156,7 @@ impl Pool {
             let mut t = self.canceller.tracking.lock();
             t.running.remove(&id);
             t.cancelled.remove(&id);
-            if t.abandoned.remove(&id) {
+            if t.ended_abandoned(id, slot) {
                 crate::cancel::written_off_returned();
             }
             job.owner().is_some_and(|o| t.job_done(o))
@@ -172,27 +172,41 @@ impl Pool {
     /// Runs a request nested in a callback on the calling thread (the one waiting for that
     /// callback); the reply to send, if any (a coroutine goes to the event loop). On a worker
     /// it is known to the canceller like any request, at the next nesting depth, so that its
-    /// own caller's timeout interrupts it (and only it).
+    /// own caller's timeout interrupts it (and only it), also before it starts (see
+    /// `expect_nested`). A thread that is not one of this pool's workers (a thread user code started, the
+    /// asyncio loop's, a SharedDict decoder's) runs it without the canceller, as before.
     pub fn run_nested(&self, py: Python<'_>, job: Job) -> Option<Frame> {
         let id = job.id();
-        let Some(slot) = crate::cancel::current_slot() else {
-            let outcome = job.run(py, &self.interp);
-            return self.hand_off(py, id, outcome);
-        };
         let job = Arc::new(job);
-        let depth = slot.enter_nested();
-        self.canceller.tracking.lock().running.insert(id, Running::new(slot.clone(), job.clone(), depth));
-        let outcome = job.run(py, &self.interp);
-        let frame = self.hand_off(py, id, outcome);
-        {
+        let slot = crate::cancel::current_slot().filter(|s| s.pool() == self.id);
+        let tracked = {
             let mut t = self.canceller.tracking.lock();
-            t.running.remove(&id);
-            t.cancelled.remove(&id);
-            if t.abandoned.remove(&id) {
-                crate::cancel::written_off_returned();
+            t.queued.remove(&id);
+            if t.cancelled.remove(&id) {
+                return Some(protocol::error_frame(Some(id), atom("cancelled")));
             }
+            slot.map(|slot| {
+                let depth = slot.enter_nested();
+                t.running.insert(id, Running::new(slot.clone(), job.clone(), depth));
+                (slot, depth)
+            })
+        };
+        let outcome = catch_unwind(AssertUnwindSafe(|| job.run(py, &self.interp))).unwrap_or_else(|panic| {
+            let msg = panic_message(&panic);
+            Outcome::Reply(protocol::error_frame(Some(id), tuple(vec![atom("internal_error"), binary(msg.as_bytes())])))
+        });
+        let frame = self.hand_off(py, id, outcome);
+        if let Some((slot, depth)) = tracked {
+            {
+                let mut t = self.canceller.tracking.lock();
+                t.running.remove(&id);
+                t.cancelled.remove(&id);
+                if t.ended_abandoned(id, &slot) {
+                    crate::cancel::written_off_returned();
+                }
+            }
+            slot.leave_nested(py, depth);
         }
-        slot.leave_nested(py, depth);
         frame
     }
 
