@@ -18,7 +18,8 @@
 
 -export([nested_request_cancelled_at_its_own_timeout/1,
          outer_cancel_not_taken_back_by_nested_request/1,
-         nested_request_cancelled_before_it_starts/1]).
+         nested_request_cancelled_before_it_starts/1,
+         stuck_thread_written_off_once/1]).
 -export([suite/0, all/0, init_per_suite/1, end_per_suite/1,
          init_per_testcase/2, end_per_testcase/2]).
 -export([register_fun_and_mf_three_spellings/1, register_names_refused/1,
@@ -122,6 +123,7 @@ all() ->
      nested_request_cancelled_at_its_own_timeout,
      outer_cancel_not_taken_back_by_nested_request,
      nested_request_cancelled_before_it_starts,
+     stuck_thread_written_off_once,
      callback_from_thread_started_in_call,
      send_to_self_converts,
      thousand_messages_in_order,
@@ -371,6 +373,30 @@ nested_request_cancelled_before_it_starts(_Config) ->
     receive {hog, Hog} -> ?assertMatch({ok, _}, Hog) after 3 * ?LIVENESS_MS -> ct:fail(no_hog) end,
     ?assertEqual(0, stat(abandoned_workers)),
     ok = py:unregister_function(nested_behind_gil).
+
+%% A thread stuck in C with both its request and one nested in it cancelled is one
+%% written-off worker, not two: the nested `time.sleep' ignores its cancellation
+%% past abandon_after_ms (2 s), then so does the outer call's. When the sleep
+%% ends, both end and nothing stays written off.
+stuck_thread_written_off_once(_Config) ->
+    ok = py:register_function(nested_sleep,
+                              fun([]) -> py:exec(<<"import time; time.sleep(7)">>, #{}, 300) end),
+    ok = py:exec(<<"import erlang">>),
+    ?assertEqual({error, timeout}, py:eval(<<"erlang.call('nested_sleep')">>, #{}, 600)),
+    %% Watched from the write-off until the sleep ends: never more than one.
+    wait_until(fun() -> stat(abandoned_workers) > 0 end, ?LIVENESS_MS, written_off),
+    Seen = watch_abandoned(now_ms() + 3 * ?LIVENESS_MS, #{}),
+    ?assertEqual([0, 1], lists:sort(maps:keys(Seen))),
+    ?assertEqual({ok, 2.0}, py:call(math, sqrt, [4.0], #{}, ?LIVENESS_MS)),
+    ok = py:unregister_function(nested_sleep).
+
+%% The abandoned_workers values seen until it is back to 0.
+watch_abandoned(Deadline, Seen) ->
+    N = stat(abandoned_workers),
+    case N =:= 0 orelse now_ms() > Deadline of
+        true -> Seen#{N => true};
+        false -> timer:sleep(20), watch_abandoned(Deadline, Seen#{N => true})
+    end.
 
 %% The same from 8 Erlang processes at once: each gets 10 (from its own namespace's
 %% up), and the port's `workers' is 1 in every stats sample taken meanwhile.
