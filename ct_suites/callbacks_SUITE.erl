@@ -19,7 +19,8 @@
 -export([nested_request_cancelled_at_its_own_timeout/1,
          outer_cancel_not_taken_back_by_nested_request/1,
          nested_request_cancelled_before_it_starts/1,
-         stuck_thread_written_off_once/1]).
+         stuck_thread_written_off_once/1,
+         fork_in_nested_request/1]).
 -export([suite/0, all/0, init_per_suite/1, end_per_suite/1,
          init_per_testcase/2, end_per_testcase/2]).
 -export([register_fun_and_mf_three_spellings/1, register_names_refused/1,
@@ -124,6 +125,7 @@ all() ->
      outer_cancel_not_taken_back_by_nested_request,
      nested_request_cancelled_before_it_starts,
      stuck_thread_written_off_once,
+     fork_in_nested_request,
      callback_from_thread_started_in_call,
      send_to_self_converts,
      thousand_messages_in_order,
@@ -389,6 +391,26 @@ stuck_thread_written_off_once(_Config) ->
     ?assertEqual([0, 1], lists:sort(maps:keys(Seen))),
     ?assertEqual({ok, 2.0}, py:call(math, sqrt, [4.0], #{}, ?LIVENESS_MS)),
     ok = py:unregister_function(nested_sleep).
+
+%% Python code that forks in a request nested in a callback: the child returns from
+%% that request into the port's code, and must end there as a child of any request
+%% does, not carry on as a second port; the parent's wait for it returns.
+fork_in_nested_request(_Config) ->
+    Fork = <<"import os\n"
+             "pid = os.fork()\n"
+             "if pid:\n"
+             "    _, status = os.waitpid(pid, 0)\n"
+             "    result = os.waitstatus_to_exitcode(status)\n">>,
+    ok = py:register_function(nested_fork,
+                              fun([]) ->
+                                      ok = py:exec(Fork, #{}, ?LIVENESS_MS),
+                                      {ok, Code} = py:eval(<<"result">>, #{}, ?LIVENESS_MS),
+                                      Code
+                              end),
+    ok = py:exec(<<"import erlang">>),
+    ?assertEqual({ok, 0}, py:eval(<<"erlang.call('nested_fork')">>, #{}, 3 * ?LIVENESS_MS)),
+    ?assertEqual({ok, 2.0}, py:call(math, sqrt, [4.0], #{}, ?LIVENESS_MS)),
+    ok = py:unregister_function(nested_fork).
 
 %% The abandoned_workers values seen until it is back to 0.
 watch_abandoned(Deadline, Seen) ->

@@ -225,10 +225,12 @@ impl Tracking {
         self.abandoned.iter().any(|id| self.running.get(id).is_some_and(|r| Arc::ptr_eq(&r.slot, slot)))
     }
 
-    /// Request `id`, which ran on `slot`, has ended and left `running`: whether the thread
-    /// stops counting as written off (it was, for this request, and no other request on it
-    /// still is).
-    pub fn ended_abandoned(&mut self, id: u64, slot: &Arc<Slot>) -> bool {
+    /// Request `id`, which ran on `slot`, has ended: it leaves the record. Returns whether
+    /// the thread stops counting as written off (it was, for this request, and no other
+    /// request on it still is).
+    pub fn finished(&mut self, id: u64, slot: &Arc<Slot>) -> bool {
+        self.running.remove(&id);
+        self.cancelled.remove(&id);
         self.abandoned.remove(&id) && !self.abandoned_on(slot)
     }
 

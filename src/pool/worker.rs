@@ -142,21 +142,11 @@ impl Pool {
             }
             t.running.insert(id, Running::new(slot.clone(), job.clone(), 0));
         }
-        let outcome = catch_unwind(AssertUnwindSafe(|| job.run(py, &self.interp))).unwrap_or_else(|panic| {
-            let msg = panic_message(&panic);
-            Outcome::Reply(protocol::error_frame(Some(id), tuple(vec![atom("internal_error"), binary(msg.as_bytes())])))
-        });
-        if crate::forks::in_forked_child() {
-            // Python code forked and the child returned here: the rest is the parent's.
-            // SAFETY: _exit ends the child without touching state it shares with the parent.
-            unsafe { libc::_exit(0) }
-        }
+        let outcome = self.run_caught(py, job);
         let frame = self.hand_off(py, id, outcome);
         let free_namespace = {
             let mut t = self.canceller.tracking.lock();
-            t.running.remove(&id);
-            t.cancelled.remove(&id);
-            if t.ended_abandoned(id, slot) {
+            if t.finished(id, slot) {
                 crate::cancel::written_off_returned();
             }
             job.owner().is_some_and(|o| t.job_done(o))
@@ -191,23 +181,30 @@ impl Pool {
                 (slot, depth)
             })
         };
-        let outcome = catch_unwind(AssertUnwindSafe(|| job.run(py, &self.interp))).unwrap_or_else(|panic| {
-            let msg = panic_message(&panic);
-            Outcome::Reply(protocol::error_frame(Some(id), tuple(vec![atom("internal_error"), binary(msg.as_bytes())])))
-        });
+        let outcome = self.run_caught(py, &job);
         let frame = self.hand_off(py, id, outcome);
         if let Some((slot, depth)) = tracked {
-            {
-                let mut t = self.canceller.tracking.lock();
-                t.running.remove(&id);
-                t.cancelled.remove(&id);
-                if t.ended_abandoned(id, &slot) {
-                    crate::cancel::written_off_returned();
-                }
+            if self.canceller.tracking.lock().finished(id, &slot) {
+                crate::cancel::written_off_returned();
             }
             slot.leave_nested(py, depth);
         }
         frame
+    }
+
+    /// Runs `job`, a panic becoming an `internal_error` reply. In a child that Python code
+    /// forked, returning here, the child ends: the rest is the parent's.
+    fn run_caught(&self, py: Python<'_>, job: &Job) -> Outcome {
+        let outcome = catch_unwind(AssertUnwindSafe(|| job.run(py, &self.interp))).unwrap_or_else(|panic| {
+            let msg = panic_message(&panic);
+            let reason = tuple(vec![atom("internal_error"), binary(msg.as_bytes())]);
+            Outcome::Reply(protocol::error_frame(Some(job.id()), reason))
+        });
+        if crate::forks::in_forked_child() {
+            // SAFETY: _exit ends the child without touching state it shares with the parent.
+            unsafe { libc::_exit(0) }
+        }
+        outcome
     }
 
     /// A coroutine goes to the event loop while the request still counts as running, so
