@@ -31,6 +31,43 @@ pub struct Handle {
 pub const HANDLE_TAG: &str = "$pyport_shared_dict";
 pub const BYTES_TAG: &str = "$pyport_bytes";
 
+/// A tuple the protocol gives a meaning of its own, as its ETF holds it.
+pub enum Tagged<'a> {
+    /// `{'$pyport_bytes', Bin}`: `Bin` is Python `bytes`.
+    Bytes(&'a [u8]),
+    /// `{'$pyport_shared_dict', Generation, Id, Token}`: a SharedDict handle.
+    Handle { generation: u64, id: u64, token: &'a [u8] },
+}
+
+/// Reads a tagged tuple of `arity` elements, `r` just past the tuple's header: moves `r`
+/// past it when it is one, and leaves `r` untouched when it is an ordinary tuple. Both
+/// converters (`convert` to Python, `pickle_etf` to pickles) read tagged tuples here.
+pub fn probe_tagged<'a>(r: &mut etf::Reader<'a>, arity: usize) -> Result<Option<Tagged<'a>>, TermError> {
+    if arity != 2 && arity != 4 {
+        return Ok(None);
+    }
+    let mut probe = *r;
+    let tag = probe.u8()?;
+    if !etf::is_atom_tag(tag) {
+        return Ok(None);
+    }
+    let name = probe.atom_body(tag)?;
+    let tagged = match (arity, name) {
+        (2, n) if n == BYTES_TAG.as_bytes() => etf::probe_binary(&mut probe).map(Tagged::Bytes),
+        (4, n) if n == HANDLE_TAG.as_bytes() => (|| {
+            let generation = etf::probe_uint(&mut probe)?;
+            let id = etf::probe_uint(&mut probe)?;
+            let token = etf::probe_binary(&mut probe)?;
+            Some(Tagged::Handle { generation, id, token })
+        })(),
+        _ => None,
+    };
+    if tagged.is_some() {
+        *r = probe;
+    }
+    Ok(tagged)
+}
+
 #[derive(Debug)]
 pub enum Request {
     /// `chain`: the callback whose Erlang function made this request (see `callbacks`).

@@ -3,7 +3,7 @@
 use super::{enter, short_repr, ConvertError, Result};
 use crate::etf::{self, Limits, Reader, TermError, MAX_DEPTH};
 use crate::opaque::kind_of_tag;
-use crate::protocol::{Handle, BYTES_TAG, HANDLE_TAG};
+use crate::protocol::{self, Handle, Tagged};
 use crate::pymodule::{OpaqueTerm, SharedDictHandle};
 use crate::richtypes;
 use pyo3::exceptions::PyTypeError;
@@ -308,34 +308,14 @@ fn binary_object<'py>(py: Python<'py>, bytes: &[u8]) -> Bound<'py, PyAny> {
     }
 }
 
-/// `{'$pyport_bytes', Bin}` and SharedDict handles. Leaves the reader untouched (just after
-/// the tuple header) when the tuple is an ordinary one.
+/// `{'$pyport_bytes', Bin}` and SharedDict handles (see `protocol::probe_tagged`).
 fn decode_tagged_tuple<'py>(py: Python<'py>, r: &mut Reader<'_>, arity: usize) -> Result<Option<Bound<'py, PyAny>>> {
-    if arity != 2 && arity != 4 {
-        return Ok(None);
-    }
-    let mut probe = *r;
-    let tag = probe.u8()?;
-    if !etf::is_atom_tag(tag) {
-        return Ok(None);
-    }
-    let name = probe.atom_body(tag)?;
-    let parsed = match (arity, name) {
-        (2, n) if n == BYTES_TAG.as_bytes() => etf::probe_binary(&mut probe).map(|b| PyBytes::new(py, b).into_any()),
-        (4, n) if n == HANDLE_TAG.as_bytes() => probe_handle(&mut probe)
-            .map(|handle| Bound::new(py, SharedDictHandle { handle }).map(Bound::into_any))
-            .transpose()?,
-        _ => None,
-    };
-    if parsed.is_some() {
-        *r = probe;
-    }
-    Ok(parsed)
-}
-
-fn probe_handle(r: &mut Reader<'_>) -> Option<Handle> {
-    let generation = etf::probe_uint(r)?;
-    let id = etf::probe_uint(r)?;
-    let token = etf::probe_binary(r)?.to_vec();
-    Some(Handle { generation, id, token })
+    Ok(match protocol::probe_tagged(r, arity)? {
+        Some(Tagged::Bytes(b)) => Some(PyBytes::new(py, b).into_any()),
+        Some(Tagged::Handle { generation, id, token }) => {
+            let handle = Handle { generation, id, token: token.to_vec() };
+            Some(Bound::new(py, SharedDictHandle { handle })?.into_any())
+        }
+        None => None,
+    })
 }

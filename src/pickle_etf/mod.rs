@@ -35,7 +35,7 @@ use value::*;
 
 use crate::etf::{self, Limits, Reader, MAX_DEPTH};
 use crate::opaque::{kind_of_tag, term_mac};
-use crate::protocol::{BYTES_TAG, HANDLE_TAG};
+use crate::protocol::{self, Tagged, HANDLE_TAG};
 use crate::richtypes;
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};

@@ -358,30 +358,10 @@ pub(super) fn old_float(text: &[u8]) -> R<f64> {
         .ok_or(Declined("FLOAT_EXT is not a number"))
 }
 
-/// `{'$pyport_bytes', Bin}` and SharedDict handles, as `convert::decode_tagged_tuple` reads
-/// them; leaves the reader untouched for an ordinary tuple.
+/// `{'$pyport_bytes', Bin}` and SharedDict handles (see `protocol::probe_tagged`).
 pub(super) fn tagged_tuple<'a>(r: &mut Reader<'a>, arity: usize) -> R<Option<V<'a>>> {
-    if arity != 2 && arity != 4 {
-        return Ok(None);
-    }
-    let mut probe = *r;
-    let tag = probe.u8()?;
-    if !etf::is_atom_tag(tag) {
-        return Ok(None);
-    }
-    let name = probe.atom_body(tag)?;
-    let parsed = match (arity, name) {
-        (2, n) if n == BYTES_TAG.as_bytes() => etf::probe_binary(&mut probe).map(|b| V::Bytes(Cow::Borrowed(b))),
-        (4, n) if n == HANDLE_TAG.as_bytes() => (|| {
-            let generation = etf::probe_uint(&mut probe)?;
-            let id = etf::probe_uint(&mut probe)?;
-            let token = Cow::Borrowed(etf::probe_binary(&mut probe)?);
-            Some(V::Handle { generation, id, token })
-        })(),
-        _ => None,
-    };
-    if parsed.is_some() {
-        *r = probe;
-    }
-    Ok(parsed)
+    Ok(protocol::probe_tagged(r, arity)?.map(|tagged| match tagged {
+        Tagged::Bytes(b) => V::Bytes(Cow::Borrowed(b)),
+        Tagged::Handle { generation, id, token } => V::Handle { generation, id, token: Cow::Borrowed(token) },
+    }))
 }
