@@ -40,6 +40,7 @@ args(Gen) ->
      "--max-workers", integer_to_list(env_int(max_workers, 16))]
         ++ watchdog_arg()
         ++ affinity_arg()
+        ++ worker_reads_arg()
         ++ trace_arg()
         ++ ["--none-as", atom_to_list(none_as()),
             "--node", atom_to_list(node()),
@@ -132,6 +133,20 @@ affinity_arg() ->
             ["--thread-affinity", atom_to_list(Mode)];
         {ok, Other} ->
             ?LOG_ERROR("pyport: ignoring thread_affinity ~tp (namespace | always | none)", [Other]),
+            [];
+        undefined ->
+            []
+    end.
+
+%% --worker-reads: whether idle workers read requests themselves (by default only
+%% where the port may use a single CPU, where it saves a thread hand-off per call).
+-spec worker_reads_arg() -> [string()].
+worker_reads_arg() ->
+    case application:get_env(pyport, worker_reads) of
+        {ok, Mode} when Mode =:= auto; Mode =:= always; Mode =:= never ->
+            ["--worker-reads", atom_to_list(Mode)];
+        {ok, Other} ->
+            ?LOG_ERROR("pyport: ignoring worker_reads ~tp (auto | always | never)", [Other]),
             [];
         undefined ->
             []

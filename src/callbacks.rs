@@ -115,6 +115,11 @@ impl Callbacks {
         let (tx, rx) = unbounded();
         self.waiters.lock().insert(id, tx);
         self.out.send(frame);
+        // Nobody may be reading while this thread runs (see `pool::Turn`): the answer must
+        // be read.
+        if let Some(pool) = self.pool.get() {
+            pool.before_waiting();
+        }
         let answer = self.wait(py, id, &rx);
         self.waiters.lock().remove(&id);
         // Requests of the chain that arrived after the answer run in the pool instead.

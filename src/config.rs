@@ -1,13 +1,14 @@
 //! Command-line settings (docs/PROTOCOL.md, "Command line").
 
 use crate::homes::Affinity;
+use crate::pool::WorkerReads;
 use std::time::Duration;
 
 pub const USAGE: &str = "usage: pyport [--generation N] [--workers N] [--max-workers N] \
 [--spare-after-ms N] [--spare-idle-ms N] [--max-frame-bytes N] [--abandon-after-ms N] \
 [--max-abandoned N] [--gil-watchdog-ms N] [--max-reply-bytes N] [--oom-score-adj N] \
 [--max-memory-bytes N] [--thread-affinity namespace|always|none] [--log-lines-per-sec N] \
-[--none-as undefined|nil] [--sd-decode-workers N] [--callback-timeout-ms N] [--node NAME] [--max-threads N] [--otp-release N] [--trace-latency 0|1]";
+[--none-as undefined|nil] [--sd-decode-workers N] [--callback-timeout-ms N] [--node NAME] [--max-threads N] [--otp-release N] [--trace-latency 0|1] [--worker-reads auto|always|never]";
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
@@ -49,6 +50,8 @@ pub struct Config {
     pub otp_release: u64,
     /// Stamp every call for the benchmark's latency breakdown (see `latency`).
     pub trace_latency: bool,
+    /// Whether idle workers read requests themselves (see `pool::Turn`).
+    pub worker_reads: WorkerReads,
 }
 
 impl Default for Config {
@@ -75,6 +78,7 @@ impl Default for Config {
             max_threads: 64,
             otp_release: 0,
             trace_latency: false,
+            worker_reads: WorkerReads::Auto,
         }
     }
 }
@@ -88,6 +92,11 @@ impl Config {
             if flag == "--thread-affinity" {
                 cfg.affinity = Affinity::parse(&value)
                     .ok_or_else(|| format!("{flag}: {value:?} is not namespace, always or none"))?;
+                continue;
+            }
+            if flag == "--worker-reads" {
+                cfg.worker_reads = WorkerReads::parse(&value)
+                    .ok_or_else(|| format!("{flag}: {value:?} is not auto, always or never"))?;
                 continue;
             }
             if flag == "--node" {
@@ -153,6 +162,9 @@ mod tests {
         assert_eq!(parse(&["--sd-decode-workers", "0"]).unwrap().sd_decode_workers, 1);
         assert!(!parse(&[]).unwrap().trace_latency);
         assert!(parse(&["--trace-latency", "1"]).unwrap().trace_latency);
+        assert_eq!(parse(&[]).unwrap().worker_reads, WorkerReads::Auto);
+        assert_eq!(parse(&["--worker-reads", "always"]).unwrap().worker_reads, WorkerReads::Always);
+        assert_eq!(parse(&["--worker-reads", "never"]).unwrap().worker_reads, WorkerReads::Never);
     }
 
     #[test]
@@ -163,6 +175,7 @@ mod tests {
         assert!(parse(&["--bogus", "1"]).is_err());
         assert!(parse(&["--thread-affinity", "sometimes"]).is_err());
         assert!(parse(&["--none-as", "null"]).is_err());
+        assert!(parse(&["--worker-reads", "sometimes"]).is_err());
     }
 
     #[test]

@@ -26,6 +26,11 @@ impl<R: Read> FrameReader<R> {
         FrameReader { inner: BufReader::with_capacity(64 * 1024, inner), max }
     }
 
+    /// Whether bytes are buffered that were read but not yet returned in a frame.
+    pub fn has_buffered(&self) -> bool {
+        !self.inner.buffer().is_empty()
+    }
+
     pub fn read_frame(&mut self) -> Result<Vec<u8>, ReadError> {
         let mut len = [0u8; 4];
         self.inner.read_exact(&mut len).map_err(eof_or_io)?;

@@ -11,11 +11,11 @@
 //! one writes frames, in the order they were sent (see `framing`); two drain Python's stdout
 //! and stderr into log frames. docs/PROTOCOL.md is the contract.
 //!
-//! Why a request is handed from the reader to a worker rather than read by the worker that
-//! runs it: a worker that read for itself would save that hand-off (a context switch; on one
-//! CPU about half of a bare pipe round trip, see `make bench-floor`), but before taking the
-//! GIL it would have to pass reading on to another thread, or a cancellation or a heartbeat
-//! would wait behind Python; on one CPU, waking that thread costs the same switch.
+//! Where the port may use only one CPU, handing each request from the reader to a worker is
+//! a context switch more per call, about half of a bare pipe round trip (`make
+//! bench-floor`). There an idle worker borrows the turn to read: it reads, routes and runs
+//! the next request itself, while the main thread watches that a request holding the turn
+//! ends within a tick, or takes reading back (see `pool::Turn`).
 
 mod aio;
 mod callbacks;
@@ -49,9 +49,9 @@ mod tests;
 use crate::aio::Aio;
 use crate::config::Config;
 use crate::exec::{Interp, Mode};
-use crate::framing::{FrameReader, Outbox, ReadError};
+use crate::framing::{Outbox, ReadError};
 use crate::cancel::CancelConfig;
-use crate::pool::{Job, Pool, PoolConfig};
+use crate::pool::{Job, Pool, PoolConfig, Turn};
 use crate::protocol::Request;
 use crate::registry::Registry;
 use crate::shared_dict::SharedDicts;
@@ -140,7 +140,12 @@ fn main() {
     if let Err(e) = pyo3::Python::attach(callbacks::register) {
         out_tx.log("warning", "pyport", format!("cannot add callbacks to the erlang module: {e}").as_bytes());
     }
-    let router = match Router::start(&cfg, out_tx.clone()) {
+    let input_fd = proto.input.as_raw_fd();
+    let turn = match Turn::new(proto.input, cfg.max_frame, cfg.worker_reads) {
+        Ok(t) => Arc::new(t),
+        Err(e) => fatal(&out_tx, EXIT_IO, &format!("cannot set up reading: {e}")),
+    };
+    let router = match Router::start(&cfg, out_tx.clone(), turn.clone()) {
         Ok(r) => r,
         Err(e) => fatal(&out_tx, EXIT_IO, &format!("cannot start threads: {e}")),
     };
@@ -151,21 +156,32 @@ fn main() {
     };
     router.send(protocol::ready_frame(&version, cfg.workers, cfg.max_workers, cfg.generation, &builtin_exceptions));
 
-    let input_fd = proto.input.as_raw_fd();
     if let Err(e) = shutdown::exit_on_hangup(input_fd) {
         fatal(&out_tx, EXIT_IO, &format!("cannot start the hangup watcher: {e}"));
     }
-    let mut reader = FrameReader::new(proto.input, cfg.max_frame);
-    loop {
-        match reader.read_frame() {
+    let router = Arc::new(router);
+    let handle = {
+        let (router, out, max_frame) = (router.clone(), out_tx.clone(), cfg.max_frame);
+        move |read: Result<Vec<u8>, ReadError>| match read {
             Ok(frame) => router.route(&frame, latency::now()),
             Err(ReadError::Eof) => shutdown::exit_now(0),
             Err(ReadError::TooLarge(n)) => fatal(
-                &out_tx,
+                &out,
                 EXIT_CORRUPT_STREAM,
-                &format!("frame length {n} is over the limit of {} bytes: the stream is corrupt", cfg.max_frame),
+                &format!("frame length {n} is over the limit of {max_frame} bytes: the stream is corrupt"),
             ),
-            Err(ReadError::Io(e)) => fatal(&out_tx, EXIT_IO, &format!("reading requests: {e}")),
+            Err(ReadError::Io(e)) => fatal(&out, EXIT_IO, &format!("reading requests: {e}")),
+        }
+    };
+    let handle = Arc::new(handle);
+    let for_workers = handle.clone();
+    router.pool.set_route(Box::new(move |read| for_workers(read)));
+    // The main thread reads, except while an idle worker has borrowed the turn (see
+    // `pool::Turn`): it then watches that nothing Python does keeps the input unread.
+    loop {
+        match turn.read_as_main() {
+            Some(read) => handle(read),
+            None => turn.watch(),
         }
     }
 }
@@ -194,7 +210,7 @@ struct Router {
 }
 
 impl Router {
-    fn start(cfg: &Config, out: Outbox) -> std::io::Result<Router> {
+    fn start(cfg: &Config, out: Outbox, turn: Arc<Turn>) -> std::io::Result<Router> {
         let interp = Arc::new(Interp::new());
         let pool_cfg = PoolConfig {
             hot: cfg.workers,
@@ -210,7 +226,7 @@ impl Router {
         };
         let aio = Aio::new(out.clone())?;
         pool::set_max_threads(cfg.max_threads);
-        let pool = Pool::start(pool_cfg, interp.clone(), out.clone(), Some(aio.clone()))?;
+        let pool = Pool::start(pool_cfg, interp.clone(), out.clone(), Some(aio.clone()), Some(turn))?;
         // Reading SharedDict values that need Python gets a small pool of its own, so that
         // values whose unpickling hangs can neither take the callers' workers nor wait
         // behind them.
@@ -289,7 +305,7 @@ impl Router {
                 self.pool.expect_nested(job.id());
                 self.callbacks.nested(c, job)
             }
-            None => Some(job),
+            None => return self.pool.submit_request(job),
         };
         if let Some(job) = job {
             self.pool.submit(job);

@@ -186,7 +186,7 @@ impl SharedDicts {
         let id = job.id();
         let pool = match self.decoders.get() {
             Some(p) => p,
-            None => match Pool::start(self.decoder_cfg, self.interp.clone(), self.out.clone(), None) {
+            None => match Pool::start(self.decoder_cfg, self.interp.clone(), self.out.clone(), None, None) {
                 // Only the reader thread submits, so no other pool can be started meanwhile.
                 Ok(p) => self.decoders.get_or_init(|| p),
                 Err(e) => {

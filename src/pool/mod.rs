@@ -41,7 +41,10 @@ use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
+mod turn;
 mod worker;
+
+pub use turn::{Route, Turn, WorkerReads};
 
 pub use crate::python::PYTHON_THREAD_STACK;
 
@@ -158,6 +161,11 @@ pub struct Pool {
     /// Where coroutines go to be awaited; None in a pool whose jobs never make one (the
     /// SharedDict decoders).
     aio: Option<Arc<Aio>>,
+    /// The turn to read the input, which idle hot workers may borrow (see `turn`); None in
+    /// a pool that never reads (the SharedDict decoders).
+    turn: Option<Arc<Turn>>,
+    /// How a borrower routes what it read: the main thread's router, set once it exists.
+    route: std::sync::OnceLock<Route>,
 }
 
 /// The live workers and the processes' homes. Lock order: `sched`, then the canceller's
@@ -212,7 +220,13 @@ pub struct PoolStats {
 
 impl Pool {
     /// Creates the pool and starts its hot workers, the spare manager and the canceller.
-    pub fn start(cfg: PoolConfig, interp: Arc<Interp>, out: Outbox, aio: Option<Arc<Aio>>) -> std::io::Result<Arc<Pool>> {
+    pub fn start(
+        cfg: PoolConfig,
+        interp: Arc<Interp>,
+        out: Outbox,
+        aio: Option<Arc<Aio>>,
+        turn: Option<Arc<Turn>>,
+    ) -> std::io::Result<Arc<Pool>> {
         // Decided now, on this thread, before Python code could change any affinity.
         crate::spin::spinning_pays();
         let (jobs_tx, jobs_rx) = unbounded();
@@ -237,6 +251,8 @@ impl Pool {
             kick_tx,
             sched: Mutex::new(Sched::default()),
             aio,
+            turn,
+            route: std::sync::OnceLock::new(),
         });
         for _ in 0..cfg.hot.max(1) {
             pool.spawn_worker(&mut pool.sched.lock(), true)?;
@@ -246,6 +262,22 @@ impl Pool {
             .name("pyport-spares".into())
             .spawn(move || p.manage(kick_rx, off_rx))?;
         Ok(pool)
+    }
+
+    /// Sets how a worker that borrowed the turn to read routes what it read (once).
+    pub fn set_route(&self, route: Route) {
+        let _ = self.route.set(route);
+    }
+
+    /// Queues a request the reader just read (a call, an eval or an exec). When a worker is
+    /// idle and nothing is queued, the turn to read goes with it (see `turn`).
+    pub fn submit_request(self: &Arc<Self>, job: Job) {
+        if let Some(turn) = &self.turn {
+            if turn.may_lend() && self.idle.load(Ordering::Acquire) > 0 && self.jobs_rx.is_empty() {
+                turn.lend();
+            }
+        }
+        self.submit(job)
     }
 
     pub fn submit(self: &Arc<Self>, job: Job) {
@@ -269,7 +301,10 @@ impl Pool {
                     None => None,
                 };
                 match home.and_then(|w| s.workers.get(&w)) {
-                    Some(w) => return w.give(job),
+                    Some(w) => {
+                        w.give(job);
+                        return self.queued();
+                    }
                     None => job,
                 }
             }
@@ -278,6 +313,21 @@ impl Pool {
         let _ = self.jobs_tx.send(job);
         if self.idle.load(Ordering::Acquire) == 0 {
             let _ = self.kick_tx.try_send(());
+        }
+        self.queued();
+    }
+
+    /// This thread is about to wait for a frame (a callback's answer): somebody must read.
+    pub fn before_waiting(&self) {
+        if let Some(turn) = &self.turn {
+            turn.before_waiting();
+        }
+    }
+
+    /// Work was queued: a worker that borrowed the turn and waits for input must see it.
+    fn queued(&self) {
+        if let Some(turn) = &self.turn {
+            turn.queued();
         }
     }
 
@@ -452,6 +502,7 @@ impl Pool {
                 None => drop(self.jobs_tx.send(job)),
             }
         }
+        self.queued();
     }
 }
 

@@ -51,6 +51,14 @@ impl Pool {
             if let Ok(job) = self.jobs_rx.try_recv() {
                 return Some(self.took_shared(me, job));
             }
+            if me.hot {
+                if let Some(job) = self.read_for_myself(me) {
+                    return Some(job);
+                }
+                if !me.rx.is_empty() || !self.jobs_rx.is_empty() {
+                    continue;
+                }
+            }
             if let Some(job) = self.poll_for_job(me) {
                 return Some(job);
             }
@@ -72,6 +80,48 @@ impl Pool {
                 }
             } else if let Ok(job) = op.recv(&self.jobs_rx) {
                 return Some(self.took_shared(me, job));
+            }
+        }
+    }
+
+    /// With the turn to read borrowed (see `turn`): reads frames, routing each as the main
+    /// thread would, until one is a request lent to this worker, which it returns to run at
+    /// once. None: the turn is not to be had or was taken back, or work is queued here (the
+    /// turn goes back to the main thread and this worker runs that work first).
+    fn read_for_myself(&self, me: &Worker) -> Option<Arc<Job>> {
+        let (turn, route) = (self.turn.as_ref()?, self.route.get()?);
+        if !turn.try_borrow() {
+            return None;
+        }
+        loop {
+            let Some(read) = turn.read_as_borrower() else {
+                turn.give_back();
+                return None;
+            };
+            route(read);
+            match me.rx.len() + self.jobs_rx.len() {
+                0 => {}
+                // The request just read, lent with the turn: this worker runs it, unless more
+                // frames have come meanwhile (a burst of callers): those go to the main
+                // thread, which spreads them over the pool while this worker runs.
+                1 if turn.lent_to_me() && !turn.more_input() => {
+                    let job = match me.rx.try_recv() {
+                        Ok(job) => Some(job),
+                        Err(_) => self.jobs_rx.try_recv().ok().map(|job| self.took_shared(me, job)),
+                    };
+                    if job.is_some() {
+                        return job;
+                    }
+                }
+                _ => {
+                    turn.give_back();
+                    return None;
+                }
+            }
+            // Nothing for this worker (the request went to its home worker, or another
+            // worker took it first): read on.
+            if !turn.keep_reading() {
+                return None;
             }
         }
     }

@@ -1,0 +1,208 @@
+%% `worker_reads => always': an idle worker reads the next request itself and
+%% runs it (by default only where the port may use a single CPU). Every frame
+%% must still be read while Python runs, in order, and work queued for a
+%% reading worker by another thread must wake it.
+-module(worker_reads_SUITE).
+
+-include_lib("common_test/include/ct.hrl").
+-include_lib("stdlib/include/assert.hrl").
+
+-compile([export_all, nowarn_export_all]).
+
+-import(pyport_ct_lib, [stat/1, wait_until/3]).
+
+%% Far above the ~2 ms a frame may wait behind a running request, far below
+%% how long the requests that could hold it up run.
+-define(PROMPT_MS, 2000).
+
+suite() ->
+    [{timetrap, {seconds, 120}}].
+
+all() ->
+    %% First: no process of an earlier case can exit meanwhile (its owner_down
+    %% frame would wake the reading worker).
+    [work_queued_by_another_thread_wakes_the_reader,
+     sequential_requests_of_every_kind,
+     concurrent_callers,
+     a_burst_of_callers_is_spread_over_threads,
+     frames_read_while_a_request_sleeps,
+     frames_read_while_a_request_holds_the_gil,
+     callbacks_from_a_borrowed_request].
+
+init_per_suite(Config) ->
+    Saved = pyport_ct_lib:save_env([worker_reads]),
+    ok = application:set_env(pyport, worker_reads, always),
+    _ = pyport_ct_lib:restart_app(),
+    [{suite_env, Saved} | Config].
+
+end_per_suite(Config) ->
+    pyport_ct_lib:restore_env_and_restart(?config(suite_env, Config)).
+
+case_env(work_queued_by_another_thread_wakes_the_reader) ->
+    [{workers, 1}, {max_workers, 3}, {abandon_after_ms, 1500},
+     {heartbeat_timeout_ms, infinity}];
+%% A fresh port, without spares left by earlier cases: nobody but the main
+%% thread can read for the worker that runs the blocking request.
+case_env(frames_read_while_a_request_sleeps) -> [{workers, 1}];
+case_env(frames_read_while_a_request_holds_the_gil) -> [{workers, 1}];
+case_env(_) -> [].
+
+init_per_testcase(Case, Config) ->
+    Saved = pyport_ct_lib:save_env([K || {K, _} <- case_env(Case)]),
+    case case_env(Case) of
+        [] -> ok;
+        Env ->
+            ok = pyport_ct_lib:stop_app(),
+            [ok = application:set_env(pyport, K, V) || {K, V} <- Env],
+            _ = pyport_ct_lib:start_app()
+    end,
+    [{saved_env, Saved} | Config].
+
+end_per_testcase(Case, Config) ->
+    case case_env(Case) of
+        [] -> ok;
+        _ -> pyport_ct_lib:restore_env_and_restart(?config(saved_env, Config))
+    end.
+
+%%--------------------------------------------------------------------
+
+%% Calls, evals and execs in a namespace, SharedDict writes and stats,
+%% interleaved: every answer is the one for its request.
+sequential_requests_of_every_kind(_Config) ->
+    ok = py:exec(<<"acc = []">>),
+    {ok, D} = py:shared_dict_new(),
+    lists:foreach(
+      fun(I) ->
+              {ok, R} = py:call(math, sqrt, [float(I * I)]),
+              ?assertEqual(float(I), R),
+              ok = py:exec(<<"acc.append(i)">>, #{i => I}),
+              ?assertEqual({ok, I * 2}, py:eval(<<"i * 2">>, #{i => I})),
+              ok = py:shared_dict_set(D, <<"k">>, I),
+              case I rem 100 of
+                  0 -> {ok, #{workers := _}} = py:stats();
+                  _ -> ok
+              end
+      end, lists:seq(1, 1000)),
+    ?assertEqual({ok, lists:seq(1, 1000)}, py:eval(<<"acc">>)),
+    ?assertEqual(1000, py:shared_dict_get(D, <<"k">>)).
+
+%% 16 processes, 200 calls each, each with its own arguments.
+concurrent_callers(_Config) ->
+    Parent = self(),
+    Pids = [spawn_link(fun() ->
+                               Rs = [py:call(operator, add, [N, I]) || I <- lists:seq(1, 200)],
+                               Parent ! {self(), Rs}
+                       end) || N <- lists:seq(1, 16)],
+    lists:foreach(
+      fun({N, Pid}) ->
+              receive
+                  {Pid, Rs} -> ?assertEqual([{ok, N + I} || I <- lists:seq(1, 200)], Rs)
+              after 60000 -> ct:fail({no_answer, N})
+              end
+      end, lists:zip(lists:seq(1, 16), Pids)).
+
+%% 64 processes at once, each with a namespace, each making 20 calls that
+%% block for a millisecond (less than the main thread's look): a reading
+%% worker that ran every request it read would serve them all on its one
+%% thread. With more frames waiting it leaves them to the main thread, which
+%% spreads the processes' homes over spare workers.
+a_burst_of_callers_is_spread_over_threads(_Config) ->
+    Self = self(),
+    Pids = [spawn_link(fun() ->
+                               Ids = [begin
+                                          {ok, Id} = py:eval(<<"__import__('time').sleep(0.001) or "
+                                                               "__import__('threading').get_ident()">>),
+                                          Id
+                                      end || _ <- lists:seq(1, 20)],
+                               Self ! {idents, self(), lists:usort(Ids)}
+                       end) || _ <- lists:seq(1, 64)],
+    Idents = pyport_ct_lib:collect(idents, Pids),
+    ?assertEqual([], [I || I <- Idents, length(I) =/= 1]),
+    Threads = length(lists:usort(lists:append(Idents))),
+    ct:pal("64 concurrent processes homed on ~b threads", [Threads]),
+    %% Here 11 to 16 (max_workers is 16). A reading worker that ran every
+    %% request it read, ignoring the frames behind it, gave 2 to 6: too close
+    %% to tell apart reliably, so this asserts only that the burst is spread.
+    ?assert(Threads >= 2, Threads).
+
+%% A request that sleeps (without the GIL) keeps the input unread only until
+%% the reading thread notices: stats, a SharedDict write, another caller's
+%% call and a cancellation are all served meanwhile.
+frames_read_while_a_request_sleeps(_Config) ->
+    blocking_request_leaves_frames_served(<<"time.sleep(8)">>).
+
+%% The same for code that holds the GIL in C for seconds: only Python work
+%% waits for it, never a frame that needs no Python.
+frames_read_while_a_request_holds_the_gil(_Config) ->
+    blocking_request_leaves_frames_served(<<"sum(range(4 * 10**8))">>).
+
+%% The blocking request tells the test it runs before the test sends anything,
+%% so that it is read alone (no frame behind it for its reader to leave to the
+%% main thread).
+blocking_request_leaves_frames_served(Block) ->
+    Self = self(),
+    Code = <<"import erlang, time\nerlang.send(test, 'started')\n", Block/binary, "\n">>,
+    Blocker = spawn_link(fun() -> Self ! {blocked, py:exec(Code, #{test => Self}, 60000)} end),
+    receive <<"started">> -> ok after 10000 -> ct:fail(blocker_never_started) end,
+    T0 = erlang:monotonic_time(millisecond),
+    {ok, #{busy_workers := Busy}} = py:stats(),
+    ?assert(Busy >= 1),
+    {ok, D} = py:shared_dict_new(),
+    ok = py:shared_dict_set(D, <<"k">>, 1),
+    Elapsed = erlang:monotonic_time(millisecond) - T0,
+    ?assert(Elapsed < ?PROMPT_MS, {frames_waited_ms, Elapsed}),
+    %% Still running: the frames above were not merely served after it.
+    ?assertEqual(true, is_process_alive(Blocker)),
+    receive {blocked, Early} -> ct:fail({blocker_ended_early, Early}) after 0 -> ok end,
+    ?assertEqual({ok, 1}, py:eval(<<"1">>, #{}, 60000)),
+    ?assertEqual({error, timeout}, py:exec(<<"while True: pass">>, #{}, 300)),
+    receive {blocked, R} -> ?assertEqual(ok, R) after 60000 -> ct:fail(blocker_never_ended) end,
+    ?assertEqual({ok, 2.0}, py:call(math, sqrt, [4.0])).
+
+%% A request read by a worker that calls back into Erlang: every callback's
+%% answer is read, and the answers are the callbacks' own.
+callbacks_from_a_borrowed_request(_Config) ->
+    ok = py:register_function(twice, fun([X]) -> 2 * X end),
+    try
+        ok = py:exec(<<"import erlang">>),
+        Code = <<"[erlang.call('twice', i) for i in range(200)]">>,
+        lists:foreach(fun(_) ->
+                              ?assertEqual({ok, [2 * I || I <- lists:seq(0, 199)]},
+                                           py:eval(Code, #{}, 30000))
+                      end, lists:seq(1, 5))
+    after
+        py:unregister_function(twice)
+    end.
+
+%% A worker reading the input while another thread queues work for it (here:
+%% the manager moving a written-off worker's queue to it) must run that work,
+%% though no frame comes (heartbeats are off).
+%% - P's namespace is homed on a spare (W1 is busy with a sleep when P asks).
+%% - P's next request sleeps ignoring its cancellation (for longer than P's
+%%   third request waits), so the spare is written off after abandon_after_ms,
+%%   and P's third request waits in the spare's queue.
+%% - Meanwhile (well before the write-off) a short call, lent with the turn,
+%%   makes W1 the reading worker.
+%% - The write-off moves P's home and its queued request to idle W1, and no
+%%   frame comes after it that could wake W1.
+work_queued_by_another_thread_wakes_the_reader(_Config) ->
+    Self = self(),
+    spawn_link(fun() -> Self ! {busy, py:call(time, sleep, [1.0], #{}, 30000)} end),
+    ok = wait_until(fun() -> stat(busy_workers) >= 1 end, 10000, busy_worker),
+    P = spawn_link(
+          fun() ->
+                  ok = py:exec(<<"x = 41">>),
+                  Self ! homed,
+                  receive go -> ok end,
+                  {error, timeout} = py:exec(<<"import time\ntime.sleep(30)">>, #{}, 200),
+                  Self ! {p, py:eval(<<"x + 1">>, #{}, 8000)}
+          end),
+    receive homed -> ok after 10000 -> ct:fail(p_not_homed) end,
+    receive {busy, {ok, undefined}} -> ok after 10000 -> ct:fail(sleep_not_done) end,
+    {ok, #{thread_homes := Homes}} = py:stats(),
+    ?assertEqual(1, lists:sum(Homes)),
+    ?assertEqual(0, hd(Homes)),
+    P ! go,
+    ok = wait_until(fun() -> stat(queued) + lists:sum(stat(thread_queues)) >= 1 end, 10000, request_queued),
+    {ok, 3.0} = py:call(math, sqrt, [9.0]),
+    receive {p, R} -> ?assertEqual({ok, 42}, R) after 15000 -> ct:fail(p_never_answered) end.
