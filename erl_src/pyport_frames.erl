@@ -62,7 +62,7 @@ port_atoms() ->
      '$pyport_date', '$pyport_time', '$pyport_datetime', '$pyport_timedelta',
      '$pyport_decimal', '$pyport_uuid',
      builtin_exceptions, os_pid, workers, max_workers, generation,
-     dicts, dict_keys, dict_bytes, namespaces, busy_workers, queued, abandoned_workers,
+     dicts, dict_keys, dict_bytes, namespaces, busy_workers, queued, abandoned_workers, worker_reads,
      async_tasks,
      thread_homes, thread_queues,
      cached, pyport_sd_invalidate, badarg, shared_dict, python_decodes, decode_queued,

@@ -64,6 +64,8 @@ const EXIT_USAGE: i32 = 2;
 const EXIT_CORRUPT_STREAM: i32 = 3;
 const EXIT_IO: i32 = 4;
 const EXIT_PYTHON_INIT: i32 = 5;
+/// What a panic on the main thread exits with; also a panic while a worker routes a frame.
+const EXIT_PANIC: i32 = 101;
 
 fn main() {
     let cfg = match Config::from_args(std::env::args().skip(1)) {
@@ -174,8 +176,16 @@ fn main() {
         }
     };
     let handle = Arc::new(handle);
-    let for_workers = handle.clone();
-    router.pool.set_route(Box::new(move |read| for_workers(read)));
+    let (for_workers, out) = (handle.clone(), out_tx.clone());
+    router.pool.set_route(Box::new(move |read| {
+        // A panic here would end only the worker's thread, leaving the turn lent to a thread
+        // that is gone and the input unread for good; on the main thread it ends the port.
+        // So it ends the port here too.
+        if let Err(panic) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| for_workers(read))) {
+            let what = panic.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| panic.downcast_ref::<String>().cloned());
+            fatal(&out, EXIT_PANIC, &format!("panic while routing a frame: {}", what.unwrap_or_default()));
+        }
+    }));
     // The main thread reads, except while an idle worker has borrowed the turn (see
     // `pool::Turn`): it then watches that nothing Python does keeps the input unread.
     loop {
@@ -317,7 +327,7 @@ impl Router {
         let pool = self.pool.stats();
         let sd = self.dicts.stats();
         let trace = latency::drain();
-        let entries: [(&str, u64); 12] = [
+        let entries: [(&str, u64); 13] = [
             ("streams", self.streams.count() as u64),
             ("python_threads", pool::python_threads() as u64),
             ("dicts", reg.dicts as u64),
@@ -330,6 +340,7 @@ impl Router {
             ("abandoned_workers", pool.abandoned as u64),
             ("async_tasks", self.aio.running() as u64),
             ("generation", self.generation),
+            ("worker_reads", self.pool.worker_reads()),
         ];
         // Per worker thread: processes homed there, requests queued there.
         let lists: [(&str, Vec<u64>); 2] = [

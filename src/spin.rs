@@ -46,6 +46,14 @@ pub fn spinning_pays() -> bool {
     *PAYS.get_or_init(|| allowed_cpus().is_none_or(|n| n > 1) && cpu_quota().is_none_or(|q| q >= 2.0))
 }
 
+/// Whether the process may use at most one CPU's worth of time: its affinity allows one
+/// CPU, or a CPU quota holds it to one CPU or less. There threads never run at the same
+/// time, and each thread hand-off is a context switch (see `pool::Turn`).
+pub fn single_cpu() -> bool {
+    static ONE: OnceLock<bool> = OnceLock::new();
+    *ONE.get_or_init(|| allowed_cpus() == Some(1) || cpu_quota().is_some_and(|q| q <= 1.0))
+}
+
 /// The CPU time this process's cgroup may use, in CPUs (1.5 = one and a half), if limited.
 fn cpu_quota() -> Option<f64> {
     let cgroups = std::fs::read_to_string("/proc/self/cgroup").ok()?;

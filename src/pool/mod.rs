@@ -269,28 +269,45 @@ impl Pool {
         let _ = self.route.set(route);
     }
 
-    /// Queues a request the reader just read (a call, an eval or an exec). When a worker is
-    /// idle and nothing is queued, the turn to read goes with it (see `turn`).
+    /// Queues a request the reader just read (a call, an eval or an exec). When every
+    /// worker is idle, nothing is queued and requests have not overlapped lately, the turn
+    /// to read goes with it (see `turn`). The request is known to the canceller before the
+    /// turn is lent: a frame read next by the borrower (its cancellation, its owner's exit)
+    /// finds it.
     pub fn submit_request(self: &Arc<Self>, job: Job) {
-        if let Some(turn) = &self.turn {
-            if turn.may_lend() && self.idle.load(Ordering::Acquire) > 0 && self.jobs_rx.is_empty() {
+        let job = self.track(job);
+        if let Some(turn) = self.turn.as_ref().filter(|t| t.may_lend()) {
+            if self.idle.load(Ordering::Acquire) >= self.total.load(Ordering::Acquire) && self.jobs_rx.is_empty() {
                 turn.lend();
+            } else {
+                turn.overlapped();
             }
         }
-        self.submit(job)
+        self.place(job)
     }
 
     pub fn submit(self: &Arc<Self>, job: Job) {
+        let job = self.track(job);
+        self.place(job)
+    }
+
+    /// Enters `job` in the canceller's record of what is queued, and its owner's count of
+    /// requests in flight.
+    fn track(&self, job: Job) -> Arc<Job> {
         // Shared with the canceller's record of what runs, so that nothing about the job is
         // copied or formatted unless a log line needs it.
         let job = Arc::new(job);
-        {
-            let mut t = self.canceller.tracking.lock();
-            t.queued.insert(job.id());
-            if let Some(owner) = job.owner() {
-                *t.inflight.entry(owner.clone()).or_insert(0) += 1;
-            }
+        let mut t = self.canceller.tracking.lock();
+        t.queued.insert(job.id());
+        if let Some(owner) = job.owner() {
+            *t.inflight.entry(owner.clone()).or_insert(0) += 1;
         }
+        drop(t);
+        job
+    }
+
+    /// Queues a tracked job: on its owner's home worker, or on the shared queue.
+    fn place(self: &Arc<Self>, job: Arc<Job>) {
         let job = match (self.cfg.affinity, job.owner()) {
             (Affinity::None, _) | (_, None) => job,
             (affinity, Some(owner)) => {
@@ -315,6 +332,11 @@ impl Pool {
             let _ = self.kick_tx.try_send(());
         }
         self.queued();
+    }
+
+    /// Requests a worker read and ran itself (see `turn`).
+    pub fn worker_reads(&self) -> u64 {
+        self.turn.as_ref().map_or(0, |t| t.runs_read_by_workers())
     }
 
     /// This thread is about to wait for a frame (a callback's answer): somebody must read.

@@ -2,24 +2,32 @@
 //!
 //! The main thread reads every frame and hands each request to a worker. On one CPU that
 //! hand-off is a context switch more per request, about half of a bare pipe round trip
-//! (`make bench-floor`). So where the port may use only one CPU, an idle hot worker reads
-//! for itself: it borrows the turn to read, and a request it reads that it may run (nothing
-//! queued before it, no home on another worker) it runs on the spot, then reads again.
+//! (`make bench-floor`). So where the port may use only one CPU, a worker reads for itself
+//! while requests come one at a time: the reader that queues a request for a pool with
+//! every worker idle lends the turn to read with it, and the worker, when the request ends,
+//! reads the next frame, serves it as the main thread would, and runs a request lent to it
+//! on the spot, then reads again.
 //!
 //! Reading must never wait behind Python: a cancellation, a heartbeat, `py:stats()`, a
 //! callback's answer or a SharedDict read has to be read while a request holds the GIL. The
-//! main thread therefore watches a borrower that runs a request. It wakes every [`TICK`]
+//! main thread therefore watches a request that holds the turn. It wakes every [`TICK`]
 //! while requests run and, when the same request has been running since its previous look,
 //! takes the turn back and reads again, as it does on more CPUs: a frame waits at most two
 //! ticks. A thread about to wait for a frame (a callback's answer) hands the turn back at
-//! once (see [`Turn::before_waiting`]). A watch costs no system call on the request path:
-//! two atomic stores. When no request has run for [`QUIET_TICKS`] ticks the main thread
-//! sleeps until the next one starts, so an idle port wakes nobody.
+//! once (see [`Turn::before_waiting`]). Lending and borrowing cost no system call on the
+//! request path, only a few atomic operations; the price is the main thread's looks, a
+//! wake-up every millisecond while requests come. When no request has run for
+//! [`QUIET_TICKS`] ticks the main thread sleeps until the next one starts, so an idle port
+//! wakes nobody.
+//!
+//! Concurrent callers get the main thread: once requests overlap (one is read while another
+//! runs or waits, or one ran past a look), nothing is lent for a while, so a burst of
+//! callers or of blocking requests is spread over the pool at once rather than read one
+//! request at a time.
 //!
 //! A borrower waits in `poll` on the input and on an eventfd, so that work queued for it by
-//! another thread (a nested request that came after its callback's answer, a stream's next
-//! pull, a written-off worker's queue) wakes it. It then hands the turn back and runs that
-//! work.
+//! another thread (a nested request that came after its callback's answer, a written-off
+//! worker's queue) wakes it. It then hands the turn back and runs that work.
 
 use crate::framing::{FrameReader, ReadError};
 use parking_lot::{Condvar, Mutex};
@@ -33,6 +41,11 @@ use std::time::Duration;
 const TICK: Duration = Duration::from_millis(1);
 /// Ticks without a request before the main thread stops looking until the next one.
 const QUIET_TICKS: u32 = 50;
+/// No lending for this long after a request ran past a look, or frames came while a
+/// request was running: under concurrent callers the main thread reads, as on more CPUs,
+/// rather than each blocking request keeping the input unread until the next look.
+const UNSETTLED_AFTER_TAKEOVER: Duration = Duration::from_millis(50);
+const UNSETTLED_AFTER_OVERLAP: Duration = Duration::from_millis(10);
 
 // The turn's state is one word, `lease << 2 | kind`. The lease number changes whenever a
 // borrower takes the turn or loses it, so that a borrower that was slow to notice it lost
@@ -62,7 +75,7 @@ fn next_lease(state: u64, kind: u64) -> u64 {
 /// Whether idle workers may read the input themselves (`--worker-reads`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum WorkerReads {
-    /// Only where the port may use a single CPU (see `spin::spinning_pays`).
+    /// Only where the port may use a single CPU at a time (see `spin::single_cpu`).
     Auto,
     Always,
     Never,
@@ -80,7 +93,7 @@ impl WorkerReads {
 
     fn enabled(self) -> bool {
         match self {
-            WorkerReads::Auto => !crate::spin::spinning_pays(),
+            WorkerReads::Auto => crate::spin::single_cpu(),
             WorkerReads::Always => true,
             WorkerReads::Never => false,
         }
@@ -111,6 +124,11 @@ pub struct Turn {
     watch_cv: Condvar,
     /// The main thread sleeps without a deadline (no request for a while).
     dozing: AtomicBool,
+    /// Requests a borrower read and ran itself, for `py:stats()`.
+    read_by_workers: AtomicU64,
+    /// No lending before this time (ns since `epoch`): requests overlapped lately.
+    calm_from: AtomicU64,
+    epoch: std::time::Instant,
 }
 
 impl Turn {
@@ -130,6 +148,9 @@ impl Turn {
             watch_lock: Mutex::new(()),
             watch_cv: Condvar::new(),
             dozing: AtomicBool::new(false),
+            read_by_workers: AtomicU64::new(0),
+            calm_from: AtomicU64::new(0),
+            epoch: std::time::Instant::now(),
         })
     }
 
@@ -174,6 +195,7 @@ impl Turn {
                 RUNNING if running_seen == Some((state, runs)) => {
                     let back = next_lease(state, MAIN);
                     if self.state.compare_exchange(state, back, Ordering::SeqCst, Ordering::Acquire).is_ok() {
+                        self.unsettle(UNSETTLED_AFTER_TAKEOVER);
                         return;
                     }
                 }
@@ -208,7 +230,8 @@ impl Turn {
     }
 
     /// An idle worker: takes the turn if a request (its own, or one the main thread lent
-    /// it for) left it for a worker. Only hot workers, which never retire, borrow.
+    /// it for) left it for a worker. Any worker may: a spare that reads does not retire
+    /// meanwhile (it retires only from waiting on its queues).
     pub fn try_borrow(&self) -> bool {
         HELD.with(|h| h.set(None));
         if !self.enabled {
@@ -258,6 +281,16 @@ impl Turn {
         kind(now) == RUNNING && HELD.with(Cell::get) == Some(now)
     }
 
+    /// A borrower runs the request it read.
+    pub fn runs_what_it_read(&self) {
+        self.read_by_workers.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Requests borrowers read and ran themselves.
+    pub fn runs_read_by_workers(&self) -> u64 {
+        self.read_by_workers.load(Ordering::Relaxed)
+    }
+
     /// A borrower whose last frame left it nothing to run reads on; false if the main
     /// thread took the turn back meanwhile.
     pub fn keep_reading(&self) -> bool {
@@ -284,7 +317,9 @@ impl Turn {
     /// A thread about to wait for a frame (a callback's answer) while nobody reads: reading
     /// goes back to the main thread now rather than at its next look.
     pub fn before_waiting(&self) {
-        if !self.enabled {
+        // A child forked from the port never reads, and must not touch a lock it may have
+        // inherited held.
+        if !self.enabled || crate::forks::in_forked_child() {
             return;
         }
         let now = self.state.load(Ordering::Acquire);
@@ -301,17 +336,35 @@ impl Turn {
         if !self.enabled {
             return;
         }
+        std::sync::atomic::fence(Ordering::SeqCst);
         let now = self.state.load(Ordering::SeqCst);
-        if kind(now) == LENT && HELD.with(Cell::get) != Some(now) {
+        if kind(now) == LENT && HELD.with(Cell::get) != Some(now) && !crate::forks::in_forked_child() {
             let one: u64 = 1;
             // SAFETY: writes 8 bytes from `one` to an eventfd.
             unsafe { libc::write(self.nudge_fd, (&one as *const u64).cast(), 8) };
         }
     }
 
-    /// Whether the reader may lend the turn for the request it routes now.
+    /// Whether the reader may lend the turn for the request it routes now: not while
+    /// requests overlap (see [`Turn::overlapped`]).
     pub fn may_lend(&self) -> bool {
-        self.enabled
+        self.enabled && self.nanos() >= self.calm_from.load(Ordering::Relaxed)
+    }
+
+    /// Requests overlapped (one was read while another ran): no lending for a while.
+    pub fn overlapped(&self) {
+        if self.enabled {
+            self.unsettle(UNSETTLED_AFTER_OVERLAP);
+        }
+    }
+
+    fn unsettle(&self, d: Duration) {
+        let until = self.nanos().saturating_add(d.as_nanos() as u64);
+        self.calm_from.fetch_max(until, Ordering::Relaxed);
+    }
+
+    fn nanos(&self) -> u64 {
+        self.epoch.elapsed().as_nanos() as u64
     }
 }
 
@@ -355,7 +408,7 @@ mod tests {
     }
 
     /// A borrower slow to notice that the main thread took the turn back cannot act on
-    /// it any more, not even once another worker has borrowed it since.
+    /// it any more, not even once the main thread has lent it again: its lease is gone.
     #[test]
     fn a_stale_borrower_cannot_act() {
         let (t, _w) = turn();
@@ -370,6 +423,7 @@ mod tests {
             from_a.send(ta.lent_to_me()).unwrap();
             for step in a_rx {
                 let ok = match step {
+                    "lent_to_me" => ta.lent_to_me(),
                     "keep_reading" => ta.keep_reading(),
                     "give_back" => {
                         ta.give_back();
@@ -384,15 +438,19 @@ mod tests {
         // The same request runs across two looks: the main thread reads again.
         t.watch();
         assert_eq!(kind_now(&t), MAIN);
-        // The main thread lends the turn again, and another worker borrows it.
+        // It routes another request and lends the turn with it: the state has the kind A
+        // last saw, but not A's lease.
         t.lend();
-        let tb = t.clone();
-        assert!(on_thread(move || tb.try_borrow()));
-        to_a.send("keep_reading").unwrap();
-        assert!(!a_said.recv().unwrap());
+        to_a.send("lent_to_me").unwrap();
+        assert!(!a_said.recv().unwrap(), "a stale borrower would run the new request");
         to_a.send("give_back").unwrap();
         a_said.recv().unwrap();
-        assert_eq!(kind_now(&t), LENT, "a stale give_back took the turn from the new borrower");
+        assert_eq!(kind_now(&t), RUNNING, "a stale give_back took the turn");
+        to_a.send("keep_reading").unwrap();
+        assert!(!a_said.recv().unwrap(), "a stale borrower could read on");
+        assert_eq!(kind_now(&t), RUNNING);
+        let tb = t.clone();
+        assert!(on_thread(move || tb.try_borrow()));
         drop(to_a);
         a.join().unwrap();
     }

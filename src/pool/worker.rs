@@ -51,13 +51,11 @@ impl Pool {
             if let Ok(job) = self.jobs_rx.try_recv() {
                 return Some(self.took_shared(me, job));
             }
-            if me.hot {
-                if let Some(job) = self.read_for_myself(me) {
-                    return Some(job);
-                }
-                if !me.rx.is_empty() || !self.jobs_rx.is_empty() {
-                    continue;
-                }
+            if let Some(job) = self.read_for_myself(me) {
+                return Some(job);
+            }
+            if !me.rx.is_empty() || !self.jobs_rx.is_empty() {
+                continue;
             }
             if let Some(job) = self.poll_for_job(me) {
                 return Some(job);
@@ -94,6 +92,14 @@ impl Pool {
             return None;
         }
         loop {
+            // Work queued just before the turn was taken (or kept) saw no borrower to nudge.
+            // The turn's compare-and-swap and this look pair with `Turn::queued`'s queue-
+            // then-look: one of the two sees the other.
+            std::sync::atomic::fence(Ordering::SeqCst);
+            if !me.rx.is_empty() || !self.jobs_rx.is_empty() {
+                turn.give_back();
+                return None;
+            }
             let Some(read) = turn.read_as_borrower() else {
                 turn.give_back();
                 return None;
@@ -110,10 +116,12 @@ impl Pool {
                         Err(_) => self.jobs_rx.try_recv().ok().map(|job| self.took_shared(me, job)),
                     };
                     if job.is_some() {
+                        turn.runs_what_it_read();
                         return job;
                     }
                 }
                 _ => {
+                    turn.overlapped();
                     turn.give_back();
                     return None;
                 }
