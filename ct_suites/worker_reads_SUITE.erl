@@ -149,7 +149,11 @@ blocking_request_leaves_frames_served(Block) ->
     %% A worker reads (sequential calls lend it the turn), then the port stays
     %% idle long enough (over 50 ms) for the main thread to stop looking: the
     %% blocking request must wake it.
-    [{ok, _} = py:call(math, sqrt, [2.0]) || _ <- lists:seq(1, 20)],
+    ok = wait_until(fun() ->
+                            {ok, _} = py:call(math, sqrt, [2.0]),
+                            {ok, _} = py:call(math, sqrt, [2.0]),
+                            stat(worker_reads) > 0
+                    end, 10000, a_worker_reads),
     ReadBefore = stat(worker_reads),
     timer:sleep(200),
     Code = <<"import erlang, time\nerlang.send(test, 'started')\n", Block/binary, "\n">>,

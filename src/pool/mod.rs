@@ -276,6 +276,9 @@ impl Pool {
     /// finds it.
     pub fn submit_request(self: &Arc<Self>, job: Job) {
         let job = self.track(job);
+        if let (Some(turn), Some(owner)) = (&self.turn, job.owner()) {
+            turn.request_of(owner_hash(owner));
+        }
         if let Some(turn) = self.turn.as_ref().filter(|t| t.may_lend()) {
             if self.idle.load(Ordering::Acquire) >= self.total.load(Ordering::Acquire) && self.jobs_rx.is_empty() {
                 turn.lend();
@@ -526,6 +529,12 @@ impl Pool {
         }
         self.queued();
     }
+}
+
+/// A hash of a process, to tell callers apart (see `Turn::request_of`).
+fn owner_hash(owner: &Owner) -> u64 {
+    use std::hash::{BuildHasher, BuildHasherDefault};
+    BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default().hash_one(owner)
 }
 
 /// Cuts a string for a log line.

@@ -21,9 +21,10 @@
 //! wakes nobody.
 //!
 //! Concurrent callers get the main thread: once requests overlap (one is read while another
-//! runs or waits, or one ran past a look), nothing is lent for a while, so a burst of
+//! runs or waits, input comes while a lent request runs, requests of two processes come
+//! within 2 ms, or a request ran past a look), nothing is lent for a while, so a burst of
 //! callers or of blocking requests is spread over the pool at once rather than read one
-//! request at a time.
+//! request at a time, and under many callers frames are read and answered in batches.
 //!
 //! A borrower waits in `poll` on the input and on an eventfd, so that work queued for it by
 //! another thread (a nested request that came after its callback's answer, a written-off
@@ -41,11 +42,13 @@ use std::time::Duration;
 const TICK: Duration = Duration::from_millis(1);
 /// Ticks without a request before the main thread stops looking until the next one.
 const QUIET_TICKS: u32 = 50;
-/// No lending for this long after a request ran past a look, or frames came while a
-/// request was running: under concurrent callers the main thread reads, as on more CPUs,
+/// No lending for this long after a request ran past a look or called back into Erlang,
+/// or after requests overlapped: under concurrent callers the main thread reads, as on more CPUs,
 /// rather than each blocking request keeping the input unread until the next look.
 const UNSETTLED_AFTER_TAKEOVER: Duration = Duration::from_millis(50);
 const UNSETTLED_AFTER_OVERLAP: Duration = Duration::from_millis(10);
+/// Requests of two processes this close together count as concurrent callers.
+const OTHER_CALLER_WINDOW: Duration = Duration::from_millis(2);
 
 // The turn's state is one word, `lease << 2 | kind`. The lease number changes whenever a
 // borrower takes the turn or loses it, so that a borrower that was slow to notice it lost
@@ -124,6 +127,9 @@ pub struct Turn {
     watch_cv: Condvar,
     /// The main thread sleeps without a deadline (no request for a while).
     dozing: AtomicBool,
+    /// A hash of the process whose request was routed last, and when (see `request_of`).
+    last_owner: AtomicU64,
+    last_owner_at: AtomicU64,
     /// Requests a borrower read and ran itself, for `py:stats()`.
     read_by_workers: AtomicU64,
     /// No lending before this time (ns since `epoch`): requests overlapped lately.
@@ -148,6 +154,8 @@ impl Turn {
             watch_lock: Mutex::new(()),
             watch_cv: Condvar::new(),
             dozing: AtomicBool::new(false),
+            last_owner: AtomicU64::new(0),
+            last_owner_at: AtomicU64::new(0),
             read_by_workers: AtomicU64::new(0),
             calm_from: AtomicU64::new(0),
             epoch: std::time::Instant::now(),
@@ -272,13 +280,31 @@ impl Turn {
 
     /// Whether frames were read that are not yet routed.
     pub fn more_input(&self) -> bool {
-        self.input.lock().has_buffered()
+        // Never waits: if the main thread took the turn back meanwhile, it holds the input
+        // while it blocks reading, and those frames are its own.
+        self.input.try_lock().is_some_and(|input| input.has_buffered())
     }
 
     /// Whether this borrower lent the turn for the request it just routed (it runs it now).
     pub fn lent_to_me(&self) -> bool {
         let now = self.state.load(Ordering::Acquire);
         kind(now) == RUNNING && HELD.with(Cell::get) == Some(now)
+    }
+
+    /// A borrower that ran the request it read, before it answers: input that came while it
+    /// ran means another caller is waiting (the caller of this request waits for the
+    /// answer), so requests overlap and the main thread should read for a while. A poll
+    /// that does not wait; only on this path.
+    pub fn before_answering(&self) {
+        if !self.lent_to_me() {
+            return;
+        }
+        let mut fd = libc::pollfd { fd: self.input_fd, events: libc::POLLIN, revents: 0 };
+        // SAFETY: one valid pollfd for the duration of the call; a zero timeout never waits.
+        let ready = unsafe { libc::poll(&mut fd, 1, 0) } > 0 || self.more_input();
+        if ready {
+            self.overlapped();
+        }
     }
 
     /// A borrower runs the request it read.
@@ -326,6 +352,9 @@ impl Turn {
         if kind(now) == RUNNING
             && self.state.compare_exchange(now, next_lease(now, MAIN), Ordering::SeqCst, Ordering::Acquire).is_ok()
         {
+            // Requests that call back would hand reading back on every call, each time
+            // waking the main thread: for a while the main thread keeps reading instead.
+            self.unsettle(UNSETTLED_AFTER_TAKEOVER);
             self.wake_main();
         }
     }
@@ -349,6 +378,22 @@ impl Turn {
     /// requests overlap (see [`Turn::overlapped`]).
     pub fn may_lend(&self) -> bool {
         self.enabled && self.nanos() >= self.calm_from.load(Ordering::Relaxed)
+    }
+
+    /// The reader routes a request of the process whose hash is `owner`. On one CPU the
+    /// port rarely sees requests overlap even under many callers (the VM runs only while
+    /// the port waits), so two processes' requests within [`OTHER_CALLER_WINDOW`] count as
+    /// concurrent callers too.
+    pub fn request_of(&self, owner: u64) {
+        if !self.enabled {
+            return;
+        }
+        let now = self.nanos();
+        let last = self.last_owner.swap(owner, Ordering::Relaxed);
+        let last_at = self.last_owner_at.swap(now, Ordering::Relaxed);
+        if last != owner && now.saturating_sub(last_at) < OTHER_CALLER_WINDOW.as_nanos() as u64 {
+            self.overlapped();
+        }
     }
 
     /// Requests overlapped (one was read while another ran): no lending for a while.

@@ -15,6 +15,9 @@ impl Pool {
                 let job = py.detach(|| {
                     // The reply goes out here, detached: writing may block on the pipe.
                     if let Some(frame) = reply.take() {
+                        if let Some(turn) = &self.turn {
+                            turn.before_answering();
+                        }
                         crate::latency::writing();
                         self.deliver(&me, frame);
                     }
