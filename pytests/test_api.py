@@ -8,7 +8,7 @@ import pytest
 
 from conftest import A, Atom, describe_error, pid, wait_until
 
-STATS_KEYS = {"dicts", "dict_keys", "dict_bytes", "namespaces", "workers", "busy_workers", "queued", "generation"}
+STATS_KEYS = {"dicts", "dict_keys", "dict_bytes", "namespaces", "workers", "busy_workers", "queued", "generation", "worker_reads"}
 
 
 def python_error(reason, typ):

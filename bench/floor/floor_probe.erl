@@ -1,4 +1,4 @@
-%% @doc Times bench/floor's port program (inline, relay, select) against /bin/cat:
+%% @doc Times bench/floor's port program (inline, relay, select, borrow) against /bin/cat:
 %% sequential echoes of the frame py:call(math, sqrt, [2.0]) writes, each with the
 %% term codec work of a call (two term_to_binary, two binary_to_term), interleaved
 %% in blocks of 50 calls, 400 blocks per port after 2000 warm-up calls each.
@@ -10,7 +10,7 @@
 main([Exe]) ->
     Ports = [{cat, open_port({spawn_executable, "/bin/cat"}, [{packet, 4}, binary])}]
         ++ [{list_to_atom(M), open_port({spawn_executable, Exe}, [{packet, 4}, binary, {args, [M]}])}
-            || M <- ["inline", "relay", "select"]],
+            || M <- ["inline", "relay", "select", "borrow"]],
     _ = [echo(P) || _ <- lists:seq(1, 2000), {_, P} <- Ports],
     Times = lists:foldl(
               fun(_, Acc) ->

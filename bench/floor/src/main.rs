@@ -8,7 +8,10 @@
 //! * `relay`: a reader thread hands each frame over a channel to a worker thread, which
 //!   writes it back (pyport's request path, minus Python);
 //! * `select`: the same, the worker waiting on two channels at once, as pyport's workers do
-//!   (their own queue and the shared one).
+//!   (their own queue and the shared one);
+//! * `borrow`: one thread waits in `poll` on the input and an eventfd, reads and writes back,
+//!   marking each frame in an atomic counter, while another thread wakes every millisecond
+//!   to look at it (pyport's worker that borrowed the turn to read, see `pool::Turn`).
 //! `bench/floor/floor_probe.erl` times the three against `/bin/cat`.
 
 use crossbeam_channel::{unbounded, Select};
@@ -30,8 +33,54 @@ fn write_frame(w: &mut impl Write, body: &[u8]) -> io::Result<()> {
     w.flush()
 }
 
+/// `borrow`: see the module comment.
+fn borrow() {
+    use std::io::BufRead;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+    // SAFETY: eventfd takes no pointers; the result is checked.
+    let nudge = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+    assert!(nudge >= 0, "eventfd");
+    let runs = Arc::new(AtomicU64::new(0));
+    let watched = runs.clone();
+    thread::spawn(move || {
+        let mut last = 0;
+        loop {
+            thread::sleep(std::time::Duration::from_millis(1));
+            let now = watched.load(Ordering::Acquire);
+            // An odd count that did not move: a frame held across a whole look.
+            if now == last && now % 2 == 1 {
+                eprintln!("a frame was held across a look");
+            }
+            last = now;
+        }
+    });
+    let mut input = BufReader::with_capacity(64 * 1024, io::stdin().lock());
+    let mut out = BufWriter::new(io::stdout().lock());
+    loop {
+        if input.buffer().is_empty() {
+            let mut fds = [
+                libc::pollfd { fd: 0, events: libc::POLLIN, revents: 0 },
+                libc::pollfd { fd: nudge, events: libc::POLLIN, revents: 0 },
+            ];
+            // SAFETY: two valid pollfd for the duration of the call.
+            unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        }
+        let Some(frame) = read_frame(&mut input) else { return };
+        runs.fetch_add(1, Ordering::AcqRel);
+        let frame = std::hint::black_box(frame);
+        runs.fetch_add(1, Ordering::AcqRel);
+        if write_frame(&mut out, &frame).is_err() {
+            return;
+        }
+    }
+}
+
 fn main() {
     let mode = std::env::args().nth(1).unwrap_or_default();
+    if mode == "borrow" {
+        return borrow();
+    }
     let mut input = BufReader::with_capacity(64 * 1024, io::stdin().lock());
     if mode == "inline" {
         let mut out = BufWriter::new(io::stdout().lock());
