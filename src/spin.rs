@@ -47,8 +47,8 @@ pub fn spinning_pays() -> bool {
 }
 
 /// Whether the process may use at most one CPU's worth of time: its affinity allows one
-/// CPU, or a CPU quota holds it to one CPU or less. There threads never run at the same
-/// time, and each thread hand-off is a context switch (see `pool::Turn`).
+/// CPU, or a CPU quota holds it to one CPU or less. There a thread hand-off mostly costs a
+/// context switch rather than a wake-up on another CPU (see `pool::Turn`).
 pub fn single_cpu() -> bool {
     static ONE: OnceLock<bool> = OnceLock::new();
     *ONE.get_or_init(|| allowed_cpus() == Some(1) || cpu_quota().is_some_and(|q| q <= 1.0))

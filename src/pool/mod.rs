@@ -276,7 +276,7 @@ impl Pool {
     /// finds it.
     pub fn submit_request(self: &Arc<Self>, job: Job) {
         let job = self.track(job);
-        if let (Some(turn), Some(owner)) = (&self.turn, job.owner()) {
+        if let (Some(turn), Some(owner)) = (self.turn.as_ref().filter(|t| t.enabled()), job.owner()) {
             turn.request_of(owner_hash(owner));
         }
         if let Some(turn) = self.turn.as_ref().filter(|t| t.may_lend()) {

@@ -14,17 +14,19 @@
 //! while requests run and, when the same request has been running since its previous look,
 //! takes the turn back and reads again, as it does on more CPUs: a frame waits at most two
 //! ticks. A thread about to wait for a frame (a callback's answer) hands the turn back at
-//! once (see [`Turn::before_waiting`]). Lending and borrowing cost no system call on the
-//! request path, only a few atomic operations; the price is the main thread's looks, a
-//! wake-up every millisecond while requests come. When no request has run for
+//! once (see [`Turn::before_waiting`]). Lending and borrowing cost a few atomic operations
+//! and, before a borrower answers a request it ran, one poll that does not wait; the price
+//! is the main thread's looks, a wake-up every millisecond while requests come. When no request has run for
 //! [`QUIET_TICKS`] ticks the main thread sleeps until the next one starts, so an idle port
 //! wakes nobody.
 //!
 //! Concurrent callers get the main thread: once requests overlap (one is read while another
 //! runs or waits, input comes while a lent request runs, requests of two processes come
-//! within 2 ms, or a request ran past a look), nothing is lent for a while, so a burst of
-//! callers or of blocking requests is spread over the pool at once rather than read one
-//! request at a time, and under many callers frames are read and answered in batches.
+//! within 2 ms, or a request ran past a look), nothing is lent for a while. A borrower still
+//! reading hands reading back as soon as a request it reads is not lent to it (it is queued
+//! for the pool instead), so a burst of callers or of blocking requests is spread over the
+//! pool rather than read one request at a time, and under many callers frames are read and
+//! answered in batches. A spare that borrowed does not retire while it reads.
 //!
 //! A borrower waits in `poll` on the input and on an eventfd, so that work queued for it by
 //! another thread (a nested request that came after its callback's answer, a written-off
@@ -172,7 +174,9 @@ impl Turn {
     /// Called before the request is queued, so that it cannot end before the turn is lent.
     pub fn lend(&self) {
         let now = self.state.load(Ordering::Acquire);
-        let lent = with_kind(now, RUNNING);
+        // A new lease for every lent request, so that the main thread's look tells two
+        // requests apart by the state word alone.
+        let lent = next_lease(now, RUNNING);
         let (MAIN | LENT) = kind(now) else { return };
         if kind(now) == LENT && HELD.with(Cell::get) != Some(now) {
             return;
@@ -200,14 +204,14 @@ impl Turn {
             let runs = self.runs.load(Ordering::Acquire);
             match kind(state) {
                 MAIN => return,
-                RUNNING if running_seen == Some((state, runs)) => {
+                RUNNING if running_seen == Some(state) => {
                     let back = next_lease(state, MAIN);
                     if self.state.compare_exchange(state, back, Ordering::SeqCst, Ordering::Acquire).is_ok() {
                         self.unsettle(UNSETTLED_AFTER_TAKEOVER);
                         return;
                     }
                 }
-                RUNNING => running_seen = Some((state, runs)),
+                RUNNING => running_seen = Some(state),
                 _ => running_seen = None,
             }
             quiet = if runs == last_runs { quiet + 1 } else { 0 };
@@ -253,6 +257,11 @@ impl Turn {
         let ok = self.state.compare_exchange(now, mine, Ordering::SeqCst, Ordering::Acquire).is_ok();
         if ok {
             HELD.with(|h| h.set(Some(mine)));
+            // A nudge left from an earlier borrower's time would hand this turn back at once;
+            // work queued before now is seen by the caller's look at the queues after this.
+            let mut buf = [0u8; 8];
+            // SAFETY: reads at most 8 bytes into `buf`; the fd is non-blocking.
+            unsafe { libc::read(self.nudge_fd, buf.as_mut_ptr().cast(), 8) };
         }
         ok
     }
@@ -374,6 +383,11 @@ impl Turn {
         }
     }
 
+    /// Whether idle workers may read at all (`--worker-reads`).
+    pub fn enabled(&self) -> bool {
+        self.enabled
+    }
+
     /// Whether the reader may lend the turn for the request it routes now: not while
     /// requests overlap (see [`Turn::overlapped`]).
     pub fn may_lend(&self) -> bool {
@@ -385,9 +399,6 @@ impl Turn {
     /// the port waits), so two processes' requests within [`OTHER_CALLER_WINDOW`] count as
     /// concurrent callers too.
     pub fn request_of(&self, owner: u64) {
-        if !self.enabled {
-            return;
-        }
         let now = self.nanos();
         let last = self.last_owner.swap(owner, Ordering::Relaxed);
         let last_at = self.last_owner_at.swap(now, Ordering::Relaxed);
