@@ -102,17 +102,7 @@ homes_spread_evenly(_Config) ->
 %% 64 processes at once, each with a namespace, each calling 20 times: every
 %% process sees one thread ident for all its calls.
 each_process_stays_on_its_thread(_Config) ->
-    Self = self(),
-    Pids = [spawn(fun() ->
-                          {ok, _} = py:eval(<<"__import__('threading').get_ident()">>),
-                          Ids = [begin
-                                     {ok, Id} = py:eval(<<"__import__('time').sleep(0.001) or "
-                                                          "__import__('threading').get_ident()">>),
-                                     Id
-                                 end || _ <- lists:seq(1, 20)],
-                          Self ! {idents, self(), lists:usort(Ids)}
-                  end) || _ <- lists:seq(1, 64)],
-    Idents = pyport_ct_lib:collect(idents, Pids),
+    Idents = pyport_ct_lib:thread_idents_of_callers(64, 20),
     ?assertEqual([], [I || I <- Idents, length(I) =/= 1]),
     Threads = length(lists:usort(lists:append(Idents))),
     ct:pal("affinity: 64 concurrent processes homed on ~b threads", [Threads]),

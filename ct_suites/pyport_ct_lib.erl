@@ -9,7 +9,7 @@
          stat/1, stats/0, now_ms/0,
          wait_until/2, wait_until/3, wait_down/1, wait_down/2,
          assert_mailbox_empty/0, wait_waiting/1, collect/2,
-         has/2, nest/1, run_in_process/1,
+         has/2, nest/1, run_in_process/1, thread_idents_of_callers/2,
          save_env/1, restore_env/1, restore_env_and_restart/1, run_command/4, assert_destroyed/1,
          os_alive/1, all_gone/1, capture_logs/1, logged/0]).
 %% logger handler callback of capture_logs/1
@@ -124,6 +124,21 @@ collect(Tag, Pids) ->
     [receive {Tag, P, R} -> R
      after ?LIVENESS_MS -> ct:fail({no_result_from, P, Tag})
      end || P <- Pids].
+
+%% NProcs processes at once, each with a namespace, each making NCalls evals
+%% that sleep a millisecond and return the thread ident they ran on: one sorted
+%% list of idents per process.
+thread_idents_of_callers(NProcs, NCalls) ->
+    Self = self(),
+    Pids = [spawn_link(fun() ->
+                               Ids = [begin
+                                          {ok, Id} = py:eval(<<"__import__('time').sleep(0.001) or "
+                                                               "__import__('threading').get_ident()">>),
+                                          Id
+                                      end || _ <- lists:seq(1, NCalls)],
+                               Self ! {idents, self(), lists:usort(Ids)}
+                       end) || _ <- lists:seq(1, NProcs)],
+    collect(idents, Pids).
 
 has(Bin, Part) ->
     binary:match(Bin, Part) =/= nomatch.

@@ -18,9 +18,10 @@
 suite() ->
     [{timetrap, {seconds, 120}}].
 
+%% work_queued_by_another_thread_wakes_the_reader first: no process of an
+%% earlier case can exit meanwhile (its owner_down frame would wake the
+%% reading worker).
 all() ->
-    %% First: no process of an earlier case can exit meanwhile (its owner_down
-    %% frame would wake the reading worker).
     [work_queued_by_another_thread_wakes_the_reader,
      sequential_requests_of_every_kind,
      concurrent_callers,
@@ -112,16 +113,7 @@ concurrent_callers(_Config) ->
 %% thread. With more frames waiting it leaves them to the main thread, which
 %% spreads the processes' homes over spare workers.
 a_burst_of_callers_is_spread_over_threads(_Config) ->
-    Self = self(),
-    Pids = [spawn_link(fun() ->
-                               Ids = [begin
-                                          {ok, Id} = py:eval(<<"__import__('time').sleep(0.001) or "
-                                                               "__import__('threading').get_ident()">>),
-                                          Id
-                                      end || _ <- lists:seq(1, 20)],
-                               Self ! {idents, self(), lists:usort(Ids)}
-                       end) || _ <- lists:seq(1, 64)],
-    Idents = pyport_ct_lib:collect(idents, Pids),
+    Idents = pyport_ct_lib:thread_idents_of_callers(64, 20),
     ?assertEqual([], [I || I <- Idents, length(I) =/= 1]),
     Threads = length(lists:usort(lists:append(Idents))),
     ct:pal("64 concurrent processes homed on ~b threads", [Threads]),
