@@ -15,7 +15,7 @@ impl Pool {
                 let job = py.detach(|| {
                     // The reply goes out here, detached: writing may block on the pipe.
                     if let Some(frame) = reply.take() {
-                        if let Some(turn) = &self.turn {
+                        if let Some(turn) = self.turn.as_ref().filter(|t| t.enabled()) {
                             turn.before_answering();
                         }
                         crate::latency::writing();
@@ -54,11 +54,14 @@ impl Pool {
             if let Ok(job) = self.jobs_rx.try_recv() {
                 return Some(self.took_shared(me, job));
             }
-            if let Some(job) = self.read_for_myself(me) {
-                return Some(job);
-            }
-            if !me.rx.is_empty() || !self.jobs_rx.is_empty() {
-                continue;
+            if self.turn.as_ref().is_some_and(|t| t.enabled()) {
+                if let Some(job) = self.read_for_myself(me) {
+                    return Some(job);
+                }
+                // The turn went back because work is queued here: take it.
+                if !me.rx.is_empty() || !self.jobs_rx.is_empty() {
+                    continue;
+                }
             }
             if let Some(job) = self.poll_for_job(me) {
                 return Some(job);
