@@ -39,8 +39,11 @@ args(Gen) ->
      "--workers", integer_to_list(env_int(workers, 1)),
      "--max-workers", integer_to_list(env_int(max_workers, 16))]
         ++ watchdog_arg()
-        ++ affinity_arg()
-        ++ worker_reads_arg()
+        %% --thread-affinity: which processes get a home thread in the port.
+        ++ choice_arg(thread_affinity, "--thread-affinity", [namespace, always, none])
+        %% --worker-reads: whether idle workers read requests themselves (by default
+        %% only where the port may use a single CPU, where it saves a hand-off per call).
+        ++ choice_arg(worker_reads, "--worker-reads", [auto, always, never])
         ++ trace_arg()
         ++ ["--none-as", atom_to_list(none_as()),
             "--node", atom_to_list(node()),
@@ -125,29 +128,20 @@ optional_args(Keys) ->
                      {ok, N} <- [application:get_env(pyport, Key)],
                      is_integer(N), N >= 0]).
 
-%% --thread-affinity: which processes get a home thread in the port.
--spec affinity_arg() -> [string()].
-affinity_arg() ->
-    case application:get_env(pyport, thread_affinity) of
-        {ok, Mode} when Mode =:= namespace; Mode =:= always; Mode =:= none ->
-            ["--thread-affinity", atom_to_list(Mode)];
-        {ok, Other} ->
-            ?LOG_ERROR("pyport: ignoring thread_affinity ~tp (namespace | always | none)", [Other]),
-            [];
-        undefined ->
-            []
-    end.
-
-%% --worker-reads: whether idle workers read requests themselves (by default only
-%% where the port may use a single CPU, where it saves a thread hand-off per call).
--spec worker_reads_arg() -> [string()].
-worker_reads_arg() ->
-    case application:get_env(pyport, worker_reads) of
-        {ok, Mode} when Mode =:= auto; Mode =:= always; Mode =:= never ->
-            ["--worker-reads", atom_to_list(Mode)];
-        {ok, Other} ->
-            ?LOG_ERROR("pyport: ignoring worker_reads ~tp (auto | always | never)", [Other]),
-            [];
+%% The port program flag for the app env key `Key' when it is set to one of the
+%% atoms `Allowed'; any other value is logged and ignored (the port's default holds).
+-spec choice_arg(atom(), string(), [atom(), ...]) -> [string()].
+choice_arg(Key, Flag, Allowed) ->
+    case application:get_env(pyport, Key) of
+        {ok, Value} ->
+            case lists:member(Value, Allowed) of
+                true ->
+                    [Flag, atom_to_list(Value)];
+                false ->
+                    Choices = lists:join(" | ", [atom_to_list(A) || A <- Allowed]),
+                    ?LOG_ERROR("pyport: ignoring ~ts ~tp (~ts)", [Key, Value, Choices]),
+                    []
+            end;
         undefined ->
             []
     end.
