@@ -182,8 +182,7 @@ fn main() {
         // that is gone and the input unread for good; on the main thread it ends the port.
         // So it ends the port here too.
         if let Err(panic) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| for_workers(read))) {
-            let what = panic.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| panic.downcast_ref::<String>().cloned());
-            fatal(&out, EXIT_PANIC, &format!("panic while routing a frame: {}", what.unwrap_or_default()));
+            fatal(&out, EXIT_PANIC, &format!("panic while routing a frame: {}", pool::panic_message(&panic)));
         }
     }));
     // The main thread reads, except while an idle worker has borrowed the turn (see

@@ -45,6 +45,7 @@ mod turn;
 mod worker;
 
 pub use turn::{Route, Turn, WorkerReads};
+pub use worker::panic_message;
 
 pub use crate::python::PYTHON_THREAD_STACK;
 
