@@ -464,21 +464,34 @@ stream_start(Module, Function, Args, Kwargs, Opts)
      andalso maps:size(maps:without([owner, window], Opts)) =:= 0)
         orelse erlang:error(badarg),
     Payload = term_to_binary({Args, pyport_args:kwargs(Kwargs)}, ?T2B_OPTS),
-    Ref = make_ref(),
-    Id = pyport_request:new_id(),
-    Frame = term_to_binary({stream_start, Id, pyport_callbacks:owner(), M, F, Payload,
-                            term_to_binary(Ref), Owner, Window}, ?T2B_OPTS),
-    case pyport_request:request_msg(Id, {stream_request, Id, Frame, Owner, Ref},
-                                    pyport_request:default_timeout(call_timeout, 30000)) of
-        {ok, _} ->
-            {ok, Ref};
-        {error, _} = Error ->
-            %% A start that timed out may still have begun in the port.
-            ok = stream_cancel(Ref),
-            Error
+    case can_receive(Owner) of
+        false ->
+            {error, owner_down};
+        true ->
+            Ref = make_ref(),
+            Id = pyport_request:new_id(),
+            Frame = term_to_binary({stream_start, Id, pyport_callbacks:owner(), M, F, Payload,
+                                    term_to_binary(Ref), Owner, Window}, ?T2B_OPTS),
+            case pyport_request:request_msg(Id, {stream_request, Id, Frame, Owner, Ref},
+                                            pyport_request:default_timeout(call_timeout, 30000)) of
+                {ok, _} ->
+                    {ok, Ref};
+                {error, _} = Error ->
+                    %% A start that timed out may still have begun in the port.
+                    ok = stream_cancel(Ref),
+                    Error
+            end
     end;
 stream_start(_Module, _Function, _Args, _Kwargs, _Opts) ->
     erlang:error(badarg).
+
+%% Whether a stream's owner can receive at all: a local process that is alive, or
+%% a process of a connected node. (One that dies later is seen by its monitor.)
+-spec can_receive(pid()) -> boolean().
+can_receive(Pid) when node(Pid) =:= node() ->
+    is_process_alive(Pid);
+can_receive(Pid) ->
+    lists:member(node(Pid), nodes()).
 
 %% @equiv stream_ack(Ref, 1)
 -spec stream_ack(reference()) -> ok.

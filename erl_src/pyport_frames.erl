@@ -67,7 +67,7 @@ port_atoms() ->
      thread_homes, thread_queues,
      cached, pyport_sd_invalidate, badarg, shared_dict, python_decodes, decode_queued,
      decode_stuck, pyport_callback, pyport_callback_cancel, pyport_send,
-     py_stream, data, done, streams, python_threads, pyport_stream_end,
+     py_stream, data, done, streams, python_threads, pyport_stream_end, pyport_stream_send,
      %% py:stats() with the app env trace_latency
      latency_trace, stages, calls, route_ns, queue_ns, prepare_ns, python_ns, encode_ns,
      release_ns].

@@ -223,8 +223,10 @@ handle_info({'EXIT', Port, Reason}, #state{port = Port} = State) ->
     %% The port closed without an exit status (e.g. a write error).
     {noreply, port_down({port_exit, Reason}, {error, {pyport_exit, Reason}}, State)};
 handle_info({'EXIT', Sender, Reason}, #state{sender = Sender} = State) ->
-    %% Messages from Python must keep flowing: a new sender takes over.
+    %% Messages from Python must keep flowing: a new sender takes over. What the old
+    %% one had not reported is lost: the port stops counting it.
     ?LOG_ERROR("pyport: the erlang.send sender exited (~tp); starting another", [Reason]),
+    send_frame(State, {sent, reset}),
     {noreply, State#state{sender = pyport_callbacks:start_sender()}};
 handle_info({'EXIT', _OldPort, _Reason}, State) ->
     {noreply, State};
@@ -337,9 +339,13 @@ port_message({pyport_callback, CbId, Name, Args, Caller}, #state{port = Port} = 
     State#state{callbacks = Cbs};
 port_message({pyport_callback_cancel, CbId}, #state{callbacks = Cbs} = State) ->
     State#state{callbacks = pyport_callbacks:cancelled(CbId, Cbs)};
-port_message({pyport_send, To, Msg}, #state{sender = Sender} = State)
-  when is_pid(To), is_binary(Msg) ->
-    ok = pyport_callbacks:deliver(Sender, To, Msg),
+port_message({pyport_send, To, Msg}, #state{sender = Sender, port = Port} = State)
+  when is_pid(To), is_binary(Msg), Port =/= undefined ->
+    ok = pyport_callbacks:deliver(Sender, Port, To, Msg),
+    State;
+port_message({pyport_stream_send, Ref, To, Msg}, #state{sender = Sender} = State)
+  when is_reference(Ref), is_pid(To), is_binary(Msg) ->
+    ok = pyport_callbacks:deliver_item(Sender, To, Msg),
     State;
 port_message({pyport_stream_end, Ref}, #state{streams = Streams} = State) ->
     State#state{streams = maps:remove(Ref, Streams)};

@@ -33,8 +33,12 @@ use std::time::{Duration, Instant};
 /// How often a waiting worker looks whether its request was cancelled.
 const CANCEL_POLL: Duration = Duration::from_millis(10);
 
-/// Bytes of frames queued for Erlang beyond which `erlang.send` waits.
-const MAX_UNSENT: usize = 64 << 20;
+/// `erlang.send` messages (and their bytes) that the VM may not have delivered yet: beyond
+/// either, `erlang.send` waits until the VM reports deliveries (`{sent, N, Bytes}`). So a
+/// Python loop that sends faster than the VM delivers is held back in Python, with the
+/// VM's queues bounded, and nothing takes a shortcut that would reorder messages.
+const MAX_UNDELIVERED: usize = 1024;
+const MAX_UNDELIVERED_BYTES: usize = 64 << 20;
 
 /// Names the Erlang side answers itself (no registered function can start with `$`).
 const WHEREIS: &str = "$pyport_whereis";
@@ -48,8 +52,54 @@ pub enum Event {
     Nested(Job),
 }
 
+/// Messages of `erlang.send` sent to the VM and not yet reported delivered.
+#[derive(Default)]
+struct Undelivered {
+    state: Mutex<(usize, usize)>,
+    settled: parking_lot::Condvar,
+}
+
+impl Undelivered {
+    /// Whether one more message of `bytes` may go now (always when nothing is pending, so
+    /// that a single message larger than the byte bound still goes).
+    fn room_for(state: &(usize, usize), bytes: usize) -> bool {
+        let (n, total) = *state;
+        n == 0 || (n < MAX_UNDELIVERED && total + bytes <= MAX_UNDELIVERED_BYTES)
+    }
+
+    fn try_take(&self, bytes: usize) -> bool {
+        let mut st = self.state.lock();
+        let room = Self::room_for(&st, bytes);
+        if room {
+            st.0 += 1;
+            st.1 += bytes;
+        }
+        room
+    }
+
+    /// Waits for room, then counts the message. Call it detached from Python.
+    fn take(&self, bytes: usize) {
+        let mut st = self.state.lock();
+        while !Self::room_for(&st, bytes) {
+            self.settled.wait(&mut st);
+        }
+        st.0 += 1;
+        st.1 += bytes;
+    }
+
+    fn delivered(&self, delivered: Option<(u64, u64)>) {
+        let mut st = self.state.lock();
+        *st = match delivered {
+            Some((n, bytes)) => (st.0.saturating_sub(n as usize), st.1.saturating_sub(bytes as usize)),
+            None => (0, 0),
+        };
+        self.settled.notify_all();
+    }
+}
+
 pub struct Callbacks {
     out: Outbox,
+    undelivered: Undelivered,
     waiters: Mutex<HashMap<u64, Sender<Event>>>,
     next_id: AtomicU64,
     timeout: Duration,
@@ -67,6 +117,7 @@ impl Callbacks {
         HOST.get_or_init(|| {
             Arc::new(Callbacks {
                 out,
+                undelivered: Undelivered::default(),
                 waiters: Mutex::new(HashMap::new()),
                 next_id: AtomicU64::new(1),
                 timeout,
@@ -80,6 +131,11 @@ impl Callbacks {
     /// The pool that runs chain requests nobody waits for any more.
     pub fn set_pool(&self, pool: Arc<Pool>) {
         let _ = self.pool.set(pool);
+    }
+
+    /// The VM delivered `erlang.send` messages (see `MAX_UNDELIVERED`).
+    pub fn sent(&self, delivered: Option<(u64, u64)>) {
+        self.undelivered.delivered(delivered);
     }
 
     /// Hands Erlang's answer to the thread waiting for callback `id` (if it still waits).
@@ -110,7 +166,7 @@ impl Callbacks {
         let mut payload = vec![etf::VERSION];
         convert::encode(args.as_any(), &mut payload).map_err(ConvertError::into_pyerr)?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let caller = crate::pylog::current_caller();
+        let caller = crate::pylog::current_caller(py);
         let frame = fits(protocol::callback_frame(id, name, &payload, caller.as_ref()), "erlang.call arguments")?;
         let (tx, rx) = unbounded();
         self.waiters.lock().insert(id, tx);
@@ -120,7 +176,12 @@ impl Callbacks {
         if let Some(pool) = self.pool.get() {
             pool.before_waiting();
         }
-        let answer = self.wait(py, id, &rx);
+        // On the event loop's thread, the loop goes on without it while it waits.
+        let loop_wait = crate::aio::begin_wait(py);
+        let answer = self.wait(py, id, &rx, loop_wait.as_ref());
+        if let Some(w) = loop_wait {
+            w.end(py);
+        }
         self.waiters.lock().remove(&id);
         // Requests of the chain that arrived after the answer run in the pool instead.
         for ev in rx.try_iter() {
@@ -136,10 +197,14 @@ impl Callbacks {
         }
     }
 
-    fn wait(&self, py: Python<'_>, id: u64, rx: &Receiver<Event>) -> PyResult<(bool, Vec<u8>)> {
-        let deadline = match crate::cancel::current_cancelled() {
-            Some(_) => None,
-            None => Some(Instant::now() + self.timeout),
+    /// Waits for the answer to callback `id`. A worker waits as long as its request lives,
+    /// and so does a coroutine (`in_loop`, its task's cancellation ends the wait); any other
+    /// thread at most `callback_timeout`.
+    fn wait(&self, py: Python<'_>, id: u64, rx: &Receiver<Event>, in_loop: Option<&crate::aio::LoopWait>) -> PyResult<(bool, Vec<u8>)> {
+        let deadline = match (crate::cancel::current_cancelled(), in_loop) {
+            (Some(_), _) => None,
+            (None, Some(w)) if w.in_task() => None,
+            _ => Some(Instant::now() + self.timeout),
         };
         loop {
             // The answer of a quick Erlang function comes within tens of microseconds; a
@@ -152,17 +217,17 @@ impl Callbacks {
             match event {
                 Ok(Event::Reply { ok, payload }) => {
                     // A cancellation that arrived with the answer still ends the request.
-                    self.check_cancelled(py, id)?;
+                    self.check_cancelled(py, id, in_loop)?;
                     return Ok((ok, payload));
                 }
                 Ok(Event::Nested(job)) => {
                     if let Some(frame) = self.pool.get().and_then(|p| p.run_nested(py, job)) {
                         self.out.send(frame);
                     }
-                    self.check_cancelled(py, id)?;
+                    self.check_cancelled(py, id, in_loop)?;
                 }
                 Err(RecvTimeoutError::Timeout) => {
-                    self.check_cancelled(py, id)?;
+                    self.check_cancelled(py, id, in_loop)?;
                     if deadline.is_some_and(|d| Instant::now() >= d) {
                         self.out.send(protocol::callback_cancel_frame(id));
                         return Err(PyTimeoutError::new_err(format!(
@@ -179,12 +244,19 @@ impl Callbacks {
     }
 
     /// Ends the wait with `CallCancelled` if the worker's request was cancelled meanwhile
-    /// (taking back the asynchronous one, so that it does not strike a second time).
-    fn check_cancelled(&self, py: Python<'_>, id: u64) -> PyResult<()> {
+    /// (taking back the asynchronous one, so that it does not strike a second time), or
+    /// with `CancelledError` if the coroutine's task was.
+    fn check_cancelled(&self, py: Python<'_>, id: u64, in_loop: Option<&crate::aio::LoopWait>) -> PyResult<()> {
+        const WHY: &str = "the Erlang caller gave up while Python waited for a callback";
         if crate::cancel::current_cancelled() == Some(true) {
             crate::cancel::take_current_cancel(py);
             self.out.send(protocol::callback_cancel_frame(id));
-            return Err(CallCancelled::new_err("the Erlang caller gave up while Python waited for a callback"));
+            return Err(CallCancelled::new_err(WHY));
+        }
+        if in_loop.is_some_and(|w| w.cancelled()) {
+            self.out.send(protocol::callback_cancel_frame(id));
+            let cancelled = py.import("asyncio")?.getattr("CancelledError")?.call1((WHY,))?;
+            return Err(PyErr::from_value(cancelled));
         }
         Ok(())
     }
@@ -201,8 +273,15 @@ impl Callbacks {
         let mut payload = vec![etf::VERSION];
         convert::encode(message, &mut payload).map_err(ConvertError::into_pyerr)?;
         let frame = fits(protocol::send_frame(term.bytes(), &payload), "erlang.send message")?;
-        // Held back, without the GIL, while the VM has not taken what was sent before.
-        py.detach(|| self.out.wait_until_below(MAX_UNSENT));
+        // Held back, without the GIL, while the VM has not delivered enough of what was sent
+        // before; on the event loop's thread, the loop goes on meanwhile.
+        if !self.undelivered.try_take(payload.len()) {
+            let loop_wait = crate::aio::begin_wait(py);
+            py.detach(|| self.undelivered.take(payload.len()));
+            if let Some(w) = loop_wait {
+                w.end(py);
+            }
+        }
         self.out.send(frame);
         Ok(())
     }
@@ -300,7 +379,7 @@ fn send(py: Python<'_>, pid: &Bound<'_, PyAny>, message: &Bound<'_, PyAny>) -> P
 /// `erlang.self()`: the pid of the Erlang process whose call this thread runs.
 #[pyfunction(name = "self")]
 fn self_pid(py: Python<'_>) -> PyResult<Py<PyAny>> {
-    let Some(owner) = crate::pylog::current_caller() else {
+    let Some(owner) = crate::pylog::current_caller(py) else {
         let no_caller = py.import("erlang")?.getattr("NoCaller")?;
         return Err(PyErr::from_value(no_caller.call1(("erlang.self(): this thread runs no Erlang call",))?));
     };

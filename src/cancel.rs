@@ -247,12 +247,47 @@ impl Tracking {
     }
 }
 
-/// Workers written off and still stuck, in every pool of the process.
+/// Threads written off and still stuck, in every pool of the process and the event loop.
 static WRITTEN_OFF: AtomicUsize = AtomicUsize::new(0);
+
+/// A thread is written off (stuck in code that ignores cancellation); returns how many are
+/// now. Every pool's write-offs and the event loop's count toward the one limit
+/// (`max_abandoned_workers`): each holds a stuck thread.
+pub fn count_write_off() -> usize {
+    WRITTEN_OFF.fetch_add(1, Ordering::AcqRel) + 1
+}
 
 /// A written-off request returned (or was dropped): its thread is no longer stuck.
 pub fn written_off_returned() {
     WRITTEN_OFF.fetch_sub(1, Ordering::AcqRel);
+}
+
+/// Describes what some part of the port runs, a line per request, for the logs of a fatal exit.
+pub type Reporter = Box<dyn Fn() -> Vec<String> + Send + Sync>;
+
+static REPORTERS: Mutex<Vec<Reporter>> = Mutex::new(Vec::new());
+
+/// Adds a part of the port (a pool, the event loop) to the report of a fatal exit.
+pub fn add_reporter(r: Reporter) {
+    REPORTERS.lock().push(r);
+}
+
+/// A line per request running anywhere in the port. A reporter only takes its own short
+/// locks, never the GIL.
+pub fn running_everywhere() -> Vec<String> {
+    REPORTERS.lock().iter().flat_map(|r| r()).collect()
+}
+
+/// Logs `msg` and one line per request, then has the writer exit with `code`. If the writer
+/// cannot (blocked on a pipe nobody reads), exits here a little later.
+pub fn exit_with_report(out: &Outbox, code: i32, msg: &str, report: Vec<String>) -> ! {
+    out.log("error", "pyport", msg.as_bytes());
+    for line in report {
+        out.log("error", "pyport", line.as_bytes());
+    }
+    out.exit(code);
+    thread::sleep(Duration::from_secs(2));
+    crate::shutdown::exit_now(code)
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -291,6 +326,8 @@ impl Canceller {
             out,
             requests,
         });
+        let me = Arc::downgrade(&c);
+        add_reporter(Box::new(move || me.upgrade().map_or_else(Vec::new, |c| c.tracking.lock().report(|_| true))));
         let me = c.clone();
         thread::Builder::new()
             .name("pyport-cancel".into())
@@ -415,7 +452,6 @@ impl Canceller {
             }
             return;
         };
-        let report = t.report(|_| true);
         drop(t);
         let msg = format!(
             "GIL watchdog: the cancellation of request {id} could not get the GIL for {} ms; \
@@ -424,7 +460,7 @@ impl Canceller {
              culprit's thread is the one with the most CPU time):",
             limit.as_millis()
         );
-        self.exit_with_report(EXIT_GIL_WATCHDOG, msg, report);
+        exit_with_report(&self.out, EXIT_GIL_WATCHDOG, &msg, running_everywhere());
     }
 
     /// Writes off the worker of a cancelled request that still runs. Returns true if it did.
@@ -439,11 +475,7 @@ impl Canceller {
             t.abandoned.insert(id);
             return false;
         }
-        if t.abandoned.insert(id) {
-            WRITTEN_OFF.fetch_add(1, Ordering::AcqRel);
-        }
-        // Every pool's write-offs count toward the one limit: each holds a stuck thread.
-        let abandoned = WRITTEN_OFF.load(Ordering::Acquire);
+        let abandoned = if t.abandoned.insert(id) { count_write_off() } else { WRITTEN_OFF.load(Ordering::Acquire) };
         let this = t.running.get(&id).map(|r| r.describe(id)).unwrap_or_default();
         if abandoned > self.cfg.max_abandoned {
             let report = t.report(|rid| t.abandoned.contains(&rid));
@@ -453,7 +485,7 @@ impl Canceller {
                  restarting the port. The stuck requests:",
                 self.cfg.max_abandoned
             );
-            self.exit_with_report(EXIT_STUCK_WORKERS, msg, report);
+            exit_with_report(&self.out, EXIT_STUCK_WORKERS, &msg, report);
         }
         drop(t);
         let msg = format!(
@@ -466,21 +498,10 @@ impl Canceller {
         true
     }
 
-    /// Logs `msg` and one line per request, then has the writer exit with `code`. If the
-    /// writer cannot (blocked on a pipe nobody reads), exits here a little later.
-    fn exit_with_report(&self, code: i32, msg: String, report: Vec<String>) -> ! {
-        self.out.log("error", "pyport", msg.as_bytes());
-        for line in report {
-            self.out.log("error", "pyport", line.as_bytes());
-        }
-        self.out.exit(code);
-        thread::sleep(Duration::from_secs(2));
-        crate::shutdown::exit_now(code)
-    }
 }
 
 /// User plus system CPU time of thread `tid` of this process, in milliseconds.
-fn thread_cpu_ms(tid: libc::pid_t) -> Option<u64> {
+pub fn thread_cpu_ms(tid: libc::pid_t) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).ok()?;
     // "tid (comm) state ppid ... utime stime ...": comm may hold spaces and parentheses.
     let mut fields = stat[stat.rfind(')')? + 1..].split_whitespace().skip(11);

@@ -68,14 +68,11 @@ enum Outgoing {
 #[derive(Default)]
 struct Queue {
     items: VecDeque<Outgoing>,
-    /// Bytes of the frames in `items`.
-    bytes: usize,
 }
 
 impl Queue {
     /// Takes everything queued, for writing.
     fn take(&mut self) -> VecDeque<Outgoing> {
-        self.bytes = 0;
         std::mem::take(&mut self.items)
     }
 }
@@ -84,8 +81,6 @@ struct Shared {
     /// Held only to push or take frames, never during I/O: sending never waits for the pipe.
     queue: Mutex<Queue>,
     ready: Condvar,
-    /// Signalled whenever the queue has been taken for writing.
-    drained: Condvar,
     /// Held while writing. Frames are taken from `queue` only by a holder of this lock, and
     /// written before it is released, so no frame can overtake one sent before it.
     io: Mutex<BufWriter<File>>,
@@ -113,7 +108,6 @@ impl Outbox {
         let shared = Arc::new(Shared {
             queue: Mutex::new(Queue::default()),
             ready: Condvar::new(),
-            drained: Condvar::new(),
             io: Mutex::new(BufWriter::with_capacity(64 * 1024, out)),
         });
         let s = shared.clone();
@@ -128,9 +122,6 @@ impl Outbox {
     fn push(&self, item: Outgoing) {
         let mut q = self.shared.queue.lock();
         let was_empty = q.items.is_empty();
-        if let Outgoing::Frame(f) = &item {
-            q.bytes += f.len();
-        }
         q.items.push_back(item);
         drop(q);
         if was_empty {
@@ -144,7 +135,6 @@ impl Outbox {
         // Frames sent before this one go first; the writer thread would otherwise write them
         // after it, since it needs the lock held here.
         let earlier = self.shared.queue.lock().take();
-        self.shared.drained.notify_all();
         let mut exit_code = None;
         let mut written = Ok(());
         for item in earlier {
@@ -165,16 +155,6 @@ impl Outbox {
         }
         if let Some(code) = exit_code {
             crate::shutdown::exit_now(code);
-        }
-    }
-
-    /// Waits while more than `limit` bytes are queued and not yet taken for writing: a
-    /// producer that outruns the VM (Python sending messages in a loop) is held back here
-    /// instead of growing the queue without bound. Call it detached from Python.
-    pub fn wait_until_below(&self, limit: usize) {
-        let mut q = self.shared.queue.lock();
-        while q.bytes > limit {
-            self.shared.drained.wait(&mut q);
         }
     }
 
@@ -201,7 +181,6 @@ fn writer_loop(shared: &Shared) {
         // Take the burst only once the writing lock is held (see `Shared::io`).
         let mut w = shared.io.lock();
         let burst = shared.queue.lock().take();
-        shared.drained.notify_all();
         for item in burst {
             match item {
                 Outgoing::Frame(body) => {

@@ -43,6 +43,7 @@ mod shutdown;
 mod spin;
 mod stdio;
 mod streams;
+mod threads;
 #[cfg(test)]
 mod tests;
 
@@ -233,8 +234,8 @@ impl Router {
                 gil_watchdog: cfg.gil_watchdog,
             },
         };
-        let aio = Aio::new(out.clone())?;
-        pool::set_max_threads(cfg.max_threads);
+        let aio = Aio::new(out.clone(), pool_cfg.cancel)?;
+        threads::set_max(cfg.max_threads);
         let pool = Pool::start(pool_cfg, interp.clone(), out.clone(), Some(aio.clone()), Some(turn))?;
         // Reading SharedDict values that need Python gets a small pool of its own, so that
         // values whose unpickling hangs can neither take the callers' workers nor wait
@@ -283,6 +284,7 @@ impl Router {
                 self.dicts.cancel(id);
                 self.aio.cancel(id, |id| self.pool.holds(id));
             }
+            Request::Sent { delivered } => self.callbacks.sent(delivered),
             Request::OwnerDown { owner } => {
                 pymodule::registry().drop_owner(&owner);
                 self.streams.owner_down(&owner);
@@ -328,7 +330,7 @@ impl Router {
         let trace = latency::drain();
         let entries: [(&str, u64); 13] = [
             ("streams", self.streams.count() as u64),
-            ("python_threads", pool::python_threads() as u64),
+            ("python_threads", threads::count() as u64),
             ("dicts", reg.dicts as u64),
             ("dict_keys", reg.keys as u64),
             ("dict_bytes", reg.bytes as u64),
@@ -336,7 +338,7 @@ impl Router {
             ("workers", pool.workers as u64),
             ("busy_workers", pool.busy as u64),
             ("queued", pool.queued as u64),
-            ("abandoned_workers", pool.abandoned as u64),
+            ("abandoned_workers", (pool.abandoned + self.aio.written_off()) as u64),
             ("async_tasks", self.aio.running() as u64),
             ("generation", self.generation),
             ("worker_reads", self.pool.worker_reads()),

@@ -107,6 +107,9 @@ pub enum Request {
     Cancel { id: u64 },
     Heartbeat { seq: u64 },
     OwnerDown { owner: Owner },
+    /// The VM delivered `n` `erlang.send` messages of `bytes` bytes in all (`None`: it lost
+    /// count, every message sent so far is settled).
+    Sent { delivered: Option<(u64, u64)> },
 }
 
 /// Why an envelope was refused. `id` is known when the envelope got far enough to name it,
@@ -244,6 +247,16 @@ pub fn decode_request(frame: &[u8]) -> Result<Request, BadRequest> {
         ("cancel", 2) => Ok(Request::Cancel { id: f.id()? }),
         ("heartbeat", 2) => Ok(Request::Heartbeat { seq: f.id()? }),
         ("owner_down", 2) => Ok(Request::OwnerDown { owner: f.pid(1)? }),
+        ("sent", 3) => Ok(Request::Sent {
+            delivered: Some((
+                elements.get(1).and_then(as_u64).ok_or_else(|| f.bad(1, "a count"))?,
+                elements.get(2).and_then(as_u64).ok_or_else(|| f.bad(2, "a byte count"))?,
+            )),
+        }),
+        ("sent", 2) => match elements.get(1) {
+            Some(Term::Atom(a)) if a.name == "reset" => Ok(Request::Sent { delivered: None }),
+            _ => Err(f.bad(1, "reset")),
+        },
         _ => Err(shape(id, format!("unknown request {op}/{}", elements.len()))),
     }
 }
@@ -517,6 +530,20 @@ pub fn send_frame(pid: &[u8], message: &[u8]) -> Vec<u8> {
     out.push(etf::VERSION);
     etf::put_tuple_header(&mut out, 3);
     etf::put_atom(&mut out, "pyport_send");
+    out.extend_from_slice(pid);
+    etf::put_binary(&mut out, message);
+    out
+}
+
+/// `{pyport_stream_send, Ref, Pid, Message}`: a message of the stream named by `key` (a
+/// reference's external format) for its owner `pid`. Delivered like `pyport_send`, but
+/// its flow is the stream's own (not `erlang.send`'s credit).
+pub fn stream_send_frame(key: &[u8], pid: &[u8], message: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(message.len() + pid.len() + key.len() + 40);
+    out.push(etf::VERSION);
+    etf::put_tuple_header(&mut out, 4);
+    etf::put_atom(&mut out, "pyport_stream_send");
+    out.extend_from_slice(key);
     out.extend_from_slice(pid);
     etf::put_binary(&mut out, message);
     out

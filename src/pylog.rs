@@ -41,9 +41,39 @@ pub fn install(out: Outbox, lines_per_sec: f64) {
     let _ = SINK.set(Sink { out, bucket: Mutex::new(Bucket::new(lines_per_sec)) });
 }
 
-/// The Erlang process whose request the current thread runs (or that started it), if any.
-pub fn current_caller() -> Option<Owner> {
-    CALLER.with(|c| c.borrow().clone())
+/// The Erlang process whose request the current code runs for, if any: the thread's (a
+/// worker's request, or the request that started the thread), else the task's (a coroutine
+/// on the event loop, and the tasks it made, see [`task_context`]).
+pub fn current_caller(py: Python<'_>) -> Option<Owner> {
+    CALLER.with(|c| c.borrow().clone()).or_else(|| task_caller(py))
+}
+
+/// `erlang._caller`, the context variable that carries a coroutine's caller.
+static CALLER_VAR: pyo3::sync::PyOnceLock<Py<PyAny>> = pyo3::sync::PyOnceLock::new();
+
+fn caller_var(py: Python<'_>) -> PyResult<&Bound<'_, PyAny>> {
+    CALLER_VAR
+        .get_or_try_init(py, || -> PyResult<Py<PyAny>> {
+            let var = py.import("contextvars")?.getattr("ContextVar")?.call1(("pyport_caller",))?;
+            Ok(var.unbind())
+        })
+        .map(|v| v.bind(py))
+}
+
+fn task_caller(py: Python<'_>) -> Option<Owner> {
+    let value = caller_var(py).ok()?.call_method1("get", (py.None(),)).ok()?;
+    value.cast::<Caller>().ok().map(|c| c.get().0.clone())
+}
+
+/// A copy of the current context in which the caller is `owner`: a task run in it (and the
+/// tasks it creates, which copy it) acts for `owner` (`erlang.self()`, log records, callbacks).
+pub fn task_context<'py>(py: Python<'py>, owner: Option<&Owner>) -> PyResult<Bound<'py, PyAny>> {
+    let ctx = py.import("contextvars")?.call_method0("copy_context")?;
+    if let Some(owner) = owner {
+        let set = caller_var(py)?.getattr("set")?;
+        ctx.call_method1("run", (set, Caller(owner.clone())))?;
+    }
+    Ok(ctx)
 }
 
 /// Marks the current thread as serving `owner`'s request until the guard is dropped.
@@ -122,8 +152,8 @@ pub struct Caller(Owner);
 
 /// The Erlang process whose request the current thread runs, or None.
 #[pyfunction]
-fn _current_caller() -> Option<Caller> {
-    CALLER.with(|c| c.borrow().clone()).map(Caller)
+fn _current_caller(py: Python<'_>) -> Option<Caller> {
+    current_caller(py).map(Caller)
 }
 
 /// Makes the current thread (a thread started by a request) act for `caller`.
@@ -136,7 +166,7 @@ fn _adopt_caller(caller: Option<&Bound<'_, Caller>>) {
 
 /// Sends one formatted record to Erlang (rate limited). Never raises.
 #[pyfunction]
-fn _emit(levelno: i64, logger: &str, module: &str, line: i64, message: &str) {
+fn _emit(py: Python<'_>, levelno: i64, logger: &str, module: &str, line: i64, message: &str) {
     let Some(sink) = SINK.get() else { return };
     let suppressed = match sink.bucket.lock().take() {
         Ok(n) => n,
@@ -146,7 +176,7 @@ fn _emit(levelno: i64, logger: &str, module: &str, line: i64, message: &str) {
         let note = format!("{suppressed} Python log records suppressed (rate limit)");
         sink.out.log("warning", "pyport", note.as_bytes());
     }
-    let caller = CALLER.with(|c| c.borrow().clone());
+    let caller = current_caller(py);
     let msg = cut(message, MAX_RECORD);
     sink.out.send(protocol::log_record_frame(level_name(levelno), logger, module, line, caller.as_ref(), msg.as_bytes()));
 }

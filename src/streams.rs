@@ -94,11 +94,28 @@ struct StreamState {
     cancelled: bool,
 }
 
+/// Why a stream that was starting must not start.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Abort {
+    /// Its owner died (or was never reachable).
+    OwnerDown,
+    /// `stream_cancel`.
+    Cancelled,
+}
+
+/// A stream from its `stream_start` until its function has returned an iterator.
+struct Starting {
+    owner: Owner,
+    abort: Option<Abort>,
+}
+
 pub struct Streams {
     out: Outbox,
     interp: Arc<Interp>,
     pool: Arc<Pool>,
+    /// Lock order: `table`, then `starting`.
     table: Mutex<HashMap<Vec<u8>, Arc<Stream>>>,
+    starting: Mutex<HashMap<Vec<u8>, Starting>>,
 }
 
 /// What starts a stream.
@@ -116,29 +133,45 @@ pub struct StreamStart {
 
 impl Streams {
     pub fn new(out: Outbox, interp: Arc<Interp>, pool: Arc<Pool>) -> Arc<Streams> {
-        Arc::new(Streams { out, interp, pool, table: Mutex::new(HashMap::new()) })
+        Arc::new(Streams { out, interp, pool, table: Mutex::new(HashMap::new()), starting: Mutex::new(HashMap::new()) })
     }
 
+    /// Streams open or starting: what the server counts too, from `stream_start` to the
+    /// `pyport_stream_end` the port sends for every stream, started or not.
     pub fn count(&self) -> usize {
-        self.table.lock().len()
+        let table = self.table.lock();
+        table.len() + self.starting.lock().len()
     }
 
     /// Calls the function on a worker; answers the request `ok` once it returned something
-    /// iterable (or the error of a call), then sends the first `window` items.
+    /// iterable (or the error of a call), then sends the first `window` items. Called on the
+    /// reader thread: the stream is known from now on, so that its owner's death or its
+    /// cancellation, read next, reaches it even before its function has returned.
     pub fn start(self: &Arc<Self>, s: StreamStart) -> Job {
+        self.starting.lock().insert(s.key.clone(), Starting { owner: s.owner.clone(), abort: None });
         let me = self.clone();
         let what = format!("stream {}.{}", s.module, s.function);
+        // Dropped with the job, run or not (a start cancelled while queued never runs).
+        let guard = StartGuard { streams: self.clone(), key: s.key.clone() };
         Job::Task {
             id: s.id,
             what,
             run: Box::new(move |py| {
-                me.begin(py, &s);
+                me.begin(py, &s, &guard);
                 Frame::new()
             }),
         }
     }
 
-    fn begin(self: &Arc<Self>, py: Python<'_>, s: &StreamStart) {
+    /// A start that never ran: forgotten, and the server told.
+    fn start_abandoned(&self, key: &[u8]) {
+        if self.starting.lock().remove(key).is_some() {
+            self.out.send(protocol::stream_end_frame(key));
+        }
+    }
+
+    /// `_guard`: owned by the job (see `start`), so that a job dropped unrun forgets it.
+    fn begin(self: &Arc<Self>, py: Python<'_>, s: &StreamStart, _guard: &StartGuard) {
         let _caller = crate::pylog::CallerGuard::set(&s.caller);
         let iter = self.interp.call_function(py, &s.caller, &s.module, &s.function, &s.payload).and_then(|v| {
             if v.hasattr(pyo3::intern!(py, "__anext__"))? {
@@ -150,7 +183,10 @@ impl Streams {
         });
         let (iter, aloop) = match iter {
             Ok(i) => i,
-            Err(f) => return self.out.send(protocol::error_frame(Some(s.id), failure_reason(py, f))),
+            Err(f) => {
+                self.start_abandoned(&s.key);
+                return self.out.send(protocol::error_frame(Some(s.id), failure_reason(py, f)));
+            }
         };
         let stream = Arc::new(Stream {
             key: s.key.clone(),
@@ -160,7 +196,24 @@ impl Streams {
             aloop,
             state: Mutex::new(StreamState { credit: s.window.max(1), pulling: true, pull_id: s.id, in_next: false, cancelled: false }),
         });
-        self.table.lock().insert(s.key.clone(), stream.clone());
+        let abort = {
+            let mut table = self.table.lock();
+            let abort = self.starting.lock().remove(&s.key).map_or(Some(Abort::Cancelled), |st| st.abort);
+            if abort.is_none() {
+                table.insert(s.key.clone(), stream.clone());
+            }
+            abort
+        };
+        if let Some(abort) = abort {
+            // Nobody can receive it: the generator is closed (its finally runs) and the
+            // start answered with why.
+            self.out.send(protocol::stream_end_frame(&s.key));
+            if let Err(e) = stream.close(py) {
+                self.out.log("warning", "pyport", format!("closing a stream nobody receives raised: {e}").as_bytes());
+            }
+            let reason = if abort == Abort::OwnerDown { "owner_down" } else { "cancelled" };
+            return self.out.send(protocol::error_frame(Some(s.id), protocol::atom(reason)));
+        }
         self.out.send(protocol::ok_frame(s.id, |out| etf::put_atom(out, "ok")));
         self.pull(py, &stream);
     }
@@ -205,7 +258,7 @@ impl Streams {
                 Ok(None) => return self.finish(py, stream, None),
                 Err(e) => return self.finish(py, stream, Some(Failure::Python(e))),
             };
-            let frame = protocol::send_frame(&stream.owner_pid, &message);
+            let frame = protocol::stream_send_frame(&stream.key, &stream.owner_pid, &message);
             let max = protocol::max_reply();
             if frame.len() > max {
                 // Sent, it would be dropped on the way out while its credit stays spent.
@@ -239,7 +292,7 @@ impl Streams {
                 msg.extend_from_slice(&protocol::term_body(&failure_reason(py, f)));
             }
         }
-        self.out.send(protocol::send_frame(&stream.owner_pid, &msg));
+        self.out.send(protocol::stream_send_frame(&stream.key, &stream.owner_pid, &msg));
     }
 
     /// Closes a cancelled stream's generator (its `finally` runs) and forgets it.
@@ -265,10 +318,19 @@ impl Streams {
         }
     }
 
-    /// Stops a stream: its generator is closed by the next pulling job.
+    /// Stops a stream: its generator is closed by the next pulling job (or, for a stream
+    /// still starting, as soon as its function returns it).
     pub fn cancel(self: &Arc<Self>, key: &[u8]) {
-        let Some(stream) = self.table.lock().get(key).cloned() else { return };
-        self.cancel_stream(stream);
+        let stream = {
+            let table = self.table.lock();
+            if let Some(st) = self.starting.lock().get_mut(key) {
+                st.abort.get_or_insert(Abort::Cancelled);
+            }
+            table.get(key).cloned()
+        };
+        if let Some(stream) = stream {
+            self.cancel_stream(stream);
+        }
     }
 
     fn cancel_stream(self: &Arc<Self>, stream: Arc<Stream>) {
@@ -287,9 +349,15 @@ impl Streams {
         }
     }
 
-    /// The owner died: its streams are cancelled.
+    /// The owner died: its streams are cancelled, the ones still starting too.
     pub fn owner_down(self: &Arc<Self>, owner: &Owner) {
-        let doomed: Vec<Arc<Stream>> = self.table.lock().values().filter(|s| &s.owner == owner).cloned().collect();
+        let doomed: Vec<Arc<Stream>> = {
+            let table = self.table.lock();
+            for st in self.starting.lock().values_mut().filter(|st| &st.owner == owner) {
+                st.abort = Some(Abort::OwnerDown);
+            }
+            table.values().filter(|s| &s.owner == owner).cloned().collect()
+        };
         for s in doomed {
             self.cancel_stream(s);
         }
@@ -307,6 +375,18 @@ impl Streams {
                 Frame::new()
             }),
         });
+    }
+}
+
+/// Forgets a start whose job is dropped without having begun (see `Streams::start`).
+struct StartGuard {
+    streams: Arc<Streams>,
+    key: Vec<u8>,
+}
+
+impl Drop for StartGuard {
+    fn drop(&mut self) {
+        self.streams.start_abandoned(&self.key);
     }
 }
 

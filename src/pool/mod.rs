@@ -49,22 +49,6 @@ pub use worker::panic_message;
 
 pub use crate::python::PYTHON_THREAD_STACK;
 
-/// Worker threads of every pool of the process (callers' workers and SharedDict decoders),
-/// stuck ones included, and the most there may be (`--max-threads`): spares stop there.
-/// Requests nested in callbacks never need one (they run on the waiting thread).
-static PYTHON_THREADS: AtomicUsize = AtomicUsize::new(0);
-static MAX_THREADS: AtomicUsize = AtomicUsize::new(64);
-
-/// Sets the cap on worker threads (once, at start-up).
-pub fn set_max_threads(n: usize) {
-    MAX_THREADS.store(n.max(1), Ordering::Release);
-}
-
-/// Worker threads alive now, in every pool.
-pub fn python_threads() -> usize {
-    PYTHON_THREADS.load(Ordering::Acquire)
-}
-
 pub enum Job {
     Call { id: u64, owner: Owner, module: String, function: String, payload: Vec<u8> },
     Code { id: u64, owner: Owner, code: String, payload: Vec<u8>, mode: Mode },
@@ -438,7 +422,9 @@ impl Pool {
     fn spawn_worker(self: &Arc<Self>, s: &mut Sched, hot: bool) -> std::io::Result<usize> {
         // Hot workers always start; spares only below the process-wide cap, which written-off
         // (stuck) threads still count against: they exist.
-        if !hot && PYTHON_THREADS.load(Ordering::Acquire) >= MAX_THREADS.load(Ordering::Acquire) {
+        if hot {
+            crate::threads::reserve_always();
+        } else if !crate::threads::try_reserve() {
             return Err(std::io::Error::other("max_threads reached"));
         }
         let (tx, rx) = unbounded();
@@ -455,14 +441,13 @@ impl Pool {
         let me = worker.clone();
         let name = if hot { "pyport-worker" } else { "pyport-spare" };
         self.total.fetch_add(1, Ordering::AcqRel);
-        PYTHON_THREADS.fetch_add(1, Ordering::AcqRel);
         let spawned = thread::Builder::new()
             .name(name.into())
             .stack_size(PYTHON_THREAD_STACK)
             .spawn(move || pool.worker_loop(me));
         if let Err(e) = spawned {
             self.total.fetch_sub(1, Ordering::AcqRel);
-            PYTHON_THREADS.fetch_sub(1, Ordering::AcqRel);
+            crate::threads::release();
             return Err(e);
         }
         s.next_id += 1;

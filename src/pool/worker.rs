@@ -41,7 +41,7 @@ impl Pool {
             }
         });
         self.total.fetch_sub(1, Ordering::AcqRel);
-        PYTHON_THREADS.fetch_sub(1, Ordering::AcqRel);
+        crate::threads::release();
     }
 
     /// The next job: from the worker's own queue first, then the shared one. Hot workers wait
@@ -207,7 +207,7 @@ impl Pool {
             t.running.insert(id, Running::new(slot.clone(), job.clone(), 0));
         }
         let outcome = self.run_caught(py, job);
-        let frame = self.hand_off(py, id, outcome);
+        let frame = self.hand_off(py, job, outcome);
         let free_namespace = {
             let mut t = self.canceller.tracking.lock();
             if t.finished(id, slot) {
@@ -246,7 +246,7 @@ impl Pool {
             })
         };
         let outcome = self.run_caught(py, &job);
-        let frame = self.hand_off(py, id, outcome);
+        let frame = self.hand_off(py, &job, outcome);
         if let Some((slot, depth)) = tracked {
             if self.canceller.tracking.lock().finished(id, &slot) {
                 crate::cancel::written_off_returned();
@@ -273,11 +273,11 @@ impl Pool {
 
     /// A coroutine goes to the event loop while the request still counts as running, so
     /// that a cancel arriving meanwhile is kept for its task (see `aio`).
-    fn hand_off(&self, py: Python<'_>, id: u64, outcome: Outcome) -> Option<Frame> {
+    fn hand_off(&self, py: Python<'_>, job: &Arc<Job>, outcome: Outcome) -> Option<Frame> {
         match (outcome, &self.aio) {
             (Outcome::Reply(frame), _) => Some(frame),
-            (Outcome::Coroutine(coro), Some(aio)) => aio.hand_off(py, id, coro),
-            (Outcome::Coroutine(coro), None) => Some(crate::exec::finish(py, id, Ok(coro.into_bound(py)))),
+            (Outcome::Coroutine(coro), Some(aio)) => aio.hand_off(py, job.id(), coro, job.clone()),
+            (Outcome::Coroutine(coro), None) => Some(crate::exec::finish(py, job.id(), Ok(coro.into_bound(py)))),
         }
     }
 }
