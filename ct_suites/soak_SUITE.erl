@@ -59,10 +59,10 @@
 -define(NCOUNTERS, 16).
 
 suite() ->
-    [{timetrap, {seconds, soak_seconds() + 300}}].
+    [{timetrap, {seconds, soak_seconds() + async_soak_seconds() + 300}}].
 
 all() ->
-    [soak].
+    [soak, async_soak].
 
 init_per_suite(Config) ->
     _ = pyport_ct_lib:start_app(),
@@ -70,6 +70,10 @@ init_per_suite(Config) ->
 
 end_per_suite(_Config) ->
     pyport_ct_lib:stop_app().
+
+%% The async soak runs a quarter of the soak's time, at least 30 s (150 s in `make soak').
+async_soak_seconds() ->
+    max(30, soak_seconds() div 4).
 
 soak_seconds() ->
     case os:getenv("PYPORT_SOAK_SECONDS") of
@@ -635,3 +639,207 @@ rss_report(Samples, LastKill) ->
     end.
 
 mib(B) -> B / (1 bsl 20).
+
+%%====================================================================
+%% The async soak: coroutines, callbacks from coroutines and streams, with
+%% coroutines that block the loop, coroutines that hold the GIL past their
+%% caller's timeout, and owners that die, for async_soak_seconds(). At the end
+%% every call was answered (every load process finished, nothing pending in the
+%% server), no answer was wrong, and nothing is left: async_tasks, streams in
+%% the port and the server, written-off threads, callback processes; the
+%% port's Python threads are back to its hot workers and at most two loop
+%% threads, and its RSS stayed under 1 GiB.
+
+-define(ASYNC_SRC, <<"
+import asyncio, time, erlang
+async def nap(seconds, value):
+    await asyncio.sleep(seconds)
+    return value
+async def via_erlang(x):
+    await asyncio.sleep(0)
+    return erlang.call('soak_echo', x)
+async def blocker(seconds):
+    time.sleep(seconds)
+    return 'slept'
+async def hog():
+    return sum(range(10**13))
+def gen(n):
+    for i in range(n):
+        yield i
+async def agen(n):
+    for i in range(n):
+        await asyncio.sleep(0)
+        yield i
+">>).
+
+async_soak(_Config) ->
+    Keys = [gil_watchdog_ms, abandon_after_ms, spare_idle_ms],
+    Saved = pyport_ct_lib:save_env(Keys),
+    ok = application:set_env(pyport, gil_watchdog_ms, 1000),
+    ok = application:set_env(pyport, abandon_after_ms, 500),
+    ok = application:set_env(pyport, spare_idle_ms, 1000),
+    try async_soak_run()
+    after
+        py:unregister_function(soak_echo),
+        pyport_ct_lib:restore_env_and_restart(Saved)
+    end.
+
+async_soak_run() ->
+    ok = pyport_ct_lib:restart_app(),
+    %% Registered functions live with the application.
+    ok = py:register_function(soak_echo, fun([X]) -> timer:sleep(rand:uniform(20)), {echo, X} end),
+    ok = load_async_module(),
+    Seconds = async_soak_seconds(),
+    C = counters:new(?NCOUNTERS, [write_concurrency]),
+    T0 = now_ms(),
+    Deadline = T0 + Seconds * 1000,
+    %% disruptions stop 10 s before the end, so that the end state is judged quietly
+    DisruptUntil = Deadline - 10000,
+    Wrong = spawn_link(fun() -> wrong_log([]) end),
+    Load = [spawn_monitor(fun() -> async_caller(Deadline, C, Wrong) end) || _ <- lists:seq(1, 4)]
+        ++ [spawn_monitor(fun() -> stream_consumer(Deadline, C, Wrong) end) || _ <- lists:seq(1, 3)]
+        ++ [spawn_monitor(fun() -> async_disruptor(1, DisruptUntil, C, Wrong) end)],
+    Rss = spawn_link(fun() -> rss_sampler([]) end),
+    Unfinished = [{Pid, Why} || {Pid, Ref} <- Load,
+                                Why <- [receive {'DOWN', Ref, process, Pid, R} -> R
+                                        after max(0, Deadline + 60000 - now_ms()) -> hung
+                                        end],
+                                Why =/= normal],
+    Samples = stop(Rss),
+    WrongList = stop(Wrong),
+    Pending = pending_drained(now_ms() + 10000),
+    Workers = application:get_env(pyport, workers, 1),
+    Quiet = fun() ->
+                    S = pyport_ct_lib:stats(),
+                    #{async_tasks := A, streams := P, open_streams := O, abandoned_workers := W,
+                      callbacks := Cb, python_threads := T} = S,
+                    Left = #{async_tasks => A, streams => P, open_streams => O,
+                             abandoned_workers => W, callbacks => Cb},
+                    case lists:all(fun(V) -> V =:= 0 end, maps:values(Left)) andalso T =< Workers + 2 of
+                        true -> true;
+                        false -> Left#{python_threads => T}
+                    end
+            end,
+    Left = case catch wait_until(Quiet, 20000, nothing_left) of
+               ok -> nothing;
+               {'EXIT', {test_case_failed, Why}} -> Why
+           end,
+    Count = fun(I) -> counters:get(C, I) end,
+    Peak = lists:max([0 | [B || {_, _, B} <- Samples]]),
+    ct:pal("async soak: ~b s, issued ~b, answered ~b, ok ~b, port errors ~b, wrong ~b, "
+           "disruptions ~b, owners killed ~b, RSS peak ~.1f MiB; wrong (first 20) ~999p",
+           [Seconds, Count(?ISSUED), Count(?ANSWERED), Count(?OK), Count(?PORT_ERRORS),
+            Count(?WRONG), Count(?PY_THREADS), Count(?OWNERS_KILLED), mib(Peak), WrongList]),
+    Checks = [{every_load_process_finished, Unfinished =:= [], Unfinished},
+              {no_request_left_pending_in_the_server, Pending =:= 0, Pending},
+              {every_call_answered, Count(?ISSUED) =:= Count(?ANSWERED), {Count(?ISSUED), Count(?ANSWERED)}},
+              {no_wrong_results, Count(?WRONG) =:= 0, Count(?WRONG)},
+              {nothing_left, Left =:= nothing, Left},
+              {loop_was_disrupted, Count(?PY_THREADS) >= 3, Count(?PY_THREADS)},
+              {owners_died, Count(?OWNERS_KILLED) > 0, Count(?OWNERS_KILLED)},
+              {rss_under_1_gib, Peak < ?RSS_MAX, mib(Peak)}],
+    ?assertEqual([], [{Name, Detail} || {Name, false, Detail} <- Checks]),
+    ok.
+
+load_async_module() ->
+    py:exec(<<"import sys, types\n"
+              "m = types.ModuleType('asoak')\n"
+              "exec(src, m.__dict__)\n"
+              "sys.modules['asoak'] = m\n">>, #{src => ?ASYNC_SRC}).
+
+%% Coroutines that sleep, and coroutines that call back into Erlang. Only a port
+%% restart (a hog's watchdog exit) excuses an error.
+async_caller(Deadline, C, Wrong) ->
+    case now_ms() < Deadline of
+        false -> ok;
+        true ->
+            X = rand:uniform(1000000),
+            _ = case rand:uniform(2) of
+                    1 -> checked(C, Wrong, async_nap,
+                                 fun() -> py:call(asoak, nap, [rand:uniform(50) / 1000, X], #{}, 10000) end,
+                                 fun(R) -> R =:= {ok, X} orelse module_gone(R) end);
+                    2 -> checked(C, Wrong, async_callback,
+                                 fun() -> py:call(asoak, via_erlang, [X], #{}, 10000) end,
+                                 fun(R) -> R =:= {ok, {<<"echo">>, X}} orelse module_gone(R) end)
+                end,
+            async_caller(Deadline, C, Wrong)
+    end.
+
+%% After a restart the module is gone until the disruptor loads it again.
+module_gone({error, {python, 'ModuleNotFoundError', _, _}}) -> true;
+module_gone(_) -> false.
+
+%% Streams of 200 items, sync or async, consumed in full, or abandoned by an
+%% owner that dies midway (its stream must be cleaned up).
+stream_consumer(Deadline, C, Wrong) ->
+    case now_ms() < Deadline of
+        false -> ok;
+        true ->
+            F = element(rand:uniform(2), {gen, agen}),
+            Die = rand:uniform(4) =:= 1,
+            Self = self(),
+            {Pid, Ref} = spawn_monitor(fun() -> Self ! {consumed, self(), consume(F, Die)} end),
+            counters:add(C, ?ISSUED, 1),
+            receive
+                {'DOWN', Ref, process, Pid, _} when Die ->
+                    counters:add(C, ?ANSWERED, 1),
+                    counters:add(C, ?OWNERS_KILLED, 1);
+                {consumed, Pid, R} ->
+                    erlang:demonitor(Ref, [flush]),
+                    counters:add(C, ?ANSWERED, 1),
+                    case R of
+                        {done, Items} when Items =:= 200 -> counters:add(C, ?OK, 1);
+                        {error, {pyport_exit, _}} -> counters:add(C, ?PORT_ERRORS, 1);
+                        {error, {pyport_unavailable, _}} -> counters:add(C, ?PORT_ERRORS, 1);
+                        {error, {python, 'ModuleNotFoundError', _, _}} -> counters:add(C, ?PORT_ERRORS, 1);
+                        Other -> wrong(Wrong, C, {stream, F, Other})
+                    end
+            after 60000 -> wrong(Wrong, C, {stream_hung, F})
+            end,
+            stream_consumer(Deadline, C, Wrong)
+    end.
+
+consume(F, Die) ->
+    case py:stream_start(asoak, F, [200], #{}, #{window => 8}) of
+        {ok, Ref} -> consume(Ref, 0, Die);
+        {error, _} = E -> E
+    end.
+
+consume(Ref, N, Die) ->
+    receive
+        {py_stream, Ref, {data, N}} when Die, N =:= 50 -> exit(dying_midway);
+        {py_stream, Ref, {data, N}} -> ok = py:stream_ack(Ref), consume(Ref, N + 1, Die);
+        {py_stream, Ref, {data, Other}} -> {out_of_order, N, Other};
+        {py_stream, Ref, done} -> {done, N};
+        {py_stream, Ref, {error, E}} -> {error, E}
+    after 30000 -> {stalled, N}
+    end.
+
+%% Every 3 s: a coroutine that blocks the loop (time.sleep) for longer than
+%% abandon_after_ms while others wait (answered `cancelled', its thread written
+%% off and back once the sleep ends), or, every fourth time, a coroutine that
+%% holds the GIL past its caller's timeout (the watchdog restarts the port);
+%% and a process that dies with async calls in flight.
+async_disruptor(N, Until, C, Wrong) ->
+    case now_ms() < Until of
+        false -> ok;
+        true ->
+            timer:sleep(3000),
+            counters:add(C, ?PY_THREADS, 1),
+            case N rem 4 of
+                0 ->
+                    checked(C, Wrong, hog, fun() -> py:call(asoak, hog, [], #{}, 500) end,
+                            fun(R) -> R =:= {error, timeout} orelse module_gone(R) end),
+                    %% the new port needs the module again
+                    ok = wait_until(fun() -> load_async_module() =:= ok end, 20000, module_reloaded);
+                _ ->
+                    checked(C, Wrong, blocker, fun() -> py:call(asoak, blocker, [1.5], #{}, infinity) end,
+                            fun(R) -> R =:= {ok, <<"slept">>} orelse R =:= {error, cancelled}
+                                          orelse module_gone(R) end)
+            end,
+            Victim = spawn(fun() -> py:call(asoak, nap, [10, x], #{}, 20000) end),
+            timer:sleep(rand:uniform(100)),
+            exit(Victim, kill),
+            counters:add(C, ?OWNERS_KILLED, 1),
+            async_disruptor(N + 1, Until, C, Wrong)
+    end.

@@ -450,7 +450,10 @@ stream_start(Module, Function, Args, Kwargs) ->
 %% calls {@link stream_ack/1} for each item it consumed. A stream waiting for
 %% acknowledgements holds no Python thread. The owner's exit cancels the stream;
 %% if the port program dies, the owner gets `{py_stream, Ref, {error, Reason}}'
-%% with the reason calls get (`{pyport_exit, Status}').
+%% with the reason calls get (`{pyport_exit, Status}'). An owner that cannot
+%% receive (not alive, or of a node that is not connected), or that dies before
+%% the stream has started, gets no stream: `{error, owner_down}' (the generator,
+%% if one was made, is closed).
 -spec stream_start(name(), name(), list(), kwargs(), #{owner => pid(), window => pos_integer()}) ->
           {ok, reference()} | {error, error_reason()}.
 stream_start(Module, Function, Args, Kwargs, Opts)

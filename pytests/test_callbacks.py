@@ -3,6 +3,8 @@
 request made by a callback's Erlang process. The harness plays an Erlang side with no
 registered functions unless a test puts answers in `port.callback_answers`."""
 
+import pytest
+
 from conftest import A, Atom, Opaque, b2t, pid
 
 OUTCOME = """
@@ -73,6 +75,27 @@ def test_send_produces_a_pyport_send_frame(port_factory):
     assert t[1] == Opaque(port.owner)
     assert isinstance(t[2], bytes)
     assert b2t(t[2]) == (1, b"two", b"3", [None])  # the harness reads `undefined` as None
+    assert port.ok(rid) is None
+
+
+def test_send_waits_for_deliveries_past_1024_undelivered(port_factory):
+    """Python may have 1024 erlang.send messages that the VM has not reported delivered
+    (`{sent, N, Bytes}`); the 1025th waits until a report makes room, and
+    `{sent, reset}` settles everything."""
+    port = port_factory(["--node", "nonode@nohost"])
+    rid = port.exec("import erlang\nfor i in range(1030):\n    erlang.send(erlang.self(), i)")
+    sends = [port.recv() for _ in range(1024)]
+    assert [b2t(t[2]) for t in sends] == list(range(1024))
+    with pytest.raises(TimeoutError):
+        port.recv(timeout=0.5)  # the 1025th waits
+    # Two delivered: exactly two more go, in order.
+    size = sum(len(t[2]) for t in sends[:2])
+    port.send((A("sent"), 2, size))
+    assert [b2t(port.recv()[2]) for _ in range(2)] == [1024, 1025]
+    with pytest.raises(TimeoutError):
+        port.recv(timeout=0.5)
+    port.send((A("sent"), A("reset")))
+    assert [b2t(port.recv()[2]) for _ in range(4)] == [1026, 1027, 1028, 1029]
     assert port.ok(rid) is None
 
 

@@ -5,11 +5,19 @@
 //! for the GIL; worker threads run Python (see `pool`), and a worker waiting for a callback
 //! into Erlang runs the requests nested in it (see `callbacks`); a canceller that never takes
 //! the GIL and a raiser that does deliver cancellations, and the canceller is the GIL
-//! watchdog (see `cancel`); one thread, started on first use, runs the asyncio event loop
-//! that awaits coroutines (see `aio`); one stores SharedDict terms only Python can convert,
+//! watchdog (see `cancel`); the asyncio event loop that awaits coroutines runs on one thread
+//! at a time among a few started on first use, handed over while a coroutine waits for
+//! Erlang, with a watcher and a rescuer of its own (see `aio`); one stores SharedDict terms only Python can convert,
 //! and a small pool started on first use reads values that need Python (see `shared_dict`);
 //! one writes frames, in the order they were sent (see `framing`); two drain Python's stdout
 //! and stderr into log frames. docs/PROTOCOL.md is the contract.
+//!
+//! One rule for every thread that runs user Python, whatever starts it (a pool's worker, the
+//! event loop's threads, a stream's jobs, a SharedDict decoder): what it runs is known to a
+//! canceller that never waits for the GIL, so a caller that gives up gets its work
+//! interrupted, a thread stuck in code that ignores that is written off (and counted toward
+//! `--max-abandoned`), and a cancellation that cannot get the GIL fires the watchdog. Threads
+//! that Python code starts itself are the user's.
 //!
 //! Where the port may use only one CPU, handing each request from the reader to a worker is
 //! a context switch more per call, about half of a bare pipe round trip (`make
