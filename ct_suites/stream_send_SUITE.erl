@@ -18,7 +18,7 @@
 -export([all/0, suite/0, init_per_suite/1, end_per_suite/1, init_per_testcase/2,
          end_per_testcase/2]).
 -export([owner_dead_at_start/1, owner_dies_during_start/1, owner_on_an_unconnected_node/1,
-         owner_dies_while_the_start_is_answered/1,
+         owner_dies_while_the_start_is_answered/1, port_death_at_the_end_reaches_the_owner/1,
          start_error_leaves_no_stream/1, cancelled_streams_make_way_for_new_ones/1,
          sends_keep_their_order_behind_a_backlog/1, unacknowledged_sends_are_bounded/1]).
 
@@ -60,6 +60,18 @@ def outcome(tag):
         return 'never_made'
     return 'closed' if closed.get(tag) else 'open'
 
+def dies_at_the_end():
+    # Its second item cannot be sent (nested too deep): the stream ends with an error,
+    # and closing the generator runs its finally, which kills the port.
+    import os, signal
+    try:
+        yield 1
+        deep = 1
+        for _ in range(1100):
+            deep = [deep]
+        yield deep
+    finally:
+        os.kill(os.getpid(), signal.SIGKILL)
 def send_all(pid, n):
     import erlang
     for i in range(n):
@@ -72,7 +84,7 @@ suite() ->
 
 all() ->
     [owner_dead_at_start, owner_dies_during_start, owner_on_an_unconnected_node,
-     owner_dies_while_the_start_is_answered,
+     owner_dies_while_the_start_is_answered, port_death_at_the_end_reaches_the_owner,
      start_error_leaves_no_stream, cancelled_streams_make_way_for_new_ones,
      sends_keep_their_order_behind_a_backlog, unacknowledged_sends_are_bounded].
 
@@ -157,6 +169,20 @@ owner_dies_while_the_start_is_answered(_Config) ->
 start_error_leaves_no_stream(_Config) ->
     {error, {python, 'TypeError', _, _}} = py:stream_start(builtins, len, [1]),
     wait_no_streams().
+
+%% The port dies while a stream ends (in the generator's finally, run as the
+%% stream fails): the owner still learns how it ended, from the port's exit.
+%% (Before: the port told the server the stream was over, then died before the
+%% owner's last message: the owner waited for ever.)
+port_death_at_the_end_reaches_the_owner(_Config) ->
+    {ok, Ref} = py:stream_start(strsend, dies_at_the_end, []),
+    receive {py_stream, Ref, {data, 1}} -> ok = py:stream_ack(Ref)
+    after ?LIVENESS_MS -> ct:fail(no_first_item)
+    end,
+    receive {py_stream, Ref, {error, Reason}} -> {pyport_exit, 137} = Reason
+    after ?LIVENESS_MS -> ct:fail(owner_never_told)
+    end,
+    ok = pyport_ct_lib:wait_ready().
 
 %%--------------------------------------------------------------------
 %% Output is always flushed

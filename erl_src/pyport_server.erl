@@ -349,6 +349,12 @@ port_message({pyport_stream_send, Ref, To, Msg}, #state{sender = Sender} = State
     State;
 port_message({pyport_stream_end, Ref}, #state{streams = Streams} = State) ->
     State#state{streams = maps:remove(Ref, Streams)};
+port_message({pyport_stream_end, Ref, To, Msg}, #state{streams = Streams, sender = Sender} = State)
+  when is_pid(To), is_binary(Msg) ->
+    %% The stream's last message (done, or its error) comes with its end, so that a
+    %% port that dies in between cannot leave the owner without either.
+    ok = pyport_callbacks:deliver_item(Sender, To, Msg),
+    State#state{streams = maps:remove(Ref, Streams)};
 port_message({pyport_log, Level, Source, Msg}, State) ->
     pyport_frames:log_python(Level, Source, Msg),
     State;

@@ -518,6 +518,19 @@ pub fn stream_end_frame(key: &[u8]) -> Vec<u8> {
     out
 }
 
+/// `{pyport_stream_end, Ref, Pid, Message}`: the stream is over, and `Message` (a versioned
+/// term: `done` or the error) is its last, for its owner `pid`.
+pub fn stream_end_frame_with(key: &[u8], pid: &[u8], message: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(message.len() + pid.len() + key.len() + 40);
+    out.push(etf::VERSION);
+    etf::put_tuple_header(&mut out, 4);
+    etf::put_atom(&mut out, "pyport_stream_end");
+    out.extend_from_slice(key);
+    out.extend_from_slice(pid);
+    etf::put_binary(&mut out, message);
+    out
+}
+
 /// `{pyport_callback_cancel, Id}`: Python stopped waiting for callback `Id`.
 pub fn callback_cancel_frame(id: u64) -> Vec<u8> {
     encode_term(&tuple(vec![atom("pyport_callback_cancel"), int(id)]))

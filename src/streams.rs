@@ -272,7 +272,6 @@ impl Streams {
     /// The generator ended (`None`) or failed: the owner is told, the stream forgotten.
     fn finish(&self, py: Python<'_>, stream: &Stream, failure: Option<Failure>) {
         self.table.lock().remove(&stream.key);
-        self.out.send(protocol::stream_end_frame(&stream.key));
         if failure.is_some() {
             // A generator stopped by an item it could not send is still suspended: its
             // finally runs now, while its event loop (if any) is still open.
@@ -292,7 +291,10 @@ impl Streams {
                 msg.extend_from_slice(&protocol::term_body(&failure_reason(py, f)));
             }
         }
-        self.out.send(protocol::stream_send_frame(&stream.key, &stream.owner_pid, &msg));
+        // One frame ends the stream and carries its last message: were they two, a port
+        // that dies between them would leave the owner with neither `done` nor the error
+        // of the port's exit (the server stops tracking a stream at its end).
+        self.out.send(protocol::stream_end_frame_with(&stream.key, &stream.owner_pid, &msg));
     }
 
     /// Closes a cancelled stream's generator (its `finally` runs) and forgets it.
