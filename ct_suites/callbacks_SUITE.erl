@@ -248,18 +248,23 @@ arguments_and_results_convert(_Config) ->
     ok = py:unregister_function(cb_args),
     ok = py:unregister_function(cb_conv).
 
-%% After unregister_function, every spelling raises erlang.UnknownFunction (a
-%% LookupError); a name never registered is no attribute of the module.
+%% After unregister_function, erlang.call raises erlang.UnknownFunction (a
+%% LookupError), and the name is no attribute of the module any more (hasattr,
+%% `from erlang import'), exactly as for a name never registered; a function
+%% object fetched before raises UnknownFunction when called.
 unregister_gives_unknown_function(_Config) ->
     setup_ns(),
     ok = py:register_function(cb_gone, fun([]) -> here end),
     {ok, <<"here">>} = py:eval(<<"erlang.cb_gone()">>),
     {ok, true} = py:eval(<<"hasattr(erlang, 'cb_gone')">>),
+    ok = py:exec(<<"fetched = erlang.cb_gone">>),
     ok = py:unregister_function(cb_gone),
     ok = py:unregister_function(cb_gone),                 % again: still ok
     {ok, {<<"UnknownFunction">>, true}} = py:eval(<<"pyport_cb_ct.outcome(erlang.call, 'cb_gone')">>),
-    %% the attribute found before is remembered; calling it now fails the same way
-    {ok, {<<"UnknownFunction">>, true}} = py:eval(<<"pyport_cb_ct.outcome(erlang.cb_gone)">>),
+    {ok, {<<"UnknownFunction">>, true}} = py:eval(<<"pyport_cb_ct.outcome(fetched)">>),
+    {ok, false} = py:eval(<<"hasattr(erlang, 'cb_gone')">>),
+    {ok, {<<"ImportError">>, _}} =
+        py:eval(<<"pyport_cb_ct.outcome(exec, 'from erlang import cb_gone', {})">>),
     {ok, false} = py:eval(<<"hasattr(erlang, 'cb_never_registered')">>),
     {ok, {<<"ImportError">>, _}} =
         py:eval(<<"pyport_cb_ct.outcome(exec, 'from erlang import cb_never_registered', {})">>).

@@ -20,7 +20,7 @@
 %% queues stay bounded.
 -module(pyport_callbacks).
 
--export([new_table/0, register/2, unregister/1, lookup/1, start/5, chain/0, owner/0,
+-export([new_table/0, register/2, unregister/1, lookup/1, names/0, start/5, chain/0, owner/0,
          start_sender/0, deliver/4, deliver_item/3]).
 -export([started/6, cancelled/2, ended/2, kill_all/1]).
 -export([sender_loop/0, sender_loop/1]).
@@ -51,17 +51,26 @@ new_table() ->
             ok
     end.
 
-%% @doc Registers (or replaces) the function Python calls as `Name'.
+%% @doc Registers (or replaces) the function Python calls as `Name'. The port
+%% knows the name before this returns: `hasattr(erlang, Name)' is true from then on.
 -spec register(binary(), function_spec()) -> ok.
 register(Name, Spec) ->
     true = ets:insert(?TABLE, {Name, Spec}),
-    ok.
+    pyport_server:functions_changed().
 
-%% @doc Removes `Name'; `ok' also when it was not registered.
+%% @doc Removes `Name'; `ok' also when it was not registered. The port knows before
+%% this returns: `hasattr(erlang, Name)' is false from then on.
 -spec unregister(binary()) -> ok.
 unregister(Name) ->
     true = ets:delete(?TABLE, Name),
-    ok.
+    pyport_server:functions_changed().
+
+%% @doc The names of the registered functions.
+-spec names() -> [binary()].
+names() ->
+    try ets:select(?TABLE, [{{'$1', '_'}, [], ['$1']}])
+    catch error:badarg -> []
+    end.
 
 %% @doc The function registered as `Name'.
 -spec lookup(binary()) -> {ok, function_spec()} | error.
@@ -97,13 +106,6 @@ start(CbId, <<"$pyport_whereis">>, ArgsBin, _Caller, Port) ->
     Result = case decode(ArgsBin) of
                  {ok, [Name]} when is_binary(Name) -> whereis_binary(Name);
                  _ -> undefined
-             end,
-    reply(Port, CbId, ok, term_to_binary(Result, ?T2B_OPTS)),
-    answered;
-start(CbId, <<"$pyport_registered">>, ArgsBin, _Caller, Port) ->
-    Result = case decode(ArgsBin) of
-                 {ok, [Name]} when is_binary(Name) -> lookup(Name) =/= error;
-                 _ -> false
              end,
     reply(Port, CbId, ok, term_to_binary(Result, ?T2B_OPTS)),
     answered;

@@ -21,7 +21,7 @@
 
 -include_lib("kernel/include/logger.hrl").
 
--export([start_link/0, generation/0, executable/0]).
+-export([start_link/0, generation/0, executable/0, functions_changed/0]).
 -export([init/1, handle_call/3, handle_cast/2, handle_info/2, terminate/2,
          code_change/3]).
 
@@ -105,6 +105,15 @@ generation() ->
 executable() ->
     pyport_program:executable().
 
+%% @doc The registered functions changed: the port is sent their names before this
+%% returns, so that Python sees exactly what is registered (`hasattr(erlang, Name)').
+%% `ok' also when no server runs (a port started later gets them at its start).
+-spec functions_changed() -> ok.
+functions_changed() ->
+    try gen_server:call(?MODULE, functions_changed, infinity)
+    catch exit:{noproc, _} -> ok
+    end.
+
 %%====================================================================
 %% gen_server callbacks
 %%====================================================================
@@ -167,6 +176,9 @@ handle_call({traced_request, Id, Frame}, From, State) ->
     end;
 handle_call(stats, _From, State) ->
     {reply, local_stats(State), State};
+handle_call(functions_changed, _From, State) ->
+    send_functions(State),
+    {reply, ok, State};
 handle_call(_Other, _From, State) ->
     {reply, {error, bad_call}, State}.
 
@@ -531,7 +543,9 @@ start_port(#state{gen = Gen} = State) ->
                         undefined -> undefined
                     end,
             ?LOG_INFO("pyport: started ~ts (generation ~b, os pid ~p)", [Exe, Gen, OsPid]),
-            send_startup(State#state{port = Port, os_pid = OsPid, ready = undefined,
+            State1 = State#state{port = Port},
+            send_functions(State1),
+            send_startup(State1#state{port = Port, os_pid = OsPid, ready = undefined,
                                      startup = undefined, group_leader = false,
                                      last_rx = now_ms(), silent_checks = 0})
     catch
@@ -670,6 +684,12 @@ schedule_restart(#state{failures = N} = State) ->
 -spec kill_group_of(state()) -> ok.
 kill_group_of(#state{group_leader = GroupLeader, os_pid = OsPid}) ->
     pyport_program:kill_group(OsPid, GroupLeader).
+
+%% The names of the registered functions, all of them: the port answers
+%% `hasattr(erlang, Name)' from them.
+-spec send_functions(state()) -> ok.
+send_functions(State) ->
+    send_frame(State, {functions, pyport_callbacks:names()}).
 
 -spec send_frame(state(), term()) -> ok.
 send_frame(#state{port = undefined}, _Term) ->

@@ -395,8 +395,7 @@ class Port:
     def answer_callback(self, t):
         """Answers Python's callbacks as an Erlang side with no registered function would:
         built-in questions get their negative answer, other names are unknown. A name in
-        `callback_answers` is answered by the test's function instead (for
-        `$pyport_registered`, the question whether the name asked about has one)."""
+        `callback_answers` is answered by the test's function instead (see `register`)."""
         _, cb_id, name, _args, _caller = t
         args = b2t(_args)
         self.callbacks.append((name, args))
@@ -404,14 +403,18 @@ class Port:
         if name in self.callback_answers:
             status, value = self.callback_answers[name](args, cb_id)
             self.send((A("callback_reply"), cb_id, A(status), t2b(value)))
-        elif name == b"$pyport_registered" and args and args[0] in self.callback_answers:
-            self.send((A("callback_reply"), cb_id, A("ok"), t2b(True)))
-        elif name in (b"$pyport_registered", b"$pyport_connected"):
+        elif name == b"$pyport_connected":
             self.send((A("callback_reply"), cb_id, A("ok"), t2b(False)))
         elif name == b"$pyport_whereis":
             self.send((A("callback_reply"), cb_id, A("ok"), t2b(A("undefined"))))
         else:
             self.send((A("callback_reply"), cb_id, A("error"), t2b((A("unknown_function"), name))))
+
+    def register(self, name, answer):
+        """Registers `answer(args, callback_id) -> (status, value)` as the Erlang function
+        `name` (bytes): the port is told the names, as the Erlang side tells it."""
+        self.callback_answers[name] = answer
+        self.send((A("functions"), sorted(self.callback_answers)))
 
     def wait_ready(self, timeout=30):
         deadline = time.monotonic() + timeout

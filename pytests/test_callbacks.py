@@ -35,11 +35,23 @@ def test_unknown_name_raises_unknown_function(port):
     assert frame[4] == Opaque(port.owner)
 
 
-def test_hasattr_false_for_unregistered(port):
-    assert port.eval_ok("hasattr(__import__('erlang'), 'nope')") is False
-    # asked the Erlang side, which said no
-    assert (b"$pyport_registered", [b"nope"]) in port.callbacks
-    assert port.eval_ok("hasattr(__import__('erlang'), '_private')") is False
+def test_hasattr_follows_the_functions_frame(port):
+    """`{functions, Names}` replaces the names the port knows: `hasattr`, `from erlang
+    import` and `dir` follow each frame at once, without asking the Erlang side."""
+    erl = "__import__('erlang')"
+    assert port.eval_ok("hasattr(%s, 'f')" % erl) is False
+    port.send((A("functions"), [b"f", b"g"]))
+    assert port.eval_ok("hasattr(%s, 'f') and hasattr(%s, 'g')" % (erl, erl)) is True
+    assert port.eval_ok("'g' in dir(%s)" % erl) is True
+    port.send((A("functions"), [b"g"]))
+    assert port.eval_ok("hasattr(%s, 'f')" % erl) is False
+    port.exec_ok(OUTCOME)
+    r = port.eval_ok("outcome(exec, 'from erlang import f', {})")
+    assert r[0] == b"ImportError", r
+    port.send((A("functions"), []))
+    assert port.eval_ok("hasattr(%s, 'g')" % erl) is False
+    assert port.eval_ok("hasattr(%s, '_private')" % erl) is False
+    assert port.callbacks == [], "nothing was asked of the Erlang side"
 
 
 def test_dollar_names_refused_by_call(port):
@@ -51,8 +63,8 @@ def test_dollar_names_refused_by_call(port):
 
 
 def test_answers_convert_and_errors_raise(port):
-    port.callback_answers[b"echo"] = lambda args, _id: ("ok", {"args": args, "t": (1, 2**80)})
-    port.callback_answers[b"boom"] = lambda args, _id: ("error", ("throw", "oops", "[stack]"))
+    port.register(b"echo", lambda args, _id: ("ok", {"args": args, "t": (1, 2**80)}))
+    port.register(b"boom", lambda args, _id: ("error", ("throw", "oops", "[stack]")))
     port.exec_ok(OUTCOME)
     assert port.eval_ok("erlang.echo(1, 'x')") == {b"args": [1, b"x"], b"t": (1, 2**80)}
     assert port.eval_ok("type(erlang.call('echo')['t']).__name__") == b"tuple"
@@ -128,7 +140,7 @@ def test_chain_request_runs_on_the_waiting_thread(port_factory):
         port.send((A("call"), rid, port.owner, "__main__", "up", payload, cb_id))
         return ("ok", port.ok(rid))
 
-    port.callback_answers[b"down"] = down
+    port.register(b"down", down)
     idents = port.ok(port.call("__main__", "up", [5]))
     assert len(idents) == 6 and len(set(idents)) == 1, idents
 

@@ -42,7 +42,6 @@ const MAX_UNDELIVERED_BYTES: usize = 64 << 20;
 
 /// Names the Erlang side answers itself (no registered function can start with `$`).
 const WHEREIS: &str = "$pyport_whereis";
-// (and "$pyport_registered", asked by the module's `__getattr__`)
 const CONNECTED: &str = "$pyport_connected";
 
 /// What a thread waiting for a callback can receive.
@@ -370,6 +369,24 @@ fn _builtin(py: Python<'_>, name: &str, args: &Bound<'_, PyTuple>) -> PyResult<P
     host()?.call(py, name.as_bytes(), &PyList::new(py, args.iter())?)
 }
 
+/// The names of the Erlang functions registered now (`{functions, Names}` from Erlang).
+static REGISTERED: parking_lot::RwLock<Vec<String>> = parking_lot::RwLock::new(Vec::new());
+
+/// Replaces the names of the registered Erlang functions (all of them, in each frame).
+pub fn set_registered(names: Vec<String>) {
+    *REGISTERED.write() = names;
+}
+
+#[pyfunction]
+fn _is_registered(name: &str) -> bool {
+    REGISTERED.read().iter().any(|n| n == name)
+}
+
+#[pyfunction]
+fn _registered_names() -> Vec<String> {
+    REGISTERED.read().clone()
+}
+
 /// `erlang.send(pid, message)`: sends `message` to the Erlang process `pid`, like `!`.
 #[pyfunction]
 fn send(py: Python<'_>, pid: &Bound<'_, PyAny>, message: &Bound<'_, PyAny>) -> PyResult<()> {
@@ -421,22 +438,22 @@ class NoCaller(Exception):
     """Raised by erlang.self() in a thread that runs no Erlang call."""
 
 
-_known = set()
-
-
 def __getattr__(name):
-    # Only names registered on the Erlang side: hasattr() and `from erlang import x`
-    # stay truthful for everything else. A name found once is remembered; if it is
-    # unregistered later, calling it raises UnknownFunction.
-    if name.startswith("_") or (name not in _known and not _builtin("$pyport_registered", name)):
+    # Only names registered on the Erlang side right now (the port is told of every
+    # registration and unregistration before the call that registered returns):
+    # hasattr() and `from erlang import x` follow them exactly.
+    if name.startswith("_") or not _is_registered(name):
         raise AttributeError("module 'erlang' has no attribute %r" % (name,))
-    _known.add(name)
 
     def registered(*args):
         return call(name, *args)
 
     registered.__name__ = registered.__qualname__ = name
     return registered
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_registered_names()))
 "#;
 
 /// Adds `call`, `send`, `self`, `whereis` and the exceptions to the `erlang` module.
@@ -447,5 +464,7 @@ pub fn register(py: Python<'_>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(self_pid, &m)?)?;
     m.add_function(wrap_pyfunction!(whereis, &m)?)?;
     m.add_function(wrap_pyfunction!(_builtin, &m)?)?;
+    m.add_function(wrap_pyfunction!(_is_registered, &m)?)?;
+    m.add_function(wrap_pyfunction!(_registered_names, &m)?)?;
     py.run(CALLBACKS_PY, Some(&m.dict()), None)
 }

@@ -74,6 +74,9 @@ impl Interp {
         let ns = PyDict::new(py);
         ns.set_item("__builtins__", py.import("builtins")?)?;
         ns.set_item("__name__", "__main__")?;
+        // Imported in every namespace, as erlang_python does; a user's own `erlang`,
+        // assigned later, replaces it.
+        ns.set_item("erlang", py.import("erlang")?)?;
         let mut map = self.namespaces.lock();
         // Another request of the same owner may have raced us here; keep the first.
         Ok(map.entry(owner.clone()).or_insert_with(|| ns.unbind()).bind(py).clone())
@@ -229,8 +232,11 @@ impl Interp {
             for (i, p) in sys_path.iter().enumerate() {
                 path.insert(i, p)?;
             }
+            let main = py.import("__main__")?.dict();
+            if !main.contains("erlang")? {
+                main.set_item("erlang", py.import("erlang")?)?;
+            }
             if !code.is_empty() {
-                let main = py.import("__main__")?.dict();
                 let compiled = self.compile(py, code, Mode::Exec)?;
                 // SAFETY: as in run_code.
                 unsafe {

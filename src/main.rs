@@ -293,6 +293,7 @@ impl Router {
                 self.aio.cancel(id, |id| self.pool.holds(id));
             }
             Request::Sent { delivered } => self.callbacks.sent(delivered),
+            Request::Functions { names } => callbacks::set_registered(names),
             Request::OwnerDown { owner } => {
                 pymodule::registry().drop_owner(&owner);
                 self.streams.owner_down(&owner);

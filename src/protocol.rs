@@ -110,6 +110,8 @@ pub enum Request {
     /// The VM delivered `n` `erlang.send` messages of `bytes` bytes in all (`None`: it lost
     /// count, every message sent so far is settled).
     Sent { delivered: Option<(u64, u64)> },
+    /// The names of every Erlang function registered now (those that are UTF-8).
+    Functions { names: Vec<String> },
 }
 
 /// Why an envelope was refused. `id` is known when the envelope got far enough to name it,
@@ -253,6 +255,7 @@ pub fn decode_request(frame: &[u8]) -> Result<Request, BadRequest> {
                 elements.get(2).and_then(as_u64).ok_or_else(|| f.bad(2, "a byte count"))?,
             )),
         }),
+        ("functions", 2) => Ok(Request::Functions { names: f.string_list(1)? }),
         ("sent", 2) => match elements.get(1) {
             Some(Term::Atom(a)) if a.name == "reset" => Ok(Request::Sent { delivered: None }),
             _ => Err(f.bad(1, "reset")),
