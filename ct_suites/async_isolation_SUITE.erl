@@ -28,7 +28,13 @@
          callback_in_a_coroutine_nests_python_calls/1,
          self_is_the_caller_in_coroutines_and_their_tasks/1,
          swallowed_cancellation_is_dropped_after_grace/1,
-         pure_python_spinning_coroutine_is_written_off/1]).
+         pure_python_spinning_coroutine_is_written_off/1,
+         work_after_a_callback_is_left_alone/1,
+         nested_call_on_a_loop_thread_is_interrupted/1,
+         callbacks_at_max_threads_are_answered/1,
+         timers_due_behind_a_blocked_loop_go_on/1,
+         wakeups_from_a_written_off_thread_are_not_lost/1,
+         dropped_task_with_a_blocking_finally_loses_nothing/1]).
 
 -import(pyport_ct_lib, [stat/1, now_ms/0, wait_until/3, has/2]).
 
@@ -91,6 +97,58 @@ def who_in_a_gathered_pair():
         return await asyncio.gather(inner(), inner())
     return both()
 
+async def call_then_sleep(name, seconds):
+    await asyncio.sleep(0)
+    erlang.call(name, 1)
+    time.sleep(seconds)
+    return 'done'
+
+async def call_then_spin(name, seconds):
+    await asyncio.sleep(0)
+    erlang.call(name, 1)
+    t = time.monotonic()
+    while time.monotonic() - t < seconds:
+        pass
+    return 'done'
+
+def spin_forever(tag):
+    events.append(('started', tag))
+    try:
+        while True:
+            pass
+    finally:
+        events.append(('finally', tag))
+
+ev = None
+async def make_event():
+    global ev
+    ev = asyncio.Event()
+    return True
+
+async def wait_event():
+    await ev.wait()
+    return 'woke'
+
+async def blocker_then_set(seconds):
+    events.append(('started', 'bs'))
+    try:
+        time.sleep(seconds)
+    finally:
+        ev.set()
+        events.append(('finally', 'bs'))
+
+async def stubborn_blocking_finally():
+    events.append(('started', 'sbf'))
+    try:
+        while True:
+            try:
+                await asyncio.sleep(0.01)
+            except asyncio.CancelledError:
+                events.append(('swallowed', 'sbf'))
+    finally:
+        events.append(('closing', 'sbf'))
+        time.sleep(3600)
+
 laps = {}
 async def stubborn(tag):
     laps[tag] = 0
@@ -117,7 +175,13 @@ all() ->
      callback_in_a_coroutine_nests_python_calls,
      self_is_the_caller_in_coroutines_and_their_tasks,
      swallowed_cancellation_is_dropped_after_grace,
-     pure_python_spinning_coroutine_is_written_off].
+     pure_python_spinning_coroutine_is_written_off,
+     work_after_a_callback_is_left_alone,
+     nested_call_on_a_loop_thread_is_interrupted,
+     callbacks_at_max_threads_are_answered,
+     timers_due_behind_a_blocked_loop_go_on,
+     wakeups_from_a_written_off_thread_are_not_lost,
+     dropped_task_with_a_blocking_finally_loses_nothing].
 
 init_per_suite(Config) ->
     Config.
@@ -128,6 +192,8 @@ end_per_suite(_Config) ->
 case_env(gil_holding_coroutine_fires_the_watchdog) -> [{gil_watchdog_ms, 1000}];
 case_env(loop_write_offs_count_toward_the_limit) ->
     [{abandon_after_ms, 300}, {max_abandoned_workers, 1}];
+case_env(callbacks_at_max_threads_are_answered) ->
+    [{abandon_after_ms, 500}, {workers, 1}, {max_threads, 3}];
 case_env(_) -> [{abandon_after_ms, 500}].
 
 init_per_testcase(Case, Config) ->
@@ -141,7 +207,7 @@ init_per_testcase(Case, Config) ->
 
 end_per_testcase(_Case, Config) ->
     _ = logger:remove_handler(async_isolation_capture),
-    _ = [py:unregister_function(N) || N <- [gate, echo, nested]],
+    _ = [py:unregister_function(N) || N <- [gate, echo, nested, slow]],
     ok = pyport_ct_lib:stop_app(),
     pyport_ct_lib:restore_env(?config(saved_env, Config)).
 
@@ -330,6 +396,86 @@ swallowed_cancellation_is_dropped_after_grace(_Config) ->
     Logs = pyport_ct_lib:logged(),
     ?assert(lists:any(fun(L) -> has(L, <<"aiso.stubborn">>) andalso has(L, <<"ignored its cancellation">>) end,
                       Logs), Logs),
+    ok.
+
+%%--------------------------------------------------------------------
+%% Found by review: what must be left alone, what must still be watched
+
+%% A coroutine that calls Erlang and then works for 3 times abandon_after_ms
+%% (sleeping, then spinning), with nothing else waiting for the loop, is left
+%% alone: its caller still waits. (The thread that resumed after the callback
+%% was taken for stuck and written off, its caller answered `cancelled'.)
+work_after_a_callback_is_left_alone(_Config) ->
+    ok = py:register_function(echo, fun([X]) -> X end),
+    {ok, <<"done">>} = py:call(aiso, call_then_sleep, [echo, 1.5], #{}, ?LIVENESS_MS),
+    {ok, <<"done">>} = py:call(aiso, call_then_spin, [echo, 1.5], #{}, ?LIVENESS_MS),
+    0 = stat(abandoned_workers),
+    ok.
+
+%% A py:call made inside the Erlang callback of a coroutine runs on the loop's
+%% thread that waits for that callback; its own timeout interrupts it there,
+%% as on a worker. (It ran unwatched: a spin never ended.)
+nested_call_on_a_loop_thread_is_interrupted(_Config) ->
+    Self = self(),
+    ok = py:register_function(nested, fun([Tag]) ->
+                                              Self ! {nested, py:call(aiso, spin_forever, [Tag], #{}, 1000)},
+                                              ok
+                                      end),
+    spawn_link(fun() -> Self ! {outer, py:call(aiso, via_erlang, [nested, <<"n">>], #{}, ?LIVENESS_MS)} end),
+    receive {nested, N} -> {error, timeout} = N after ?LIVENESS_MS -> ct:fail(no_nested_answer) end,
+    wait_seen(<<"n">>, [<<"started">>, <<"finally">>]),
+    receive {outer, O} -> {ok, <<"ok">>} = O after ?LIVENESS_MS -> ct:fail(no_outer_answer) end,
+    ok.
+
+%% With no room for another loop thread (max_threads), a coroutine's callback
+%% holds the loop for its duration; nobody takes it for stuck: six coroutines
+%% whose Erlang function takes 1 s all get their answer.
+callbacks_at_max_threads_are_answered(_Config) ->
+    ok = py:register_function(slow, fun([X]) -> timer:sleep(1000), X end),
+    Self = self(),
+    Pids = [spawn_link(fun() -> Self ! {r, self(), py:call(aiso, via_erlang, [slow, N], #{}, 30000)} end)
+            || N <- lists:seq(1, 6)],
+    ?assertEqual([{ok, N} || N <- lists:seq(1, 6)], pyport_ct_lib:collect(r, Pids)),
+    0 = stat(abandoned_workers),
+    ok.
+
+%% A coroutine already asleep (asyncio.sleep 0.3) when another blocks the loop
+%% is work waiting once its timer is due: the blocked thread is written off and
+%% the sleeper is answered.
+timers_due_behind_a_blocked_loop_go_on(_Config) ->
+    Self = self(),
+    spawn_link(fun() -> Self ! {nap, py:call(aiso, nap, [0.3, nap], #{}, ?LIVENESS_MS)} end),
+    wait_until(fun() -> stat(async_tasks) =:= 1 end, ?LIVENESS_MS, nap_running),
+    spawn_link(fun() -> Self ! {blocker, py:call(aiso, blocker, [<<"t">>], #{}, infinity)} end),
+    receive {nap, N} -> {ok, <<"nap">>} = N after ?LIVENESS_MS -> ct:fail(nap_not_answered) end,
+    receive {blocker, B} -> {error, cancelled} = B after ?LIVENESS_MS -> ct:fail(blocker_not_answered) end,
+    ok.
+
+%% The written-off thread's remains (its coroutine's finally, run once
+%% time.sleep returns) set an asyncio.Event that another coroutine awaits,
+%% while the loop's thread sleeps in select: the waiter is woken.
+wakeups_from_a_written_off_thread_are_not_lost(_Config) ->
+    Self = self(),
+    {ok, true} = py:call(aiso, make_event, [], #{}, ?LIVENESS_MS),
+    spawn_link(fun() -> Self ! {waiter, py:call(aiso, wait_event, [], #{}, ?LIVENESS_MS)} end),
+    wait_until(fun() -> stat(async_tasks) =:= 1 end, ?LIVENESS_MS, waiter_running),
+    spawn_link(fun() -> Self ! {blocker, py:call(aiso, blocker_then_set, [2.0], #{}, infinity)} end),
+    wait_seen(<<"bs">>, [<<"started">>]),
+    {ok, 1} = py:call(aiso, quick, [1], #{}, ?LIVENESS_MS),
+    receive {blocker, B} -> {error, cancelled} = B after ?LIVENESS_MS -> ct:fail(blocker_not_answered) end,
+    receive {waiter, W} -> {ok, <<"woke">>} = W after ?LIVENESS_MS -> ct:fail(waiter_not_woken) end,
+    ok.
+
+%% A task that swallows its cancellation is dropped, and closing it runs a
+%% finally that blocks for an hour: that close is a callback like any other, so
+%% the loop's thread is written off once other work waits, and that work is
+%% answered. (The close ran inside the inbox's drain: the requests taken with it
+%% were lost, and nothing counted as waiting.)
+dropped_task_with_a_blocking_finally_loses_nothing(_Config) ->
+    {error, timeout} = py:call(aiso, stubborn_blocking_finally, [], #{}, 200),
+    wait_until(fun() -> stat(async_tasks) =:= 0 end, ?LIVENESS_MS, task_dropped),
+    wait_seen(<<"sbf">>, [<<"started">>, <<"swallowed">>, <<"closing">>]),
+    {ok, 7} = py:call(aiso, quick, [7], #{}, ?LIVENESS_MS),
     ok.
 
 %%--------------------------------------------------------------------

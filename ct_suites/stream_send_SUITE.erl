@@ -175,7 +175,9 @@ start_error_leaves_no_stream(_Config) ->
 %% (Before: the port told the server the stream was over, then died before the
 %% owner's last message: the owner waited for ever.)
 port_death_at_the_end_reaches_the_owner(_Config) ->
-    {ok, Ref} = py:stream_start(strsend, dies_at_the_end, []),
+    %% Window 1: the generator goes on (and kills the port) only after the start was
+    %% answered and its first item acknowledged.
+    {ok, Ref} = py:stream_start(strsend, dies_at_the_end, [], #{}, #{window => 1}),
     receive {py_stream, Ref, {data, 1}} -> ok = py:stream_ack(Ref)
     after ?LIVENESS_MS -> ct:fail(no_first_item)
     end,

@@ -494,7 +494,7 @@ stream_start(_Module, _Function, _Args, _Kwargs, _Opts) ->
 can_receive(Pid) when node(Pid) =:= node() ->
     is_process_alive(Pid);
 can_receive(Pid) ->
-    lists:member(node(Pid), nodes()).
+    lists:member(node(Pid), nodes(connected)).
 
 %% @equiv stream_ack(Ref, 1)
 -spec stream_ack(reference()) -> ok.

@@ -221,9 +221,10 @@ handle_info({'DOWN', MRef, process, Pid, _Reason}, #state{owners = Owners} = Sta
                                 send_frame(State, {cancel, Id}),
                                 maps:remove(Id, P)
                         end, State#state.pending, Ids),
+            %% The owner's streams stay tracked until the port ends them (it sends
+            %% pyport_stream_end for each): open_streams and the port's count agree.
             send_frame(State, {owner_down, Pid}),
-            Streams = maps:filter(fun(_Ref, Owner) -> Owner =/= Pid end, State#state.streams),
-            {noreply, State#state{owners = Owners1, pending = Pending, streams = Streams,
+            {noreply, State#state{owners = Owners1, pending = Pending,
                                   traces = maps:without(Ids, State#state.traces)}};
         _ ->
             %% Another monitor of an owner: a callback process that also made requests.

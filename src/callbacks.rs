@@ -76,14 +76,19 @@ impl Undelivered {
         room
     }
 
-    /// Waits for room, then counts the message. Call it detached from Python.
-    fn take(&self, bytes: usize) {
+    /// Waits up to `timeout` for room, then counts the message; false if there was none.
+    /// Call it detached from Python.
+    fn take_within(&self, bytes: usize, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
         let mut st = self.state.lock();
         while !Self::room_for(&st, bytes) {
-            self.settled.wait(&mut st);
+            if self.settled.wait_until(&mut st, deadline).timed_out() && !Self::room_for(&st, bytes) {
+                return false;
+            }
         }
         st.0 += 1;
         st.1 += bytes;
+        true
     }
 
     fn delivered(&self, delivered: Option<(u64, u64)>) {
@@ -246,18 +251,11 @@ impl Callbacks {
     /// (taking back the asynchronous one, so that it does not strike a second time), or
     /// with `CancelledError` if the coroutine's task was.
     fn check_cancelled(&self, py: Python<'_>, id: u64, in_loop: Option<&crate::aio::LoopWait>) -> PyResult<()> {
-        const WHY: &str = "the Erlang caller gave up while Python waited for a callback";
-        if crate::cancel::current_cancelled() == Some(true) {
-            crate::cancel::take_current_cancel(py);
+        let cancelled = cancellation(py, in_loop, "the Erlang caller gave up while Python waited for a callback");
+        if cancelled.is_some() {
             self.out.send(protocol::callback_cancel_frame(id));
-            return Err(CallCancelled::new_err(WHY));
         }
-        if in_loop.is_some_and(|w| w.cancelled()) {
-            self.out.send(protocol::callback_cancel_frame(id));
-            let cancelled = py.import("asyncio")?.getattr("CancelledError")?.call1((WHY,))?;
-            return Err(PyErr::from_value(cancelled));
-        }
-        Ok(())
+        cancelled.map_or(Ok(()), Err)
     }
 
     fn send(&self, py: Python<'_>, pid: &Bound<'_, PyAny>, message: &Bound<'_, PyAny>) -> PyResult<()> {
@@ -273,13 +271,22 @@ impl Callbacks {
         convert::encode(message, &mut payload).map_err(ConvertError::into_pyerr)?;
         let frame = fits(protocol::send_frame(term.bytes(), &payload), "erlang.send message")?;
         // Held back, without the GIL, while the VM has not delivered enough of what was sent
-        // before; on the event loop's thread, the loop goes on meanwhile.
+        // before; on the event loop's thread, the loop goes on meanwhile. A caller that gives
+        // up meanwhile ends the wait, as it ends a callback's.
         if !self.undelivered.try_take(payload.len()) {
             let loop_wait = crate::aio::begin_wait(py);
-            py.detach(|| self.undelivered.take(payload.len()));
+            let taken = loop {
+                if py.detach(|| self.undelivered.take_within(payload.len(), CANCEL_POLL)) {
+                    break Ok(());
+                }
+                if let Some(e) = cancellation(py, loop_wait.as_ref(), "the Erlang caller gave up while erlang.send waited") {
+                    break Err(e);
+                }
+            };
             if let Some(w) = loop_wait {
                 w.end(py);
             }
+            taken?;
         }
         self.out.send(frame);
         Ok(())
@@ -289,6 +296,25 @@ impl Callbacks {
         let answer = self.call(py, CONNECTED.as_bytes(), &PyList::new(py, [pid])?)?;
         answer.bind(py).is_truthy()
     }
+}
+
+/// The exception that ends a wait whose caller gave up: `CallCancelled` for a request (the
+/// asynchronous one is taken back, so that it does not strike a second time), or
+/// `CancelledError` for a coroutine's task.
+fn cancellation(py: Python<'_>, in_loop: Option<&crate::aio::LoopWait>, why: &str) -> Option<PyErr> {
+    if crate::cancel::current_cancelled() == Some(true) {
+        crate::cancel::take_current_cancel(py);
+        return Some(CallCancelled::new_err(why.to_string()));
+    }
+    if in_loop.is_some_and(|w| w.cancelled()) {
+        let err = py
+            .import("asyncio")
+            .and_then(|m| m.getattr("CancelledError"))
+            .and_then(|c| c.call1((why,)))
+            .map_or_else(|e| e, PyErr::from_value);
+        return Some(err);
+    }
+    None
 }
 
 /// A frame to Erlang within `--max-reply-bytes`, or the ValueError saying it is not.

@@ -58,6 +58,9 @@ pub struct Slot {
     /// request is depth 0, one made in a callback it waits for is 1, and so on. Only the
     /// thread itself changes it.
     nesting: AtomicUsize,
+    /// A pool's worker, whose depth 0 is a request; false for a thread of the event loop,
+    /// whose depth 0 is the loop (only the requests nested in its callbacks are watched).
+    runs_requests: bool,
 }
 
 const NOT_CANCELLED: usize = usize::MAX;
@@ -87,10 +90,16 @@ pub fn take_current_cancel(py: Python<'_>) {
     });
 }
 
-/// Whether the current thread is a worker whose request has been cancelled; `None` when
-/// it is not a worker (its waits need deadlines of their own).
+/// Whether the current thread runs a request that has been cancelled; `None` when it runs
+/// none (not a worker, or an event loop's thread outside a nested request): its waits need
+/// deadlines of their own.
 pub fn current_cancelled() -> Option<bool> {
-    CURRENT_SLOT.with(|c| c.borrow().as_ref().map(|s| s.cancelled.load(Ordering::Acquire) != NOT_CANCELLED))
+    CURRENT_SLOT.with(|c| {
+        c.borrow()
+            .as_ref()
+            .filter(|s| s.runs_requests || s.nesting.load(Ordering::Acquire) > 0)
+            .map(|s| s.cancelled.load(Ordering::Acquire) != NOT_CANCELLED)
+    })
 }
 
 /// The worker slot of the current thread, if it is a pool worker.
@@ -110,7 +119,15 @@ impl Slot {
             tid,
             cancelled: AtomicUsize::new(NOT_CANCELLED),
             nesting: AtomicUsize::new(0),
+            runs_requests: true,
         }
+    }
+
+    /// The calling thread, one of the event loop's, attached to Python: pool `pool` watches
+    /// the requests nested in its callbacks (it is no worker of that pool: a write-off of
+    /// it moves no homes).
+    pub fn loop_thread(pool: usize) -> Slot {
+        Slot { worker: usize::MAX, runs_requests: false, ..Slot::current(pool, usize::MAX) }
     }
 
     /// Clears an exception raised asynchronously in this thread that it has not seen yet,

@@ -245,6 +245,7 @@ impl Router {
         let aio = Aio::new(out.clone(), pool_cfg.cancel)?;
         threads::set_max(cfg.max_threads);
         let pool = Pool::start(pool_cfg, interp.clone(), out.clone(), Some(aio.clone()), Some(turn))?;
+        aio.set_pool(pool.id());
         // Reading SharedDict values that need Python gets a small pool of its own, so that
         // values whose unpickling hangs can neither take the callers' workers nor wait
         // behind them.

@@ -13,6 +13,7 @@
 use parking_lot::{Condvar, Mutex};
 use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
 
 /// Parked threads kept for the next hand-over; more leave.
 const MAX_PARKED: usize = 1;
@@ -33,15 +34,17 @@ pub enum Boundary {
     Drive,
     /// The baton went to a resuming thread (wake it), this one parks.
     HandedOver(Next),
-    /// This thread was written off: it stops and leaves.
-    Leave,
+    /// This thread was written off: it stops and leaves (handing on the baton if, by a
+    /// race, it held it again).
+    Leave(Option<Next>),
 }
 
 #[derive(Default, Debug)]
 struct State {
     holder: Option<u64>,
-    /// Threads whose wait is over, oldest first, to resume the step they were in.
-    resuming: VecDeque<u64>,
+    /// Threads whose wait is over, oldest first, to resume the step they were in, and
+    /// since when each waits.
+    resuming: VecDeque<(u64, Instant)>,
     /// Idle threads at a boundary, ready to drive.
     parked: Vec<u64>,
     /// Threads written off while they held the baton, until they come back.
@@ -54,7 +57,7 @@ impl State {
     fn hand_on(&mut self) -> Next {
         debug_assert!(self.holder.is_none());
         let next = match self.resuming.pop_front() {
-            Some(t) => Next::Wake(t),
+            Some((t, _)) => Next::Wake(t),
             None => match self.parked.pop() {
                 Some(t) => Next::Wake(t),
                 None => {
@@ -108,15 +111,18 @@ impl Baton {
             return Boundary::Drive;
         }
         let mut s = self.state.lock();
-        if s.written_off.contains(&me) {
-            return Boundary::Leave;
-        }
-        if s.holder != Some(me) {
-            // Cannot happen (only a written-off driver loses the baton without giving it).
-            return Boundary::Leave;
+        if s.written_off.contains(&me) || s.holder != Some(me) {
+            // A written-off driver (the only one that loses the baton without giving it).
+            let next = (s.holder == Some(me)).then(|| {
+                s.holder = None;
+                s.hand_on()
+            });
+            self.refresh(&s);
+            self.changed.notify_all();
+            return Boundary::Leave(next);
         }
         match s.resuming.pop_front() {
-            Some(t) => {
+            Some((t, _)) => {
                 s.holder = Some(t);
                 self.refresh(&s);
                 self.changed.notify_all();
@@ -132,14 +138,37 @@ impl Baton {
         self.state.lock().needs_new_thread()
     }
 
-    /// The holder is about to wait outside Python: it passes the baton on.
-    pub fn leave_for_wait(&self, me: u64) -> Next {
+    /// The holder is about to wait outside Python: it passes the baton on. None when `me`
+    /// does not hold it (written off meanwhile): nothing changes.
+    pub fn leave_for_wait(&self, me: u64) -> Option<Next> {
         let mut s = self.state.lock();
-        debug_assert_eq!(s.holder, Some(me));
+        if s.holder != Some(me) || s.written_off.contains(&me) {
+            return None;
+        }
         s.holder = None;
         let next = s.hand_on();
         self.changed.notify_all();
-        next
+        Some(next)
+    }
+
+    /// A thread that holds the baton cannot drive (it could not set up): the baton goes to
+    /// a thread that waits for it, if any. False when none does.
+    pub fn pass_to_waiting(&self, me: u64) -> bool {
+        let mut s = self.state.lock();
+        if s.holder != Some(me) || (s.resuming.is_empty() && s.parked.is_empty()) {
+            return false;
+        }
+        s.holder = None;
+        s.hand_on();
+        self.refresh(&s);
+        self.changed.notify_all();
+        true
+    }
+
+    /// Since when the oldest thread that waits to resume has waited (work waiting for the
+    /// loop, for the watcher).
+    pub fn waiting_since(&self) -> Option<Instant> {
+        self.state.lock().resuming.front().map(|(_, since)| *since)
     }
 
     /// A thread whose wait is over queues for the baton; the driver hands it over at its
@@ -149,7 +178,7 @@ impl Baton {
         if s.holder.is_none() {
             s.holder = Some(me);
         } else {
-            s.resuming.push_back(me);
+            s.resuming.push_back((me, Instant::now()));
         }
         self.refresh(&s);
     }
@@ -233,7 +262,7 @@ mod tests {
         let first = b.first();
         assert_eq!(b.at_boundary(first), Boundary::Drive);
         assert!(b.needs_new_thread());
-        let Next::Spawn(second) = b.leave_for_wait(first) else { panic!("nobody else could drive") };
+        let Some(Next::Spawn(second)) = b.leave_for_wait(first) else { panic!("nobody else could drive") };
         assert!(b.holds(second) && !b.holds(first));
         // The first thread's wait is over: the second hands over at its next boundary.
         b.want_back(first);
@@ -245,7 +274,7 @@ mod tests {
             while b.needs_new_thread() {
                 std::thread::yield_now();
             }
-            assert_eq!(b.leave_for_wait(first), Next::Wake(second));
+            assert_eq!(b.leave_for_wait(first), Some(Next::Wake(second)));
             p.join().unwrap()
         });
         assert!(parker, "it drives again");
@@ -260,7 +289,9 @@ mod tests {
         b.want_back(12);
         assert_eq!(b.at_boundary(d), Boundary::HandedOver(Next::Wake(11)));
         // 11 finishes its step and waits again: 12 (resuming) gets it, not a new thread.
-        assert_eq!(b.leave_for_wait(11), Next::Wake(12));
+        assert!(b.waiting_since().is_some(), "12 still waits");
+        assert_eq!(b.leave_for_wait(11), Some(Next::Wake(12)));
+        assert!(b.waiting_since().is_none());
         assert_eq!(b.at_boundary(12), Boundary::Drive);
     }
 
@@ -273,7 +304,8 @@ mod tests {
         assert_eq!(b.written_off(), 1);
         assert_eq!(b.write_off(stuck), None, "only the holder can be written off");
         assert_eq!(b.at_boundary(fresh), Boundary::Drive);
-        assert_eq!(b.at_boundary(stuck), Boundary::Leave);
+        assert_eq!(b.at_boundary(stuck), Boundary::Leave(None));
+        assert_eq!(b.leave_for_wait(stuck), None, "a written-off thread cannot pass the baton on");
         assert!(b.is_written_off(stuck), "it counts until it leaves");
         assert!(b.returned(stuck));
         assert_eq!(b.written_off(), 0);
@@ -284,7 +316,7 @@ mod tests {
     fn only_one_thread_parks() {
         let b = Baton::default();
         let d = b.first();
-        let Next::Spawn(e) = b.leave_for_wait(d) else { panic!() };
+        let Some(Next::Spawn(e)) = b.leave_for_wait(d) else { panic!() };
         std::thread::scope(|scope| {
             let p = scope.spawn(|| b.park(100));
             while b.needs_new_thread() {
@@ -292,7 +324,7 @@ mod tests {
             }
             assert!(!b.park(101), "a second idle thread leaves");
             // Wake the parked one so that the scope can end.
-            assert_eq!(b.leave_for_wait(e), Next::Wake(100));
+            assert_eq!(b.leave_for_wait(e), Some(Next::Wake(100)));
             assert!(p.join().unwrap());
         });
     }

@@ -24,11 +24,30 @@ _MAX_SELECT_TIMEOUT = 24 * 3600
 _MIN_TIMERS_TO_PRUNE = 100
 
 
+class Loop(asyncio.SelectorEventLoop):
+    """A selector loop that wakes the thread running it when another thread schedules a
+    callback: a coroutine's step that resumes on a thread that no longer runs the loop (a
+    thread back from Erlang, the remains of one written off) may resolve a future or set
+    an event, and the thread that runs the loop may be sleeping in `select`."""
+
+    def call_soon(self, callback, *args, context=None):
+        handle = super().call_soon(callback, *args, context=context)
+        if self._thread_id != threading.get_ident():
+            self._write_to_self()
+        return handle
+
+    def call_at(self, when, callback, *args, context=None):
+        handle = super().call_at(when, callback, *args, context=context)
+        if self._thread_id != threading.get_ident():
+            self._write_to_self()
+        return handle
+
+
 def new_loop(exception_filter):
     """The port's loop. Errors raised in callbacks go to `exception_filter(context)`
     first: it returns True for those that must not be logged (the remains of a thread
     the port wrote off)."""
-    loop = asyncio.SelectorEventLoop()
+    loop = Loop()
 
     def handler(lp, context):
         if not exception_filter(context):
@@ -52,13 +71,14 @@ def take(loop):
 
 
 def drive(loop, begin, end):
-    """Runs the loop until `begin()`, asked before each callback, says that this thread
-    no longer holds it; the callback then stays first in the queue for the next driver.
-    `end()` follows every callback that ran."""
+    """Runs the loop until `begin(more, due)`, asked before each callback, says that this
+    thread no longer holds it. `more`: other callbacks are ready behind this one; `due`:
+    when the next timer is due (loop time): the watcher counts both as work waiting for the
+    loop. `end()` follows every callback that ran."""
     take(loop)
     ready = loop._ready
     while True:
-        if not begin():
+        if not begin(False, None):
             return
         end()
         _prune_timers(loop)
@@ -78,14 +98,15 @@ def drive(loop, begin, end):
         for _ in range(len(ready)):
             if not ready:
                 break
-            handle = ready.popleft()
-            if handle._cancelled:
-                continue
-            if not begin():
-                ready.appendleft(handle)
+            sched = loop._scheduled
+            # Asked before the callback leaves the queue: a thread that no longer holds
+            # the loop touches nothing of it.
+            if not begin(len(ready) > 1, sched[0]._when if sched else None):
                 return
+            handle = ready.popleft()
             try:
-                handle._run()
+                if not handle._cancelled:
+                    handle._run()
             finally:
                 end()
             handle = None
@@ -124,3 +145,16 @@ def leave(loop, task):
 def enter(loop, task):
     """The task's step is back in the loop."""
     tasks._enter_task(loop, task)
+
+
+def close_dropped(task, report):
+    """Closes the coroutine of a task that ignored its cancellation (`GeneratorExit` at its
+    `await`), as a callback of its own: its `finally` may block like any callback.
+    `report(text)` is told when closing fails."""
+    if task.done():
+        return
+    try:
+        task.get_coro().close()
+    except BaseException as e:  # noqa: BLE001 - whatever it raised is reported
+        report("closing it raised %s: %s; it may run on" % (type(e).__name__, e))
+    task.cancel()

@@ -37,7 +37,14 @@ impl Aio {
 
     fn driver_thread(self: Arc<Self>, token: u64) {
         DRIVER.with(|d| *d.borrow_mut() = Some((self.clone(), token)));
-        let written_off = Python::attach(|py| self.drive(py, token));
+        let written_off = Python::attach(|py| {
+            // Requests nested in a callback of a coroutine run on this thread while it waits
+            // for Erlang: the pool's canceller watches them there, as on its workers.
+            if let Some(pool) = self.pool_id.get() {
+                crate::cancel::set_current_slot(Arc::new(crate::cancel::Slot::loop_thread(*pool)));
+            }
+            self.drive(py, token)
+        });
         DRIVER.with(|d| d.borrow_mut().take());
         if written_off {
             crate::cancel::written_off_returned();
@@ -51,7 +58,12 @@ impl Aio {
         let (module, event_loop) = match self.setup(py) {
             Ok(x) => x,
             Err(e) => {
-                // Only the first thread makes the loop; without one no coroutine can run.
+                // A later thread that cannot set up (memory) hands the loop to one that has;
+                // with none, no coroutine can run.
+                if self.baton.pass_to_waiting(token) {
+                    self.out.log("warning", "pyport", format!("an event loop thread cannot start: {e}").as_bytes());
+                    return false;
+                }
                 let msg = format!("cannot start the asyncio event loop; async calls now fail: {e}");
                 self.out.log("error", "pyport", msg.as_bytes());
                 self.fail_all(py, exec::python_error(py, &e));
@@ -137,17 +149,31 @@ impl Aio {
     /// and `end()`, after it: they tell the watcher which callback runs since when.
     fn boundary_functions<'py>(self: &Arc<Self>, py: Python<'py>, token: u64) -> PyResult<(Bound<'py, PyCFunction>, Bound<'py, PyCFunction>)> {
         let me = self.clone();
-        let begin = PyCFunction::new_closure(py, Some(c"pyport_loop_begin"), None, move |_args, _kwargs| -> bool {
-            match me.baton.at_boundary(token) {
+        let begin = PyCFunction::new_closure(py, Some(c"pyport_loop_begin"), None, move |args, _kwargs| -> PyResult<bool> {
+            let (more, due): (bool, Option<f64>) = args.extract()?;
+            Ok(match me.baton.at_boundary(token) {
                 Boundary::Drive => {
                     if me.progress.token.load(Ordering::Acquire) == token {
+                        let now = me.nanos();
+                        let waiting = match (more, due) {
+                            (true, _) => now,
+                            (false, Some(at)) => me.loop_time_nanos(at),
+                            (false, None) => 0,
+                        };
                         me.progress.seq.fetch_add(1, Ordering::AcqRel);
-                        me.progress.since.store(me.nanos(), Ordering::Release);
+                        me.progress.waiting_since.store(waiting, Ordering::Release);
+                        me.progress.since.store(now, Ordering::Release);
                     }
                     true
                 }
-                Boundary::HandedOver(_) | Boundary::Leave => false,
-            }
+                Boundary::HandedOver(_) => false,
+                Boundary::Leave(next) => {
+                    if let Some(next) = next {
+                        me.start_next(next);
+                    }
+                    false
+                }
+            })
         })?;
         let me = self.clone();
         let end = PyCFunction::new_closure(py, Some(c"pyport_loop_end"), None, move |_args, _kwargs| {
@@ -252,7 +278,8 @@ impl Aio {
     }
 
     /// Task `id` swallowed its cancellation for the grace period: it no longer counts, and
-    /// its coroutine is closed (GeneratorExit at its `await`).
+    /// its coroutine is closed (GeneratorExit at its `await`) by a callback of its own,
+    /// since its `finally` is user code that may block like any other.
     fn drop_task(&self, py: Python<'_>, id: u64) {
         let task = {
             let tasks = self.tasks.lock();
@@ -260,21 +287,44 @@ impl Aio {
             e.task.as_ref().map(|t| t.clone_ref(py))
         };
         let what = self.what(id);
-        let mut msg = format!(
+        self.answer(id, protocol::error_frame(Some(id), atom("cancelled")));
+        let msg = format!(
             "{what} ignored its cancellation for {} ms: it no longer counts in async_tasks and its coroutine is closed",
             self.cfg.abandon_after.as_millis()
         );
-        if let Some(t) = task.as_ref().map(|t| t.bind(py)) {
-            if !t.call_method0("done").and_then(|d| d.is_truthy()).unwrap_or(true) {
-                let closed = t.call_method0("get_coro").and_then(|c| c.call_method0("close"));
-                if let Err(e) = closed {
-                    msg.push_str(&format!(" (closing it raised {e}; it may run on)"));
-                }
-                let _ = t.call_method0("cancel");
+        self.out.log("warning", "pyport", msg.as_bytes());
+        if let Some(task) = task {
+            if let Err(e) = self.schedule_close(py, task) {
+                self.out.log("warning", "pyport", format!("{what}: cannot close it: {e}").as_bytes());
             }
         }
-        self.out.log("warning", "pyport", msg.as_bytes());
-        self.answer(id, protocol::error_frame(Some(id), atom("cancelled")));
+    }
+
+    fn schedule_close(&self, py: Python<'_>, task: Py<PyAny>) -> PyResult<()> {
+        let (Some(module), Some(event_loop)) = (self.module.get(), self.event_loop.get()) else { return Ok(()) };
+        let out = self.out.clone();
+        let report = PyCFunction::new_closure(py, Some(c"pyport_close_report"), None, move |args, _kwargs| -> PyResult<()> {
+            let text: String = args.get_item(0)?.extract()?;
+            out.log("warning", "pyport", format!("a dropped task: {text}").as_bytes());
+            Ok(())
+        })?;
+        let close = module.bind(py).getattr("close_dropped")?;
+        event_loop.bind(py).call_method1("call_soon", (close, task, report))?;
+        Ok(())
+    }
+
+    /// Wakes or starts the thread that gets the baton after a hand-over.
+    pub(super) fn start_next(self: &Arc<Self>, next: Next) {
+        if let Next::Spawn(t) = next {
+            // A replacement always starts: waits that need one have reserved it, and the
+            // write-offs it replaces are bounded.
+            crate::threads::reserve_always();
+            if let Err(e) = self.spawn_driver(t) {
+                crate::threads::release();
+                let msg = format!("cannot start a thread for the event loop: {e}");
+                crate::cancel::exit_with_report(&self.out, crate::cancel::EXIT_STUCK_WORKERS, &msg, crate::cancel::running_everywhere());
+            }
+        }
     }
 
     /// The done-callback of request `id`'s task: its reply, shaped as a synchronous call's.
@@ -315,6 +365,8 @@ pub struct LoopWait {
     task: Option<(Py<PyAny>, Option<u64>)>,
     /// Set when the task is cancelled: the wait must end.
     cancelled: Arc<AtomicBool>,
+    /// The thread kept the loop (no other thread could run it).
+    held: bool,
 }
 
 /// Called by code about to wait outside Python (a callback into Erlang): on the thread that
@@ -329,51 +381,41 @@ pub fn begin_wait(py: Python<'_>) -> Option<LoopWait> {
 
 impl Aio {
     fn begin_wait(self: &Arc<Self>, py: Python<'_>, me: u64) -> Option<LoopWait> {
-        if self.progress.token.load(Ordering::Acquire) != me || !self.baton.holds(me) {
+        // The thread leaves the loop before anything else: the watcher must not take a
+        // thread that is handing the loop over for a stuck one (see `watch::write_off`).
+        if self.progress.token.compare_exchange(me, 0, Ordering::AcqRel, Ordering::Acquire).is_err() {
             return None;
         }
-        let module = self.module.get()?.bind(py).clone();
-        let event_loop = self.event_loop.get()?.bind(py).clone();
+        self.progress.since.store(0, Ordering::Release);
+        let (Some(module), Some(event_loop)) = (self.module.get(), self.event_loop.get()) else {
+            return self.hold_loop(me, None);
+        };
+        let (module, event_loop) = (module.bind(py), event_loop.bind(py));
+        let task = module.call_method1("current_task", (event_loop,)).ok().filter(|t| !t.is_none());
+        let cancelled = Arc::new(AtomicBool::new(false));
+        let id = task.as_ref().and_then(|t| self.mark_waiting(t, &cancelled));
         let reserved = self.baton.needs_new_thread() && crate::threads::try_reserve();
         if !reserved && self.baton.needs_new_thread() {
-            self.out.log(
-                "warning",
-                "pyport",
-                b"a coroutine waits for Erlang while the event loop holds it: max_threads allows no thread to run the loop meanwhile",
-            );
-            return None;
+            // No thread may start (max_threads): the wait holds the loop, as in plain
+            // asyncio; the watcher leaves a waiting thread alone.
+            return self.hold_loop(me, task.map(|t| (t.unbind(), id, cancelled)));
         }
-        let task = module.call_method1("current_task", (&event_loop,)).ok().filter(|t| !t.is_none());
         if let Some(t) = &task {
-            if module.call_method1("leave", (&event_loop, t)).is_err() {
+            if module.call_method1("leave", (event_loop, t)).is_err() {
                 if reserved {
                     crate::threads::release();
                 }
-                return None;
+                return self.hold_loop(me, Some((t.clone().unbind(), id, cancelled)));
             }
         }
-        let cancelled = Arc::new(AtomicBool::new(false));
-        let id = task.as_ref().and_then(|t| {
-            let mut tasks = self.tasks.lock();
-            let id = *tasks.by_task.get(&(t.as_ptr() as usize))?;
-            if let Some(e) = tasks.by_id.get_mut(&id) {
-                e.waiting = Some(cancelled.clone());
-                if e.cancel_delivered.is_some() {
-                    cancelled.store(true, Ordering::Release);
-                }
-            }
-            Some(id)
-        });
-        self.progress.since.store(0, Ordering::Release);
-        self.progress.token.store(0, Ordering::Release);
-        let wait = LoopWait { aio: self.clone(), me, task: task.map(|t| (t.unbind(), id)), cancelled };
+        let wait = LoopWait { aio: self.clone(), me, task: task.map(|t| (t.unbind(), id)), cancelled, held: false };
         match self.baton.leave_for_wait(me) {
-            Next::Wake(_) => {
+            Some(Next::Wake(_)) => {
                 if reserved {
                     crate::threads::release();
                 }
             }
-            Next::Spawn(t) => {
+            Some(Next::Spawn(t)) => {
                 if !reserved {
                     crate::threads::reserve_always();
                 }
@@ -385,8 +427,39 @@ impl Aio {
                     return None;
                 }
             }
+            None => {
+                // Written off meanwhile: this thread no longer runs the loop at all.
+                if reserved {
+                    crate::threads::release();
+                }
+                return None;
+            }
         }
         Some(wait)
+    }
+
+    /// The task `t` waits outside the loop: its cancellation must end the wait.
+    fn mark_waiting(&self, t: &Bound<'_, PyAny>, cancelled: &Arc<AtomicBool>) -> Option<u64> {
+        let mut tasks = self.tasks.lock();
+        let id = *tasks.by_task.get(&(t.as_ptr() as usize))?;
+        if let Some(e) = tasks.by_id.get_mut(&id) {
+            e.waiting = Some(cancelled.clone());
+            if e.cancel_asked.is_some() {
+                cancelled.store(true, Ordering::Release);
+            }
+        }
+        Some(id)
+    }
+
+    /// A wait that keeps the loop (no other thread may run it): the thread stays the
+    /// holder, but counts as running no callback meanwhile, so the watcher does not take
+    /// it for stuck.
+    fn hold_loop(self: &Arc<Self>, me: u64, task: Option<(Py<PyAny>, Option<u64>, Arc<AtomicBool>)>) -> Option<LoopWait> {
+        let (task, cancelled) = match task {
+            Some((t, id, c)) => (Some((t, id)), c),
+            None => (None, Arc::new(AtomicBool::new(false))),
+        };
+        Some(LoopWait { aio: self.clone(), me, task, cancelled, held: true })
     }
 }
 
@@ -404,32 +477,41 @@ impl LoopWait {
     }
 
     /// The wait is over: takes the loop back, at the next boundary between two callbacks of
-    /// the thread that runs it now.
+    /// the thread that runs it now (a stuck one is written off: the watcher counts a thread
+    /// waiting to resume as work waiting for the loop).
     pub fn end(self, py: Python<'_>) {
-        self.aio.baton.want_back(self.me);
-        // The loop may sleep in `select`, or be stuck in a callback: both see the pipe.
-        self.aio.inbox.lock().pending_since.get_or_insert_with(Instant::now);
-        self.aio.wake();
-        self.aio.watch.changed();
-        py.detach(|| self.aio.baton.wait_for(self.me));
+        if !self.held {
+            self.aio.baton.want_back(self.me);
+            // The loop may sleep in `select`: the pipe wakes it.
+            self.aio.wake();
+            self.aio.watch.changed();
+            py.detach(|| self.aio.baton.wait_for(self.me));
+        }
         self.resume(py);
     }
 
     /// Holding the baton again: the task's step goes on in the loop.
     fn resume(&self, py: Python<'_>) {
-        let (Some(module), Some(event_loop)) = (self.aio.module.get(), self.aio.event_loop.get()) else { return };
+        if let Some((_, Some(id))) = &self.task {
+            if let Some(e) = self.aio.tasks.lock().by_id.get_mut(id) {
+                e.waiting = None;
+            }
+        }
+        let (Some(module), Some(event_loop)) = (self.aio.module.get(), self.aio.event_loop.get()) else {
+            self.aio.progress.token.store(self.me, Ordering::Release);
+            return;
+        };
         let (module, event_loop) = (module.bind(py), event_loop.bind(py));
         self.aio.took_baton(py, module, event_loop, self.me);
         self.aio.progress.seq.fetch_add(1, Ordering::AcqRel);
+        self.aio.progress.waiting_since.store(0, Ordering::Release);
         self.aio.progress.since.store(self.aio.nanos(), Ordering::Release);
-        if let Some((task, id)) = &self.task {
+        if self.held {
+            return;
+        }
+        if let Some((task, _)) = &self.task {
             if let Err(e) = module.call_method1("enter", (event_loop, task.bind(py))) {
                 self.aio.out.log("warning", "pyport", format!("a coroutine back from Erlang: {e}").as_bytes());
-            }
-            if let Some(id) = id {
-                if let Some(e) = self.aio.tasks.lock().by_id.get_mut(id) {
-                    e.waiting = None;
-                }
             }
         }
     }

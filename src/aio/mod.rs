@@ -144,6 +144,9 @@ struct Progress {
     seq: AtomicU64,
     /// When the current callback started (ns since `Aio::epoch`), 0 between callbacks.
     since: AtomicU64,
+    /// Since when other work waits for the loop behind the current callback (callbacks
+    /// ready, a timer due), in the same ns; 0: none known.
+    waiting_since: AtomicU64,
     /// The baton token of the thread that runs the loop, 0 while none does (a hand-over).
     token: AtomicU64,
     /// The driver's ids: CPython's (the target of a raise) and the kernel's (CPU time).
@@ -169,6 +172,11 @@ pub struct Aio {
     module: OnceLock<Py<PyModule>>,
     watch: watch::Watch,
     epoch: Instant,
+    /// `epoch` as CLOCK_MONOTONIC ns, the clock of asyncio's `loop.time()`.
+    epoch_monotonic_ns: u64,
+    /// The pool whose requests nested in the loop's callbacks run on its threads (see
+    /// `driver`), once the pool exists.
+    pool_id: OnceLock<usize>,
 }
 
 impl Aio {
@@ -191,10 +199,18 @@ impl Aio {
             module: OnceLock::new(),
             watch: watch::Watch::default(),
             epoch: Instant::now(),
+            epoch_monotonic_ns: monotonic_ns(),
+            pool_id: OnceLock::new(),
         });
         let me = Arc::downgrade(&aio);
         crate::cancel::add_reporter(Box::new(move || me.upgrade().map_or_else(Vec::new, |a| a.report())));
         Ok(aio)
+    }
+
+    /// The pool that runs requests: those nested in a coroutine's callback run on the loop's
+    /// thread that waits for it, watched by that pool's canceller (set once, at start-up).
+    pub fn set_pool(&self, pool_id: usize) {
+        let _ = self.pool_id.set(pool_id);
     }
 
     /// Requests handed over to the loop and not answered yet.
@@ -257,6 +273,10 @@ impl Aio {
         }
         if let Some(e) = self.tasks.lock().by_id.get_mut(&id) {
             e.cancel_asked.get_or_insert_with(Instant::now);
+            // A step waiting for Erlang ends its wait now, whoever runs the loop.
+            if let Some(w) = &e.waiting {
+                w.store(true, Ordering::Release);
+            }
         }
         self.wake();
         // Whether the GIL can be had at all is the watchdog's question (see `watch`).
@@ -365,6 +385,19 @@ impl Aio {
     fn instant(&self, nanos: u64) -> Instant {
         self.epoch + std::time::Duration::from_nanos(nanos.saturating_sub(1))
     }
+
+    /// A `loop.time()` value (CLOCK_MONOTONIC seconds) in the ns of [`Aio::nanos`].
+    fn loop_time_nanos(&self, seconds: f64) -> u64 {
+        ((seconds * 1e9) as u64).saturating_sub(self.epoch_monotonic_ns) + 1
+    }
+}
+
+/// CLOCK_MONOTONIC now, in ns.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime fills the timespec it is given.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// `async request 12 from <0.90.0>: call m.f (running 1200 ms, cancelled 1000 ms ago)`.

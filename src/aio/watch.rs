@@ -112,15 +112,16 @@ impl Aio {
         let mut next: Option<Instant> = None;
         let mut due = |at: Instant| next = Some(next.map_or(at, |n| n.min(at)));
 
-        // A loop stuck in one callback while work waits for it.
-        if let Some(pending) = self.inbox.lock().pending_since {
+        // A loop stuck in one callback while work waits for it: messages in its inbox, a
+        // thread waiting to resume its step, callbacks ready or a timer due behind it.
+        if let Some(waiting) = self.waiting_since() {
             let since = self.progress.since.load(Ordering::Acquire);
             if since == 0 {
                 // Between callbacks: the loop is about to take the work. Look again later
                 // (a callback that starts now and sticks is seen then).
-                due(now.max(pending) + abandon);
+                due(now.max(waiting) + abandon);
             } else {
-                let stuck_from = pending.max(self.instant(since));
+                let stuck_from = waiting.max(self.instant(since));
                 if now >= stuck_from + abandon {
                     self.ask_write_off(self.progress.seq.load(Ordering::Acquire));
                     due(now + abandon);
@@ -177,6 +178,15 @@ impl Aio {
         next
     }
 
+    /// Since when the oldest work waiting for the loop has waited, if any does.
+    fn waiting_since(&self) -> Option<Instant> {
+        let behind = match self.progress.waiting_since.load(Ordering::Acquire) {
+            0 => None,
+            at => Some(self.instant(at)),
+        };
+        [self.inbox.lock().pending_since, self.baton.waiting_since(), behind].into_iter().flatten().min()
+    }
+
     fn ask_write_off(&self, seq: u64) {
         {
             let mut st = self.watch.state.lock();
@@ -220,11 +230,20 @@ impl Aio {
         });
     }
 
+    /// Whether the loop's thread `holder` still runs callback `seq`, started at `since`.
+    fn still_stuck(&self, seq: u64, since: u64, holder: u64) -> bool {
+        since != 0
+            && holder != 0
+            && self.progress.seq.load(Ordering::Acquire) == seq
+            && self.progress.since.load(Ordering::Acquire) == since
+            && self.progress.token.load(Ordering::Acquire) == holder
+    }
+
     /// Takes the loop from its thread if it still runs callback `seq` (see the module doc).
     fn write_off(self: &Arc<Self>, py: Python<'_>, seq: u64) {
         let since = self.progress.since.load(Ordering::Acquire);
         let holder = self.progress.token.load(Ordering::Acquire);
-        if self.progress.seq.load(Ordering::Acquire) != seq || since == 0 || holder == 0 {
+        if !self.still_stuck(seq, since, holder) {
             return; // it moved on
         }
         let (Some(module), Some(event_loop)) = (self.module.get(), self.event_loop.get()) else { return };
@@ -234,6 +253,12 @@ impl Aio {
         let culprit = task.as_ref().and_then(|t| self.tasks.lock().by_task.get(&(t.as_ptr() as usize)).copied());
         let what = culprit.map_or_else(|| "a callback of the event loop".to_string(), |id| self.what(id));
         let ident = self.progress.ident.load(Ordering::Acquire);
+        // The Python calls above may have let the stuck thread run on (a loop spinning in
+        // Python holds the GIL between switches): it may have moved on, or be handing the
+        // loop over itself. From here to the baton's move nothing lets it run.
+        if !self.still_stuck(seq, since, holder) {
+            return;
+        }
         let Some(next) = self.baton.write_off(holder) else { return };
         self.progress.since.store(0, Ordering::Release);
         self.progress.token.store(0, Ordering::Release);
@@ -252,14 +277,7 @@ impl Aio {
             );
             exit_with_report(&self.out, EXIT_STUCK_WORKERS, &msg, running_everywhere());
         }
-        if let super::baton::Next::Spawn(t) = next {
-            // A replacement for a stuck thread always starts (the write-offs are bounded).
-            crate::threads::reserve_always();
-            if let Err(e) = self.spawn_driver(t) {
-                let msg = format!("cannot start a thread to replace the event loop's stuck one: {e}");
-                exit_with_report(&self.out, EXIT_STUCK_WORKERS, &msg, running_everywhere());
-            }
-        }
+        self.start_next(next);
         // What the stuck thread does when it comes back to Python: stop.
         let exc = py.get_type::<CallCancelled>();
         // SAFETY: GIL held; the type object stays alive for the call.

@@ -249,6 +249,11 @@ impl Pool {
         Ok(pool)
     }
 
+    /// The pool's number, unique in the process (see `cancel::Slot`).
+    pub fn id(&self) -> usize {
+        self.id
+    }
+
     /// Sets how a worker that borrowed the turn to read routes what it read (once).
     pub fn set_route(&self, route: Route) {
         let _ = self.route.set(route);
