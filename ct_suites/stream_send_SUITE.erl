@@ -279,7 +279,7 @@ collect_ints(N, Acc) ->
 sender() ->
     {links, Links} = process_info(whereis(pyport_server), links),
     [Sender] = [P || P <- Links, is_pid(P),
-                     proc_lib:initial_call(P) =:= {pyport_callbacks, sender_loop, []}],
+                     proc_lib:translate_initial_call(P) =:= {pyport_sender, loop, 1}],
     Sender.
 
 queue_len(Pid) ->

@@ -123,7 +123,7 @@ kwargs_and_owner_option(_Config) ->
 
 %% Cancelled midway, the generator is closed: its finally runs, no done comes.
 cancel_closes_the_generator(_Config) ->
-    {ok, Ref} = py:stream_start(streams_ct, gen, [1000000], #{tag => <<"cancel">>}, #{window => 4}),
+    {ok, Ref} = py:stream_start(streams_ct, gen, [1000000], #{tag => <<"cancel">>}, #{window => 4, flow => ack}),
     receive {py_stream, Ref, {data, 0}} -> ok after 10000 -> ct:fail(no_first_item) end,
     ok = py:stream_cancel(Ref),
     wait_closed(<<"cancel">>),
@@ -185,7 +185,7 @@ window_bounds_the_mailbox(_Config) ->
     OsPid = pyport_ct_lib:stat(os_pid),
     Rss0 = rss_kib(OsPid),
     T0 = erlang:monotonic_time(millisecond),
-    {ok, Ref} = py:stream_start(builtins, range, [100000], #{}, #{window => 16}),
+    {ok, Ref} = py:stream_start(builtins, range, [100000], #{}, #{window => 16, flow => ack}),
     {Count, MaxQueue} = consume(Ref, 0, 0),
     Ms = erlang:monotonic_time(millisecond) - T0,
     Rss1 = rss_kib(OsPid),
@@ -198,7 +198,7 @@ window_bounds_the_mailbox(_Config) ->
 %% With one worker in all, a stream that waits for acknowledgements does not
 %% keep it: calls run meanwhile, and the stream resumes on ack.
 waiting_for_credit_holds_no_thread(_Config) ->
-    {ok, Ref} = py:stream_start(streams_ct, gen, [10], #{}, #{window => 1}),
+    {ok, Ref} = py:stream_start(streams_ct, gen, [10], #{}, #{window => 1, flow => ack}),
     receive {py_stream, Ref, {data, 0}} -> ok after 10000 -> ct:fail(no_first_item) end,
     ?assertEqual({ok, 4}, py:eval(<<"2 + 2">>, #{}, 5000)),
     ?assertEqual(1, pyport_ct_lib:stat(workers)),
@@ -211,6 +211,9 @@ bad_arguments(_Config) ->
     ?assertError(badarg, py:stream_start(streams_ct, gen, [1], #{}, #{window => 0})),
     ?assertError(badarg, py:stream_start(streams_ct, gen, [1], #{}, #{owner => self, window => 1})),
     ?assertError(badarg, py:stream_start(streams_ct, gen, [1], #{}, #{bogus => 1})),
+    ?assertError(badarg, py:stream_start(streams_ct, gen, [1], #{}, #{flow => credit})),
+    %% stream_start/4's map is options (erlang_python's), not keyword arguments
+    ?assertError(badarg, py:stream_start(streams_ct, gen, [1], #{tag => <<"x">>})),
     ?assertError(badarg, py:stream_start(streams_ct, gen, not_a_list)),
     ?assertError(badarg, py:stream_ack(not_a_ref)),
     ?assertError(badarg, py:stream_ack(make_ref(), 0)),

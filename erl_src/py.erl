@@ -46,11 +46,14 @@
 %% Asynchronous calls (the machinery is in pyport_async).
 -export([cast/3, cast/4, spawn_call/3, spawn_call/4, await/1, await/2]).
 -export([stream_start/3, stream_start/4, stream_start/5, stream_ack/1, stream_ack/2,
-         stream_cancel/1]).
+         stream_cancel/1, stream/3, stream/4, stream_eval/1, stream_eval/2]).
+%% erlang_python's names for asynchronous calls and logging.
+-export([async_call/3, async_call/4, async_await/1, async_await/2, async_gather/1,
+         async_gather/2, configure_logging/0, configure_logging/1]).
 -export_type([async_ref/0]).
 
 -export_type([name/0, code/0, kwargs/0, locals/0, result/1, error_reason/0,
-              shared_dict/0, py_bytes/0]).
+              shared_dict/0, py_bytes/0, stream_opts/0]).
 
 -include("pyport.hrl").
 
@@ -88,6 +91,9 @@
 %% A SharedDict handle: may be sent to other processes, stored, and passed to
 %% Python (where `erlang.SharedDict(handle)' wraps it).
 -type py_bytes() :: {'$pyport_bytes', binary()}.
+-type stream_opts() :: #{owner => pid(), window => pos_integer(), flow => mailbox | ack}.
+%% Options of a stream: its owner (default the caller), its window (default 64)
+%% and its flow control (default `mailbox').
 %% A binary that Python receives as `bytes' even if it is valid UTF-8.
 
 %%====================================================================
@@ -242,6 +248,47 @@ await(Ref) ->
 -spec await(async_ref(), timeout()) -> result(term()).
 await(Ref, Timeout) ->
     pyport_request:decoded(pyport_async:await(Ref, Timeout)).
+
+%% @equiv spawn_call(Module, Function, Args)
+-spec async_call(name(), name(), list()) -> async_ref().
+async_call(Module, Function, Args) ->
+    spawn_call(Module, Function, Args).
+
+%% @doc erlang_python's name for {@link spawn_call/4}: starts the call (an
+%% `async def' function's coroutine is awaited in the port, any other function's
+%% result is the result) and returns a reference for {@link async_await/2}.
+-spec async_call(name(), name(), list(), kwargs()) -> async_ref().
+async_call(Module, Function, Args, Kwargs) ->
+    spawn_call(Module, Function, Args, Kwargs).
+
+%% @equiv await(Ref)
+-spec async_await(async_ref()) -> result(term()).
+async_await(Ref) ->
+    await(Ref).
+
+%% @doc erlang_python's name for {@link await/2}.
+-spec async_await(async_ref(), timeout()) -> result(term()).
+async_await(Ref, Timeout) ->
+    await(Ref, Timeout).
+
+%% @doc Same as {@link async_gather/2} with the app env `call_timeout' (default
+%% 30000 ms) as the timeout.
+-spec async_gather([pyport_collect:call()]) -> {ok, list()} | {error, {gather_failed, [{pos_integer(), term()}]}}.
+async_gather(Calls) ->
+    async_gather(Calls, pyport_request:default_timeout(call_timeout, 30000)).
+
+%% @doc Starts every call of `Calls' (`{Module, Function, Args}' or `{Module,
+%% Function, Args, Kwargs}') at once and waits for all of them, within `Timeout'
+%% in all: `{ok, Values}' in the order of `Calls', or `{error, {gather_failed,
+%% [{Index, Reason}]}}' naming every call that failed (1-based; one not answered
+%% in time fails with `timeout' and is interrupted). Every call is checked before
+%% any starts (`error(badarg)').
+-spec async_gather([pyport_collect:call()], timeout()) ->
+          {ok, list()} | {error, {gather_failed, [{pos_integer(), term()}]}}.
+async_gather(Calls, Timeout) when is_list(Calls), ?IS_TIMEOUT(Timeout) ->
+    pyport_collect:gather(Calls, Timeout);
+async_gather(_Calls, _Timeout) ->
+    erlang:error(badarg).
 
 %% The request of call/4, checked and built as call/5 builds it: the caller
 %% is its owner, so it runs in the caller's namespace.
@@ -432,29 +479,75 @@ shared_dict_destroy(_SD) ->
 %% Streams
 %%====================================================================
 
+%% @equiv stream(Module, Function, Args, #{})
+-spec stream(name(), name(), list()) -> result(list()).
+stream(Module, Function, Args) ->
+    stream(Module, Function, Args, #{}).
+
+%% @doc Calls `Module.Function(*Args, **Kwargs)' in the caller's namespace and
+%% returns every item of the generator (or iterable, or async iterator) it
+%% returns: `{ok, Items}', or the error that ended the stream or its start
+%% (`{error, timeout}' when an item takes longer than the app env `call_timeout';
+%% the stream is then cancelled). The items travel as a stream's, one by one
+%% (each must fit `max_reply_bytes'), and nothing of them reaches the caller's
+%% mailbox. As erlang_python's `py:stream/3,4'.
+-spec stream(name(), name(), list(), kwargs()) -> result(list()).
+stream(Module, Function, Args, Kwargs) ->
+    pyport_collect:stream(Module, Function, Args, Kwargs,
+                          pyport_request:default_timeout(call_timeout, 30000), fun() -> ok end).
+
+%% @equiv stream_eval(Code, #{})
+-spec stream_eval(code()) -> result(list()).
+stream_eval(Code) ->
+    stream_eval(Code, #{}).
+
+%% @doc Evaluates the expression `Code' in the caller's namespace (after binding
+%% `Locals' there, as {@link eval/2} does) and returns every item of the iterable
+%% it gives, as {@link stream/4} does: `py:stream_eval(<<"(x * x for x in range(5))">>)'
+%% is `{ok, [0, 1, 4, 9, 16]}'. As erlang_python's `py:stream_eval/1,2'.
+-spec stream_eval(code(), locals()) -> result(list()).
+stream_eval(Code, Locals) when is_map(Locals) ->
+    C = pyport_args:code(Code),
+    _ = pyport_args:locals(Locals),
+    Bind = case map_size(Locals) of
+               0 -> fun() -> ok end;
+               _ -> fun() -> exec(<<"pass">>, Locals) end
+           end,
+    %% builtins.eval through call evaluates in the caller's namespace (README, "API").
+    pyport_collect:stream(builtins, eval, [C], #{}, pyport_request:default_timeout(call_timeout, 30000), Bind);
+stream_eval(_Code, _Locals) ->
+    erlang:error(badarg).
+
 %% @equiv stream_start(Module, Function, Args, #{}, #{})
 -spec stream_start(name(), name(), list()) -> {ok, reference()} | {error, error_reason()}.
 stream_start(Module, Function, Args) ->
     stream_start(Module, Function, Args, #{}, #{}).
 
-%% @equiv stream_start(Module, Function, Args, Kwargs, #{})
--spec stream_start(name(), name(), list(), kwargs()) -> {ok, reference()} | {error, error_reason()}.
-stream_start(Module, Function, Args, Kwargs) ->
-    stream_start(Module, Function, Args, Kwargs, #{}).
+%% @doc Same as {@link stream_start/5} without keyword arguments: `Opts' are the
+%% stream's options (`owner', `window', `flow'), as in erlang_python.
+-spec stream_start(name(), name(), list(), stream_opts()) -> {ok, reference()} | {error, error_reason()}.
+stream_start(Module, Function, Args, Opts) ->
+    stream_start(Module, Function, Args, #{}, Opts).
 
 %% @doc Calls `Module.Function(*Args, **Kwargs)', which returns a generator or
-%% any iterable, and streams its items to the owner (option `owner', default the
-%% caller) as messages `{py_stream, Ref, {data, V}}', then `{py_stream, Ref, done}'
-%% or `{py_stream, Ref, {error, Reason}}' (`Reason' shaped like a call's).
-%% At most `window' (option, default 64) items are unacknowledged: the owner
-%% calls {@link stream_ack/1} for each item it consumed. A stream waiting for
-%% acknowledgements holds no Python thread. The owner's exit cancels the stream;
-%% if the port program dies, the owner gets `{py_stream, Ref, {error, Reason}}'
-%% with the reason calls get (`{pyport_exit, Status}'). An owner that cannot
-%% receive (not alive, or of a node that is not connected), or that dies before
-%% the stream has started, gets no stream: `{error, owner_down}' (the generator,
-%% if one was made, is closed).
--spec stream_start(name(), name(), list(), kwargs(), #{owner => pid(), window => pos_integer()}) ->
+%% any iterable (or an async iterator), and streams its items to the owner
+%% (option `owner', default the caller) as messages `{py_stream, Ref, {data, V}}',
+%% then `{py_stream, Ref, done}' or `{py_stream, Ref, {error, Reason}}' (`Reason'
+%% shaped like a call's).
+%%
+%% Flow control (option `flow'): with `mailbox' (the default) the stream sends
+%% while the owner's mailbox holds fewer than `window' (option, default 64)
+%% messages and pauses, holding no Python thread, while it is full: an owner that
+%% just receives gets everything, one that never receives holds at most `window'
+%% items. With `ack' at most `window' items are unacknowledged: the owner calls
+%% {@link stream_ack/1} for each item it consumed.
+%%
+%% The owner's exit cancels the stream; if the port program dies, the owner gets
+%% `{py_stream, Ref, {error, Reason}}' with the reason calls get
+%% (`{pyport_exit, Status}'). An owner that cannot receive (not alive, or of a
+%% node that is not connected), or that dies before the stream has started, gets
+%% no stream: `{error, owner_down}' (the generator, if one was made, is closed).
+-spec stream_start(name(), name(), list(), kwargs(), stream_opts()) ->
           {ok, reference()} | {error, error_reason()}.
 stream_start(Module, Function, Args, Kwargs, Opts)
   when is_list(Args), (is_map(Kwargs) orelse is_list(Kwargs)), is_map(Opts) ->
@@ -463,8 +556,13 @@ stream_start(Module, Function, Args, Kwargs, Opts)
     pyport_args:is_proper_list(Args) orelse erlang:error(badarg),
     Owner = maps:get(owner, Opts, self()),
     Window = maps:get(window, Opts, 64),
+    Flow = case maps:get(flow, Opts, mailbox) of
+               mailbox -> {mailbox, Window};
+               ack -> ack;
+               _ -> erlang:error(badarg)
+           end,
     (is_pid(Owner) andalso is_integer(Window) andalso Window >= 1 andalso Window =< 1 bsl 20
-     andalso maps:size(maps:without([owner, window], Opts)) =:= 0)
+     andalso maps:size(maps:without([owner, window, flow], Opts)) =:= 0)
         orelse erlang:error(badarg),
     Payload = term_to_binary({Args, pyport_args:kwargs(Kwargs)}, ?T2B_OPTS),
     case can_receive(Owner) of
@@ -475,7 +573,7 @@ stream_start(Module, Function, Args, Kwargs, Opts)
             Id = pyport_request:new_id(),
             Frame = term_to_binary({stream_start, Id, pyport_callbacks:owner(), M, F, Payload,
                                     term_to_binary(Ref), Owner, Window}, ?T2B_OPTS),
-            case pyport_request:request_msg(Id, {stream_request, Id, Frame, Owner, Ref},
+            case pyport_request:request_msg(Id, {stream_request, Id, Frame, Owner, Ref, Flow},
                                             pyport_request:default_timeout(call_timeout, 30000)) of
                 {ok, _} ->
                     {ok, Ref};
@@ -501,11 +599,12 @@ can_receive(Pid) ->
 stream_ack(Ref) ->
     stream_ack(Ref, 1).
 
-%% @doc Acknowledges `N' items of stream `Ref': `N' more may be sent. `ok' also
-%% for a stream that has ended.
+%% @doc Acknowledges `N' items of stream `Ref' (one started with `flow => ack'):
+%% `N' more may be sent. `ok' also for a stream that has ended, and ignored for a
+%% stream with mailbox flow (the default), which needs no acknowledgements.
 -spec stream_ack(reference(), pos_integer()) -> ok.
 stream_ack(Ref, N) when is_reference(Ref), is_integer(N), N >= 1 ->
-    notify({stream_ack, term_to_binary(Ref), N});
+    gen_server:cast(?SERVER, {stream_ack, Ref, N});
 stream_ack(_Ref, _N) ->
     erlang:error(badarg).
 
@@ -560,6 +659,58 @@ function_name(Name) ->
         <<>> -> erlang:error(badarg);
         B -> B
     end.
+
+%%====================================================================
+%% Logging
+%%====================================================================
+
+%% @equiv configure_logging(#{})
+-spec configure_logging() -> ok | {error, error_reason()}.
+configure_logging() ->
+    configure_logging(#{}).
+
+%% @doc Sets what Python's `logging' forwards to `logger': option `level' (`debug',
+%% `info', `warning', `error', `critical', or `vm': the VM's `logger' primary level
+%% when the port starts, the default) is the level of Python's root logger, and
+%% option `format' (a `logging.Formatter' format, default `"%(message)s"') the text
+%% of each event. Applied at once and kept (app env `python_log_level',
+%% `python_log_format') for every later (re)start of the port; an option left out
+%% goes back to its default. `ok' also when no port runs now. A format that Python
+%% refuses is `{error, {python, 'ValueError', _, _}}' and nothing changes.
+-spec configure_logging(#{level => debug | info | warning | error | critical | vm,
+                          format => binary() | string()}) -> ok | {error, error_reason()}.
+configure_logging(Opts) when is_map(Opts) ->
+    Level = maps:get(level, Opts, vm),
+    lists:member(Level, [debug, info, warning, error, critical, vm]) orelse erlang:error(badarg),
+    Format = case Opts of
+                 #{format := F} -> pyport_args:code(F);
+                 _ -> undefined
+             end,
+    maps:size(maps:without([level, format], Opts)) =:= 0 orelse erlang:error(badarg),
+    Saved = {application:get_env(pyport, python_log_level), application:get_env(pyport, python_log_format)},
+    set_log_env(python_log_level, Level =/= vm, Level),
+    set_log_env(python_log_format, Format =/= undefined, Format),
+    Id = pyport_request:new_id(),
+    Frame = term_to_binary({configure_logging, Id, pyport_program:python_log_level(), Format}, ?T2B_OPTS),
+    case pyport_request:request(Id, Frame, sd_timeout()) of
+        {ok, _} -> ok;
+        {error, {pyport_unavailable, _}} -> ok;
+        {error, _} = Error ->
+            {OldLevel, OldFormat} = Saved,
+            restore_log_env(python_log_level, OldLevel),
+            restore_log_env(python_log_format, OldFormat),
+            Error
+    end;
+configure_logging(_Opts) ->
+    erlang:error(badarg).
+
+-spec set_log_env(atom(), boolean(), term()) -> ok.
+set_log_env(Key, true, Value) -> application:set_env(pyport, Key, Value);
+set_log_env(Key, false, _) -> application:unset_env(pyport, Key).
+
+-spec restore_log_env(atom(), undefined | {ok, term()}) -> ok.
+restore_log_env(Key, undefined) -> application:unset_env(pyport, Key);
+restore_log_env(Key, {ok, V}) -> application:set_env(pyport, Key, V).
 
 %%====================================================================
 %% stats

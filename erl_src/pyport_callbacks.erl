@@ -12,26 +12,17 @@
 %% The process answers the port directly; the server only kills it when Python
 %% stops waiting.
 %%
-%% Messages from `erlang.send' and the items of streams are decoded and
-%% delivered by one sender process (never by the server itself), in the order
-%% Python sent them. The sender tells the port how many `erlang.send' messages it
-%% has delivered (`{sent, N, Bytes}'): the port lets Python have only so many
-%% undelivered, so a Python loop that outruns the VM waits in Python, and the VM's
-%% queues stay bounded.
+%% Messages from `erlang.send' and the items of streams are delivered by
+%% `pyport_sender'.
 -module(pyport_callbacks).
 
--export([new_table/0, register/2, unregister/1, lookup/1, names/0, start/5, chain/0, owner/0,
-         start_sender/0, deliver/4, deliver_item/3]).
+-export([new_table/0, register/2, unregister/1, lookup/1, names/0, start/5, chain/0, owner/0]).
 -export([started/6, cancelled/2, ended/2, kill_all/1]).
--export([sender_loop/0, sender_loop/1]).
 
 -define(TABLE, pyport_functions).
 -define(CHAIN_KEY, '$pyport_chain').
 -define(OWNER_KEY, '$pyport_owner').
 -define(T2B_OPTS, [{minor_version, 2}]).
-%% The sender reports deliveries at least every this many messages (and whenever
-%% it has nothing left to deliver).
--define(REPORT_EVERY, 64).
 
 -type function_spec() :: fun((list()) -> term()) | {module(), atom()}.
 -export_type([function_spec/0, running/0]).
@@ -189,86 +180,6 @@ decode(Bin) ->
     try {ok, binary_to_term(Bin, [safe])}
     catch error:badarg -> error
     end.
-
-%%====================================================================
-%% erlang.send
-%%====================================================================
-
-%% @doc Starts the sender process, linked to the caller (the server).
--spec start_sender() -> pid().
-start_sender() ->
-    proc_lib:spawn_link(?MODULE, sender_loop, []).
-
-%% @doc Hands an `erlang.send' message of the port `Port' to the sender (called by
-%% the server). The sender reports its delivery to that port.
--spec deliver(pid(), port(), pid(), binary()) -> ok.
-deliver(Sender, Port, To, MessageBin) ->
-    Sender ! {send, Port, To, MessageBin},
-    ok.
-
-%% @doc Hands a stream's message to the sender (called by the server); streams have
-%% their own flow control, so nothing is reported.
--spec deliver_item(pid(), pid(), binary()) -> ok.
-deliver_item(Sender, To, MessageBin) ->
-    Sender ! {send_item, To, MessageBin},
-    ok.
-
--spec send_now(pid(), binary()) -> ok.
-send_now(To, Bin) ->
-    case decode(Bin) of
-        %% Like `!': a dead local process is not an error.
-        {ok, Msg} -> _ = (catch erlang:send(To, Msg, [noconnect])), ok;
-        error -> ok
-    end.
-
-%% @private
--spec sender_loop() -> no_return().
-sender_loop() ->
-    sender_loop(none).
-
-%% @private
-%% `Unreported': the port, count and bytes of the messages delivered and not yet
-%% reported to it.
--spec sender_loop(none | {port(), pos_integer(), non_neg_integer()}) -> no_return().
-sender_loop(Unreported) ->
-    Wait = case Unreported of
-               none -> infinity;
-               _ -> 0
-           end,
-    receive
-        {send, Port, To, Bin} ->
-            send_now(To, Bin),
-            Next = delivered(Port, byte_size(Bin), Unreported),
-            %% A fully qualified call: a new version of this module takes over the loop.
-            ?MODULE:sender_loop(Next);
-        {send_item, To, Bin} ->
-            send_now(To, Bin),
-            ?MODULE:sender_loop(Unreported)
-    after Wait ->
-            %% Nothing left to deliver: report what was.
-            ok = report(Unreported),
-            ?MODULE:sender_loop(none)
-    end.
-
--spec delivered(port(), non_neg_integer(), none | {port(), pos_integer(), non_neg_integer()}) ->
-          none | {port(), pos_integer(), non_neg_integer()}.
-delivered(Port, Bytes, {Port, N, Total}) when N + 1 >= ?REPORT_EVERY ->
-    ok = report({Port, N + 1, Total + Bytes}),
-    none;
-delivered(Port, Bytes, {Port, N, Total}) ->
-    {Port, N + 1, Total + Bytes};
-delivered(Port, Bytes, Other) ->
-    %% The first message, or the first of a new port (the old one is gone).
-    ok = report(Other),
-    {Port, 1, Bytes}.
-
--spec report(none | {port(), pos_integer(), non_neg_integer()}) -> ok.
-report(none) ->
-    ok;
-report({Port, N, Bytes}) ->
-    %% Any process may write to the port; a port that is gone has nobody to tell.
-    _ = (catch erlang:port_command(Port, term_to_binary({sent, N, Bytes}, ?T2B_OPTS))),
-    ok.
 
 %%====================================================================
 %% The server's record of running callback processes

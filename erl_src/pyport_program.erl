@@ -9,7 +9,7 @@
 
 -export([executable/0, args/1, kill/2, kill_group/2, is_group_leader/1, env_int/2]).
 -export([startup_config/0, startup_timeout/0, heartbeat_timeout/0, check_interval/1,
-         restart_delay/1]).
+         restart_delay/1, python_log_level/0, python_log_format/0]).
 
 -define(FIRST_BACKOFF, 100).
 
@@ -45,6 +45,11 @@ args(Gen) ->
         %% only where the port may use a single CPU, where it saves a hand-off per call).
         ++ choice_arg(worker_reads, "--worker-reads", [auto, always, never])
         ++ trace_arg()
+        ++ ["--python-log-level", integer_to_list(python_log_level())]
+        ++ case python_log_format() of
+               undefined -> [];
+               Format -> ["--python-log-format", binary_to_list(Format)]
+           end
         ++ ["--none-as", atom_to_list(none_as()),
             "--node", atom_to_list(node()),
             "--otp-release", erlang:system_info(otp_release)]
@@ -112,11 +117,52 @@ env_int(Key, Default) ->
 %% Internal
 %%====================================================================
 
-%% What Python's `None' becomes: app env `none_as', `undefined' (default) or `nil'.
--spec none_as() -> undefined | nil.
+%% @doc The level of Python's root logger (a Python level number): app env
+%% `python_log_level' (`debug', `info', `warning', `error', `critical'), or by
+%% default the `logger' primary level of the VM when the port starts, so that a
+%% Python record is forwarded when the VM would show it (`notice' is Python's
+%% WARNING, Python having no level between WARNING and INFO).
+-spec python_log_level() -> non_neg_integer().
+python_log_level() ->
+    Level = case application:get_env(pyport, python_log_level, vm) of
+                vm -> maps:get(level, logger:get_primary_config());
+                L -> L
+            end,
+    case Level of
+        all -> 10;
+        debug -> 10;
+        info -> 20;
+        notice -> 30;
+        warning -> 30;
+        error -> 40;
+        critical -> 50;
+        alert -> 50;
+        emergency -> 50;
+        none -> 60;
+        _ -> 30
+    end.
+
+%% @doc The format of the Python records forwarded to `logger' (app env
+%% `python_log_format', a `logging.Formatter' format), or `undefined' for
+%% `"%(message)s"'.
+-spec python_log_format() -> binary() | undefined.
+python_log_format() ->
+    case application:get_env(pyport, python_log_format) of
+        {ok, F} when is_binary(F); is_list(F) ->
+            case unicode:characters_to_binary(F) of
+                B when is_binary(B) -> B;
+                _ -> undefined
+            end;
+        _ -> undefined
+    end.
+
+%% What Python's `None' becomes: app env `none_as', `undefined' (default), `nil'
+%% (Elixir) or `none' (erlang_python).
+-spec none_as() -> undefined | nil | none.
 none_as() ->
     case application:get_env(pyport, none_as) of
         {ok, nil} -> nil;
+        {ok, none} -> none;
         _ -> undefined
     end.
 

@@ -32,6 +32,9 @@
 -type exit_info() :: not_started | {exit_status, integer()} | {port_exit, term()}
                    | {spawn_failed, term()} | {startup_failed, term()}.
 -type waiter() :: gen_server:from() | startup.
+%% A stream's flow control: acknowledged by its owner, or by the sender as the owner's
+%% mailbox empties (with the stream's window).
+-type stream_flow() :: ack | {mailbox, pos_integer()}.
 
 -record(state, {
           port :: port() | undefined,
@@ -70,8 +73,8 @@
           callbacks = #{} :: pyport_callbacks:running(),
           %% delivers erlang.send messages (decoding them outside this process)
           sender :: pid() | undefined,
-          %% streams the port runs: ref => owner, told if the port dies
-          streams = #{} :: #{reference() => pid()},
+          %% streams the port runs: ref => {owner, flow}; owners are told if the port dies
+          streams = #{} :: #{reference() => {pid(), stream_flow()}},
           %% traced requests (the benchmark's latency breakdown): id => {when
           %% the request was received, when port_command returned}; nanoseconds
           %% of erlang:monotonic_time
@@ -138,7 +141,7 @@ init([]) ->
     ok = pyport_sd_cache:new(),
     State = start_port(#state{gen = Gen, gen_ref = Ref, max_in_flight = MaxInFlight,
                               cache_max = pyport_sd_cache:max_bytes(),
-                              sender = pyport_callbacks:start_sender()}),
+                              sender = pyport_sender:start_link()}),
     {ok, schedule_heartbeat(State#state{last_check = now_ms()})}.
 
 %% @private
@@ -155,13 +158,13 @@ handle_call({request, Id, Frame, Owner}, From, #state{port = Port} = State)
     request(Id, Frame, From, monitor_owner(Owner, State));
 handle_call({request, Id, Frame, _Owner}, From, State) ->
     request(Id, Frame, From, State);
-handle_call({stream_request, Id, Frame, Owner, Ref}, From, #state{port = Port} = State)
+handle_call({stream_request, Id, Frame, Owner, Ref, Flow}, From, #state{port = Port} = State)
   when is_pid(Owner), is_reference(Ref), Port =/= undefined ->
-    %% Remembered until the port says the stream ended, its owner exits or the
-    %% port dies (the owner is then told, instead of waiting for ever).
-    State1 = State#state{streams = maps:put(Ref, Owner, State#state.streams)},
+    %% Remembered until the port says the stream ended or the port dies (the owner is
+    %% then told, instead of waiting for ever).
+    State1 = State#state{streams = maps:put(Ref, {Owner, Flow}, State#state.streams)},
     request(Id, Frame, From, monitor_owner(Owner, State1));
-handle_call({stream_request, Id, Frame, _Owner, _Ref}, From, State) ->
+handle_call({stream_request, Id, Frame, _Owner, _Ref, _Flow}, From, State) ->
     request(Id, Frame, From, State);
 handle_call({traced_request, Id, Frame}, From, State) ->
     %% The benchmark's latency breakdown: a request like any other, whose reply
@@ -196,8 +199,16 @@ handle_cast({cancel, Id}, #state{pending = Pending} = State) ->
             {noreply, State}
     end;
 handle_cast({notify, Frame}, #state{port = Port} = State) when Port =/= undefined ->
-    %% A frame that needs no answer (stream flow control): lost with the port.
+    %% A frame that needs no answer (a stream's cancel): lost with the port.
     _ = (catch erlang:port_command(Port, Frame)),
+    {noreply, State};
+handle_cast({stream_ack, Ref, N}, #state{streams = Streams} = State) ->
+    %% An owner's acknowledgement counts only for a stream it acknowledges itself:
+    %% the sender acknowledges the others as their owners receive.
+    case Streams of
+        #{Ref := {_, ack}} -> send_frame(State, {stream_ack, term_to_binary(Ref), N});
+        _ -> ok
+    end,
     {noreply, State};
 handle_cast(_Other, State) ->
     {noreply, State}.
@@ -240,7 +251,7 @@ handle_info({'EXIT', Sender, Reason}, #state{sender = Sender} = State) ->
     %% one had not reported is lost: the port stops counting it.
     ?LOG_ERROR("pyport: the erlang.send sender exited (~tp); starting another", [Reason]),
     send_frame(State, {sent, reset}),
-    {noreply, State#state{sender = pyport_callbacks:start_sender()}};
+    {noreply, State#state{sender = pyport_sender:start_link()}};
 handle_info({'EXIT', _OldPort, _Reason}, State) ->
     {noreply, State};
 handle_info({timeout, TRef, restart_port}, #state{restart_timer = TRef} = State) ->
@@ -354,19 +365,24 @@ port_message({pyport_callback_cancel, CbId}, #state{callbacks = Cbs} = State) ->
     State#state{callbacks = pyport_callbacks:cancelled(CbId, Cbs)};
 port_message({pyport_send, To, Msg}, #state{sender = Sender, port = Port} = State)
   when is_pid(To), is_binary(Msg), Port =/= undefined ->
-    ok = pyport_callbacks:deliver(Sender, Port, To, Msg),
+    ok = pyport_sender:send(Sender, Port, To, Msg),
     State;
-port_message({pyport_stream_send, Ref, To, Msg}, #state{sender = Sender} = State)
-  when is_reference(Ref), is_pid(To), is_binary(Msg) ->
-    ok = pyport_callbacks:deliver_item(Sender, To, Msg),
+port_message({pyport_stream_send, Ref, To, Msg}, #state{sender = Sender, port = Port} = State)
+  when is_reference(Ref), is_pid(To), is_binary(Msg), Port =/= undefined ->
+    Flow = case State#state.streams of
+               #{Ref := {_, {mailbox, Window}}} -> {mailbox, Port, Ref, Window};
+               _ -> ack
+           end,
+    ok = pyport_sender:stream_item(Sender, Flow, To, Msg),
     State;
-port_message({pyport_stream_end, Ref}, #state{streams = Streams} = State) ->
+port_message({pyport_stream_end, Ref}, #state{streams = Streams, sender = Sender} = State) ->
+    ok = pyport_sender:streams_over(Sender, [Ref]),
     State#state{streams = maps:remove(Ref, Streams)};
 port_message({pyport_stream_end, Ref, To, Msg}, #state{streams = Streams, sender = Sender} = State)
   when is_pid(To), is_binary(Msg) ->
     %% The stream's last message (done, or its error) comes with its end, so that a
     %% port that dies in between cannot leave the owner without either.
-    ok = pyport_callbacks:deliver_item(Sender, To, Msg),
+    ok = pyport_sender:stream_last(Sender, Ref, To, Msg),
     State#state{streams = maps:remove(Ref, Streams)};
 port_message({pyport_log, Level, Source, Msg}, State) ->
     pyport_frames:log_python(Level, Source, Msg),
@@ -586,9 +602,12 @@ port_down(Exit, Reply, #state{pending = Pending, owners = Owners} = State) ->
     %% the new port's callbacks.
     ok = pyport_callbacks:kill_all(State#state.callbacks),
     %% The streams of the dead port end with the reason its callers get.
+    %% (Through the sender: after the items it still holds.)
     {error, StreamReason} = Reply,
-    maps:foreach(fun(Ref, Owner) -> Owner ! {py_stream, Ref, {error, StreamReason}} end,
-                 State#state.streams),
+    maps:foreach(fun(Ref, {Owner, _Flow}) ->
+                         Last = term_to_binary({py_stream, Ref, {error, StreamReason}}, ?T2B_OPTS),
+                         pyport_sender:stream_last(State#state.sender, Ref, Owner, Last)
+                 end, State#state.streams),
     %% Every dict of that port is gone, and so is what the VM cached of them.
     ok = pyport_sd_cache:clear(),
     cancel_timer(State#state.startup_timer),

@@ -270,6 +270,7 @@ class Port:
         # name (bytes) -> fn(args, cb_id) returning ("ok", Term) or ("error", Term): a test's
         # own Erlang side for these names (see answer_callback)
         self.callback_answers = {}
+        self.log_records = []
         self.ready = []  # pyport_ready maps
         self.frames_seen = []  # every decoded frame in arrival order (normalised)
         self.pending = {}  # Id -> reply frame not yet consumed
@@ -364,6 +365,10 @@ class Port:
         return isinstance(t, tuple) and len(t) == 4 and t[0] == "pyport_log" and isinstance(t[0], Atom)
 
     @staticmethod
+    def is_log_record(t):
+        return isinstance(t, tuple) and len(t) == 7 and t[0] == "pyport_log_record" and isinstance(t[0], Atom)
+
+    @staticmethod
     def is_invalidation(t):
         return isinstance(t, tuple) and len(t) in (2, 3) and t[0] == "pyport_sd_invalidate" and isinstance(t[0], Atom)
 
@@ -379,6 +384,8 @@ class Port:
             t = self.next_frame(max(0.0, deadline - time.monotonic()))
             if self.is_log(t):
                 self.logs.append(t[1:])
+            elif self.is_log_record(t):
+                self.log_records.append(t[1:])
             elif self.is_invalidation(t):
                 self.invalidations.append(t[1:])
             elif self.is_callback(t):

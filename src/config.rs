@@ -8,7 +8,7 @@ pub const USAGE: &str = "usage: pyport [--generation N] [--workers N] [--max-wor
 [--spare-after-ms N] [--spare-idle-ms N] [--max-frame-bytes N] [--abandon-after-ms N] \
 [--max-abandoned N] [--gil-watchdog-ms N] [--max-reply-bytes N] [--oom-score-adj N] \
 [--max-memory-bytes N] [--thread-affinity namespace|always|none] [--log-lines-per-sec N] \
-[--none-as undefined|nil] [--sd-decode-workers N] [--callback-timeout-ms N] [--node NAME] [--max-threads N] [--otp-release N] [--trace-latency 0|1] [--worker-reads auto|always|never]";
+[--none-as undefined|nil|none] [--sd-decode-workers N] [--callback-timeout-ms N] [--node NAME] [--max-threads N] [--otp-release N] [--trace-latency 0|1] [--worker-reads auto|always|never] [--python-log-level N] [--python-log-format FMT]";
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
@@ -35,6 +35,10 @@ pub struct Config {
     /// Rate limit of forwarded output lines (per stream) and of Python log records
     /// (bursts of twice as many).
     pub log_lines_per_sec: f64,
+    /// The level of Python's root logger at start (a Python level number).
+    pub python_log_level: u64,
+    /// The format of the records forwarded to Erlang (`%(message)s` unless set).
+    pub python_log_format: Option<String>,
     /// The atom Python's `None` becomes: `undefined` or `nil` (Elixir).
     pub none_as: String,
     /// Threads that read SharedDict values needing Python for Erlang (at least 1).
@@ -71,6 +75,8 @@ impl Default for Config {
             oom_score_adj: 500,
             max_memory: 0,
             log_lines_per_sec: 100.0,
+            python_log_level: 30,
+            python_log_format: None,
             none_as: "undefined".into(),
             sd_decode_workers: 2,
             callback_timeout: Duration::from_secs(30),
@@ -94,6 +100,10 @@ impl Config {
                     .ok_or_else(|| format!("{flag}: {value:?} is not namespace, always or none"))?;
                 continue;
             }
+            if flag == "--python-log-format" {
+                cfg.python_log_format = Some(value);
+                continue;
+            }
             if flag == "--worker-reads" {
                 cfg.worker_reads = WorkerReads::parse(&value)
                     .ok_or_else(|| format!("{flag}: {value:?} is not auto, always or never"))?;
@@ -104,8 +114,8 @@ impl Config {
                 continue;
             }
             if flag == "--none-as" {
-                if value != "undefined" && value != "nil" {
-                    return Err(format!("--none-as: {value:?} is neither undefined nor nil"));
+                if !["undefined", "nil", "none"].contains(&value.as_str()) {
+                    return Err(format!("--none-as: {value:?} is not undefined, nil or none"));
                 }
                 cfg.none_as = value;
                 continue;
@@ -125,6 +135,7 @@ impl Config {
                 "--oom-score-adj" => cfg.oom_score_adj = n.min(1000) as i32,
                 "--max-memory-bytes" => cfg.max_memory = n,
                 "--log-lines-per-sec" => cfg.log_lines_per_sec = n.max(1) as f64,
+                "--python-log-level" => cfg.python_log_level = n,
                 "--sd-decode-workers" => cfg.sd_decode_workers = n.clamp(1, 64) as usize,
                 "--callback-timeout-ms" => cfg.callback_timeout = Duration::from_millis(n),
                 "--max-threads" => cfg.max_threads = n.max(1) as usize,
@@ -181,8 +192,12 @@ mod tests {
     #[test]
     fn none_as_and_log_rate() {
         assert_eq!(parse(&["--none-as", "nil"]).unwrap().none_as, "nil");
+        assert_eq!(parse(&["--none-as", "none"]).unwrap().none_as, "none");
         assert_eq!(parse(&[]).unwrap().none_as, "undefined");
         assert_eq!(parse(&["--log-lines-per-sec", "0"]).unwrap().log_lines_per_sec, 1.0);
         assert_eq!(parse(&["--log-lines-per-sec", "7"]).unwrap().log_lines_per_sec, 7.0);
+        assert_eq!(parse(&[]).unwrap().python_log_level, 30, "Python's own default: WARNING");
+        assert_eq!(parse(&["--python-log-level", "20"]).unwrap().python_log_level, 20);
+        assert_eq!(parse(&["--python-log-format", "%(name)s: %(message)s"]).unwrap().python_log_format.as_deref(), Some("%(name)s: %(message)s"));
     }
 }

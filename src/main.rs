@@ -145,7 +145,7 @@ fn main() {
     if let Err(e) = python::add_site_dirs_from_env() {
         out_tx.log("warning", "pyport", e.as_bytes());
     }
-    if let Err(e) = pylog::install_handler() {
+    if let Err(e) = pylog::install_handler(cfg.python_log_level, cfg.python_log_format.as_deref()) {
         out_tx.log("warning", "pyport", e.as_bytes());
     }
     if let Err(e) = pyo3::Python::attach(callbacks::register) {
@@ -295,6 +295,14 @@ impl Router {
             }
             Request::Sent { delivered } => self.callbacks.sent(delivered),
             Request::Functions { names } => callbacks::set_registered(names),
+            Request::ConfigureLogging { id, level, format } => self.pool.submit(Job::Task {
+                id,
+                what: "configure logging".into(),
+                run: Box::new(move |py| match pylog::configure(py, level, format.as_deref()) {
+                    Ok(()) => protocol::ok_frame(id, |out| etf::put_atom(out, "ok")),
+                    Err(e) => protocol::error_frame(Some(id), exec::python_error(py, &e)),
+                }),
+            }),
             Request::OwnerDown { owner } => {
                 pymodule::registry().drop_owner(&owner);
                 self.streams.owner_down(&owner);

@@ -112,6 +112,9 @@ pub enum Request {
     Sent { delivered: Option<(u64, u64)> },
     /// The names of every Erlang function registered now (those that are UTF-8).
     Functions { names: Vec<String> },
+    /// Python's root logger level and the format of forwarded records (`undefined`: the
+    /// default format).
+    ConfigureLogging { id: u64, level: u64, format: Option<String> },
 }
 
 /// Why an envelope was refused. `id` is known when the envelope got far enough to name it,
@@ -256,6 +259,14 @@ pub fn decode_request(frame: &[u8]) -> Result<Request, BadRequest> {
             )),
         }),
         ("functions", 2) => Ok(Request::Functions { names: f.string_list(1)? }),
+        ("configure_logging", 4) => Ok(Request::ConfigureLogging {
+            id: f.id()?,
+            level: elements.get(2).and_then(as_u64).ok_or_else(|| f.bad(2, "a level number"))?,
+            format: match elements.get(3) {
+                Some(Term::Atom(a)) if a.name == "undefined" => None,
+                _ => Some(f.string(3)?),
+            },
+        }),
         ("sent", 2) => match elements.get(1) {
             Some(Term::Atom(a)) if a.name == "reset" => Ok(Request::Sent { delivered: None }),
             _ => Err(f.bad(1, "reset")),

@@ -204,12 +204,24 @@ class LogHandler(_logging.Handler):
         except Exception:
             self.handleError(record)
 
-def _install_logging():
+_handler = None
+
+
+def _configure_logging(level, fmt):
+    # The root logger's level, and the format of the records pyport forwards.
+    _logging.getLogger().setLevel(level)
+    if _handler is not None:
+        _handler.setFormatter(_logging.Formatter(fmt or "%(message)s"))
+
+
+def _install_logging(level, fmt):
+    global _handler
     root = _logging.getLogger()
     if any(isinstance(h, LogHandler) for h in root.handlers):
         return
-    handler = LogHandler()
+    handler = _handler = LogHandler()
     root.addHandler(handler)
+    _configure_logging(level, fmt)
     original = _logging.basicConfig
 
     @_functools.wraps(original)
@@ -250,13 +262,20 @@ pub fn register(m: &Bound<'_, pyo3::types::PyModule>) -> PyResult<()> {
     m.py().run(LOGGING_PY, Some(&m.dict()), None)
 }
 
-/// Puts the handler on the root logger; called once after Python has started.
-pub fn install_handler() -> Result<(), String> {
+/// Puts the handler on the root logger, with the root logger's `level` and the records'
+/// `format`; called once after Python has started.
+pub fn install_handler(level: u64, format: Option<&str>) -> Result<(), String> {
     Python::attach(|py| -> PyResult<()> {
-        py.import("erlang")?.call_method0("_install_logging")?;
+        py.import("erlang")?.call_method1("_install_logging", (level, format))?;
         Ok(())
     })
     .map_err(|e| format!("cannot install the Python logging handler: {e}"))
+}
+
+/// `py:configure_logging`: the root logger's level and the format of forwarded records.
+pub fn configure(py: Python<'_>, level: u64, format: Option<&str>) -> PyResult<()> {
+    py.import("erlang")?.call_method1("_configure_logging", (level, format))?;
+    Ok(())
 }
 
 #[cfg(test)]

@@ -21,11 +21,15 @@ static NONE_AS: OnceLock<&'static str> = OnceLock::new();
 
 /// Chooses the atom Python's `None` becomes (`--none-as`); once, before Python starts.
 pub fn set_none_as(atom: &str) {
-    let chosen = if atom == "nil" { "nil" } else { "undefined" };
+    let chosen = match atom {
+        "nil" => "nil",
+        "none" => "none",
+        _ => "undefined",
+    };
     let _ = NONE_AS.set(chosen);
 }
 
-/// The atom written for `None`: `undefined` unless `--none-as nil`.
+/// The atom written for `None`: `undefined` unless `--none-as nil` or `--none-as none`.
 pub fn none_atom() -> &'static str {
     NONE_AS.get().copied().unwrap_or("undefined")
 }

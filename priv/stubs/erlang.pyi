@@ -6,9 +6,12 @@ checkers cannot import it: point them at this folder (mypy: `mypy_path`, pyright
 `dir(erlang)` in the port.
 """
 
+import asyncio
 import logging
-from collections.abc import Iterator, MutableMapping
-from typing import Any, Literal, overload
+from collections.abc import Coroutine, Iterator, MutableMapping
+from typing import Any, Literal, TypeVar, overload
+
+_T = TypeVar("_T")
 
 #: Most containers a value may nest, both ways.
 NESTING_LIMIT: int
@@ -43,6 +46,24 @@ def self() -> OpaqueTerm:
 def whereis(name: str) -> OpaqueTerm | None:
     """The pid registered under name in the VM, or None."""
 """SharedDict.compare_and_swap(key, ABSENT, new) stores new only if key is absent."""
+
+def async_call(name: str, *args: Any) -> "asyncio.Future[Any]":
+    """The awaitable form of `call`, for asyncio code: a future of the running loop (no
+    running loop: RuntimeError). Many may be in flight at once; cancelling it (its task's
+    caller gave up) kills the callback's process."""
+
+def run(main: Coroutine[Any, Any, _T], *, debug: bool | None = None) -> _T:
+    """Runs the coroutine to its end on a new event loop, as asyncio.run does."""
+
+def sleep(seconds: float) -> Any:
+    """In a coroutine, `await erlang.sleep(s)` (asyncio.sleep). Elsewhere it sleeps, and
+    the caller giving up interrupts it (CallCancelled)."""
+
+class Pid:
+    """isinstance(x, erlang.Pid): x is an OpaqueTerm of kind 'pid'."""
+
+class Ref:
+    """isinstance(x, erlang.Ref): x is an OpaqueTerm of kind 'reference'."""
 
 class CallCancelled(BaseException):
     """Raised in Python code whose Erlang caller timed out or died. A BaseException, so

@@ -1,5 +1,6 @@
-//! Python talking back to Erlang: `erlang.call`, `erlang.send`, `erlang.self` and
-//! `erlang.whereis`.
+//! Python talking back to Erlang: `erlang.call` (and `erlang.async_call`, see `future`),
+//! `erlang.send` (see `send`), `erlang.self`, `erlang.whereis`, `erlang.sleep`, and the
+//! registered names as attributes of the module (the Python half is `erlang.py`).
 //!
 //! A callback is a frame `{pyport_callback, Id, Name, Args, Caller}`. The Erlang side runs the
 //! function registered under `Name` in a process of its own and answers with a
@@ -13,6 +14,9 @@
 //! timed out or died) the wait ends with `CallCancelled`. Any other thread (one Python code
 //! started) waits at most `callback_timeout`. Either way, the Erlang process of a callback
 //! nobody waits for any more is killed (`{pyport_callback_cancel, Id}`).
+
+mod future;
+mod send;
 
 use crate::convert::{self, ConvertError};
 use crate::etf;
@@ -33,16 +37,17 @@ use std::time::{Duration, Instant};
 /// How often a waiting worker looks whether its request was cancelled.
 const CANCEL_POLL: Duration = Duration::from_millis(10);
 
-/// `erlang.send` messages (and their bytes) that the VM may not have delivered yet: beyond
-/// either, `erlang.send` waits until the VM reports deliveries (`{sent, N, Bytes}`). So a
-/// Python loop that sends faster than the VM delivers is held back in Python, with the
-/// VM's queues bounded, and nothing takes a shortcut that would reorder messages.
-const MAX_UNDELIVERED: usize = 1024;
-const MAX_UNDELIVERED_BYTES: usize = 64 << 20;
-
 /// Names the Erlang side answers itself (no registered function can start with `$`).
 const WHEREIS: &str = "$pyport_whereis";
 const CONNECTED: &str = "$pyport_connected";
+
+/// Who waits for the answer to a callback.
+enum Waiter {
+    /// A thread, blocked until it comes (see `Callbacks::wait`).
+    Thread(Sender<Event>),
+    /// A future of `erlang.async_call`, settled on its event loop (see `future`).
+    Future(future::Pending),
+}
 
 /// What a thread waiting for a callback can receive.
 pub enum Event {
@@ -51,60 +56,12 @@ pub enum Event {
     Nested(Job),
 }
 
-/// Messages of `erlang.send` sent to the VM and not yet reported delivered.
-#[derive(Default)]
-struct Undelivered {
-    state: Mutex<(usize, usize)>,
-    settled: parking_lot::Condvar,
-}
-
-impl Undelivered {
-    /// Whether one more message of `bytes` may go now (always when nothing is pending, so
-    /// that a single message larger than the byte bound still goes).
-    fn room_for(state: &(usize, usize), bytes: usize) -> bool {
-        let (n, total) = *state;
-        n == 0 || (n < MAX_UNDELIVERED && total + bytes <= MAX_UNDELIVERED_BYTES)
-    }
-
-    fn try_take(&self, bytes: usize) -> bool {
-        let mut st = self.state.lock();
-        let room = Self::room_for(&st, bytes);
-        if room {
-            st.0 += 1;
-            st.1 += bytes;
-        }
-        room
-    }
-
-    /// Waits up to `timeout` for room, then counts the message; false if there was none.
-    /// Call it detached from Python.
-    fn take_within(&self, bytes: usize, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        let mut st = self.state.lock();
-        while !Self::room_for(&st, bytes) {
-            if self.settled.wait_until(&mut st, deadline).timed_out() && !Self::room_for(&st, bytes) {
-                return false;
-            }
-        }
-        st.0 += 1;
-        st.1 += bytes;
-        true
-    }
-
-    fn delivered(&self, delivered: Option<(u64, u64)>) {
-        let mut st = self.state.lock();
-        *st = match delivered {
-            Some((n, bytes)) => (st.0.saturating_sub(n as usize), st.1.saturating_sub(bytes as usize)),
-            None => (0, 0),
-        };
-        self.settled.notify_all();
-    }
-}
-
 pub struct Callbacks {
     out: Outbox,
-    undelivered: Undelivered,
-    waiters: Mutex<HashMap<u64, Sender<Event>>>,
+    undelivered: send::Undelivered,
+    /// Settles the futures of `erlang.async_call` (started on first use).
+    resolver: OnceLock<Sender<future::Settle>>,
+    waiters: Mutex<HashMap<u64, Waiter>>,
     next_id: AtomicU64,
     timeout: Duration,
     /// The node this port serves, as an atom's text: pids of other nodes need a check.
@@ -121,7 +78,8 @@ impl Callbacks {
         HOST.get_or_init(|| {
             Arc::new(Callbacks {
                 out,
-                undelivered: Undelivered::default(),
+                undelivered: send::Undelivered::default(),
+                resolver: OnceLock::new(),
                 waiters: Mutex::new(HashMap::new()),
                 next_id: AtomicU64::new(1),
                 timeout,
@@ -137,31 +95,36 @@ impl Callbacks {
         let _ = self.pool.set(pool);
     }
 
-    /// The VM delivered `erlang.send` messages (see `MAX_UNDELIVERED`).
-    pub fn sent(&self, delivered: Option<(u64, u64)>) {
-        self.undelivered.delivered(delivered);
-    }
-
-    /// Hands Erlang's answer to the thread waiting for callback `id` (if it still waits).
+    /// Hands Erlang's answer to whoever waits for callback `id`, if anyone still does.
     pub fn reply(&self, id: u64, ok: bool, payload: Vec<u8>) {
-        if let Some(tx) = self.waiters.lock().get(&id) {
-            let _ = tx.send(Event::Reply { ok, payload });
+        let mut waiters = self.waiters.lock();
+        match waiters.get(&id) {
+            Some(Waiter::Thread(tx)) => {
+                let _ = tx.send(Event::Reply { ok, payload });
+            }
+            Some(Waiter::Future(_)) => {
+                if let Some(Waiter::Future(pending)) = waiters.remove(&id) {
+                    drop(waiters);
+                    self.settle(pending, ok, payload);
+                }
+            }
+            None => {}
         }
     }
 
     /// A request made by the Erlang process of callback `chain`: it runs on the thread that
-    /// waits for that callback. Returned when nobody waits any more (the pool runs it).
+    /// waits for that callback. Returned when no thread waits (the pool runs it).
     pub fn nested(&self, chain: u64, job: Job) -> Option<Job> {
         let waiters = self.waiters.lock();
         match waiters.get(&chain) {
-            Some(tx) => match tx.send(Event::Nested(job)) {
+            Some(Waiter::Thread(tx)) => match tx.send(Event::Nested(job)) {
                 Ok(()) => None,
                 Err(e) => match e.into_inner() {
                     Event::Nested(job) => Some(job),
                     Event::Reply { .. } => None,
                 },
             },
-            None => Some(job),
+            Some(Waiter::Future(_)) | None => Some(job),
         }
     }
 
@@ -173,7 +136,7 @@ impl Callbacks {
         let caller = crate::pylog::current_caller(py);
         let frame = fits(protocol::callback_frame(id, name, &payload, caller.as_ref()), "erlang.call arguments")?;
         let (tx, rx) = unbounded();
-        self.waiters.lock().insert(id, tx);
+        self.waiters.lock().insert(id, Waiter::Thread(tx));
         self.out.send(frame);
         // Nobody may be reading while this thread runs (see `pool::Turn`): the answer must
         // be read.
@@ -258,44 +221,6 @@ impl Callbacks {
         cancelled.map_or(Ok(()), Err)
     }
 
-    fn send(&self, py: Python<'_>, pid: &Bound<'_, PyAny>, message: &Bound<'_, PyAny>) -> PyResult<()> {
-        let term = pid.cast::<OpaqueTerm>().map_err(|_| PyTypeError::new_err("erlang.send: the first argument must be a pid"))?;
-        let term = term.get();
-        if term.kind_str() != "pid" {
-            return Err(PyTypeError::new_err(format!("erlang.send: a {} is not a pid", term.kind_str())));
-        }
-        if pid_node(term.bytes()).is_some_and(|n| n != self.node) && !self.connected(py, pid)? {
-            return Err(PyValueError::new_err("erlang.send: the pid's node is not connected"));
-        }
-        let mut payload = vec![etf::VERSION];
-        convert::encode(message, &mut payload).map_err(ConvertError::into_pyerr)?;
-        let frame = fits(protocol::send_frame(term.bytes(), &payload), "erlang.send message")?;
-        // Held back, without the GIL, while the VM has not delivered enough of what was sent
-        // before; on the event loop's thread, the loop goes on meanwhile. A caller that gives
-        // up meanwhile ends the wait, as it ends a callback's.
-        if !self.undelivered.try_take(payload.len()) {
-            let loop_wait = crate::aio::begin_wait(py);
-            let taken = loop {
-                if py.detach(|| self.undelivered.take_within(payload.len(), CANCEL_POLL)) {
-                    break Ok(());
-                }
-                if let Some(e) = cancellation(py, loop_wait.as_ref(), "the Erlang caller gave up while erlang.send waited") {
-                    break Err(e);
-                }
-            };
-            if let Some(w) = loop_wait {
-                w.end(py);
-            }
-            taken?;
-        }
-        self.out.send(frame);
-        Ok(())
-    }
-
-    fn connected(&self, py: Python<'_>, pid: &Bound<'_, PyAny>) -> PyResult<bool> {
-        let answer = self.call(py, CONNECTED.as_bytes(), &PyList::new(py, [pid])?)?;
-        answer.bind(py).is_truthy()
-    }
 }
 
 /// The exception that ends a wait whose caller gave up: `CallCancelled` for a request (the
@@ -324,20 +249,6 @@ fn fits(frame: Vec<u8>, what: &str) -> PyResult<Vec<u8>> {
         return Err(PyValueError::new_err(format!("{what}: {} bytes, over max_reply_bytes ({max})", frame.len())));
     }
     Ok(frame)
-}
-
-/// The node name in a pid's external format (NEW_PID_EXT or PID_EXT: the tag, then the node
-/// atom).
-fn pid_node(bytes: &[u8]) -> Option<String> {
-    let mut r = etf::Reader::new(bytes);
-    r.u8().ok()?;
-    let tag = r.u8().ok()?;
-    let name = r.atom_body(tag).ok()?;
-    Some(if matches!(tag, etf::ATOM | etf::SMALL_ATOM) {
-        name.iter().map(|&b| b as char).collect()
-    } else {
-        String::from_utf8(name.to_vec()).ok()?
-    })
 }
 
 /// The Python exception for an error answer: `{unknown_function, Name}` or
@@ -413,11 +324,6 @@ fn _registered_names() -> Vec<String> {
     REGISTERED.read().clone()
 }
 
-/// `erlang.send(pid, message)`: sends `message` to the Erlang process `pid`, like `!`.
-#[pyfunction]
-fn send(py: Python<'_>, pid: &Bound<'_, PyAny>, message: &Bound<'_, PyAny>) -> PyResult<()> {
-    host()?.send(py, pid, message)
-}
 
 /// `erlang.self()`: the pid of the Erlang process whose call this thread runs.
 #[pyfunction(name = "self")]
@@ -442,55 +348,20 @@ fn whereis(py: Python<'_>, name: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
     host()?.call(py, WHEREIS.as_bytes(), &PyList::new(py, [name])?)
 }
 
-/// The Python half: the exceptions, and `erlang.name(*args)` / `from erlang import name` for
-/// registered functions (module `__getattr__`, PEP 562).
-const CALLBACKS_PY: &std::ffi::CStr = cr#"
-class ErlangError(Exception):
-    """Raised by erlang.call when the Erlang function raised: class_ is 'error', 'exit'
-    or 'throw'; reason and stack are their texts."""
-
-    def __init__(self, class_, reason, stack):
-        super().__init__("%s: %s" % (class_, reason))
-        self.class_ = class_
-        self.reason = reason
-        self.stack = stack
-
-
-class UnknownFunction(LookupError):
-    """Raised by erlang.call for a name no Erlang function is registered under."""
-
-
-class NoCaller(Exception):
-    """Raised by erlang.self() in a thread that runs no Erlang call."""
-
-
-def __getattr__(name):
-    # Only names registered on the Erlang side right now (the port is told of every
-    # registration and unregistration before the call that registered returns):
-    # hasattr() and `from erlang import x` follow them exactly.
-    if name.startswith("_") or not _is_registered(name):
-        raise AttributeError("module 'erlang' has no attribute %r" % (name,))
-
-    def registered(*args):
-        return call(name, *args)
-
-    registered.__name__ = registered.__qualname__ = name
-    return registered
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_registered_names()))
-"#;
 
 /// Adds `call`, `send`, `self`, `whereis` and the exceptions to the `erlang` module.
 pub fn register(py: Python<'_>) -> PyResult<()> {
+    const ERLANG_PY: &str = include_str!("erlang.py");
     let m = py.import("erlang")?;
     m.add_function(wrap_pyfunction!(call, &m)?)?;
-    m.add_function(wrap_pyfunction!(send, &m)?)?;
+    m.add_function(wrap_pyfunction!(send::send_message, &m)?)?;
     m.add_function(wrap_pyfunction!(self_pid, &m)?)?;
     m.add_function(wrap_pyfunction!(whereis, &m)?)?;
     m.add_function(wrap_pyfunction!(_builtin, &m)?)?;
     m.add_function(wrap_pyfunction!(_is_registered, &m)?)?;
     m.add_function(wrap_pyfunction!(_registered_names, &m)?)?;
-    py.run(CALLBACKS_PY, Some(&m.dict()), None)
+    m.add_function(wrap_pyfunction!(future::async_call, &m)?)?;
+    m.add_function(wrap_pyfunction!(future::_sleep, &m)?)?;
+    let code = std::ffi::CString::new(ERLANG_PY).map_err(|e| PyValueError::new_err(e.to_string()))?;
+    py.run(&code, Some(&m.dict()), None)
 }
