@@ -10,11 +10,16 @@
 %% prefix), `PYPORT_PYTHON' (its executable, also `sys.executable') and
 %% `PYPORT_SITE_PACKAGES' (site directories added with `site.addsitedir', `.pth' files
 %% included). Without the setting the port uses the Python it was built with.
+%%
+%% The probe is bounded ({@link pyport_command}): its output is capped, it has a deadline
+%% (app env `python_probe_timeout_ms'), and it runs in a process group of its own that is
+%% killed on a timeout, past the cap, and when the VM exits.
 -module(pyport_python).
 
--export([resolve/0, port_env/0, built_for/0]).
+-export([resolve/0, port_env/0, built_for/0, probe_max_output/0]).
 
 -define(PROBE_TIMEOUT_MS, 30000).
+-define(PROBE_MAX_OUTPUT, 65536).
 -define(KEY, {?MODULE, env}).
 
 %% Run by the interpreter: one `key=value' line each (site: one line per directory).
@@ -42,7 +47,9 @@
 %% so that a wrong setting fails the start with a reason that says what is wrong:
 %% `{python_version_mismatch, #{python := Path, version := "3.12", built_for := "3.11"}}',
 %% `{python_not_shared, Path}' (no shared libpython), `{python_not_found, Path}',
-%% `{python_probe_failed, Path, Output}'.
+%% `{python_probe_failed, Path, Detail}' (the probe exited with a status other than 0,
+%% ran past `python_probe_timeout_ms' or wrote more than {@link probe_max_output/0} bytes:
+%% `Detail' is `{Status | timeout | {output_over, Max}, Output}').
 -spec resolve() -> ok | {error, term()}.
 resolve() ->
     case application:get_env(pyport, python) of
@@ -136,30 +143,33 @@ env(One, Sites) ->
      {"PYPORT_PYTHON", One("executable")},
      {"PYPORT_SITE_PACKAGES", string:join(Sites, ":")}].
 
-%% Runs the probe with a deadline; its output as #{Key => [Value]} in output order.
+%% Runs the probe, bounded (see pyport_command): its output as #{Key => [Value]} in
+%% output order.
 -spec probe(string()) -> {ok, #{string() => [string()]}} | {error, term()}.
 probe(Python) ->
-    try open_port({spawn_executable, Python},
-                  [{args, ["-I", "-c", ?PROBE]}, exit_status, stderr_to_stdout, binary, hide]) of
-        Port ->
-            Deadline = erlang:monotonic_time(millisecond) + ?PROBE_TIMEOUT_MS,
-            case collect(Port, Deadline, []) of
-                {0, Out} -> {ok, parse(Out)};
-                {Status, Out} -> {error, {python_probe_failed, Python, {Status, Out}}}
-            end
-    catch
-        error:Reason -> {error, {python_probe_failed, Python, Reason}}
+    Opts = #{timeout_ms => probe_timeout(), max_output => ?PROBE_MAX_OUTPUT},
+    case pyport_command:run(Python, ["-I", "-c", ?PROBE], Opts) of
+        {ok, 0, Out} -> {ok, parse(Out)};
+        {ok, Status, Out} -> {error, {python_probe_failed, Python, {Status, Out}}};
+        {error, {timeout, Out}} -> {error, {python_probe_failed, Python, {timeout, Out}}};
+        {error, {output_over, Max, Out}} ->
+            {error, {python_probe_failed, Python, {{output_over, Max}, Out}}};
+        {error, {spawn_failed, Reason}} -> {error, {python_probe_failed, Python, Reason}}
     end.
 
--spec collect(port(), integer(), [binary()]) -> {integer() | timeout, binary()}.
-collect(Port, Deadline, Acc) ->
-    Left = max(0, Deadline - erlang:monotonic_time(millisecond)),
-    receive
-        {Port, {data, D}} -> collect(Port, Deadline, [D | Acc]);
-        {Port, {exit_status, S}} -> {S, iolist_to_binary(lists:reverse(Acc))}
-    after Left ->
-        catch port_close(Port),
-        {timeout, iolist_to_binary(lists:reverse(Acc))}
+%% @doc The most output the interpreter probe may write (bytes): past it the probe is
+%% killed and the interpreter refused with `{python_probe_failed, Path, {{output_over,
+%% Max}, FirstMaxBytes}}'. A real interpreter writes well under a kilobyte.
+-spec probe_max_output() -> pos_integer().
+probe_max_output() ->
+    ?PROBE_MAX_OUTPUT.
+
+%% App env `python_probe_timeout_ms' (default 30 s): how long the probe may take.
+-spec probe_timeout() -> pos_integer().
+probe_timeout() ->
+    case application:get_env(pyport, python_probe_timeout_ms) of
+        {ok, T} when is_integer(T), T > 0 -> T;
+        _ -> ?PROBE_TIMEOUT_MS
     end.
 
 -spec parse(binary()) -> #{string() => [string()]}.
