@@ -23,14 +23,18 @@ export PYO3_PYTHON := $(PYTHON)
 
 all: port erlang
 
-# cargo is incremental; always asking it keeps priv/pyport in step with PYTHON and the sources.
+# cargo is incremental; always asking it keeps the extension module in step with the sources.
+# priv/pyport is the launcher (scripts/launcher.sh) with PYTHON as its default interpreter,
+# also recorded in priv/pyport.python for the Erlang side.
+CORE := $(TARGET_DIR)/release/libpyport_core.so
 port:
 	$(CARGO) build --release --locked 2>&1 | grep -v '^\s*Fresh' || true
-	@test -x $(TARGET_DIR)/release/pyport || { echo "cargo build failed" >&2; exit 1; }
+	@test -f $(CORE) || { echo "cargo build failed" >&2; exit 1; }
 	@mkdir -p priv
-	@cmp -s $(TARGET_DIR)/release/pyport priv/pyport || { cp $(TARGET_DIR)/release/pyport priv/pyport.tmp && mv -f priv/pyport.tmp priv/pyport; }
-	@# The Python version the binary needs: the app env `python' is checked against it.
-	@$(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])' > priv/pyport.python-version
+	@cmp -s $(CORE) priv/pyport_core.abi3.so || { cp $(CORE) priv/pyport_core.abi3.so.tmp && mv -f priv/pyport_core.abi3.so.tmp priv/pyport_core.abi3.so; }
+	@sed 's|@PYTHON@|$(PYTHON)|' scripts/launcher.sh > priv/pyport.tmp && chmod 755 priv/pyport.tmp
+	@cmp -s priv/pyport.tmp priv/pyport && rm -f priv/pyport.tmp || mv -f priv/pyport.tmp priv/pyport
+	@echo '$(PYTHON)' > priv/pyport.python
 
 erlang: $(BEAMS) ebin/pyport.app doc/chunks/py.chunk
 
@@ -103,7 +107,7 @@ demo: tools
 
 clean:
 	$(CARGO) clean
-	rm -rf ebin priv/pyport doc $(BUILD)
+	rm -rf ebin priv/pyport priv/pyport_core.abi3.so priv/pyport.python doc $(BUILD)
 
 # Builds and tests against every CPython 3.11+ found (pyenv versions, /usr/bin), each in its
 # own target dir, and says which ran. Not part of `make test`.

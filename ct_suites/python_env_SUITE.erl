@@ -1,7 +1,8 @@
-%% @doc The app env `python' chooses the interpreter or virtualenv at run time: a
-%% virtualenv's packages import, a Python moved to another path is used from there, and an
-%% interpreter that cannot work (another version, no shared libpython) fails the
-%% application's start with a reason that names the problem.
+%% @doc The app env `python' chooses the interpreter or virtualenv at run time: one build
+%% runs every CPython 3.11+ on the machine (each runs a battery of calls), a virtualenv's
+%% packages import, a Python moved to another path is used from there, and an interpreter
+%% that cannot work (too old, not CPython) fails the application's start with a reason that
+%% names the problem. The probe that asks is bounded.
 -module(python_env_SUITE).
 
 -include_lib("common_test/include/ct.hrl").
@@ -11,18 +12,21 @@
 -export([all/0, init_per_suite/1, end_per_suite/1, init_per_testcase/2, end_per_testcase/2]).
 -export([readme_section_matches/1]).
 -export([virtualenv_packages_import/1, virtualenv_is_sys_executable/1,
-         moved_python_is_used_from_its_new_place/1, other_version_is_refused/1,
-         static_python_is_refused/1, missing_python_is_refused/1]).
+         moved_python_is_used_from_its_new_place/1, older_version_is_refused/1,
+         other_implementation_is_refused/1, missing_python_is_refused/1,
+         every_installed_python_runs/1, app_relative_paths/1]).
 -export([probe_output_at_the_cap_is_read/1, probe_output_past_the_cap_is_refused/1,
          endless_probe_output_is_refused/1, hung_probe_is_killed_with_its_children/1,
          probe_dies_with_the_vm/1]).
 
 -define(SCRIPT_TIMEOUT_MS, 120000).
+-define(ENV_KEYS, [python, python_probe_timeout_ms]).
 
 all() ->
     [readme_section_matches, virtualenv_packages_import, virtualenv_is_sys_executable,
-     moved_python_is_used_from_its_new_place, other_version_is_refused,
-     static_python_is_refused, missing_python_is_refused,
+     moved_python_is_used_from_its_new_place, older_version_is_refused,
+     other_implementation_is_refused, missing_python_is_refused,
+     every_installed_python_runs, app_relative_paths,
      probe_output_at_the_cap_is_read, probe_output_past_the_cap_is_refused,
      endless_probe_output_is_refused, hung_probe_is_killed_with_its_children,
      probe_dies_with_the_vm].
@@ -34,7 +38,7 @@ init_per_suite(Config) ->
     {ok, Prefix} = py:eval(<<"__import__('sys').base_prefix">>),
     ok = pyport_ct_lib:stop_app(),
     [{base_python, binary_to_list(Exe)}, {base_prefix, binary_to_list(Prefix)},
-     {saved_env, pyport_ct_lib:save_env([python])} | Config].
+     {saved_env, pyport_ct_lib:save_env(?ENV_KEYS)} | Config].
 
 end_per_suite(Config) ->
     ok = pyport_ct_lib:stop_app(),
@@ -46,8 +50,8 @@ init_per_testcase(_Case, Config) ->
 
 end_per_testcase(_Case, _Config) ->
     ok = pyport_ct_lib:stop_app(),
-    application:unset_env(pyport, python_probe_timeout_ms),
-    application:unset_env(pyport, python).
+    [application:unset_env(pyport, K) || K <- ?ENV_KEYS],
+    ok.
 
 %% The README's session is what virtualenv_is_sys_executable/1 checks: sys.executable of
 %% the virtualenv named by `python'; and it names every refusal this suite provokes.
@@ -58,8 +62,9 @@ readme_section_matches(_Config) ->
     [Section | _] = binary:split(From, <<"\n## ">>),
     [?assertNotEqual(nomatch, binary:match(Section, P), P)
      || P <- [<<"application:set_env(pyport, python, \"/tmp/pyport_venv\")">>,
-              <<"{ok,<<\"/tmp/pyport_venv/bin/python3\">>}">>,
-              <<"python_version_mismatch">>, <<"python_not_shared">>, <<"python_not_found">>]].
+              <<"{ok,<<\"/tmp/pyport_venv/bin/python3\">>}">>, <<"py:restart()">>,
+              <<"python_version_mismatch">>, <<"python_unsupported">>, <<"python_not_found">>,
+              <<"every CPython 3.11">>]].
 
 %% A virtualenv made by the test, with a pure-Python package installed from a wheel the
 %% test writes itself (no network): set `python' to the virtualenv, and the package imports.
@@ -78,8 +83,8 @@ virtualenv_is_sys_executable(Config) ->
     ?assertEqual(filename:join([Venv, "bin", "python3"]), binary_to_list(Exe)).
 
 %% The same Python at another path (its files linked into a new folder, as a release
-%% machine would have it installed elsewhere): the port loads that libpython and that
-%% standard library.
+%% machine would have it installed elsewhere): the port runs it as it runs itself there, its
+%% prefix and standard library from the new folder, the libpython it loads by itself.
 moved_python_is_used_from_its_new_place(Config) ->
     Moved = filename:join(?config(priv_dir, Config), "moved_python"),
     {0, Out} = sh(["set -e; src=\"$1\"; dst=\"$2\"; mkdir -p \"$dst/bin\" \"$dst/lib\"; "
@@ -88,31 +93,33 @@ moved_python_is_used_from_its_new_place(Config) ->
                    "cp -al \"$(readlink -f \"$3\")\" \"$dst/bin/python3\"",
                    "sh", ?config(base_prefix, Config), Moved, ?config(base_python, Config)]),
     ct:log("~ts", [Out]),
-    ok = application:set_env(pyport, python, filename:join([Moved, "bin", "python3"])),
+    Python = filename:join([Moved, "bin", "python3"]),
+    Libs = <<"sorted({l.split()[-1] for l in open('/proc/self/maps') if 'libpython' in l})">>,
+    {0, Own} = run(Python, ["-c", "print(" ++ binary_to_list(Libs) ++ ")"]),
+    ok = application:set_env(pyport, python, Python),
     _ = pyport_ct_lib:start_app(),
-    {ok, [Prefix, OsFile, Libs]} =
-        py:eval(<<"[__import__('sys').base_prefix, __import__('os').__file__,\n"
-                  " sorted({l.split()[-1] for l in open('/proc/self/maps') if 'libpython' in l})]">>),
+    {ok, [Prefix, OsFile, PortLibs]} =
+        py:eval(<<"[__import__('sys').base_prefix, __import__('os').__file__, ", Libs/binary, "]">>),
     ?assertEqual(Moved, binary_to_list(Prefix)),
     ?assert(lists:prefix(Moved ++ "/lib/", binary_to_list(OsFile))),
-    ?assertMatch([_ | _], Libs),
-    ?assertEqual([], [L || L <- Libs, not lists:prefix(Moved ++ "/lib/", binary_to_list(L))]).
+    ?assertEqual(string:trim(Own),
+                 lists:flatten(["[", lists:join(", ", ["'" ++ binary_to_list(L) ++ "'" || L <- PortLibs]), "]"])).
 
-%% A stub interpreter that says it is Python 3.99: the start fails, naming both versions.
-other_version_is_refused(Config) ->
-    Stub = stub_python(Config, "3.99", "1"),
+%% A stub interpreter that says it is CPython 3.10: the start fails, naming the version and
+%% what is supported.
+older_version_is_refused(Config) ->
+    Stub = stub_python(Config, "3.10", "cpython"),
     ok = application:set_env(pyport, python, Stub),
     {error, {Reason, _}} = application:start(pyport),
-    Built = pyport_python:built_for(),
-    ?assertMatch({python_version_mismatch, #{python := Stub, version := "3.99", built_for := Built}},
-                 Reason),
-    ?assertMatch([_, _ | _], Built).
+    ?assertEqual({python_version_mismatch,
+                  #{python => Stub, version => "3.10", supported => "3.11 or later"}}, Reason).
 
-%% An interpreter without a shared libpython cannot host the port: refused by name.
-static_python_is_refused(Config) ->
-    Stub = stub_python(Config, pyport_python:built_for(), "0"),
+%% PyPy 3.11 cannot load a CPython extension: refused by name.
+other_implementation_is_refused(Config) ->
+    Stub = stub_python(Config, "3.11", "pypy"),
     ok = application:set_env(pyport, python, Stub),
-    ?assertMatch({error, {{python_not_shared, Stub}, _}}, application:start(pyport)).
+    ?assertMatch({error, {{python_unsupported, Stub, "pyport runs in CPython; this is pypy"}, _}},
+                 application:start(pyport)).
 
 missing_python_is_refused(Config) ->
     Path = filename:join(?config(priv_dir, Config), "no_such_python"),
@@ -120,14 +127,110 @@ missing_python_is_refused(Config) ->
     ?assertMatch({error, {{python_not_found, _}, _}}, application:start(pyport)).
 
 %%--------------------------------------------------------------------
+%% One build, every CPython 3.11+
+
+%% Every CPython 3.11 or later found here (pyenv's versions, /usr/bin/python3.1x) runs the
+%% same build: calls, conversions both ways, rich types, SharedDict from both sides, an
+%% async def, a callback into Erlang, a stream, an exception, a virtualenv of that version.
+%% The versions that ran are the case's comment; the build's own is always among them.
+every_installed_python_runs(Config) ->
+    Pythons = installed_pythons(),
+    ct:log("interpreters: ~p", [Pythons]),
+    Ran = [run_battery(Config, Py, Version) || {Py, Version} <- Pythons],
+    {ok, BuildVersion} = version_of(?config(base_python, Config)),
+    ?assert(lists:member(BuildVersion, [V || {_, V} <- Ran])),
+    Comment = lists:join(", ", [V ++ " (" ++ P ++ ")" || {P, V} <- Ran]),
+    {comment, lists:flatten(["ran on ", Comment])}.
+
+run_battery(Config, Python, Version) ->
+    ok = pyport_ct_lib:stop_app(),
+    ok = application:set_env(pyport, python, Python),
+    _ = pyport_ct_lib:start_app(),
+    Self = self(),
+    {ok, Info} = py:eval(<<"['%d.%d' % __import__('sys').version_info[:2], __import__('sys').executable]">>),
+    ?assertEqual([list_to_binary(Version), list_to_binary(Python)], Info),
+    ?assertEqual({ok, [3, 2, 1]}, py:call(builtins, sorted, [[1, 3, 2]], #{reverse => true})),
+    Term = #{<<"a">> => [1, -2, 2.5, <<"t">>, {1, <<"x">>}, true, undefined], <<"big">> => 1 bsl 80},
+    ?assertEqual({ok, Term}, py:eval(<<"x">>, #{x => Term})),
+    ok = py:exec(<<"import datetime, decimal\ndef shift(d):\n    return d + datetime.timedelta(days=1)\n">>),
+    {ok, Date} = py:call('__main__', shift, [{'$pyport_date', {2024, 2, 28}}]),
+    ?assertEqual({'$pyport_date', {2024, 2, 29}}, Date),
+    ?assertEqual({ok, <<"2024-02-29">>}, py:call(builtins, str, [Date])),
+    ?assertMatch({error, {python, 'ZeroDivisionError', _, _}}, py:eval(<<"1/0">>)),
+    {ok, SD} = py:shared_dict_new(),
+    ok = py:shared_dict_set(SD, <<"k">>, #{<<"v">> => 1}),
+    ?assertEqual({ok, 1}, py:eval(<<"__import__('erlang').SharedDict(h)['k']['v']">>, #{h => SD})),
+    ok = py:exec(<<"__import__('erlang').SharedDict(h)['p'] = [1, 2]">>, #{h => SD}),
+    ?assertEqual([1, 2], py:shared_dict_get(SD, <<"p">>)),
+    ok = py:exec(<<"async def answer():\n    import asyncio\n    await asyncio.sleep(0)\n    return 42\n">>),
+    ?assertEqual({ok, 42}, py:call('__main__', answer, [])),
+    ok = py:register_function(battery_double, fun([X]) -> 2 * X end),
+    ?assertEqual({ok, 42}, py:eval(<<"__import__('erlang').call('battery_double', 21)">>)),
+    ok = py:unregister_function(battery_double),
+    ok = py:exec(<<"def count(n):\n    yield from range(n)\n">>),
+    {ok, Ref} = py:stream_start('__main__', count, [3]),
+    ?assertEqual([0, 1, 2], stream_items(Ref, [])),
+    Venv = make_venv(Config, Python, "venv_" ++ Version ++ "_" ++ integer_to_list(erlang:phash2(Python))),
+    ok = pyport_ct_lib:stop_app(),
+    ok = application:set_env(pyport, python, Venv),
+    _ = pyport_ct_lib:start_app(),
+    ?assertEqual({ok, <<"hello from a wheel">>}, py:call(pyport_wheel_demo, greet, [])),
+    Self ! {ran, Python},
+    {Python, Version}.
+
+stream_items(Ref, Acc) ->
+    receive
+        {py_stream, Ref, {data, V}} -> ok = py:stream_ack(Ref), stream_items(Ref, [V | Acc]);
+        {py_stream, Ref, done} -> lists:reverse(Acc);
+        {py_stream, Ref, {error, R}} -> ct:fail({stream_failed, R})
+    after 10000 -> ct:fail(stream_timeout)
+    end.
+
+%% CPython 3.11+ interpreters of this machine, one per distinct program, with their version.
+installed_pythons() ->
+    Root = case os:getenv("PYENV_ROOT") of
+               false -> filename:join(os:getenv("HOME"), ".pyenv");
+               R -> R
+           end,
+    Candidates = filelib:wildcard(filename:join(Root, "versions/*/bin/python3"))
+        ++ filelib:wildcard("/usr/bin/python3.1[1-9]")
+        ++ filelib:wildcard("/usr/local/bin/python3.1[1-9]"),
+    Found = [{P, V, Real} || P <- Candidates, {ok, V} <- [version_of(P)],
+                             Real <- [string:trim(os:cmd("readlink -f '" ++ P ++ "'"))]],
+    %% One per real program (pyenv's python3 is a link to python3.X).
+    maps:values(maps:from_list([{Real, {P, V}} || {P, V, Real} <- lists:reverse(Found)])).
+
+%% "3.X" of a CPython 3.11+ with the GIL, else error.
+version_of(Python) ->
+    case pyport_python:probe(Python) of
+        {ok, #{"implementation" := "cpython", "free_threaded" := "0", "version" := V}} ->
+            case lists:map(fun list_to_integer/1, string:split(V, ".")) of
+                [3, Minor] when Minor >= 11 -> {ok, V};
+                _ -> error
+            end;
+        _ -> error
+    end.
+
+%% `{App, RelativePath}' settings are inside that application's directory, as a release
+%% installs it; a plain path is taken as it is.
+app_relative_paths(_Config) ->
+    ?assertEqual(filename:join(code:lib_dir(stdlib), "ebin"),
+                 pyport_python:app_path({stdlib, "ebin"})),
+    ?assertEqual("rel/x", pyport_python:app_path(<<"rel/x">>)),
+    ok = application:set_env(pyport, python, {no_such_app_here, "bin/python3"}),
+    ?assertMatch({error, {{bad_config, {unknown_application, no_such_app_here}}, _}},
+                 application:start(pyport)).
+
+%%--------------------------------------------------------------------
 %% The probe is bounded: output, time, and the life of the VM
 
 %% A probe that writes exactly the cap (a valid answer padded with comment lines) is read
-%% in full: the interpreter is judged on what it said (here: no shared libpython).
+%% in full: the interpreter is judged on what it said (here: too old).
 probe_output_at_the_cap_is_read(Config) ->
     Stub = padded_stub(Config, pyport_python:probe_max_output()),
     ok = application:set_env(pyport, python, Stub),
-    ?assertMatch({error, {{python_not_shared, Stub}, _}}, application:start(pyport)).
+    ?assertMatch({error, {{python_version_mismatch, #{python := Stub, version := "3.10"}}, _}},
+                 application:start(pyport)).
 
 %% One byte more and the probe is refused, the cap named, the output kept up to the cap.
 probe_output_past_the_cap_is_refused(Config) ->
@@ -195,10 +298,9 @@ hanging_stub(Config, PidFile) ->
                ["sleep 600 &\n", "echo $$ $! > '", PidFile, ".tmp'\n",
                 "mv '", PidFile, ".tmp' '", PidFile, "'\n", "exec sleep 600\n"]).
 
-%% A stub whose answer (no shared libpython) is padded with comment lines to Size bytes.
+%% A stub whose answer (CPython 3.10) is padded with comment lines to Size bytes.
 padded_stub(Config, Size) ->
-    Answer = iolist_to_binary(["version=", pyport_python:built_for(), "\nlibdir=/usr/lib\n",
-                               "soname=libpython.so\nshared=0\nprefix=/usr\nexecutable=/x\n"]),
+    Answer = <<"version=3.10\nimplementation=cpython\nprefix=/usr\nexecutable=/x\n">>,
     Pad = Size - byte_size(Answer),
     Padding = binary:copy(<<"#", (binary:copy(<<"p">>, 98))/binary, "\n">>, Pad div 100),
     Tail = binary:copy(<<"p">>, Pad rem 100),
@@ -221,19 +323,22 @@ read_pids(File) ->
 
 %%--------------------------------------------------------------------
 
-%% A virtualenv of the build's Python with the wheel `pyport_wheel_demo' installed.
+%% A virtualenv of the build's Python (or of Python, in folder Name) with the wheel
+%% `pyport_wheel_demo' installed.
 make_venv(Config) ->
+    make_venv(Config, ?config(base_python, Config), "venv").
+
+make_venv(Config, Python, Name) ->
     Dir = ?config(priv_dir, Config),
-    Venv = filename:join(Dir, "venv"),
+    Venv = filename:join(Dir, Name),
     case filelib:is_regular(filename:join([Venv, "bin", "python3"])) of
         true -> Venv;
         false ->
             Wheel = write_wheel(Dir),
-            Base = ?config(base_python, Config),
-            {0, Out} = sh(["set -e; \"$1\" -m venv \"$2\"; "
-                           "\"$2/bin/python3\" -m pip install -q --no-index --no-cache-dir "
-                           "--disable-pip-version-check \"$3\"",
-                           "sh", Base, Venv, Wheel]),
+            {0, Out} = sh(["set -e; \"$1\" -m venv --without-pip \"$2\"; "
+                           "\"$4\" -m pip --python \"$2/bin/python3\" install -q --no-index "
+                           "--no-cache-dir --disable-pip-version-check \"$3\"",
+                           "sh", Python, Venv, Wheel, ?config(base_python, Config)]),
             ct:log("venv: ~ts", [Out]),
             Venv
     end.
@@ -259,13 +364,12 @@ write_wheel(Dir) ->
     Wheel.
 
 %% A shell script that answers the probe like an interpreter of Version would.
-stub_python(Config, Version, Shared) ->
-    Stub = filename:join(?config(priv_dir, Config), "stub_python_" ++ Version ++ "_" ++ Shared),
+stub_python(Config, Version, Implementation) ->
+    Stub = filename:join(?config(priv_dir, Config), "stub_python_" ++ Version ++ "_" ++ Implementation),
     ok = file:write_file(Stub, ["#!/bin/sh\n",
                                 "echo version=", Version, "\n",
-                                "echo libdir=/usr/lib\n",
-                                "echo soname=libpython", Version, ".so.1.0\n",
-                                "echo shared=", Shared, "\n",
+                                "echo implementation=", Implementation, "\n",
+                                "echo free_threaded=0\n",
                                 "echo prefix=/usr\n",
                                 "echo executable=$0\n"]),
     ok = file:change_mode(Stub, 8#755),
