@@ -18,7 +18,7 @@ PLT      := $(BUILD)/pyport.plt
 
 export PYO3_PYTHON := $(PYTHON)
 
-.PHONY: all port erlang test cargo-test pytest ct dialyzer demo bootstrap tools clean \
+.PHONY: all port erlang python-env test cargo-test pytest ct dialyzer demo bootstrap tools clean \
         bench soak fuzz test-matrix proper-long
 
 all: port erlang
@@ -35,6 +35,18 @@ port:
 	@sed 's|@PYTHON@|$(PYTHON)|' scripts/launcher.sh > priv/pyport.tmp && chmod 755 priv/pyport.tmp
 	@cmp -s priv/pyport.tmp priv/pyport && rm -f priv/pyport.tmp || mv -f priv/pyport.tmp priv/pyport
 	@echo '$(PYTHON)' > priv/pyport.python
+
+# Builds ahead of time the Python environment that PYTHON_REQUIREMENTS (a requirements.txt or
+# a pyproject.toml) declares, exactly as the application's start would (same cache key, so the
+# start then finds it): into PYTHON_ENV_DIR (default: the user's cache folder, as the app env
+# python_env_dir), from PYTHON_ENV_PYTHON (default: PYTHON), offline from PYTHON_WHEELS if set.
+PYTHON_ENV_DIR ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/pyport/python_envs
+PYTHON_ENV_PYTHON ?= $(PYTHON)
+python-env:
+	@test -n "$(PYTHON_REQUIREMENTS)" || { echo "usage: make python-env PYTHON_REQUIREMENTS=file [PYTHON_ENV_DIR=dir] [PYTHON_WHEELS=dir] [PYTHON_ENV_PYTHON=python]" >&2; exit 2; }
+	$(PYTHON_ENV_PYTHON) -I priv/pyport_env.py --requirements "$(abspath $(PYTHON_REQUIREMENTS))" \
+	  --envs "$(abspath $(PYTHON_ENV_DIR))" $(if $(PYTHON_WHEELS),--wheels "$(abspath $(PYTHON_WHEELS))") \
+	  $(if $(wildcard $(dir $(PYTHON))uv),--uv "$(dir $(PYTHON))uv")
 
 erlang: $(BEAMS) ebin/pyport.app doc/chunks/py.chunk
 

@@ -2,7 +2,8 @@
 %% runs every CPython 3.11+ on the machine (each runs a battery of calls), a virtualenv's
 %% packages import, a Python moved to another path is used from there, and an interpreter
 %% that cannot work (too old, not CPython) fails the application's start with a reason that
-%% names the problem. The probe that asks is bounded.
+%% names the problem. The probe that asks is bounded. `python_requirements' builds declared
+%% environments (offline, from wheels the test writes; cached, locked, failures named).
 -module(python_env_SUITE).
 
 -include_lib("common_test/include/ct.hrl").
@@ -15,18 +16,27 @@
          moved_python_is_used_from_its_new_place/1, older_version_is_refused/1,
          other_implementation_is_refused/1, missing_python_is_refused/1,
          every_installed_python_runs/1, app_relative_paths/1]).
+-export([requirements_env_is_built_and_used/1, cached_env_is_reused/1,
+         changed_file_builds_a_new_env/1, pyproject_dependencies_are_installed/1,
+         pip_installer_builds_the_env/1, missing_package_fails_the_start/1,
+         concurrent_builds_build_once/1, make_python_env_builds_ahead_of_time/1]).
 -export([probe_output_at_the_cap_is_read/1, probe_output_past_the_cap_is_refused/1,
          endless_probe_output_is_refused/1, hung_probe_is_killed_with_its_children/1,
          probe_dies_with_the_vm/1]).
 
 -define(SCRIPT_TIMEOUT_MS, 120000).
--define(ENV_KEYS, [python, python_probe_timeout_ms]).
+-define(ENV_KEYS, [python, python_probe_timeout_ms, python_requirements, python_wheels,
+                   python_env_dir, python_installer]).
 
 all() ->
     [readme_section_matches, virtualenv_packages_import, virtualenv_is_sys_executable,
      moved_python_is_used_from_its_new_place, older_version_is_refused,
      other_implementation_is_refused, missing_python_is_refused,
      every_installed_python_runs, app_relative_paths,
+     requirements_env_is_built_and_used, cached_env_is_reused,
+     changed_file_builds_a_new_env, pyproject_dependencies_are_installed,
+     pip_installer_builds_the_env, missing_package_fails_the_start,
+     concurrent_builds_build_once, make_python_env_builds_ahead_of_time,
      probe_output_at_the_cap_is_read, probe_output_past_the_cap_is_refused,
      endless_probe_output_is_refused, hung_probe_is_killed_with_its_children,
      probe_dies_with_the_vm].
@@ -64,7 +74,8 @@ readme_section_matches(_Config) ->
      || P <- [<<"application:set_env(pyport, python, \"/tmp/pyport_venv\")">>,
               <<"{ok,<<\"/tmp/pyport_venv/bin/python3\">>}">>, <<"py:restart()">>,
               <<"python_version_mismatch">>, <<"python_unsupported">>, <<"python_not_found">>,
-              <<"every CPython 3.11">>]].
+              <<"python_env_failed">>, <<"python_requirements">>, <<"python_wheels">>,
+              <<"make python-env">>]].
 
 %% A virtualenv made by the test, with a pure-Python package installed from a wheel the
 %% test writes itself (no network): set `python' to the virtualenv, and the package imports.
@@ -220,6 +231,161 @@ app_relative_paths(_Config) ->
     ok = application:set_env(pyport, python, {no_such_app_here, "bin/python3"}),
     ?assertMatch({error, {{bad_config, {unknown_application, no_such_app_here}}, _}},
                  application:start(pyport)).
+
+%%--------------------------------------------------------------------
+%% Declared environments (python_requirements), offline from wheels the test writes
+
+%% requirements.txt naming the test's wheel, `python_wheels' its folder: the port runs in a
+%% virtualenv built for it, in `python_env_dir', and the package imports.
+requirements_env_is_built_and_used(Config) ->
+    Envs = declare_env(Config, "envs_built", "requirements.txt", "pyport-wheel-demo==1.0\n"),
+    _ = pyport_ct_lib:start_app(),
+    ?assertEqual({ok, <<"hello from a wheel">>}, py:call(pyport_wheel_demo, greet, [])),
+    {ok, Prefix} = py:eval(<<"__import__('sys').prefix">>),
+    ?assert(lists:prefix(Envs, binary_to_list(Prefix))),
+    ?assertMatch([_], published(Envs)).
+
+%% A second start with the same file finds the environment: nothing is built, the same
+%% interpreter runs. (Its time is printed: the start takes a fraction of a second.)
+cached_env_is_reused(Config) ->
+    Envs = declare_env(Config, "envs_cached", "requirements.txt", "pyport-wheel-demo==1.0\n"),
+    _ = pyport_ct_lib:start_app(),
+    {ok, First} = py:eval(<<"__import__('sys').executable">>),
+    Dirs = filelib:wildcard(filename:join(Envs, "*")),
+    ok = pyport_ct_lib:stop_app(),
+    T0 = erlang:monotonic_time(microsecond),
+    ok = application:start(pyport),
+    Us = erlang:monotonic_time(microsecond) - T0,
+    ct:pal("python_env: application:start/1 with a cached environment took ~.1f ms", [Us / 1000]),
+    ok = pyport_ct_lib:wait_ready(),
+    ?assertEqual({ok, First}, py:eval(<<"__import__('sys').executable">>)),
+    ?assertEqual(Dirs, filelib:wildcard(filename:join(Envs, "*"))).
+
+%% Another file's contents: another environment, the first one left as it was.
+changed_file_builds_a_new_env(Config) ->
+    Envs = declare_env(Config, "envs_changed", "requirements.txt", "pyport-wheel-demo==1.0\n"),
+    _ = pyport_ct_lib:start_app(),
+    [Old] = published(Envs),
+    ok = pyport_ct_lib:stop_app(),
+    ok = file:write_file(req_path(Config, "envs_changed", "requirements.txt"),
+                         "pyport-wheel-demo>=1.0\n"),
+    _ = pyport_ct_lib:start_app(),
+    ?assertEqual({ok, <<"hello from a wheel">>}, py:call(pyport_wheel_demo, greet, [])),
+    New = published(Envs),
+    ?assertEqual(2, length(New)),
+    ?assert(lists:member(Old, New)).
+
+%% pyproject.toml: its [project] dependencies are installed.
+pyproject_dependencies_are_installed(Config) ->
+    _ = declare_env(Config, "envs_pyproject", "pyproject.toml",
+                    "[project]\nname = \"app\"\nversion = \"0.1\"\n"
+                    "dependencies = [\"pyport-wheel-demo\"]\n"),
+    _ = pyport_ct_lib:start_app(),
+    ?assertEqual({ok, <<"hello from a wheel">>}, py:call(pyport_wheel_demo, greet, [])).
+
+%% Without uv (python_installer pip): venv and pip build the same environment.
+pip_installer_builds_the_env(Config) ->
+    _ = declare_env(Config, "envs_pip", "requirements.txt", "pyport-wheel-demo\n"),
+    ok = application:set_env(pyport, python_installer, pip),
+    Logs = capture(fun() -> _ = pyport_ct_lib:start_app() end),
+    ?assertEqual({ok, <<"hello from a wheel">>}, py:call(pyport_wheel_demo, greet, [])),
+    ?assert(lists:any(fun(L) -> pyport_ct_lib:has(L, <<"with venv">>) end, Logs), Logs),
+    ?assert(lists:any(fun(L) -> pyport_ct_lib:has(L, <<"-m pip install">>) end, Logs), Logs).
+
+%% A package that is not there (offline): the start fails with python_env_failed, naming
+%% the command and what it said; nothing is published, no build folder is left; each step
+%% was logged as it started, the packages named.
+missing_package_fails_the_start(Config) ->
+    Envs = declare_env(Config, "envs_missing", "requirements.txt",
+                       "pyport-wheel-demo\nno-such-package-pyport==9.9\n"),
+    Logs = capture(fun() ->
+                           {error, {{python_env_failed, Output}, _}} = application:start(pyport),
+                           put(output, Output)
+                   end),
+    Output = get(output),
+    ct:log("~ts", [Output]),
+    ?assert(pyport_ct_lib:has(Output, <<"exit status 1">>), Output),
+    ?assert(pyport_ct_lib:has(Output, <<" pip install ">>), Output),
+    ?assert(pyport_ct_lib:has(Output, <<"no-such-package-pyport">>), Output),
+    ?assertEqual([], published(Envs)),
+    ?assertEqual([], [D || D <- filelib:wildcard(filename:join(Envs, "*")),
+                           filelib:is_dir(D)]),
+    ?assert(lists:any(fun(L) -> pyport_ct_lib:has(L, <<"installing 2 package(s): pyport-wheel-demo, no-such-package-pyport==9.9">>) end, Logs), Logs).
+
+%% Four builds of one environment at once (as four VMs starting together): one builds, the
+%% others wait for its lock and use what it published; one environment exists after.
+concurrent_builds_build_once(Config) ->
+    Envs = declare_env(Config, "envs_concurrent", "requirements.txt", "pyport-wheel-demo\n"),
+    Base = ?config(base_python, Config),
+    {ok, Facts} = pyport_python:probe(Base),
+    Req = req_path(Config, "envs_concurrent", "requirements.txt"),
+    Self = self(),
+    Pids = [spawn_link(fun() -> Self ! {built, self(), pyport_env:ensure(Base, Facts, Req)} end)
+            || _ <- lists:seq(1, 4)],
+    Results = pyport_ct_lib:collect(built, Pids),
+    ?assertMatch([{ok, _}, {ok, _}, {ok, _}, {ok, _}], Results),
+    ?assertEqual(1, length(lists:usort(Results))),
+    ?assertEqual(1, length(published(Envs))),
+    ?assertEqual(1, length([D || D <- filelib:wildcard(filename:join(Envs, "*")),
+                                 filelib:is_dir(D), not is_link(D)])).
+
+%% `make python-env' builds the environment ahead of time (as for a release): the
+%% application's start then builds nothing.
+make_python_env_builds_ahead_of_time(Config) ->
+    Envs = declare_env(Config, "envs_make", "requirements.txt", "pyport-wheel-demo\n"),
+    Checkout = filename:dirname(filename:dirname(code:which(py))),
+    {ok, Wheels} = application:get_env(pyport, python_wheels),
+    {Status, Out} = pyport_ct_lib:run_command(
+                      os:find_executable("make"),
+                      ["-s", "-C", Checkout, "python-env",
+                       "PYTHON_REQUIREMENTS=" ++ req_path(Config, "envs_make", "requirements.txt"),
+                       "PYTHON_ENV_DIR=" ++ Envs, "PYTHON_WHEELS=" ++ Wheels],
+                      [], ?SCRIPT_TIMEOUT_MS),
+    ct:log("make python-env: ~ts", [Out]),
+    ?assertEqual(0, Status),
+    [Built] = published(Envs),
+    Logs = capture(fun() -> _ = pyport_ct_lib:start_app() end),
+    ?assertEqual({ok, <<"hello from a wheel">>}, py:call(pyport_wheel_demo, greet, [])),
+    ?assertEqual([Built], published(Envs)),
+    ?assertNot(lists:any(fun(L) -> pyport_ct_lib:has(L, <<"building">>) end, Logs)).
+
+%% Writes the file, sets python_requirements, python_wheels (the test's wheel) and
+%% python_env_dir (returned).
+declare_env(Config, Name, File, Text) ->
+    Dir = filename:join(?config(priv_dir, Config), Name),
+    ok = filelib:ensure_dir(filename:join(Dir, "x")),
+    ok = file:write_file(filename:join(Dir, File), Text),
+    Wheels = filename:join(?config(priv_dir, Config), "wheels"),
+    ok = filelib:ensure_dir(filename:join(Wheels, "x")),
+    _ = write_wheel(Wheels),
+    Envs = filename:join(Dir, "envs"),
+    ok = application:set_env(pyport, python_requirements, filename:join(Dir, File)),
+    ok = application:set_env(pyport, python_wheels, Wheels),
+    ok = application:set_env(pyport, python_env_dir, Envs),
+    Envs.
+
+req_path(Config, Name, File) ->
+    filename:join([?config(priv_dir, Config), Name, File]).
+
+%% The published environments (symlinks) of an env folder.
+published(Envs) ->
+    lists:sort([P || P <- filelib:wildcard(filename:join(Envs, "*")), is_link(P)]).
+
+is_link(P) ->
+    case file:read_link_info(P) of
+        {ok, #file_info{type = symlink}} -> true;
+        _ -> false
+    end.
+
+%% Log texts of everything logged while Fun ran.
+capture(Fun) ->
+    ok = pyport_ct_lib:capture_logs(python_env_capture),
+    try
+        Fun(),
+        pyport_ct_lib:logged()
+    after
+        logger:remove_handler(python_env_capture)
+    end.
 
 %%--------------------------------------------------------------------
 %% The probe is bounded: output, time, and the life of the VM

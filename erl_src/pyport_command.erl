@@ -15,7 +15,10 @@
 -export_type([opts/0, result/0]).
 
 -type opts() :: #{timeout_ms => pos_integer(),
+                  %% past this many bytes of output the command is killed
                   max_output => pos_integer(),
+                  %% instead: keep only the last this many bytes, and let it run
+                  keep_output => pos_integer(),
                   env => [{string(), string() | false}],
                   cd => file:filename(),
                   %% called with each complete line of output as it arrives
@@ -43,7 +46,9 @@
 %% together). `{error, {timeout, Output}}' after `timeout_ms' (default 30 s), `{error,
 %% {output_over, Max, Output}}' as soon as the output passes `max_output' bytes (default
 %% 64 KiB; `Output' is the first `Max' bytes); in both cases the command's process group has
-%% been killed. `on_line' sees each line as it comes (progress reports).
+%% been killed. With `keep_output' instead, a command may say as much as it likes and
+%% `Output' is the last `keep_output' bytes of it. `on_line' sees each line as it comes
+%% (progress reports).
 -spec run(file:filename(), [string()], opts()) -> result().
 run(Exe, Args, Opts) ->
     PortOpts = [{args, ["-c", ?WRAPPER, "pyport-command", Exe | Args]},
@@ -58,9 +63,12 @@ run(Exe, Args, Opts) ->
                     end,
             Deadline = erlang:monotonic_time(millisecond)
                 + maps:get(timeout_ms, Opts, ?DEFAULT_TIMEOUT_MS),
-            Max = maps:get(max_output, Opts, ?DEFAULT_MAX_OUTPUT),
+            Limit = case Opts of
+                        #{keep_output := Keep} -> {tail, Keep};
+                        _ -> {kill, maps:get(max_output, Opts, ?DEFAULT_MAX_OUTPUT)}
+                    end,
             OnLine = maps:get(on_line, Opts, undefined),
-            Result = collect(Port, #{deadline => Deadline, max => Max, on_line => OnLine},
+            Result = collect(Port, #{deadline => Deadline, limit => Limit, on_line => OnLine},
                              {[], 0, <<>>}),
             kill_group(OsPid),
             close(Port),
@@ -81,22 +89,33 @@ last_lines(Output, N) ->
 
 %% Acc: {chunks kept (reversed), bytes kept, the unfinished line for on_line}.
 -spec collect(port(), map(), {[binary()], non_neg_integer(), binary()}) -> result().
-collect(Port, #{deadline := Deadline, max := Max, on_line := OnLine} = Ctx,
+collect(Port, #{deadline := Deadline, limit := Limit, on_line := OnLine} = Ctx,
         {Chunks, Size, Partial}) ->
     Left = max(0, Deadline - erlang:monotonic_time(millisecond)),
     receive
-        {Port, {data, D}} when Size + byte_size(D) > Max ->
+        {Port, {data, D}} when element(1, Limit) =:= kill,
+                               Size + byte_size(D) > element(2, Limit) ->
+            Max = element(2, Limit),
             Kept = binary:part(D, 0, Max - Size),
             {error, {output_over, Max, output([Kept | Chunks])}};
         {Port, {data, D}} ->
             Partial1 = lines(OnLine, <<Partial/binary, D/binary>>),
-            collect(Port, Ctx, {[D | Chunks], Size + byte_size(D), Partial1});
+            collect(Port, Ctx, keep(Limit, [D | Chunks], Size + byte_size(D), Partial1));
         {Port, {exit_status, S}} ->
             _ = lines(OnLine, <<Partial/binary, "\n">>),
             {ok, S, output(Chunks)}
     after Left ->
         {error, {timeout, output(Chunks)}}
     end.
+
+%% With {tail, N}: past 2N bytes kept, only the last N are (bounded memory, one copy per N).
+-spec keep({kill | tail, pos_integer()}, [binary()], non_neg_integer(), binary()) ->
+          {[binary()], non_neg_integer(), binary()}.
+keep({tail, N}, Chunks, Size, Partial) when Size > 2 * N ->
+    All = output(Chunks),
+    {[binary:part(All, Size - N, N)], N, Partial};
+keep(_Limit, Chunks, Size, Partial) ->
+    {Chunks, Size, Partial}.
 
 -spec output([binary()]) -> binary().
 output(Chunks) ->

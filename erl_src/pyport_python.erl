@@ -5,7 +5,9 @@
 %% later, and a virtualenv's interpreter as that virtualenv. {@link resolve/0} picks the
 %% interpreter, before any port starts: the app env `python' (an interpreter, or a virtualenv
 %% directory; a path, or `{App, RelativePath}' inside an application's directory), else the
-%% one pyport was built with (`priv/pyport.python'). It asks the interpreter, once, for its version and kind, and refuses one
+%% one pyport was built with (`priv/pyport.python'). With `python_requirements' set, the
+%% port runs in a virtualenv built for that file from the interpreter (see {@link
+%% pyport_env}). It asks the interpreter, once, for its version and kind, and refuses one
 %% that cannot work with a reason that says why. {@link port_env/0} is then the port's
 %% environment: `PYPORT_PYTHON', the interpreter the launcher starts.
 %%
@@ -41,7 +43,7 @@
 %% the start with a reason that says what is wrong:
 %% `{python_version_mismatch, #{python := Path, version := "3.10", supported := "3.11 or later"}}',
 %% `{python_unsupported, Path, Why}' (not CPython, or a free-threaded build),
-%% `{python_not_found, Path}', and
+%% `{python_not_found, Path}', `{python_env_failed, Output}' (see {@link pyport_env}), and
 %% `{python_probe_failed, Path, Detail}' (the probe exited with a status other than 0,
 %% ran past `python_probe_timeout_ms' or wrote more than {@link probe_max_output/0} bytes:
 %% `Detail' is `{Status | timeout | {output_over, Max}, Output}').
@@ -63,8 +65,11 @@ base() ->
 -spec resolve(string()) -> ok | {error, term()}.
 resolve(Base) ->
     Result = case check(Base) of
-                 {ok, _Facts} ->
-                     {ok, Base};
+                 {ok, Facts} ->
+                     case application:get_env(pyport, python_requirements) of
+                         {ok, Req} -> pyport_env:ensure(Base, Facts, app_path(Req));
+                         undefined -> {ok, Base}
+                     end;
                  {error, _} = E ->
                      E
              end,
