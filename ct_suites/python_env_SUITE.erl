@@ -3,7 +3,8 @@
 %% packages import, a Python moved to another path is used from there, and an interpreter
 %% that cannot work (too old, not CPython) fails the application's start with a reason that
 %% names the problem. The probe that asks is bounded. `python_requirements' builds declared
-%% environments (offline, from wheels the test writes; cached, locked, failures named).
+%% environments (offline, from wheels the test writes; cached, locked, failures named), and
+%% py:restart/0 switches Python in a running VM.
 -module(python_env_SUITE).
 
 -include_lib("common_test/include/ct.hrl").
@@ -20,6 +21,8 @@
          changed_file_builds_a_new_env/1, pyproject_dependencies_are_installed/1,
          pip_installer_builds_the_env/1, missing_package_fails_the_start/1,
          concurrent_builds_build_once/1, make_python_env_builds_ahead_of_time/1]).
+-export([restart_switches_python/1, restart_answers_callers_in_flight/1,
+         restart_with_a_bad_python_keeps_the_port/1]).
 -export([probe_output_at_the_cap_is_read/1, probe_output_past_the_cap_is_refused/1,
          endless_probe_output_is_refused/1, hung_probe_is_killed_with_its_children/1,
          probe_dies_with_the_vm/1]).
@@ -37,6 +40,8 @@ all() ->
      changed_file_builds_a_new_env, pyproject_dependencies_are_installed,
      pip_installer_builds_the_env, missing_package_fails_the_start,
      concurrent_builds_build_once, make_python_env_builds_ahead_of_time,
+     restart_switches_python, restart_answers_callers_in_flight,
+     restart_with_a_bad_python_keeps_the_port,
      probe_output_at_the_cap_is_read, probe_output_past_the_cap_is_refused,
      endless_probe_output_is_refused, hung_probe_is_killed_with_its_children,
      probe_dies_with_the_vm].
@@ -386,6 +391,54 @@ capture(Fun) ->
     after
         logger:remove_handler(python_env_capture)
     end.
+
+%%--------------------------------------------------------------------
+%% py:restart/0
+
+%% In a running VM: set `python' to a virtualenv, py:restart(), and the port runs there
+%% (the README's shell recipe).
+restart_switches_python(Config) ->
+    _ = pyport_ct_lib:start_app(),
+    ?assertMatch({error, {python, 'ModuleNotFoundError', _, _}},
+                 py:call(pyport_wheel_demo, greet, [])),
+    Gen = pyport_ct_lib:stat(generation),
+    Venv = make_venv(Config),
+    ok = application:set_env(pyport, python, Venv),
+    ?assertEqual(ok, py:restart()),
+    ?assertEqual({ok, <<"hello from a wheel">>}, py:call(pyport_wheel_demo, greet, [])),
+    ?assert(pyport_ct_lib:stat(generation) > Gen),
+    %% and back
+    ok = application:unset_env(pyport, python),
+    ok = py:restart(),
+    ?assertMatch({error, {python, 'ModuleNotFoundError', _, _}},
+                 py:call(pyport_wheel_demo, greet, [])).
+
+%% A call in flight when the port restarts is answered as a crash answers it; a SharedDict
+%% of the old port is destroyed.
+restart_answers_callers_in_flight(_Config) ->
+    _ = pyport_ct_lib:start_app(),
+    {ok, SD} = py:shared_dict_new(),
+    Self = self(),
+    Caller = spawn_link(fun() -> Self ! {slow, self(), py:eval(<<"__import__('time').sleep(30)">>)} end),
+    pyport_ct_lib:wait_until(fun() -> pyport_ct_lib:stat(pending) >= 1 end, 10000, call_in_flight),
+    ok = py:restart(),
+    ?assertEqual([{error, {pyport_exit, restart}}], pyport_ct_lib:collect(slow, [Caller])),
+    pyport_ct_lib:assert_destroyed(SD),
+    ?assertEqual({ok, 2}, py:eval(<<"1 + 1">>)).
+
+%% A python setting that cannot work: py:restart() says why and the port keeps running.
+restart_with_a_bad_python_keeps_the_port(Config) ->
+    _ = pyport_ct_lib:start_app(),
+    ok = py:exec(<<"kept = 1">>),
+    Gen = pyport_ct_lib:stat(generation),
+    Missing = filename:join(?config(priv_dir, Config), "no_python_here"),
+    ok = application:set_env(pyport, python, Missing),
+    ?assertEqual({error, {python_not_found, Missing}}, py:restart()),
+    ?assertEqual({ok, 1}, py:eval(<<"kept">>)),
+    ?assertEqual(Gen, pyport_ct_lib:stat(generation)),
+    ok = application:unset_env(pyport, python),
+    ?assertEqual({error, {pyport_unavailable, not_started}},
+                 begin ok = pyport_ct_lib:stop_app(), py:restart() end).
 
 %%--------------------------------------------------------------------
 %% The probe is bounded: output, time, and the life of the VM
