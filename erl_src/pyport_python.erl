@@ -21,6 +21,8 @@
 
 -export_type([facts/0]).
 
+-include_lib("kernel/include/file.hrl").
+
 -define(PROBE_TIMEOUT_MS, 30000).
 -define(PROBE_MAX_OUTPUT, 65536).
 -define(KEY, {?MODULE, env}).
@@ -134,9 +136,28 @@ check(Python) ->
         false ->
             {error, {python_not_found, Python}};
         true ->
-            case probe(Python) of
-                {ok, Facts} -> verdict(Python, Facts);
-                {error, _} = E -> E
+            %% The answer of an interpreter that passed is kept for this VM while its program
+            %% file stays the same (size, time, inode): restarts do not ask again.
+            Stamp = case file:read_file_info(Python) of
+                        {ok, #file_info{size = S, mtime = M, inode = I}} -> {S, M, I};
+                        {error, _} -> none
+                    end,
+            case persistent_term:get({?MODULE, checked, Python}, undefined) of
+                {Stamp, Facts} when Stamp =/= none ->
+                    {ok, Facts};
+                _ ->
+                    case probe(Python) of
+                        {ok, Facts0} ->
+                            case verdict(Python, Facts0) of
+                                {ok, Facts} ->
+                                    persistent_term:put({?MODULE, checked, Python}, {Stamp, Facts}),
+                                    {ok, Facts};
+                                Refused ->
+                                    Refused
+                            end;
+                        {error, _} = E ->
+                            E
+                    end
             end
     end.
 
