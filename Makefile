@@ -8,8 +8,10 @@ PYTHON ?= $(shell python3 -c 'import sys; print(sys.executable)' 2>/dev/null)
 CARGO  ?= cargo
 ERLC   ?= erlc
 BUILD  := _build
-# cargo's output folder; a shared CARGO_TARGET_DIR (as the sample-project tests use) is honoured.
-TARGET_DIR := $(or $(CARGO_TARGET_DIR),target)
+# cargo's output folder: CARGO_TARGET_DIR if set, else one in the user's cache folder that
+# every project using pyport on this machine shares (Rust's dependencies are built once).
+TARGET_DIR := $(or $(CARGO_TARGET_DIR),$(or $(XDG_CACHE_HOME),$(HOME)/.cache)/pyport/cargo-target)
+export CARGO_TARGET_DIR := $(TARGET_DIR)
 
 ERL_SRCS := $(wildcard erl_src/*.erl)
 BEAMS    := $(patsubst erl_src/%.erl,ebin/%.beam,$(ERL_SRCS))
@@ -24,17 +26,10 @@ export PYO3_PYTHON := $(PYTHON)
 all: port erlang
 
 # cargo is incremental; always asking it keeps the extension module in step with the sources.
-# priv/pyport is the launcher (scripts/launcher.sh) with PYTHON as its default interpreter,
-# also recorded in priv/pyport.python for the Erlang side.
-CORE := $(TARGET_DIR)/release/libpyport_core.so
+# scripts/build_port.sh also writes priv/pyport, the launcher with PYTHON as its default
+# interpreter (recorded in priv/pyport.python for the Erlang side).
 port:
-	$(CARGO) build --release --locked 2>&1 | grep -v '^\s*Fresh' || true
-	@test -f $(CORE) || { echo "cargo build failed" >&2; exit 1; }
-	@mkdir -p priv
-	@cmp -s $(CORE) priv/pyport_core.abi3.so || { cp $(CORE) priv/pyport_core.abi3.so.tmp && mv -f priv/pyport_core.abi3.so.tmp priv/pyport_core.abi3.so; }
-	@sed 's|@PYTHON@|$(PYTHON)|' scripts/launcher.sh > priv/pyport.tmp && chmod 755 priv/pyport.tmp
-	@cmp -s priv/pyport.tmp priv/pyport && rm -f priv/pyport.tmp || mv -f priv/pyport.tmp priv/pyport
-	@echo '$(PYTHON)' > priv/pyport.python
+	@bash scripts/build_port.sh "$(TARGET_DIR)" "$(PYTHON)"
 
 # Builds ahead of time the Python environment that PYTHON_REQUIREMENTS (a requirements.txt or
 # a pyproject.toml) declares, exactly as the application's start would (same cache key, so the
@@ -90,7 +85,7 @@ test: tools
 	exit $$rc
 
 cargo-test:
-	$(CARGO) test --release --locked
+	@bash scripts/build_port.sh "$(TARGET_DIR)" "$(PYTHON)" --test
 
 pytest: port
 	PYPORT_BIN=$(CURDIR)/priv/pyport $(PYTHON) -m pytest -q pytests
@@ -117,13 +112,14 @@ demo: tools
 	@erlc -o $(BUILD) examples/pyport_demo.erl 2>/dev/null || { mkdir -p $(BUILD) && erlc -o $(BUILD) examples/pyport_demo.erl; }
 	erl -noshell -pa ebin -pa $(BUILD) -eval 'pyport_demo:main(), halt().'
 
+# Only pyport's own artifacts: the shared target folder keeps the dependencies.
 clean:
-	$(CARGO) clean
+	$(CARGO) clean --release -p pyport
 	rm -rf ebin priv/pyport priv/pyport_core.abi3.so priv/pyport.python doc $(BUILD)
 
-# Builds and tests against every CPython 3.11+ found (pyenv versions, /usr/bin), each in its
-# own target dir, and says which ran. Not part of `make test`.
-test-matrix:
+# pytest with the one build running in every CPython 3.11+ found (pyenv versions, /usr/bin),
+# and says which ran. Not part of `make test` (python_env_SUITE runs every one of them).
+test-matrix: all
 	@bash scripts/test_matrix.sh
 include bench/bench.mk
 include fuzz.mk
