@@ -8,8 +8,10 @@ PYTHON ?= $(shell python3 -c 'import sys; print(sys.executable)' 2>/dev/null)
 CARGO  ?= cargo
 ERLC   ?= erlc
 BUILD  := _build
-# cargo's output folder; a shared CARGO_TARGET_DIR (as the sample-project tests use) is honoured.
-TARGET_DIR := $(or $(CARGO_TARGET_DIR),target)
+# cargo's output folder: CARGO_TARGET_DIR if set, else one in the user's cache folder that
+# every project using pyport on this machine shares (Rust's dependencies are built once).
+TARGET_DIR := $(or $(CARGO_TARGET_DIR),$(or $(XDG_CACHE_HOME),$(HOME)/.cache)/pyport/cargo-target)
+export CARGO_TARGET_DIR := $(TARGET_DIR)
 
 ERL_SRCS := $(wildcard erl_src/*.erl)
 BEAMS    := $(patsubst erl_src/%.erl,ebin/%.beam,$(ERL_SRCS))
@@ -18,19 +20,28 @@ PLT      := $(BUILD)/pyport.plt
 
 export PYO3_PYTHON := $(PYTHON)
 
-.PHONY: all port erlang test cargo-test pytest ct dialyzer demo bootstrap tools clean \
+.PHONY: all port erlang python-env test cargo-test pytest ct dialyzer demo bootstrap tools clean \
         bench soak fuzz test-matrix proper-long
 
 all: port erlang
 
-# cargo is incremental; always asking it keeps priv/pyport in step with PYTHON and the sources.
+# cargo is incremental; always asking it keeps the extension module in step with the sources.
+# scripts/build_port.sh also writes priv/pyport, the launcher with PYTHON as its default
+# interpreter (recorded in priv/pyport.python for the Erlang side).
 port:
-	$(CARGO) build --release --locked 2>&1 | grep -v '^\s*Fresh' || true
-	@test -x $(TARGET_DIR)/release/pyport || { echo "cargo build failed" >&2; exit 1; }
-	@mkdir -p priv
-	@cmp -s $(TARGET_DIR)/release/pyport priv/pyport || { cp $(TARGET_DIR)/release/pyport priv/pyport.tmp && mv -f priv/pyport.tmp priv/pyport; }
-	@# The Python version the binary needs: the app env `python' is checked against it.
-	@$(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])' > priv/pyport.python-version
+	@bash scripts/build_port.sh "$(TARGET_DIR)" "$(PYTHON)"
+
+# Builds ahead of time the Python environment that PYTHON_REQUIREMENTS (a requirements.txt or
+# a pyproject.toml) declares, exactly as the application's start would (same cache key, so the
+# start then finds it): into PYTHON_ENV_DIR (default: the user's cache folder, as the app env
+# python_env_dir), from PYTHON_ENV_PYTHON (default: PYTHON), offline from PYTHON_WHEELS if set.
+PYTHON_ENV_DIR ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/pyport/python_envs
+PYTHON_ENV_PYTHON ?= $(PYTHON)
+python-env:
+	@test -n "$(PYTHON_REQUIREMENTS)" || { echo "usage: make python-env PYTHON_REQUIREMENTS=file [PYTHON_ENV_DIR=dir] [PYTHON_WHEELS=dir] [PYTHON_ENV_PYTHON=python]" >&2; exit 2; }
+	$(PYTHON_ENV_PYTHON) -I priv/pyport_env.py --requirements "$(abspath $(PYTHON_REQUIREMENTS))" \
+	  --envs "$(abspath $(PYTHON_ENV_DIR))" $(if $(PYTHON_WHEELS),--wheels "$(abspath $(PYTHON_WHEELS))") \
+	  $(if $(wildcard $(dir $(PYTHON))uv),--uv "$(dir $(PYTHON))uv")
 
 erlang: $(BEAMS) ebin/pyport.app doc/chunks/py.chunk
 
@@ -74,7 +85,7 @@ test: tools
 	exit $$rc
 
 cargo-test:
-	$(CARGO) test --release --locked
+	@bash scripts/build_port.sh "$(TARGET_DIR)" "$(PYTHON)" --test
 
 pytest: port
 	PYPORT_BIN=$(CURDIR)/priv/pyport $(PYTHON) -m pytest -q pytests
@@ -101,13 +112,14 @@ demo: tools
 	@erlc -o $(BUILD) examples/pyport_demo.erl 2>/dev/null || { mkdir -p $(BUILD) && erlc -o $(BUILD) examples/pyport_demo.erl; }
 	erl -noshell -pa ebin -pa $(BUILD) -eval 'pyport_demo:main(), halt().'
 
+# Only pyport's own artifacts: the shared target folder keeps the dependencies.
 clean:
-	$(CARGO) clean
-	rm -rf ebin priv/pyport doc $(BUILD)
+	$(CARGO) clean --release -p pyport
+	rm -rf ebin priv/pyport priv/pyport_core.abi3.so priv/pyport.python doc $(BUILD)
 
-# Builds and tests against every CPython 3.11+ found (pyenv versions, /usr/bin), each in its
-# own target dir, and says which ran. Not part of `make test`.
-test-matrix:
+# pytest with the one build running in every CPython 3.11+ found (pyenv versions, /usr/bin),
+# and says which ran. Not part of `make test` (python_env_SUITE runs every one of them).
+test-matrix: all
 	@bash scripts/test_matrix.sh
 include bench/bench.mk
 include fuzz.mk

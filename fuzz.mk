@@ -2,4 +2,4 @@
 # runs for 60 s inside `cargo test`, always from the same seed. Here the seed is random unless
 # FUZZ_SEED=<64 hex> replays a run. FUZZ_SECONDS=N sets the duration.
 fuzz:
-	FUZZ_SECONDS=$${FUZZ_SECONDS:-1800} FUZZ_SEED=$${FUZZ_SEED:-random} $(CARGO) test --release --locked fuzz_bounded -- --nocapture
+	FUZZ_SECONDS=$${FUZZ_SECONDS:-1800} FUZZ_SEED=$${FUZZ_SEED:-random} bash scripts/build_port.sh "$(TARGET_DIR)" "$(PYTHON)" --test fuzz_bounded -- --nocapture

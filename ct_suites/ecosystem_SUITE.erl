@@ -1,9 +1,10 @@
-%% @doc pyport as a dependency of other projects, built the way their users build them:
-%% a rebar3 application that depends on pyport by git URL (compile, a call from `erl' and
-%% from `rebar3 shell', a release that starts and answers) and as a `_checkouts' path
-%% dependency. Each project is built from a clean copy of this checkout (a bare git clone of
-%% its files as they are now), sharing this checkout's cargo target folder so that Rust's
-%% dependencies are compiled once.
+%% @doc pyport as a dependency of other projects, built the way their users build them, from
+%% the README's text: a project made by `rebar3 new app' that depends on pyport by git URL
+%% (compile, a call from `erl' and from `rebar3 shell', the virtualenv recipe in `rebar3
+%% shell', a release that starts and answers) and as a `_checkouts' path dependency; a project
+%% made by `mix new' (calls, docs in IEx, the virtualenv recipe in `iex -S mix'). Each project
+%% is built from a clean copy of this checkout (a bare git clone of its files as they are now),
+%% sharing the cargo target folder every build on the machine shares, so Rust is compiled once.
 %%
 %% The shell scripts in ecosystem_SUITE_data/ do the building and print `RESULT' lines; each
 %% test case checks one of them.
@@ -21,22 +22,27 @@
 -export([mix_project_calls_with_none_as_nil/1, mix_build_has_docs/1, iex_h_shows_docs/1]).
 -export([rebar3_git_dep_compiles_and_calls/1, rebar3_shell_calls/1,
          rebar3_release_answers/1, rebar3_release_finds_priv/1,
-         rebar3_checkouts_dep_calls/1]).
+         rebar3_checkouts_dep_calls/1, rebar3_shell_switches_to_a_virtualenv/1,
+         iex_switches_to_a_virtualenv/1, readme_shell_recipes_are_what_the_shells_run/1,
+         build_without_cargo_says_what_to_install/1]).
 
 %% A whole sample build (cargo for pyport's own crate, rebar3, a release) on a busy
 %% 2-core machine.
 -define(SCRIPT_TIMEOUT_MS, 600000).
 
 all() -> [readme_rebar3_section_is_the_sample, readme_mix_section_is_the_sample,
+          readme_shell_recipes_are_what_the_shells_run, build_without_cargo_says_what_to_install,
           bootstrap_check_names_what_is_missing, bootstrap_check_is_quick_when_nothing_is_missing,
           make_test_as_a_user_prints_the_command,
           {group, rebar3}, {group, mix}].
 
 groups() ->
     [{rebar3, [], [rebar3_git_dep_compiles_and_calls, rebar3_shell_calls,
+                   rebar3_shell_switches_to_a_virtualenv,
                    rebar3_release_answers, rebar3_release_finds_priv,
                    rebar3_checkouts_dep_calls, rebar3_build_has_docs]},
-     {mix, [], [mix_project_calls_with_none_as_nil, mix_build_has_docs, iex_h_shows_docs]}].
+     {mix, [], [mix_project_calls_with_none_as_nil, mix_build_has_docs, iex_h_shows_docs,
+                iex_switches_to_a_virtualenv]}].
 
 init_per_suite(Config) ->
     Data = ?config(data_dir, Config),
@@ -78,28 +84,63 @@ init_per_group(mix, Config) ->
 end_per_group(_Group, _Config) ->
     ok.
 
-%% The README's "Use it from rebar3" section shows the sample project these tests build: its
-%% dependency entry and its module, verbatim.
+%% The README's "Use it from rebar3" section shows what the sample script puts into the
+%% project `rebar3 new app' made: the deps and relx block, and the module, verbatim.
 readme_rebar3_section_is_the_sample(Config) ->
     Data = ?config(data_dir, Config),
     Section = readme_section(?config(checkout, Config), "## Use it from rebar3"),
-    {ok, Mod} = file:read_file(filename:join(Data, "hello_rebar/src/hello.erl")),
-    {ok, RebarConfig} = file:read_file(filename:join(Data, "hello_rebar/rebar.config")),
-    [Deps | _] = binary:split(RebarConfig, <<"\n{relx">>),
-    [_, DepsEntry] = binary:split(Deps, <<"\n">>),
-    ?assertNotEqual(nomatch, binary:match(Section, Mod)),
-    ?assertNotEqual(nomatch, binary:match(Section, DepsEntry)).
+    [?assertNotEqual(nomatch, binary:match(Section, Part), Part)
+     || F <- ["hello_rebar/src/hello.erl", "hello_rebar/rebar.config.snippet"],
+        {ok, Part} <- [file:read_file(filename:join(Data, F))]],
+    ?assertNotEqual(nomatch, binary:match(Section, <<"replace `{deps, []}.`">>)),
+    ?assertNotEqual(nomatch, binary:match(Section, <<"Add `pyport` to `applications` in `src/hello.app.src` (after `stdlib`)">>)).
 
-%% The README's "Use it from Elixir/mix" section shows the sample Mix project: its
-%% dependency entry, its config and its module, verbatim.
+%% The README's "Use it from Elixir/mix" section shows the deps function, the config and the
+%% module the sample script puts into the project `mix new' made, verbatim.
 readme_mix_section_is_the_sample(Config) ->
     Data = ?config(data_dir, Config),
     Section = readme_section(?config(checkout, Config), "## Use it from Elixir/mix"),
-    {ok, Mod} = file:read_file(filename:join(Data, "hello_mix/lib/hello_mix.ex")),
-    {ok, Cfg} = file:read_file(filename:join(Data, "hello_mix/config/config.exs")),
-    {ok, MixExs} = file:read_file(filename:join(Data, "hello_mix/mix.exs")),
-    {match, [Dep]} = re:run(MixExs, "\\{:pyport,[^\n]*", [{capture, all, binary}]),
-    [?assertNotEqual(nomatch, binary:match(Section, Part), Part) || Part <- [Mod, Cfg, Dep]].
+    [?assertNotEqual(nomatch, binary:match(Section, Part), Part)
+     || F <- ["hello_mix/lib/hello_mix.ex", "hello_mix/config/config.exs", "hello_mix/deps.snippet"],
+        {ok, Part} <- [file:read_file(filename:join(Data, F))]].
+
+%% The shell sessions of "Choose a Python or a virtualenv" are what the samples type into
+%% `rebar3 shell' and `iex -S mix'.
+readme_shell_recipes_are_what_the_shells_run(Config) ->
+    Data = ?config(data_dir, Config),
+    Section = readme_section(?config(checkout, Config), "## Choose a Python or a virtualenv"),
+    {ok, Erl} = file:read_file(filename:join(Data, "shell_venv.erl.txt")),
+    {ok, Exs} = file:read_file(filename:join(Data, "shell_venv.exs.txt")),
+    Lines = fun(B) -> [L || L <- binary:split(B, <<"\n">>, [global]), L =/= <<>>] end,
+    [?assertNotEqual(nomatch, binary:match(Section, <<(integer_to_binary(N))/binary, "> ", L/binary>>), L)
+     || {N, L} <- lists:zip(lists:seq(1, 3), Lines(Erl))],
+    [?assertNotEqual(nomatch, binary:match(Section, <<"iex(", (integer_to_binary(N))/binary, ")> ", L/binary>>), L)
+     || {N, L} <- lists:zip(lists:seq(1, 3), Lines(Exs))].
+
+%% `rebar3 shell': set `python' to a virtualenv, py:restart(), and Python runs there.
+rebar3_shell_switches_to_a_virtualenv(Config) ->
+    Venv = filename:join(?config(work, Config), "pyport_venv"),
+    ?assertEqual("{shell_venv_1,ok} {shell_venv_2,ok} {shell_venv_3,{ok,<<\"" ++ Venv ++ "/bin/python3\">>}}",
+                 lists:flatten(lists:join(" ", results_of(shell_venv, Config)))).
+
+%% The same in `iex -S mix'.
+iex_switches_to_a_virtualenv(Config) ->
+    Venv = filename:join(?config(work, Config), "pyport_venv_mix"),
+    ?assertEqual([":ok", ":ok", "{:ok, \"" ++ Venv ++ "/bin/python3\"}"],
+                 [result(K, Config) || K <- [iex_venv_1, iex_venv_2, iex_venv_3]]).
+
+%% Without cargo on PATH the build stops at once and says what is missing and how to
+%% install it.
+build_without_cargo_says_what_to_install(Config) ->
+    Checkout = ?config(checkout, Config),
+    Bin = path_without_rebar3(Config, "no_cargo"),
+    {Status, Out} = run("-c", ["PATH=\"$1\" exec \"$2\" \"$3\" /nonexistent/target python3",
+                               "sh", Bin, os:find_executable("bash"),
+                               filename:join(Checkout, "scripts/build_port.sh")],
+                        Checkout),
+    ?assertEqual(1, Status),
+    [?assertMatch({match, _}, re:run(Out, P), P)
+     || P <- ["needs Rust's cargo, and there is no `cargo' on PATH", "rustup", "apt-get install cargo"]].
 
 %% A Mix project with pyport as a `manager: :make' git dependency calls Python from Elixir
 %% (a keyword list as kwargs, a SharedDict, a Date struct), and with `none_as: nil' gets nil
@@ -188,15 +229,12 @@ rebar3_checkouts_dep_calls(Config) ->
 %% Helpers
 %%--------------------------------------------------------------------
 
-%% Runs a script with bash; returns its exit status and its output (stdout and stderr).
-%% CARGO_TARGET_DIR points at the checkout's own target folder.
-run(Script, Args, Checkout) ->
-    Target = case os:getenv("CARGO_TARGET_DIR") of
-                 false -> filename:join(Checkout, "target");
-                 Dir -> Dir
-             end,
-    pyport_ct_lib:run_command(os:find_executable("bash"), [Script | Args],
-                              [{"CARGO_TARGET_DIR", Target}], ?SCRIPT_TIMEOUT_MS).
+%% Runs a script with bash; returns its exit status and its output (stdout and stderr). The
+%% scripts find their way from their arguments (Dir is unused). The builds use the cargo target folder every build here uses (the Makefile's
+%% default, or CARGO_TARGET_DIR when set), as a user's would.
+run(Script, Args, Dir) ->
+    _ = Dir,
+    pyport_ct_lib:run_command(os:find_executable("bash"), [Script | Args], [], ?SCRIPT_TIMEOUT_MS).
 
 %% The text of the README from the heading Title to the next second-level heading.
 readme_section(Checkout, Title) ->
@@ -223,6 +261,11 @@ results(Out) ->
     maps:from_list([{K, string:trim(V)} || L <- Lines,
                                           {match, [K, V]} <- [re:run(L, "RESULT (\\S+) ?(.*)$",
                                                                     [{capture, all_but_first, list}])]]).
+
+%% The values of the "RESULT Key_N ..." lines, in order.
+results_of(Key, Config) ->
+    [V || {K, V} <- lists:sort(maps:to_list(?config(results, Config))),
+          lists:prefix(atom_to_list(Key), K)].
 
 result(Key, Config) ->
     Results = ?config(results, Config),

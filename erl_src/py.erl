@@ -42,7 +42,7 @@
          shared_dict_del/2, shared_dict_keys/1, shared_dict_destroy/1,
          shared_dict_update_counter/3, shared_dict_compare_and_swap/4,
          register_function/2, register_function/3, unregister_function/1,
-         stats/0]).
+         stats/0, restart/0]).
 %% Asynchronous calls (the machinery is in pyport_async).
 -export([cast/3, cast/4, spawn_call/3, spawn_call/4, await/1, await/2]).
 -export([stream_start/3, stream_start/4, stream_start/5, stream_ack/1, stream_ack/2,
@@ -715,6 +715,22 @@ restore_log_env(Key, {ok, V}) -> application:set_env(pyport, Key, V).
 %%====================================================================
 %% stats
 %%====================================================================
+
+%% @doc Restarts the port program(s) with the application environment as it is now, for
+%% instance after `application:set_env(pyport, python, "/path/to/venv")' in a running shell
+%% (the app env is otherwise read when the application starts). The interpreter is checked
+%% first, as at start (`python', `python_requirements', see the README): when it cannot
+%% work, `{error, Reason}' with the start's reasons and the running port is left as it is.
+%% Otherwise the port is replaced as a crash would replace it: callers in flight get
+%% `{error, {pyport_exit, restart}}', namespaces start empty, SharedDicts of the old port
+%% raise `shared_dict_destroyed', start-up code runs again. Returns `ok' once the new port
+%% is ready (Python up, start-up code finished), or `{error, {pyport_not_ready,
+%% #{timeout_ms, last_exit}}}' after `start_timeout_ms' (default 60 s) without a ready port
+%% (it keeps trying in the background, as after a crash).
+-spec restart() -> ok | {error, term()}.
+restart() ->
+    pyport_sup:restart_ports().
+
 
 %% @doc What the port holds (`dicts', `dict_keys', `dict_bytes',
 %% `namespaces', `workers', `busy_workers', `queued', `async_tasks' (coroutines

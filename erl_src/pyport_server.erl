@@ -21,7 +21,8 @@
 
 -include_lib("kernel/include/logger.hrl").
 
--export([start_link/0, generation/0, executable/0, functions_changed/0]).
+-export([start_link/0, generation/0, executable/0, functions_changed/0, restart_port/0,
+         wait_ready/2]).
 -export([init/1, handle_call/3, handle_cast/2, handle_info/2, terminate/2,
          code_change/3]).
 
@@ -30,7 +31,7 @@
 
 -type request_id() :: pos_integer().
 -type exit_info() :: not_started | {exit_status, integer()} | {port_exit, term()}
-                   | {spawn_failed, term()} | {startup_failed, term()}.
+                   | {spawn_failed, term()} | {startup_failed, term()} | restart.
 -type waiter() :: gen_server:from() | startup.
 %% A stream's flow control: acknowledged by its owner, or by the sender as the owner's
 %% mailbox empties (with the stream's window).
@@ -101,6 +102,41 @@ generation() ->
     case persistent_term:get(?GEN_KEY, undefined) of
         undefined -> undefined;
         Ref -> atomics:get(Ref, 1)
+    end.
+
+%% @doc Replaces the port program now, as a crash would (callers in flight get `{error,
+%% {pyport_exit, restart}}'), with the command line and environment of the current app
+%% env; returns the generation of the new port (see {@link py:restart/0}).
+-spec restart_port() -> non_neg_integer().
+restart_port() ->
+    gen_server:call(?MODULE, restart_port, infinity).
+
+%% @doc Waits until a port of generation `Gen' or later is ready (Python up, start-up code
+%% finished): `ok', or `{error, {pyport_not_ready, #{timeout_ms, last_exit}}}' after
+%% `Timeout' ms.
+-spec wait_ready(non_neg_integer(), pos_integer()) -> ok | {error, term()}.
+wait_ready(Gen, Timeout) ->
+    poll_ready(Gen, Timeout, now_ms() + Timeout).
+
+-spec poll_ready(non_neg_integer(), pos_integer(), integer()) -> ok | {error, term()}.
+poll_ready(Gen, Timeout, Deadline) ->
+    Stats = try gen_server:call(?MODULE, stats, max(1, Deadline - now_ms()))
+            catch exit:_ -> #{}
+            end,
+    case Stats of
+        #{ready := true, generation := G} when G >= Gen ->
+            ok;
+        _ ->
+            case now_ms() >= Deadline of
+                true ->
+                    {error, {pyport_not_ready, #{timeout_ms => Timeout,
+                                                 last_exit => maps:get(last_exit, Stats, unknown)}}};
+                false ->
+                    %% Readiness arrives as a frame the server handles; a short poll keeps
+                    %% the server free of waiters.
+                    receive after 20 -> ok end,
+                    poll_ready(Gen, Timeout, Deadline)
+            end
     end.
 
 %% @doc The path of the port program (see {@link pyport_program:executable/0}).
@@ -182,6 +218,10 @@ handle_call(stats, _From, State) ->
 handle_call(functions_changed, _From, State) ->
     send_functions(State),
     {reply, ok, State};
+handle_call(restart_port, _From, State) ->
+    State1 = restart(State#state{max_in_flight = max(1, pyport_program:env_int(max_in_flight, 10000)),
+                                 cache_max = pyport_sd_cache:max_bytes()}),
+    {reply, State1#state.gen, State1};
 handle_call(_Other, _From, State) ->
     {reply, {error, bad_call}, State}.
 
@@ -614,8 +654,14 @@ port_down(Exit, Reply, #state{pending = Pending, owners = Owners} = State) ->
     reply_all(Pending, Reply),
     maps:foreach(fun(_Pid, {MRef, _}) -> erlang:demonitor(MRef, [flush]) end, Owners),
     Gen = atomics:add_get(State#state.gen_ref, 1, 1),
-    ?LOG_ERROR("pyport: port program exited (~tp) with ~b request(s) pending; "
-               "restarting as generation ~b", [Exit, map_size(Pending), Gen]),
+    case Exit of
+        restart ->
+            ?LOG_NOTICE("pyport: port program replaced (py:restart/0) with ~b request(s) "
+                        "pending; now generation ~b", [map_size(Pending), Gen]);
+        _ ->
+            ?LOG_ERROR("pyport: port program exited (~tp) with ~b request(s) pending; "
+                       "restarting as generation ~b", [Exit, map_size(Pending), Gen])
+    end,
     State1 = State#state{port = undefined, pending = #{}, owners = #{}, gen = Gen, callbacks = #{},
                          streams = #{}, traces = #{},
                          restarts = State#state.restarts + 1, last_exit = Exit,
@@ -623,6 +669,17 @@ port_down(Exit, Reply, #state{pending = Pending, owners = Owners} = State) ->
                          group_leader = false, held = queue:new(),
                          startup_timer = undefined},
     schedule_restart(State1).
+
+%% py:restart(): the port goes as in a crash (port_down answers everyone and starts the next
+%% one at once: failures 0), or, while none runs (a crash loop's back-off), one starts now.
+-spec restart(state()) -> state().
+restart(#state{port = undefined, restart_timer = TRef} = State) ->
+    cancel_timer(TRef),
+    ?LOG_NOTICE("pyport: restarting the port program (py:restart/0)"),
+    start_port(State#state{restart_timer = undefined, failures = 1});
+restart(#state{port = Port} = State) ->
+    _ = (catch erlang:port_close(Port)),
+    port_down(restart, {error, {pyport_exit, restart}}, State#state{failures = 0}).
 
 -spec reply_all(#{request_id() => waiter()}, term()) -> ok.
 reply_all(Pending, Reply) ->

@@ -41,11 +41,23 @@ def test_exit_status_4_on_an_io_error_on_the_protocol_input():
     assert b"reading requests" in out, "the reason is logged through the protocol: %r" % out[-300:]
 
 
-def test_exit_status_5_when_python_cannot_initialise():
-    env = dict(os.environ, PYPORT_PYTHONHOME="/nonexistent/python/home")
+def test_exit_status_5_when_python_cannot_initialise(tmp_path):
+    # Python starts, but the port cannot set itself up in it: the erlang module imports uuid,
+    # and a broken uuid.py on PYTHONPATH shadows the standard one.
+    (tmp_path / "uuid.py").write_text("raise ImportError('a broken uuid module')\n")
+    env = dict(os.environ, PYTHONPATH=str(tmp_path))
     status, out, err = run_port(env=env)
     assert status == 5, (status, err[-2000:])
     assert b"pyport_ready" not in out, "ready was announced although Python did not start"
+    assert b"a broken uuid module" in out, "the reason is logged through the protocol: %r" % out[-300:]
+
+
+def test_exit_status_127_when_the_python_is_missing():
+    env = dict(os.environ, PYPORT_PYTHON="/nonexistent/bin/python3")
+    status, out, err = run_port(env=env)
+    assert status == 127, (status, err[-2000:])
+    assert "/nonexistent/bin/python3" in err, err
+    assert out == b"", out[:200]
 
 
 def test_spares_start_under_load_and_exit_when_idle(port_factory):

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what `make test` and `make demo` need on a fresh Debian machine that has Rust and
 # Python: Erlang/OTP with common_test and dialyzer, PropEr (the property-based SharedDict
-# suite), rebar3 and Elixir (for the sample projects of the tests) from the OS packages; the Python test packages and numpy from PyPI.
+# suite), rebar3 and Elixir (for the sample projects of the tests) from the OS packages; the Python test packages, numpy and uv
+# (which builds declared Python environments fast; pyport finds it next to the interpreter) from PyPI.
 # Only what is missing is installed.
 #
 #   bootstrap.sh [PYTHON]          install what is missing
@@ -30,7 +31,7 @@ missing_os=($(printf '%s\n' "${missing_os[@]}" | sort -u))
 # One interpreter start, and find_spec rather than import: the check stays quick.
 missing_py=($("$PYTHON" -c '
 import importlib.util as u
-for mod, pkg in (("pytest", "pytest"), ("erlang", "erlang-py"), ("numpy", "numpy")):
+for mod, pkg in (("pytest", "pytest"), ("erlang", "erlang-py"), ("numpy", "numpy"), ("uv", "uv")):
     if u.find_spec(mod) is None:
         print(pkg)
 '))

@@ -341,10 +341,18 @@ fn finish_or_await(py: Python<'_>, id: u64, result: Result<Bound<'_, PyAny>, Fai
     }
 }
 
-/// Whether a result is a coroutine (what calling an `async def` function returns).
+/// Whether a result is a coroutine (what calling an `async def` function returns): its type
+/// is exactly `types.CoroutineType` (`PyCoro_CheckExact`, which the stable ABI lacks).
 fn is_coroutine(value: &Bound<'_, PyAny>) -> bool {
-    // SAFETY: a type check of a live object; the GIL is held (the Bound proves it).
-    unsafe { ffi::PyCoro_CheckExact(value.as_ptr()) != 0 }
+    static COROUTINE: pyo3::sync::PyOnceLock<Py<PyType>> = pyo3::sync::PyOnceLock::new();
+    let py = value.py();
+    let coroutine = COROUTINE.get_or_try_init(py, || -> PyResult<Py<PyType>> {
+        Ok(py.import("types")?.getattr("CoroutineType")?.cast_into::<PyType>()?.unbind())
+    });
+    match coroutine {
+        Ok(t) => value.get_type().is(t.bind(py)),
+        Err(_) => false,
+    }
 }
 
 /// Encodes a result as `{Id, ok, <<Term>>}` or a failure as `{Id, error, Reason}`.

@@ -76,8 +76,22 @@ const EXIT_PYTHON_INIT: i32 = 5;
 /// What a panic on the main thread exits with; also a panic while a worker routes a frame.
 const EXIT_PANIC: i32 = 101;
 
-fn main() {
-    let cfg = match Config::from_args(std::env::args().skip(1)) {
+/// The extension module the launcher (`priv/pyport`) loads into the chosen interpreter; see
+/// `python` for why the port program is the interpreter itself.
+#[pyo3::pymodule]
+mod pyport_core {
+    use pyo3::prelude::*;
+
+    /// Serves Erlang on fds 0/1 until the VM goes: never returns. `args`: the command line
+    /// (docs/PROTOCOL.md). Called on the interpreter's main thread, which becomes the reader.
+    #[pyfunction]
+    fn main(py: Python<'_>, args: Vec<String>) {
+        py.detach(move || super::run(args))
+    }
+}
+
+fn run(args: Vec<String>) -> ! {
+    let cfg = match Config::from_args(args.into_iter()) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("pyport: {e}\n{}", config::USAGE);
@@ -136,13 +150,10 @@ fn main() {
         out_tx.log("warning", "pyport", warning.as_bytes());
     }
     pymodule::install_registry(Arc::new(Registry::new(cfg.generation)));
-    if let Err(e) = python::initialize(&python::Settings::from_env()) {
-        fatal(&out_tx, EXIT_PYTHON_INIT, &e);
+    if let Err(e) = pyo3::Python::attach(python::adopt) {
+        fatal(&out_tx, EXIT_PYTHON_INIT, &format!("cannot set up Python for the port: {e}"));
     }
     if let Err(e) = python::raise_recursion_limit() {
-        out_tx.log("warning", "pyport", e.as_bytes());
-    }
-    if let Err(e) = python::add_site_dirs_from_env() {
         out_tx.log("warning", "pyport", e.as_bytes());
     }
     if let Err(e) = pylog::install_handler(cfg.python_log_level, cfg.python_log_format.as_deref()) {

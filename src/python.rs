@@ -1,92 +1,47 @@
-//! Starting the embedded interpreter.
+//! The interpreter the port runs in.
 //!
-//! Initialisation goes through PEP 587's `PyConfig` with the home and executable recorded at
-//! build time: left to itself, CPython derives its home from whatever `python3` is first on
-//! `$PATH`, which breaks the standard library under a different PATH and points
-//! `sys.executable` (and so `subprocess`/`multiprocessing`) at the wrong interpreter.
+//! The port program is the chosen Python itself: the launcher `priv/pyport` starts that
+//! interpreter (`python -P -u -c ...`) and has it load this library as the extension module
+//! `pyport_core`, whose `main` never returns. Built for the stable ABI of 3.11, the one build
+//! serves any CPython 3.11 or later, a virtualenv's interpreter as the virtualenv itself
+//! would (its `sys.prefix`, site-packages and `.pth` files, `sys.executable` for
+//! `subprocess`/`multiprocessing`), without rebuilding and without finding a libpython:
+//! the interpreter brings its own. `-P` keeps the working directory off `sys.path`, `-u`
+//! keeps output unbuffered (what is written just before a crash still reaches the log).
+//!
+//! Here: what the port adds to that interpreter before serving (the `erlang` module, a
+//! recursion limit), and for `cargo test`, embedding the build's Python instead.
 
-use pyo3::ffi;
-use std::ffi::{CStr, CString};
-use std::sync::Once;
+use pyo3::prelude::*;
 
 /// Python recursion and our converters recurse; give every Python thread room for both.
 pub const PYTHON_THREAD_STACK: usize = 16 << 20;
 
-/// The interpreter this binary was built against.
-pub const BUILD_HOME: &str = env!("PYPORT_PYTHON_HOME");
-pub const BUILD_EXECUTABLE: &str = env!("PYPORT_PYTHON_EXECUTABLE");
-
-pub struct Settings {
-    pub home: String,
-    pub executable: String,
-}
-
-impl Settings {
-    /// Build-time values, with `PYPORT_PYTHONHOME` / `PYPORT_PYTHON` overriding them.
-    pub fn from_env() -> Self {
-        Settings {
-            home: std::env::var("PYPORT_PYTHONHOME").unwrap_or_else(|_| BUILD_HOME.to_string()),
-            executable: std::env::var("PYPORT_PYTHON").unwrap_or_else(|_| BUILD_EXECUTABLE.to_string()),
-        }
-    }
-}
-
-/// Initialises Python once for this process, registers the built-in `erlang` module and
-/// leaves the GIL released for the worker threads.
-pub fn initialize(settings: &Settings) -> Result<(), String> {
-    static ONCE: Once = Once::new();
-    let mut result = Ok(());
-    ONCE.call_once(|| result = unsafe { initialize_once(settings) });
-    result
-}
-
-unsafe fn initialize_once(settings: &Settings) -> Result<(), String> {
-    pyo3::append_to_inittab!(erlang_module);
-
-    let mut config = std::mem::MaybeUninit::<ffi::PyConfig>::zeroed();
-    ffi::PyConfig_InitPythonConfig(config.as_mut_ptr());
-    let mut config = config.assume_init();
-    // The port has no terminal and no signals of its own to take: Erlang owns the process.
-    config.install_signal_handlers = 0;
-    // Unbuffered, so that output written just before a crash still reaches the log.
-    config.buffered_stdio = 0;
-    config.parse_argv = 0;
-
-    let status = set_string(&mut config, |c| &mut c.home, &settings.home)
-        .and_then(|_| set_string(&mut config, |c| &mut c.program_name, &settings.executable))
-        .and_then(|_| set_string(&mut config, |c| &mut c.executable, &settings.executable))
-        .and_then(|_| check(ffi::Py_InitializeFromConfig(&config)));
-    ffi::PyConfig_Clear(&mut config);
-    status?;
-    // The initialising thread holds the GIL; hand it over to the workers.
-    ffi::PyEval_SaveThread();
+/// Makes the interpreter the port's: the `erlang` module is built in (in `sys.modules`
+/// before any user code runs, so an `erlang.py` on `sys.path` cannot shadow it; listed in
+/// `sys.builtin_module_names`, its spec's origin `built-in`, as a module compiled into the
+/// interpreter would be), and `sys.argv` is `['']` as in an interpreter started without a
+/// script (not the launcher's `-c` arguments). Called with the GIL once, before any request.
+pub fn adopt(py: Python<'_>) -> PyResult<()> {
+    let sys = py.import("sys")?;
+    // wrap_pymodule! panics when the module's initialisation raises (say, a broken module
+    // on PYTHONPATH shadows one it imports): that is an error of this start, not a crash.
+    let make = std::panic::AssertUnwindSafe(|| pyo3::wrap_pymodule!(crate::pymodule::erlang)(py));
+    let erlang = std::panic::catch_unwind(make).map_err(|panic| {
+        let why = panic.downcast_ref::<String>().map(String::as_str).unwrap_or("a panic");
+        pyo3::exceptions::PyImportError::new_err(format!("cannot create the erlang module: {why}"))
+    })?;
+    let erlang = erlang.bind(py);
+    let spec = py.import("importlib.machinery")?.getattr("ModuleSpec")?;
+    let kwargs = pyo3::types::PyDict::new(py);
+    kwargs.set_item("origin", "built-in")?;
+    erlang.setattr("__spec__", spec.call(("erlang", py.None()), Some(&kwargs))?)?;
+    sys.getattr("modules")?.set_item("erlang", erlang)?;
+    let names = sys.getattr("builtin_module_names")?.add(("erlang",))?;
+    sys.setattr("builtin_module_names", names)?;
+    sys.setattr("argv", vec![""])?;
     Ok(())
 }
-
-unsafe fn set_string(
-    config: &mut ffi::PyConfig,
-    field: impl Fn(&mut ffi::PyConfig) -> &mut *mut libc::wchar_t,
-    value: &str,
-) -> Result<(), String> {
-    let c = CString::new(value).map_err(|_| format!("NUL byte in Python setting {value:?}"))?;
-    let config_ptr: *mut ffi::PyConfig = config;
-    let field_ptr: *mut *mut libc::wchar_t = field(&mut *config_ptr);
-    check(ffi::PyConfig_SetBytesString(config_ptr, field_ptr.cast(), c.as_ptr()))
-}
-
-unsafe fn check(status: ffi::PyStatus) -> Result<(), String> {
-    if ffi::PyStatus_Exception(status) == 0 {
-        return Ok(());
-    }
-    let msg = if status.err_msg.is_null() {
-        "unknown error".to_string()
-    } else {
-        CStr::from_ptr(status.err_msg).to_string_lossy().into_owned()
-    };
-    Err(format!("Python initialisation failed: {msg} (exit code {})", status.exitcode))
-}
-
-use crate::pymodule::erlang as erlang_module;
 
 /// Python's default recursion limit (1000) cannot pickle a value nested 1000 levels deep
 /// (pickle recurses about twice per level), yet that is the bridge's nesting limit. Worker
@@ -94,7 +49,6 @@ use crate::pymodule::erlang as erlang_module;
 pub const RECURSION_LIMIT: i64 = 3000;
 
 pub fn raise_recursion_limit() -> Result<(), String> {
-    use pyo3::prelude::*;
     pyo3::Python::attach(|py| -> pyo3::PyResult<()> {
         let sys = py.import("sys")?;
         let current: i64 = sys.call_method0("getrecursionlimit")?.extract()?;
@@ -106,25 +60,25 @@ pub fn raise_recursion_limit() -> Result<(), String> {
     .map_err(|e| format!("cannot raise the recursion limit: {e}"))
 }
 
-/// Adds the directories of `PYPORT_SITE_PACKAGES` (colon-separated; the Erlang side sets it
-/// for a virtualenv) with `site.addsitedir`, so that their `.pth` files are processed too.
-pub fn add_site_dirs_from_env() -> Result<(), String> {
-    use pyo3::prelude::*;
-    let Ok(dirs) = std::env::var("PYPORT_SITE_PACKAGES") else { return Ok(()) };
-    pyo3::Python::attach(|py| -> pyo3::PyResult<()> {
-        let site = py.import("site")?;
-        for dir in dirs.split(':').filter(|d| !d.is_empty()) {
-            site.call_method1("addsitedir", (dir,))?;
-        }
-        Ok(())
-    })
-    .map_err(|e| format!("cannot add the site directories {dirs:?}: {e}"))
-}
+// The unit tests are a program of their own: they link the build's libpython (see build.rs).
+#[cfg(test)]
+include!(concat!(env!("OUT_DIR"), "/link_python.rs"));
 
-/// For unit tests: initialise with the build-time settings (no stdio changes).
+/// For unit tests: embeds the build's Python once (its home recorded at build time, so that
+/// `$PATH` does not matter), as the port would find it, and releases the GIL.
 #[cfg(test)]
 pub fn init_for_tests() {
-    if let Err(e) = initialize(&Settings::from_env()) {
-        panic!("{e}");
-    }
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        if std::env::var_os("PYTHONHOME").is_none() {
+            std::env::set_var("PYTHONHOME", env!("PYPORT_TEST_PYTHON_HOME"));
+        }
+        // SAFETY: once per process, before any other use of Python; 0: no signal handlers.
+        unsafe { pyo3::ffi::Py_InitializeEx(0) };
+        if let Err(e) = Python::attach(adopt) {
+            panic!("cannot set up the embedded Python: {e}");
+        }
+        // SAFETY: this thread holds the GIL after initialisation; hand it to the tests.
+        unsafe { pyo3::ffi::PyEval_SaveThread() };
+    });
 }

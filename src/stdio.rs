@@ -1,9 +1,11 @@
 //! Keeping Python's output off the protocol stream, and forwarding it to Erlang's logger.
 //!
-//! Erlang talks to us over fds 0/1. One stray `print()` on fd 1 was read by Erlang as a
-//! 1.75 GB length prefix and hung every later call; C extensions write to fd 1 and 2 directly
-//! too. So before Python starts, the protocol moves to private close-on-exec descriptors,
-//! fd 0 becomes /dev/null, and fds 1 and 2 become pipes drained by threads of ours. A drain
+//! Erlang talks to us over the port's fds 0/1. One stray `print()` on fd 1 was read by Erlang
+//! as a 1.75 GB length prefix and hung every later call; C extensions write to fd 1 and 2
+//! directly too. So the launcher (`priv/pyport`) starts Python with the protocol on fds 3/4,
+//! /dev/null as fd 0 and its stderr as fd 1 (what Python's start-up prints, `.pth` files and
+//! `sitecustomize` included, cannot reach the protocol); here the protocol moves to private
+//! close-on-exec descriptors, and fds 1 and 2 become pipes drained by threads of ours. A drain
 //! thread reads continuously, so a flood of output never blocks Python; lines are truncated
 //! and rate limited, and what is dropped is counted and reported, never lost silently.
 
@@ -56,11 +58,22 @@ fn dup2(from: RawFd, to: RawFd) -> io::Result<()> {
     cvt(unsafe { libc::dup2(from, to) }).map(drop)
 }
 
-/// Moves the protocol off fds 0/1 and points fds 1/2 at capture pipes. Must run before any
-/// other thread exists and before Python starts.
+/// Where the launcher puts the protocol's input and output.
+pub const PROTOCOL_FDS: (RawFd, RawFd) = (3, 4);
+
+/// Moves the protocol off fds 3/4 (see [`PROTOCOL_FDS`]) and points fds 1/2 at capture
+/// pipes; fd 0 is /dev/null. Must run before any other thread exists and before any Python
+/// code of the user's.
 pub fn take_over() -> io::Result<(Protocol, Captured)> {
-    let input = dup_cloexec(0)?;
-    let output = dup_cloexec(1)?;
+    let (fd_in, fd_out) = PROTOCOL_FDS;
+    let input = dup_cloexec(fd_in)?;
+    let output = dup_cloexec(fd_out)?;
+    // SAFETY: closing the launcher's copies, which child processes would otherwise inherit
+    // (a child holding them would keep Erlang from seeing the port close).
+    unsafe {
+        libc::close(fd_in);
+        libc::close(fd_out);
+    }
     let devnull = File::open("/dev/null")?;
     dup2(devnull.as_raw_fd(), 0)?;
     let (out_r, out_w) = pipe_cloexec()?;

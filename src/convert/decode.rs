@@ -110,9 +110,9 @@ fn decode_term<'py>(d: &mut Decoder<'py>, r: &mut Reader<'_>, depth: usize) -> R
             let list = new_list(py, n)?;
             for i in 0..n {
                 let item = decode_term(d, r, depth)?;
-                // SAFETY: `list` is a fresh list of length n and slot i is empty; SET_ITEM
-                // steals the reference that into_ptr hands over.
-                unsafe { ffi::PyList_SET_ITEM(list.as_ptr(), i as ffi::Py_ssize_t, item.into_ptr()) };
+                // SAFETY: `list` is a fresh list of length n and slot i is empty; SetItem
+                // steals the reference that into_ptr hands over (and cannot fail in range).
+                unsafe { ffi::PyList_SetItem(list.as_ptr(), i as ffi::Py_ssize_t, item.into_ptr()) };
             }
             if r.u8()? != etf::NIL {
                 return Err(TermError::Unsupported("improper list (its tail is not [])").into());
