@@ -57,9 +57,10 @@
 
 -include("pyport.hrl").
 
--define(SERVER, pyport_server).
 -define(T2B_OPTS, [{minor_version, 2}]).
 -define(SD_TAG, '$pyport_shared_dict').
+%% Where SharedDict requests go.
+-define(SD_ROUTE, pyport_server).
 -define(IS_U64(N), (is_integer(N) andalso N >= 0 andalso N < 16#10000000000000000)).
 -define(TOKEN_SIZE, 16).
 %% A handle of the shape the port makes: anything else is an argument error.
@@ -129,7 +130,7 @@ call(Module, Function, Args, Kwargs, Timeout)
     Id = pyport_request:new_id(),
     Request = pyport_request:chained({call, Id, pyport_callbacks:owner(), M, F, Payload}),
     Frame = term_to_binary(Request, ?T2B_OPTS),
-    pyport_request:decoded(pyport_request:request(Id, Frame, Timeout));
+    pyport_request:decoded(pyport_request:request(call_route(M), Id, Frame, Timeout));
 call(_Module, _Function, _Args, _Kwargs, _Timeout) ->
     erlang:error(badarg).
 
@@ -154,7 +155,7 @@ eval(Code, Locals, Timeout) when is_map(Locals), ?IS_TIMEOUT(Timeout) ->
     Id = pyport_request:new_id(),
     Request = pyport_request:chained({eval, Id, pyport_callbacks:owner(), C, Payload}),
     Frame = term_to_binary(Request, ?T2B_OPTS),
-    pyport_request:decoded(pyport_request:request(Id, Frame, Timeout));
+    pyport_request:decoded(pyport_request:request(namespace, Id, Frame, Timeout));
 eval(_Code, _Locals, _Timeout) ->
     erlang:error(badarg).
 
@@ -178,12 +179,18 @@ exec(Code, Locals, Timeout) when is_map(Locals), ?IS_TIMEOUT(Timeout) ->
     Id = pyport_request:new_id(),
     Request = pyport_request:chained({exec, Id, pyport_callbacks:owner(), C, Payload}),
     Frame = term_to_binary(Request, ?T2B_OPTS),
-    case pyport_request:request(Id, Frame, Timeout) of
+    case pyport_request:request(namespace, Id, Frame, Timeout) of
         {ok, _Payload} -> ok;
         {error, _} = Error -> Error
     end;
 exec(_Code, _Locals, _Timeout) ->
     erlang:error(badarg).
+
+%% A call of `__main__' uses the caller's namespace, so it goes to the caller's home
+%% port (see pyport_pool); a call of any other module may go to any port.
+-spec call_route(binary()) -> pyport_request:route().
+call_route(<<"__main__">>) -> namespace;
+call_route(_Module) -> caller.
 
 %% @doc Marks a binary to be passed to Python as `bytes', even when it is valid
 %% UTF-8 (which would otherwise become `str').
@@ -212,8 +219,9 @@ cast(Module, Function, Args) ->
 %% is cancelled if the caller exits before it is done.
 -spec cast(name(), name(), list(), kwargs()) -> ok.
 cast(Module, Function, Args, Kwargs) ->
-    {Id, Frame, What} = async_call_frame(Module, Function, Args, Kwargs),
-    pyport_async:cast(Id, Frame, pyport_request:default_timeout(call_timeout, 30000), What).
+    {Id, Frame, {M, _} = What} = async_call_frame(Module, Function, Args, Kwargs),
+    pyport_async:cast(pyport_request:server(call_route(M)), Id, Frame,
+                      pyport_request:default_timeout(call_timeout, 30000), What).
 
 %% @equiv spawn_call(Module, Function, Args, #{})
 -spec spawn_call(name(), name(), list()) -> async_ref().
@@ -229,8 +237,9 @@ spawn_call(Module, Function, Args) ->
 %% asynchronous calls of one process may start in any order.
 -spec spawn_call(name(), name(), list(), kwargs()) -> async_ref().
 spawn_call(Module, Function, Args, Kwargs) ->
-    {Id, Frame, What} = async_call_frame(Module, Function, Args, Kwargs),
-    pyport_async:spawn_call(Id, Frame, pyport_request:default_timeout(call_timeout, 30000), What).
+    {Id, Frame, {M, _} = What} = async_call_frame(Module, Function, Args, Kwargs),
+    pyport_async:spawn_call(pyport_request:server(call_route(M)), Id, Frame,
+                            pyport_request:default_timeout(call_timeout, 30000), What).
 
 %% @doc Same as {@link await/2} with the app env `call_timeout' (default
 %% 30000 ms) as the timeout.
@@ -330,7 +339,7 @@ shared_dict_new(Opts) when is_map(Opts) ->
               true -> {request, Id, Frame};
               false -> {request, Id, Frame, Owner}
           end,
-    case sd_result(shared_dict_new, pyport_request:request_msg(Id, Msg, sd_timeout())) of
+    case sd_result(shared_dict_new, pyport_request:request_msg(?SD_ROUTE, Id, Msg, sd_timeout())) of
         {ok, Payload} ->
             case sd_payload(Payload) of
                 SD when ?IS_HANDLE(SD) -> {ok, SD};
@@ -463,7 +472,7 @@ shared_dict_destroy(SD) when ?IS_HANDLE(SD) ->
         true ->
             Id = pyport_request:new_id(),
             Frame = term_to_binary({sd_destroy, Id, SD}, ?T2B_OPTS),
-            case pyport_request:request_msg(Id, {request, Id, Frame}, sd_timeout()) of
+            case pyport_request:request_msg(?SD_ROUTE, Id, {request, Id, Frame}, sd_timeout()) of
                 {ok, _} -> ok;
                 {error, shared_dict_destroyed} -> ok;
                 {error, {pyport_unavailable, _}} -> ok;
@@ -573,13 +582,15 @@ stream_start(Module, Function, Args, Kwargs, Opts)
             Id = pyport_request:new_id(),
             Frame = term_to_binary({stream_start, Id, pyport_callbacks:owner(), M, F, Payload,
                                     term_to_binary(Ref), Owner, Window}, ?T2B_OPTS),
-            case pyport_request:request_msg(Id, {stream_request, Id, Frame, Owner, Ref, Flow},
+            Server = pyport_request:server(call_route(M)),
+            case pyport_request:request_msg(Server, Id, {stream_request, Id, Frame, Owner, Ref, Flow},
                                             pyport_request:default_timeout(call_timeout, 30000)) of
                 {ok, _} ->
                     {ok, Ref};
                 {error, _} = Error ->
-                    %% A start that timed out may still have begun in the port.
-                    ok = stream_cancel(Ref),
+                    %% A start that timed out may still have begun in the port (the
+                    %% cancel reaches the server after the start).
+                    ok = notify(Server, {stream_cancel, term_to_binary(Ref)}),
                     Error
             end
     end;
@@ -604,7 +615,10 @@ stream_ack(Ref) ->
 %% stream with mailbox flow (the default), which needs no acknowledgements.
 -spec stream_ack(reference(), pos_integer()) -> ok.
 stream_ack(Ref, N) when is_reference(Ref), is_integer(N), N >= 1 ->
-    gen_server:cast(?SERVER, {stream_ack, Ref, N});
+    case pyport_pool:stream_server(Ref) of
+        undefined -> ok;   % ended
+        Server -> gen_server:cast(Server, {stream_ack, Ref, N})
+    end;
 stream_ack(_Ref, _N) ->
     erlang:error(badarg).
 
@@ -612,13 +626,16 @@ stream_ack(_Ref, _N) ->
 %% and no more items are sent. Items already sent may still arrive.
 -spec stream_cancel(reference()) -> ok.
 stream_cancel(Ref) when is_reference(Ref) ->
-    notify({stream_cancel, term_to_binary(Ref)});
+    case pyport_pool:stream_server(Ref) of
+        undefined -> ok;   % ended
+        Server -> notify(Server, {stream_cancel, term_to_binary(Ref)})
+    end;
 stream_cancel(_Ref) ->
     erlang:error(badarg).
 
--spec notify(tuple()) -> ok.
-notify(Msg) ->
-    gen_server:cast(?SERVER, {notify, term_to_binary(Msg, ?T2B_OPTS)}).
+-spec notify(atom() | pid(), tuple()) -> ok.
+notify(Server, Msg) ->
+    gen_server:cast(Server, {notify, term_to_binary(Msg, ?T2B_OPTS)}).
 
 %%====================================================================
 %% Callbacks: Python calling Erlang
@@ -690,11 +707,8 @@ configure_logging(Opts) when is_map(Opts) ->
     Saved = {application:get_env(pyport, python_log_level), application:get_env(pyport, python_log_format)},
     set_log_env(python_log_level, Level =/= vm, Level),
     set_log_env(python_log_format, Format =/= undefined, Format),
-    Id = pyport_request:new_id(),
-    Frame = term_to_binary({configure_logging, Id, pyport_program:python_log_level(), Format}, ?T2B_OPTS),
-    case pyport_request:request(Id, Frame, sd_timeout()) of
-        {ok, _} -> ok;
-        {error, {pyport_unavailable, _}} -> ok;
+    case configure_ports(pyport_pool:servers(), pyport_program:python_log_level(), Format) of
+        ok -> ok;
         {error, _} = Error ->
             {OldLevel, OldFormat} = Saved,
             restore_log_env(python_log_level, OldLevel),
@@ -703,6 +717,21 @@ configure_logging(Opts) when is_map(Opts) ->
     end;
 configure_logging(_Opts) ->
     erlang:error(badarg).
+
+%% Every port of the pool, one after another: the first refuses a bad format before
+%% any other port has changed.
+-spec configure_ports([atom()], atom(), binary() | undefined) -> ok | {error, error_reason()}.
+configure_ports([], _Level, _Format) ->
+    ok;
+configure_ports([Server | Rest], Level, Format) ->
+    Id = pyport_request:new_id(),
+    Frame = term_to_binary({configure_logging, Id, Level, Format}, ?T2B_OPTS),
+    case pyport_request:request(Server, Id, Frame, sd_timeout()) of
+        {ok, _} -> configure_ports(Rest, Level, Format);
+        %% A port that is down applies the app env when it starts.
+        {error, {pyport_unavailable, _}} -> configure_ports(Rest, Level, Format);
+        {error, _} = Error -> Error
+    end.
 
 -spec set_log_env(atom(), boolean(), term()) -> ok.
 set_log_env(Key, true, Value) -> application:set_env(pyport, Key, Value);
@@ -741,28 +770,16 @@ restart() ->
 %% the server tracks). `shared_dict' is a map: the VM's read cache (`cache_hits',
 %% `cache_misses', `cache_entries', `cache_bytes') and the port's decoding of
 %% values that need Python (`python_decodes', `decode_queued', `decode_stuck').
+%% With a pool of ports (app env `ports') every count is the sum over the ports,
+%% `port' is `up' and `ready' `true' only when every port's is, `os_pid',
+%% `generation' and `last_exit' are the first answering port's, and `ports' is a list of one
+%% map per port (`index', `os_pid', `generation', `port', `ready', `pending',
+%% `workers', `busy_workers', `queued', `namespaces', `async_tasks',
+%% `python_threads', `restarts', `last_exit'; a port that did not answer has
+%% `error' instead of its figures).
 -spec stats() -> {ok, map()} | {error, error_reason()}.
 stats() ->
-    Timeout = sd_timeout(),
-    try gen_server:call(?SERVER, stats, Timeout) of
-        Local when is_map(Local) ->
-            Id = pyport_request:new_id(),
-            Frame = term_to_binary({stats, Id}, ?T2B_OPTS),
-            case pyport_request:decoded(pyport_request:request(Id, Frame, Timeout)) of
-                {ok, Port} when is_map(Port) ->
-                    %% SharedDict numbers come from both: decoding from the port,
-                    %% the read cache from the VM.
-                    SD = maps:merge(maps:get(shared_dict, Port, #{}),
-                                    maps:get(shared_dict, Local, #{})),
-                    {ok, (maps:merge(Port, Local))#{shared_dict => SD}};
-                {ok, Other} -> {error, {pyport_bad_reply, Other}};
-                {error, _} = Error -> Error
-            end
-    catch
-        exit:{timeout, _} -> {error, timeout};
-        exit:{noproc, _} -> {error, {pyport_unavailable, not_started}};
-        exit:{Reason, _} -> {error, {pyport_unavailable, {server_exit, Reason}}}
-    end.
+    pyport_stats:stats(sd_timeout()).
 
 %%====================================================================
 %% Internal: SharedDict requests
@@ -792,7 +809,7 @@ is_current({?SD_TAG, Gen, _, _}) ->
 -spec sd_request(shared_dict(), pos_integer(), tuple()) -> {ok, binary()} | {error, term()}.
 sd_request(SD, Id, Msg) ->
     is_current(SD) orelse erlang:error({shared_dict_destroyed, SD}),
-    sd_result(SD, pyport_request:request_msg(Id, Msg, sd_timeout())).
+    sd_result(SD, pyport_request:request_msg(?SD_ROUTE, Id, Msg, sd_timeout())).
 
 -spec sd_result(shared_dict() | shared_dict_new,
                 {ok, binary()} | {error, error_reason()}) ->

@@ -26,10 +26,15 @@
 -define(ENTRY_OVERHEAD, 64).
 -define(DEFAULT_MAX_BYTES, 64 * 1024 * 1024).
 
-%% @doc Creates the (empty) table, owned by the calling process (the server).
+%% @doc Creates the (empty) table, owned by the calling process (the supervisor: the
+%% pool's servers all write it), or empties it.
 -spec new() -> ok.
 new() ->
-    _ = ets:new(?TABLE, [named_table, protected, ordered_set, {read_concurrency, true}]),
+    _ = case ets:whereis(?TABLE) of
+            undefined -> ets:new(?TABLE, [named_table, public, ordered_set, {read_concurrency, true},
+                                          {write_concurrency, true}]);
+            _ -> ets:delete_all_objects(?TABLE)
+        end,
     counters:put(counters(), ?BYTES, 0),
     ok.
 
