@@ -28,6 +28,8 @@ mod view;
 #[cfg(test)]
 mod bench;
 #[cfg(test)]
+mod crash_child;
+#[cfg(test)]
 mod crash_tests;
 #[cfg(test)]
 mod stress_tests;
