@@ -28,14 +28,14 @@ fn child() {
 }
 
 /// A running child and the reader of its records.
-struct Child {
-    life: u64,
+pub struct Child {
+    pub life: u64,
     proc: std::process::Child,
     reader: JoinHandle<Vec<String>>,
-    acked: Arc<AtomicU64>,
+    pub acked: Arc<AtomicU64>,
 }
 
-fn spawn(envs: &[(&str, String)], life: u64) -> Child {
+pub fn spawn(envs: &[(&str, String)], life: u64) -> Child {
     let exe = std::env::current_exe().expect("test binary");
     let mut cmd = Command::new(exe);
     cmd.args(["--exact", "shm::crash_tests::child", "--ignored", "--nocapture", "--test-threads=1", "-q"]);
@@ -63,7 +63,7 @@ fn spawn(envs: &[(&str, String)], life: u64) -> Child {
 }
 
 /// Kills (if still running) and reaps a child; returns its records and whether SIGKILL ended it.
-fn reap(mut c: Child, kill: bool) -> (Vec<String>, bool) {
+pub fn reap(mut c: Child, kill: bool) -> (Vec<String>, bool) {
     if kill {
         // SAFETY: signalling our own child, which we have not reaped yet.
         unsafe { libc::kill(c.proc.id() as libc::pid_t, libc::SIGKILL) };

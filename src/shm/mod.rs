@@ -30,6 +30,8 @@ mod bench;
 #[cfg(test)]
 mod crash_child;
 #[cfg(test)]
+mod crash_random;
+#[cfg(test)]
 mod crash_tests;
 #[cfg(test)]
 mod stress_tests;
