@@ -23,6 +23,7 @@ fn child() {
     match std::env::var(child::ROLE).as_deref() {
         Ok("script") => child::script(),
         Ok("hammer") => child::hammer(),
+        Ok("bench") => super::bench::bench_child(),
         _ => {}
     }
 }

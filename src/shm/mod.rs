@@ -28,6 +28,8 @@ mod view;
 #[cfg(test)]
 mod bench;
 #[cfg(test)]
+mod corrupt_tests;
+#[cfg(test)]
 mod crash_child;
 #[cfg(test)]
 mod crash_random;
