@@ -146,8 +146,8 @@ fn check_free_lists(inner: &Inner, heap: &Heap<'_>, blocks: &HashMap<u64, Block>
 fn check_slot(d: &Locked<'_>, blocks: &HashMap<u64, Block>, referenced: &mut HashSet<u64>, problems: &mut Vec<String>) {
     let id = d.id;
     if d.slot.live.load(Acquire) != 1 {
-        if d.slot.table.load(Relaxed) != 0 {
-            problems.push(format!("dict {id}: destroyed but still has a table"));
+        if d.slot.table.load(Relaxed) != 0 || d.slot.spare.load(Relaxed) != 0 {
+            problems.push(format!("dict {id}: destroyed but still has a table or a spare block"));
         }
         return;
     }
@@ -162,6 +162,13 @@ fn check_slot(d: &Locked<'_>, blocks: &HashMap<u64, Block>, referenced: &mut Has
             claims.push(format!("dict {id}: {what} at {off} is referenced twice"));
         }
     };
+    let spare = d.slot.spare.load(Relaxed);
+    if spare != 0 {
+        match d.v.used_block(spare, id, "spare") {
+            Ok(_) => claim(spare, "spare block"),
+            Err(e) => problems.push(format!("dict {id}: spare block: {e:?}")),
+        }
+    }
     let t = match d.table() {
         Ok(Some(t)) => t,
         Ok(None) => {

@@ -93,7 +93,7 @@ impl Locked<'_> {
         if was_cached {
             self.invalidate(Invalidation::Key { dict: self.id, key, version });
         }
-        self.v.heap()?.free(old)?;
+        self.retire(old)?;
         Ok(version)
     }
 
@@ -110,7 +110,7 @@ impl Locked<'_> {
             let version = self.v.next_version();
             self.invalidate(Invalidation::Key { dict: self.id, key, version });
         }
-        self.v.heap()?.free(e.block)?;
+        self.retire(e.block)?;
         Ok(Some(out))
     }
 
@@ -122,6 +122,7 @@ impl Locked<'_> {
         self.slot.len.store(0, Relaxed);
         self.slot.bytes.store(0, Relaxed);
         self.forget_cached();
+        self.drop_spare()?;
         match old {
             Some(t) => self.free_table(&t),
             None => Ok(()),

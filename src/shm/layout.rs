@@ -109,6 +109,9 @@ pub struct Slot {
     pub next_seq: AtomicU64,
     /// Some entry was flagged cached since the dict was last cleared.
     pub any_cached: AtomicU64,
+    /// A small block this dict unpublished and kept for its next write (0: none), so that
+    /// overwriting a value with one of the same size needs no heap lock.
+    pub spare: AtomicU64,
     /// Which of the two owner buffers is current: give_away writes the other, then flips this.
     pub owner_sel: AtomicU64,
     pub owner_hash: [AtomicU64; 2],
@@ -158,6 +161,10 @@ pub struct TableHead {
 }
 pub const TABLE_HEAD: u64 = std::mem::size_of::<TableHead>() as u64;
 pub const MIN_TABLE: u64 = 8;
+/// A dict keeps an unpublished block as its spare only up to this size...
+pub const SPARE_MAX: u64 = 1024;
+/// ...and reuses it for a write that needs at most this much less.
+pub const SPARE_SLACK: u64 = 64;
 /// A bucket: EMPTY, TOMBSTONE, or `hash >> 48 << 48 | entry block offset >> 4`.
 pub const EMPTY: u64 = 0;
 pub const TOMBSTONE: u64 = 1;

@@ -26,9 +26,11 @@ pub fn dict(d: &Locked<'_>) -> Result<(), Error> {
     let mut reachable = HashSet::new();
     if live {
         recount(d, &mut reachable)?;
+        keep_spare(d, &mut reachable);
     } else {
         // A destroy that died after its commit: finish it.
         d.slot.table.store(0, Release);
+        d.slot.spare.store(0, Relaxed);
         d.slot.len.store(0, Relaxed);
         d.slot.bytes.store(0, Relaxed);
     }
@@ -80,6 +82,16 @@ fn recount(d: &Locked<'_>, reachable: &mut HashSet<u64>) -> Result<(), Error> {
     d.slot.bytes.store(bytes, Relaxed);
     d.slot.next_seq.store(next_seq, Relaxed);
     Ok(())
+}
+
+/// Keeps the dict's spare block if it is one of its blocks (else forgets it).
+fn keep_spare(d: &Locked<'_>, reachable: &mut HashSet<u64>) {
+    let spare = d.slot.spare.load(Relaxed);
+    if spare != 0 && !reachable.contains(&spare) && d.v.used_block(spare, d.id, "spare").is_ok() {
+        reachable.insert(spare);
+    } else {
+        d.slot.spare.store(0, Relaxed);
+    }
 }
 
 /// Frees every block tagged with this dict's id that its table does not reach.

@@ -35,7 +35,7 @@ impl Store {
         d.slot.id.store(id, Relaxed);
         d.slot.token[0].store(token[0], Relaxed);
         d.slot.token[1].store(token[1], Relaxed);
-        for (field, value) in [(&d.slot.table, 0), (&d.slot.len, 0), (&d.slot.bytes, 0), (&d.slot.next_seq, 0), (&d.slot.any_cached, 0)] {
+        for (field, value) in [(&d.slot.table, 0), (&d.slot.len, 0), (&d.slot.bytes, 0), (&d.slot.next_seq, 0), (&d.slot.any_cached, 0), (&d.slot.spare, 0)] {
             field.store(value, Relaxed);
         }
         d.set_owner(owner);

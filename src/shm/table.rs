@@ -144,7 +144,7 @@ impl<'m> Locked<'m> {
         if klen > MAX_PART || vlen > MAX_PART {
             return Err(Error::Full);
         }
-        let block = self.v.heap()?.alloc(ENTRY_HEAD + klen + vlen, self.id)?;
+        let block = self.alloc_block(ENTRY_HEAD + klen + vlen)?;
         let head: &EntryHead = self.v.map.at(block + BLOCK_HEAD, "entry head")?;
         head.hash.store(hash, Relaxed);
         head.version.store(version, Relaxed);
@@ -175,7 +175,7 @@ impl<'m> Locked<'m> {
         self.slot.table.store(block, Release);
         crash_point("table.grown");
         if let Some(t) = old {
-            self.v.heap()?.free(t.block)?;
+            self.retire(t.block)?;
         }
         Ok(self.table_at(block)?)
     }
@@ -183,7 +183,7 @@ impl<'m> Locked<'m> {
     /// Allocates a table of `cap` buckets holding the entries of `from`, unpublished.
     fn new_table(&self, cap: u64, from: Option<&Table<'_>>) -> Result<u64, Error> {
         let size = TABLE_HEAD.checked_add(cap.checked_mul(8).ok_or(Error::Full)?).ok_or(Error::Full)?;
-        let block = self.v.heap()?.alloc(size, self.id)?;
+        let block = self.alloc_block(size)?;
         let t = Table { block, head: self.v.map.at(block + BLOCK_HEAD, "table head")?, cap, buckets: block + BLOCK_HEAD + TABLE_HEAD };
         t.head.cap.store(cap, Relaxed);
         // A reused block holds old bytes: every bucket must start empty.
@@ -212,6 +212,48 @@ impl<'m> Locked<'m> {
             }
         }
         Err(Corrupt { what: "rehash found no empty bucket", at: t.block })
+    }
+
+    /// A block for `payload` bytes: the dict's spare if it fits, else one from the heap (after
+    /// giving the spare back, if the heap is full without it).
+    pub fn alloc_block(&self, payload: u64) -> Result<u64, Error> {
+        let need = block_size(payload).ok_or(Error::Full)?;
+        let spare = self.slot.spare.load(Relaxed);
+        if spare != 0 {
+            let size = self.v.used_block(spare, self.id, "spare block not owned by its dict")?;
+            if size >= need && size - need < SPARE_SLACK {
+                // Unreferenced from here until published: a crash leaves it to the sweep.
+                self.slot.spare.store(0, Relaxed);
+                return Ok(spare);
+            }
+        }
+        // Bound first: the heap's guard must be gone before the retry takes it again.
+        let first = self.v.heap()?.alloc(payload, self.id);
+        match first {
+            Err(Error::Full) if spare != 0 => {
+                self.drop_spare()?;
+                self.v.heap()?.alloc(payload, self.id)
+            }
+            other => other,
+        }
+    }
+
+    /// Disposes of a block just unpublished: kept as the spare if small and there is none,
+    /// else freed.
+    pub fn retire(&self, block: u64) -> Result<(), Error> {
+        if self.slot.spare.load(Relaxed) == 0 && self.v.used_block(block, self.id, "retired block")? <= SPARE_MAX {
+            self.slot.spare.store(block, Relaxed);
+            return Ok(());
+        }
+        self.v.heap()?.free(block)
+    }
+
+    pub fn drop_spare(&self) -> Result<(), Error> {
+        let spare = self.slot.spare.swap(0, Relaxed);
+        if spare != 0 {
+            self.v.heap()?.free(spare)?;
+        }
+        Ok(())
     }
 
     /// Frees a table and every entry in it (already unpublished).

@@ -485,3 +485,41 @@ fn random_operations_match_a_model() {
     assert_eq!(t.store.stats().bytes, bytes);
     assert_clean(&t.store);
 }
+
+/// Overwriting a value with one of the same size takes the block the previous overwrite
+/// gave up (the dict's spare): two blocks take turns, and the heap is not touched.
+#[test]
+fn same_size_overwrites_take_turns_with_the_spare_block() {
+    let t = temp_store(1 << 20);
+    let d = t.store.create_dict(&owner(1)).unwrap();
+    let block_of = |d: &DictRef| t.store.inner.lock_dict(d.id()).unwrap().lookup(b"k").unwrap().unwrap().2.block;
+    d.set(b"k", &[1; 30]).unwrap();
+    let first = block_of(&d);
+    d.set(b"k", &[2; 30]).unwrap();
+    let second = block_of(&d);
+    let used = t.store.stats().used;
+    for i in 0..10u8 {
+        d.set(b"k", &[i; 30]).unwrap();
+        assert_eq!(block_of(&d), if i % 2 == 0 { first } else { second });
+    }
+    assert_eq!(t.store.stats().used, used);
+    d.set(b"k", &[0; 2000]).unwrap();
+    assert_clean(&t.store);
+    d.clear().unwrap();
+    assert_eq!(t.store.stats().used, 0, "clear gives the spare back too");
+    assert_clean(&t.store);
+}
+
+/// The store's key hash is SipHash-1-3: the same as std's (zero-keyed) DefaultHasher at
+/// every length around the 8-byte block boundaries.
+#[test]
+fn the_key_hash_is_siphash_1_3() {
+    use std::hash::Hasher;
+    let bytes: Vec<u8> = (0..70u8).collect();
+    for len in 0..bytes.len() {
+        let mut std_hash = std::collections::hash_map::DefaultHasher::new();
+        std_hash.write(&bytes[..len]);
+        assert_eq!(super::view::siphash13(0, 0, &bytes[..len]), std_hash.finish(), "length {len}");
+    }
+    assert_ne!(super::view::siphash13(1, 0, b"k"), super::view::siphash13(0, 0, b"k"), "the key matters");
+}

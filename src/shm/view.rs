@@ -4,7 +4,6 @@
 use super::layout::*;
 use super::mapping::Mapping;
 use super::Corrupt;
-use std::hash::Hasher;
 use std::sync::atomic::Ordering::*;
 
 pub struct View {
@@ -84,13 +83,7 @@ impl View {
     }
 
     pub fn hash(&self, key: &[u8]) -> u64 {
-        // SipHash keyed per store: stable across processes (unlike std's RandomState) and
-        // not floodable by keys chosen to collide. Deprecated only in favour of the unkeyed
-        // DefaultHasher, which cannot take a shared key.
-        #[allow(deprecated)]
-        let mut h = std::hash::SipHasher::new_with_keys(self.hash_keys.0, self.hash_keys.1);
-        h.write(key);
-        h.finish()
+        siphash13(self.hash_keys.0, self.hash_keys.1, key)
     }
 
     /// The top of the heap, checked against the mapping.
@@ -120,4 +113,46 @@ impl View {
         }
         Ok(size)
     }
+}
+
+/// SipHash-1-3 (the function std's HashMap uses), keyed per store: stable across processes
+/// (unlike std's RandomState, which cannot take a shared key) and not floodable by keys
+/// chosen to collide.
+pub fn siphash13(k0: u64, k1: u64, m: &[u8]) -> u64 {
+    let mut v = [k0 ^ 0x736f_6d65_7073_6575, k1 ^ 0x646f_7261_6e64_6f6d, k0 ^ 0x6c79_6765_6e65_7261, k1 ^ 0x7465_6462_7974_6573];
+    let mut chunks = m.chunks_exact(8);
+    for c in &mut chunks {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(c);
+        compress(&mut v, u64::from_le_bytes(w));
+    }
+    let mut last = (m.len() as u64) << 56;
+    for (i, &b) in chunks.remainder().iter().enumerate() {
+        last |= (b as u64) << (8 * i);
+    }
+    compress(&mut v, last);
+    v[2] ^= 0xff;
+    for _ in 0..3 {
+        sip_round(&mut v);
+    }
+    v[0] ^ v[1] ^ v[2] ^ v[3]
+}
+
+fn compress(v: &mut [u64; 4], m: u64) {
+    v[3] ^= m;
+    sip_round(v);
+    v[0] ^= m;
+}
+
+fn sip_round(v: &mut [u64; 4]) {
+    v[0] = v[0].wrapping_add(v[1]);
+    v[1] = v[1].rotate_left(13) ^ v[0];
+    v[0] = v[0].rotate_left(32);
+    v[2] = v[2].wrapping_add(v[3]);
+    v[3] = v[3].rotate_left(16) ^ v[2];
+    v[0] = v[0].wrapping_add(v[3]);
+    v[3] = v[3].rotate_left(21) ^ v[0];
+    v[2] = v[2].wrapping_add(v[1]);
+    v[1] = v[1].rotate_left(17) ^ v[2];
+    v[2] = v[2].rotate_left(32);
 }
