@@ -51,6 +51,14 @@ impl Inner {
 }
 
 impl Locked<'_> {
+    /// The dict's token (for the handle an invalidation names).
+    pub fn token(&self) -> [u8; TOKEN_LEN] {
+        let mut t = [0u8; TOKEN_LEN];
+        t[..8].copy_from_slice(&self.slot.token[0].load(Relaxed).to_le_bytes());
+        t[8..].copy_from_slice(&self.slot.token[1].load(Relaxed).to_le_bytes());
+        t
+    }
+
     pub fn invalidate(&self, what: Invalidation<'_>) {
         if let Some(f) = self.inner.invalidator.get() {
             f(what)
@@ -91,7 +99,7 @@ impl Locked<'_> {
         self.slot.bytes.fetch_add(value.len() as u64, Relaxed);
         self.slot.bytes.fetch_sub(old_len, Relaxed);
         if was_cached {
-            self.invalidate(Invalidation::Key { dict: self.id, key, version });
+            self.invalidate(Invalidation::Key { dict: self.id, token: self.token(), key, version });
         }
         self.retire(old)?;
         Ok(version)
@@ -108,7 +116,7 @@ impl Locked<'_> {
         self.slot.bytes.fetch_sub(e.size(), Relaxed);
         if e.is_cached() {
             let version = self.v.next_version();
-            self.invalidate(Invalidation::Key { dict: self.id, key, version });
+            self.invalidate(Invalidation::Key { dict: self.id, token: self.token(), key, version });
         }
         self.retire(e.block)?;
         Ok(Some(out))
@@ -140,7 +148,7 @@ impl Locked<'_> {
     pub fn forget_cached(&self) {
         if self.slot.any_cached.swap(0, Relaxed) != 0 {
             let version = self.v.next_version();
-            self.invalidate(Invalidation::Dict { dict: self.id, version });
+            self.invalidate(Invalidation::Dict { dict: self.id, token: self.token(), version });
         }
     }
 

@@ -118,11 +118,12 @@ impl From<Corrupt> for OpenError {
     }
 }
 
-/// What the VM must forget: one key of a dict, or all of them, as of `version`.
+/// What the VM must forget: one key of a dict, or all of them. `version` is the store's
+/// version of the change: every value the VM may have cached from before it is older.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Invalidation<'a> {
-    Key { dict: u64, key: &'a [u8], version: u64 },
-    Dict { dict: u64, version: u64 },
+    Key { dict: u64, token: [u8; TOKEN_LEN], key: &'a [u8], version: u64 },
+    Dict { dict: u64, token: [u8; TOKEN_LEN], version: u64 },
 }
 
 /// Called with the dict's lock held: it must only queue (never block, never take a dict lock).

@@ -37,7 +37,7 @@ pub fn dict(d: &Locked<'_>) -> Result<(), Error> {
     sweep(d, &reachable)?;
     if d.slot.any_cached.load(Relaxed) != 0 {
         let version = d.v.next_version();
-        d.invalidate(Invalidation::Dict { dict: d.id, version });
+        d.invalidate(Invalidation::Dict { dict: d.id, token: d.token(), version });
         if !live {
             d.slot.any_cached.store(0, Relaxed);
         }

@@ -179,8 +179,8 @@ fn cached_entries_are_invalidated_once_by_every_change() {
     let sink = seen.clone();
     t.store.set_invalidator(Box::new(move |what| {
         sink.lock().unwrap().push(match what {
-            Invalidation::Key { dict, key, version } => (dict, Some(key.to_vec()), version),
-            Invalidation::Dict { dict, version } => (dict, None, version),
+            Invalidation::Key { dict, key, version, .. } => (dict, Some(key.to_vec()), version),
+            Invalidation::Dict { dict, version, .. } => (dict, None, version),
         })
     }));
     let d = t.store.create_dict(&owner(1)).unwrap();
@@ -522,4 +522,24 @@ fn the_key_hash_is_siphash_1_3() {
         assert_eq!(super::view::siphash13(0, 0, &bytes[..len]), std_hash.finish(), "length {len}");
     }
     assert_ne!(super::view::siphash13(1, 0, b"k"), super::view::siphash13(0, 0, b"k"), "the key matters");
+}
+
+/// An invalidation carries what the VM's handle holds: the dict's id and token.
+#[test]
+fn invalidations_name_the_dict_by_id_and_token() {
+    let t = temp_store(1 << 20);
+    let seen: std::sync::Arc<Mutex<Vec<(u64, [u8; 16])>>> = Default::default();
+    let sink = seen.clone();
+    t.store.set_invalidator(Box::new(move |w| {
+        sink.lock().unwrap().push(match w {
+            Invalidation::Key { dict, token, .. } | Invalidation::Dict { dict, token, .. } => (dict, token),
+        })
+    }));
+    let _other = t.store.create_dict(&owner(1)).unwrap();
+    let d = t.store.create_dict(&owner(1)).unwrap();
+    d.set(b"k", b"1").unwrap();
+    let (_, v) = d.get(b"k").unwrap().unwrap();
+    assert!(d.mark_cached_if_version(b"k", v, || ()));
+    d.set(b"k", b"2").unwrap();
+    assert_eq!(*seen.lock().unwrap(), vec![(d.id(), *d.token())]);
 }
