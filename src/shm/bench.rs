@@ -58,8 +58,11 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// A named measurement: ns per operation.
+type Case<'a> = (&'a str, Box<dyn FnMut() -> f64 + 'a>);
+
 /// Runs the cases in turn, ROUNDS times, and prints each one's median.
-fn interleaved(cases: &mut [(&str, Box<dyn FnMut() -> f64 + '_>)]) {
+fn interleaved(cases: &mut [Case<'_>]) {
     let mut results: Vec<Vec<f64>> = vec![Vec::new(); cases.len()];
     for _ in 0..ROUNDS {
         for (i, (_, f)) in cases.iter_mut().enumerate() {

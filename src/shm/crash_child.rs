@@ -163,7 +163,7 @@ pub fn hammer() {
             }
             45..=79 => {
                 let key = format!("s{slot}-{}", r / 100 % 40);
-                let len = if r % 53 == 0 { 70_000 } else { (r >> 20) as usize % 3000 };
+                let len = if r.is_multiple_of(53) { 70_000 } else { (r >> 20) as usize % 3000 };
                 let seed = life << 32 | n;
                 record(&format!("B S {key} {seed} {len}"));
                 sets.set(key.as_bytes(), &value(seed, len)).expect("set");

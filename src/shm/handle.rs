@@ -6,6 +6,9 @@ use super::{Error, Inner, Update};
 use std::sync::atomic::Ordering::*;
 use std::sync::Arc;
 
+/// A key and its value, copied out.
+pub type Item = (Vec<u8>, Vec<u8>);
+
 /// A dict of a store. Holding one does not keep the dict alive: after a destroy (from any
 /// process) every operation answers `Destroyed`.
 #[derive(Clone)]
@@ -121,7 +124,7 @@ impl DictRef {
     }
 
     /// Keys and values, in insertion order.
-    pub fn items(&self) -> Result<Vec<(Vec<u8>, Vec<u8>)>, Error> {
+    pub fn items(&self) -> Result<Vec<Item>, Error> {
         let d = self.lock()?;
         Ok(d.entries_in_order()?.iter().map(|e| (e.key.to_vec(), e.value.to_vec())).collect())
     }

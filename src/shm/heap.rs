@@ -246,7 +246,7 @@ impl<'a> Heap<'a> {
             let b = self.v.block(off)?;
             let word = b.word.load(Acquire);
             let size = word & !FLAGS;
-            if size < MIN_BLOCK || size % ALIGN != 0 || off + size > top {
+            if size < MIN_BLOCK || !size.is_multiple_of(ALIGN) || off + size > top {
                 return Err(Corrupt { what: "heap block with an impossible size", at: off }.into());
             }
             f(off, word, b.tag.load(Relaxed))?;

@@ -234,4 +234,4 @@ pub fn owner_hash(owner: &[u8]) -> u64 {
 const _: () = assert!(std::mem::size_of::<Slot>() <= 1024);
 const _: () = assert!(std::mem::size_of::<Header>() <= PAGE as usize);
 const _: () = assert!(std::mem::size_of::<BlockHead>() == 16);
-const _: () = assert!(ENTRY_HEAD % 8 == 0);
+const _: () = assert!(ENTRY_HEAD.is_multiple_of(8));

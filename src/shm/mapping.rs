@@ -82,7 +82,7 @@ impl Mapping {
         let size = std::mem::size_of::<T>() as u64;
         let align = std::mem::align_of::<T>() as u64;
         match off.checked_add(size) {
-            Some(end) if end <= self.len && off % align == 0 => {
+            Some(end) if end <= self.len && off.is_multiple_of(align) => {
                 // SAFETY: in bounds and aligned; T is made of atomics (and a pthread mutex
                 // inside an UnsafeCell), valid for any bit pattern another process left.
                 Ok(unsafe { &*self.base.add(off as usize).cast::<T>() })

@@ -149,7 +149,7 @@ fn update_stores_or_keeps_and_answers() {
     assert_eq!(d.update(b"c", incr).unwrap(), 2);
     let seen = d.update(b"c", |cur| Update::<Vec<u8>, _> { store: None, answer: cur.map(<[u8]>::to_vec) }).unwrap();
     assert_eq!(seen, Some(2u64.to_le_bytes().to_vec()));
-    assert_eq!(d.update(b"absent", |cur| Update::<Vec<u8>, _> { store: None, answer: cur.is_none() }).unwrap(), true);
+    assert!(d.update(b"absent", |cur| Update::<Vec<u8>, _> { store: None, answer: cur.is_none() }).unwrap());
     assert!(!d.contains(b"absent").unwrap(), "keeping nothing stores nothing");
 }
 
@@ -528,7 +528,8 @@ fn the_key_hash_is_siphash_1_3() {
 #[test]
 fn invalidations_name_the_dict_by_id_and_token() {
     let t = temp_store(1 << 20);
-    let seen: std::sync::Arc<Mutex<Vec<(u64, [u8; 16])>>> = Default::default();
+    type Seen = Vec<(u64, [u8; 16])>;
+    let seen: std::sync::Arc<Mutex<Seen>> = Default::default();
     let sink = seen.clone();
     t.store.set_invalidator(Box::new(move |w| {
         sink.lock().unwrap().push(match w {

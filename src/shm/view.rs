@@ -89,7 +89,7 @@ impl View {
     /// The top of the heap, checked against the mapping.
     pub fn top(&self) -> Result<u64, Corrupt> {
         let top = self.header().top.load(Acquire);
-        if top < self.heap_off || top > self.capacity || top % ALIGN != 0 {
+        if top < self.heap_off || top > self.capacity || !top.is_multiple_of(ALIGN) {
             return Err(Corrupt { what: "heap top out of range", at: top });
         }
         Ok(top)
@@ -97,7 +97,7 @@ impl View {
 
     /// A block's header, if `off` can be a block (inside the heap, aligned).
     pub fn block(&self, off: u64) -> Result<&BlockHead, Corrupt> {
-        if off < self.heap_off || off % ALIGN != 0 || off >= self.capacity {
+        if off < self.heap_off || !off.is_multiple_of(ALIGN) || off >= self.capacity {
             return Err(Corrupt { what: "block offset out of the heap", at: off });
         }
         self.map.at(off, "block")
