@@ -220,17 +220,21 @@ impl<'m> Locked<'m> {
         let need = block_size(payload).ok_or(Error::Full)?;
         let spare = self.slot.spare.load(Relaxed);
         if spare != 0 {
-            let size = self.v.used_block(spare, self.id, "spare block not owned by its dict")?;
-            if size >= need && size - need < SPARE_SLACK {
-                // Unreferenced from here until published: a crash leaves it to the sweep.
-                self.slot.spare.store(0, Relaxed);
-                return Ok(spare);
+            match self.v.used_block(spare, self.id, "spare block not owned by its dict") {
+                Ok(size) if size >= need && size - need < SPARE_SLACK => {
+                    // Unreferenced from here until published: a crash leaves it to the sweep.
+                    self.slot.spare.store(0, Relaxed);
+                    return Ok(spare);
+                }
+                Ok(_) => {}
+                // Overwritten by someone: forget it rather than fail every write for it.
+                Err(_) => self.slot.spare.store(0, Relaxed),
             }
         }
         // Bound first: the heap's guard must be gone before the retry takes it again.
         let first = self.v.heap()?.alloc(payload, self.id);
         match first {
-            Err(Error::Full) if spare != 0 => {
+            Err(Error::Full) if self.slot.spare.load(Relaxed) != 0 => {
                 self.drop_spare()?;
                 self.v.heap()?.alloc(payload, self.id)
             }
