@@ -47,6 +47,9 @@ mod python;
 mod registry;
 mod richtypes;
 mod shared_dict;
+// The shared-memory SharedDict store (issue 22); wired in by the integration.
+#[allow(dead_code, unused_imports)]
+mod shm;
 mod shutdown;
 mod spin;
 mod stdio;
