@@ -20,6 +20,17 @@ use std::time::{Duration, Instant};
 #[test]
 #[ignore = "the child role of the crash tests, started by them"]
 fn child() {
+    if std::env::var(child::ROLE).is_ok() {
+        // A parent test that fails mid-way must not leave children hammering the machine:
+        // they die with the thread that started them.
+        // SAFETY: plain prctl on ourselves.
+        unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
+        // ...including a parent that died before the line above.
+        // SAFETY: plain getppid.
+        if std::env::var("PYPORT_SHM_PARENT").ok() != Some(unsafe { libc::getppid() }.to_string()) {
+            return;
+        }
+    }
     match std::env::var(child::ROLE).as_deref() {
         Ok("script") => child::script(),
         Ok("hammer") => child::hammer(),
@@ -41,6 +52,7 @@ pub fn spawn(envs: &[(&str, String)], life: u64) -> Child {
     let mut cmd = Command::new(exe);
     cmd.args(["--exact", "shm::crash_tests::child", "--ignored", "--nocapture", "--test-threads=1", "-q"]);
     cmd.stdout(Stdio::piped()).stderr(Stdio::null()).stdin(Stdio::null());
+    cmd.env("PYPORT_SHM_PARENT", std::process::id().to_string());
     for (k, v) in envs {
         cmd.env(k, v);
     }

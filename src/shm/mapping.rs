@@ -76,6 +76,11 @@ impl Mapping {
         self.len
     }
 
+    /// The start of the mapping (page aligned).
+    pub fn base(&self) -> *const u8 {
+        self.base
+    }
+
     /// A reference to a `T` at `off`, if it lies inside the mapping and is aligned.
     /// `T` must be one of the layout's all-atomic `repr(C)` types.
     pub fn at<T>(&self, off: u64, what: &'static str) -> Result<&T, Corrupt> {

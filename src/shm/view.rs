@@ -59,11 +59,9 @@ impl View {
     }
 
     pub fn header(&self) -> &Header {
-        // Checked in `validate` (and by construction in `create`).
-        match self.map.at::<Header>(0, "header") {
-            Ok(h) => h,
-            Err(_) => unreachable!("validated at open"),
-        }
+        // SAFETY: `validate` (the only constructor) found a Header at offset 0 of a mapping of
+        // at least a page; Header is all atomics and stays mapped as long as `self`.
+        unsafe { &*self.map.base().cast::<Header>() }
     }
 
     pub fn slot(&self, index: u64) -> Result<&Slot, Corrupt> {
