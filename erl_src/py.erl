@@ -59,8 +59,9 @@
 
 -define(T2B_OPTS, [{minor_version, 2}]).
 -define(SD_TAG, '$pyport_shared_dict').
-%% Where SharedDict requests go.
--define(SD_ROUTE, pyport_server).
+%% Where SharedDict requests go: any port (they all map the pool's dicts), the caller's
+%% home port if it has one.
+-define(SD_ROUTE, caller).
 -define(IS_U64(N), (is_integer(N) andalso N >= 0 andalso N < 16#10000000000000000)).
 -define(TOKEN_SIZE, 16).
 %% A handle of the shape the port makes: anything else is an argument error.
@@ -335,10 +336,7 @@ shared_dict_new(Opts) when is_map(Opts) ->
             end,
     Id = pyport_request:new_id(),
     Frame = term_to_binary({sd_new, Id, Owner}, ?T2B_OPTS),
-    Msg = case Owner =:= self() of
-              true -> {request, Id, Frame};
-              false -> {request, Id, Frame, Owner}
-          end,
+    Msg = {sd_request, Id, Frame, {owns, Owner}},
     case sd_result(shared_dict_new, pyport_request:request_msg(?SD_ROUTE, Id, Msg, sd_timeout())) of
         {ok, Payload} ->
             case sd_payload(Payload) of
@@ -358,7 +356,7 @@ shared_dict_new(_Opts) ->
 shared_dict_give_away(SD, Pid) when ?IS_HANDLE(SD), is_pid(Pid) ->
     Id = pyport_request:new_id(),
     Frame = term_to_binary({sd_give_away, Id, SD, Pid, self()}, ?T2B_OPTS),
-    _ = sd_ok(SD, sd_request(SD, Id, {request, Id, Frame, Pid})),
+    _ = sd_ok(SD, sd_request(SD, Id, {sd_request, Id, Frame, {owns, Pid}})),
     ok;
 shared_dict_give_away(_SD, _Pid) ->
     erlang:error(badarg).
@@ -381,7 +379,10 @@ shared_dict_get(SD, Key, Default) when ?IS_HANDLE(SD), is_binary(Key) ->
                   miss ->
                       Id = pyport_request:new_id(),
                       Frame = term_to_binary({sd_get, Id, SD, Key}, ?T2B_OPTS),
-                      sd_ok(SD, sd_request(SD, Id, {request, Id, Frame}))
+                      %% Stamped before it is sent: its reply may be cached only if
+                      %% nothing changed the key since (see pyport_sd_cache).
+                      Read = {read, pyport_sd_cache:stamp()},
+                      sd_ok(SD, sd_request(SD, Id, {sd_request, Id, Frame, Read}))
               end,
     case sd_payload(Payload) of
         {found, Value} -> Value;
@@ -398,7 +399,7 @@ shared_dict_set(SD, Key, Value) when ?IS_HANDLE(SD), is_binary(Key) ->
     Id = pyport_request:new_id(),
     Payload = term_to_binary(Value, ?T2B_OPTS),
     Frame = term_to_binary({sd_set, Id, SD, Key, Payload}, ?T2B_OPTS),
-    case sd_request(SD, Id, {request, Id, Frame}) of
+    case sd_request(SD, Id, {sd_request, Id, Frame, {write, SD, Key}}) of
         {ok, _} -> ok;
         {error, _} = Error -> Error
     end;
@@ -410,7 +411,7 @@ shared_dict_set(_SD, _Key, _Value) ->
 shared_dict_del(SD, Key) when ?IS_HANDLE(SD), is_binary(Key) ->
     Id = pyport_request:new_id(),
     Frame = term_to_binary({sd_del, Id, SD, Key}, ?T2B_OPTS),
-    _ = sd_ok(SD, sd_request(SD, Id, {request, Id, Frame})),
+    _ = sd_ok(SD, sd_request(SD, Id, {sd_request, Id, Frame, {write, SD, Key}})),
     ok;
 shared_dict_del(_SD, _Key) ->
     erlang:error(badarg).
@@ -435,7 +436,7 @@ shared_dict_keys(_SD) ->
 shared_dict_update_counter(SD, Key, Incr) when ?IS_HANDLE(SD), is_binary(Key), is_integer(Incr) ->
     Id = pyport_request:new_id(),
     Frame = term_to_binary({sd_update_counter, Id, SD, Key, term_to_binary(Incr)}, ?T2B_OPTS),
-    case sd_payload(sd_ok(SD, sd_request(SD, Id, {request, Id, Frame}))) of
+    case sd_payload(sd_ok(SD, sd_request(SD, Id, {sd_request, Id, Frame, {write, SD, Key}}))) of
         N when is_integer(N) -> N;
         Other -> erlang:error({pyport_bad_reply, Other})
     end;
@@ -455,7 +456,7 @@ shared_dict_compare_and_swap(SD, Key, Old, New) when ?IS_HANDLE(SD), is_binary(K
              end,
     Frame = term_to_binary({sd_cas, Id, SD, Key, OldArg, term_to_binary(New, ?T2B_OPTS)},
                            ?T2B_OPTS),
-    case sd_payload(sd_ok(SD, sd_request(SD, Id, {request, Id, Frame}))) of
+    case sd_payload(sd_ok(SD, sd_request(SD, Id, {sd_request, Id, Frame, {write, SD, Key}}))) of
         B when is_boolean(B) -> B;
         Other -> erlang:error({pyport_bad_reply, Other})
     end;
@@ -796,10 +797,11 @@ sd_payload(Payload) ->
 sd_timeout() ->
     pyport_request:default_timeout(shared_dict_timeout, 5000).
 
-%% A handle from another port generation is destroyed: no need to ask.
+%% A handle of another pool (one that ran before an application restart) is destroyed:
+%% no need to ask.
 -spec is_current(shared_dict()) -> boolean().
 is_current({?SD_TAG, Gen, _, _}) ->
-    case pyport_server:generation() of
+    case pyport_shm:generation() of
         undefined -> true;   % never started: let the request say not_started
         Current -> Gen =:= Current
     end.
@@ -816,6 +818,8 @@ sd_request(SD, Id, Msg) ->
           {ok, binary()} | {error, term()}.
 sd_result(_SD, {ok, _} = Ok) -> Ok;
 sd_result(SD, {error, shared_dict_destroyed}) -> erlang:error({shared_dict_destroyed, SD});
+sd_result(shared_dict_new, {error, shared_dict_full}) -> erlang:error(shared_dict_full);
+sd_result(SD, {error, shared_dict_full}) -> erlang:error({shared_dict_full, SD});
 sd_result(SD, {error, timeout}) -> erlang:error({pyport_timeout, SD});
 sd_result(_SD, {error, {pyport_unavailable, _} = Reason}) -> erlang:error(Reason);
 sd_result(_SD, {error, overloaded}) -> erlang:error(overloaded);

@@ -5,8 +5,8 @@
 
 -export([start/2, stop/1]).
 
-%% @doc Application callback: checks the app env (`ports', and the Python named by `python',
-%% see {@link pyport_python}) and starts the top supervisor.
+%% @doc Application callback: checks the app env (`ports', the SharedDicts' shared memory,
+%% the Python named by `python', see {@link pyport_python}) and starts the top supervisor.
 -spec start(application:start_type(), term()) -> {ok, pid()} | {error, term()}.
 start(_StartType, _StartArgs) ->
     %% A wrong app env `python' fails the start here, with a reason that says why.
@@ -26,10 +26,11 @@ start(_StartType, _StartArgs) ->
 %% Without the setting the start returns at once and the port comes up in the background.
 -spec check_config() -> ok | {error, term()}.
 check_config() ->
-    case pyport_pool:check_config() of
-        ok -> pyport_python:resolve();
-        {error, _} = E -> E
-    end.
+    lists:foldl(fun(Check, ok) -> Check();
+                   (_Check, Error) -> Error
+                end, ok, [fun pyport_pool:check_config/0, fun pyport_shm:setup/0,
+                          fun pyport_python:resolve/0]).
+
 
 -spec wait_ready(pid(), undefined | {ok, term()}) -> {ok, pid()} | {error, term()}.
 wait_ready(Sup, {ok, T}) when is_integer(T), T > 0 ->
@@ -54,7 +55,8 @@ stop_tree(Sup) ->
     exit(Sup, shutdown),
     receive {'DOWN', Ref, process, Sup, _} -> ok end.
 
-%% @doc Application callback: nothing to clean up (the server closes the port).
+%% @doc Application callback: the pool's shared-memory file goes (the servers have
+%% closed their ports).
 -spec stop(term()) -> ok.
 stop(_State) ->
-    ok.
+    pyport_shm:remove().

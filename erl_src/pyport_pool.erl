@@ -17,7 +17,7 @@
 %% `atomics' array of each port's requests in flight (which the servers keep).
 -module(pyport_pool).
 
--export([check_config/0, init/0, size/0, indexes/0, server_name/1, servers/0, choose/1, any_server/0,
+-export([check_config/0, init/0, size/0, indexes/0, server_name/1, servers/0, choose/1,
          in_flight/2, home_gone/2, homes_of_port_gone/1, new_generation/1, generation/1]).
 -export([stream_started/2, stream_server/1, streams_gone/1]).
 
@@ -126,15 +126,6 @@ choose(UsesNamespace) ->
                 undefined -> server_name(home(pyport_callbacks:owner(), UsesNamespace));
                 Server -> Server
             end
-    end.
-
-%% @doc A server for a request that belongs to no process's state (a SharedDict
-%% operation, stats): the port with the fewest requests in flight.
--spec any_server() -> atom().
-any_server() ->
-    case size() of
-        N when N =< 1 -> pyport_server;
-        _ -> server_name(least_loaded())
     end.
 
 -spec home(pid(), boolean()) -> pos_integer().

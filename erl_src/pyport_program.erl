@@ -35,9 +35,10 @@ executable() ->
 %% application environment (see docs/PROTOCOL.md, "Command line").
 -spec args(non_neg_integer()) -> [string()].
 args(Gen) ->
-    ["--generation", integer_to_list(Gen),
-     "--workers", integer_to_list(env_int(workers, 1)),
-     "--max-workers", integer_to_list(env_int(max_workers, 16))]
+    ["--generation", integer_to_list(Gen)]
+        ++ pyport_shm:args()
+        ++ ["--workers", integer_to_list(env_int(workers, 1)),
+            "--max-workers", integer_to_list(env_int(max_workers, 16))]
         ++ watchdog_arg()
         %% --thread-affinity: which processes get a home thread in the port.
         ++ choice_arg(thread_affinity, "--thread-affinity", [namespace, always, none])

@@ -11,9 +11,9 @@
 
 %% Which port's server gets a request (see pyport_pool): `namespace', a request that
 %% uses the caller's Python namespace (its home port, given one if need be);
-%% `caller', any other request of the caller (its home port if it has one);
-%% `shared', the pool's own state (SharedDicts: any port); or that server.
--type route() :: namespace | caller | shared | atom() | pid().
+%% `caller', any other request of the caller (its home port if it has one, else the
+%% least loaded); or that server.
+-type route() :: namespace | caller | atom() | pid().
 
 -include("pyport.hrl").
 
@@ -70,7 +70,6 @@ request_msg(Route, Id, Msg, Timeout) ->
 -spec server(route()) -> atom() | pid().
 server(namespace) -> pyport_pool:choose(true);
 server(caller) -> pyport_pool:choose(false);
-server(shared) -> pyport_pool:any_server();
 server(Server) -> Server.
 
 %% @doc Whether a request frame may be sent: the port program treats a frame

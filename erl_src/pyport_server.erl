@@ -21,7 +21,7 @@
 
 -include_lib("kernel/include/logger.hrl").
 
--export([start_link/1, generation/0, executable/0, functions_changed/0, restart_port/1,
+-export([start_link/1, executable/0, functions_changed/0, restart_port/1,
          wait_ready/4]).
 -export([init/1, handle_call/3, handle_cast/2, handle_info/2, terminate/2,
          code_change/3]).
@@ -37,6 +37,9 @@
 %% A stream's flow control: acknowledged by its owner, or by the sender as the owner's
 %% mailbox empties (with the stream's window).
 -type stream_flow() :: ack | {mailbox, pos_integer()}.
+%% What a SharedDict request does: a read stamped by the read cache's clock, an
+%% Erlang-side write of one key, or a new owner of a dict (after sd_new, give_away).
+-type sd_effect() :: {read, pos_integer()} | {write, tuple(), binary()} | {owns, pid()}.
 
 -record(state, {
           %% this server's port in the pool (see pyport_pool)
@@ -46,6 +49,9 @@
           gen :: non_neg_integer(),
           %% request id => who waits for its reply
           pending = #{} :: #{request_id() => waiter()},
+          %% SharedDict requests in flight and what their end means for the VM's read
+          %% cache (see pyport_sd_cache): kept until the port answers, even if cancelled
+          sd_effects = #{} :: #{request_id() => sd_effect()},
           %% monitored pid => {monitor, ids of its pending requests}
           owners = #{} :: #{pid() => {reference(), [request_id()]}},
           restarts = 0 :: non_neg_integer(),
@@ -96,13 +102,6 @@
 -spec start_link(pos_integer()) -> {ok, pid()} | ignore | {error, term()}.
 start_link(Index) ->
     gen_server:start_link({local, pyport_pool:server_name(Index)}, ?MODULE, [Index], []).
-
-%% @doc The current generation of the first port, read without a message to the
-%% server. `undefined' if no server has run in this VM. SharedDict handles whose
-%% generation differs are destroyed.
--spec generation() -> non_neg_integer() | undefined.
-generation() ->
-    pyport_pool:generation(1).
 
 %% @doc Replaces the port program of server `Server' now, as a crash would (callers in
 %% flight get `{error, {pyport_exit, restart}}'), with the command line and environment
@@ -220,6 +219,8 @@ call({request, Id, Frame, Owner}, From, #state{port = Port} = State)
     request(Id, Frame, From, monitor_owner(Owner, State));
 call({request, Id, Frame, _Owner}, From, State) ->
     request(Id, Frame, From, State);
+call({sd_request, Id, Frame, Effect}, From, State) ->
+    sd_request(Id, Frame, Effect, From, State);
 call({stream_request, Id, Frame, Owner, Ref, Flow}, From, #state{port = Port} = State)
   when is_pid(Owner), is_reference(Ref), Port =/= undefined ->
     %% Remembered until the port says the stream ended or the port dies (the owner is
@@ -378,6 +379,42 @@ request(Id, Frame, {Pid, _} = From, #state{port = Port} = State) ->
             {reply, {error, {pyport_unavailable, closing}}, State}
     end.
 
+%% A SharedDict request: its effect on the read cache begins before the frame goes
+%% to the port, and ends when the port answers (sd_done/3) or dies.
+-spec sd_request(request_id(), binary(), sd_effect(), gen_server:from(), state()) ->
+          {reply, term(), state()} | {noreply, state()}.
+sd_request(Id, Frame, Effect, From, State) ->
+    ok = sd_begin(Effect),
+    case request(Id, Frame, From, State) of
+        {noreply, S} ->
+            {noreply, S#state{sd_effects = maps:put(Id, Effect, S#state.sd_effects)}};
+        {reply, _, _} = Refused ->
+            ok = sd_end(Effect, error),
+            Refused
+    end.
+
+-spec sd_begin(sd_effect()) -> ok.
+sd_begin({write, SD, Key}) -> pyport_sd_cache:write_begin(SD, Key);
+sd_begin(_) -> ok.
+
+%% The port answered request `Id' (`Status'), or died with it in flight (`error').
+-spec sd_done(request_id(), ok | error, state()) -> state().
+sd_done(Id, Status, #state{sd_effects = Effects} = State) when is_map_key(Id, Effects) ->
+    {Effect, Effects1} = maps:take(Id, Effects),
+    ok = sd_end(Effect, Status),
+    State#state{sd_effects = Effects1};
+sd_done(_Id, _Status, State) ->
+    State.
+
+-spec sd_end(sd_effect(), ok | error) -> ok.
+sd_end({write, SD, Key}, _Status) ->
+    pyport_sd_cache:write_end(SD, Key);
+sd_end({owns, Owner}, ok) ->
+    %% The dict exists now: its owner's exit (even one before now) destroys it.
+    pyport_sd_owners:watch(Owner);
+sd_end(_, _) ->
+    ok.
+
 -spec port_data(binary(), state()) -> state().
 port_data(Bin, State) ->
     %% `safe': a frame can never create atoms (nor external funs) in this VM.
@@ -404,8 +441,10 @@ bad_frame(Bin, #state{pending = Pending} = State) ->
     end.
 
 -spec port_message(term(), state()) -> state().
-port_message({Id, Status, Result}, #state{pending = Pending} = State)
+port_message({Id, Status, Result}, #state{pending = Pending} = State0)
   when is_integer(Id), (Status =:= ok orelse Status =:= error) ->
+    %% What the answer means for the read cache is done before anyone hears of it.
+    State = sd_done(Id, Status, State0),
     case maps:take(Id, Pending) of
         {startup, Pending1} ->
             startup_result(Status, Result, State#state{pending = Pending1});
@@ -416,17 +455,25 @@ port_message({Id, Status, Result}, #state{pending = Pending} = State)
             %% Cancelled or timed out: nobody waits for it.
             State
     end;
-port_message({Id, cached, {SD, Key, Payload}}, State)
+port_message({Id, cached, {SD, Key, Payload}}, #state{sd_effects = Effects} = State)
   when is_integer(Id), is_tuple(SD), is_binary(Key), is_binary(Payload) ->
-    %% A get's reply that may be cached: cached before it is forwarded, and
-    %% before any later frame (an invalidation of it) is applied.
-    ok = pyport_sd_cache:insert(SD, Key, Payload, State#state.cache_max),
+    %% A get's reply that may be cached (with the stamp its read took before it was
+    %% sent): cached before it is forwarded.
+    case Effects of
+        #{Id := {read, Stamp}} -> ok = pyport_sd_cache:insert(SD, Key, Stamp, Payload, State#state.cache_max);
+        _ -> ok
+    end,
     port_message({Id, ok, Payload}, State);
-port_message({pyport_sd_invalidate, SD, Key}, State) when is_tuple(SD), is_binary(Key) ->
+port_message({pyport_sd_invalidate, Token, SD, Key}, State)
+  when is_integer(Token), is_tuple(SD), is_binary(Key) ->
+    %% A change made in the port (by Python, or a dead owner's drop) waits for this
+    %% before anyone can see it.
     ok = pyport_sd_cache:invalidate(SD, Key),
+    send_frame(State, {sd_invalidated, Token}),
     State;
-port_message({pyport_sd_invalidate, SD}, State) when is_tuple(SD) ->
+port_message({pyport_sd_invalidate, Token, SD}, State) when is_integer(Token), is_tuple(SD) ->
     ok = pyport_sd_cache:invalidate_dict(SD),
+    send_frame(State, {sd_invalidated, Token}),
     State;
 port_message({pyport_callback, CbId, Name, Args, Caller}, #state{port = Port} = State)
   when is_integer(CbId), is_binary(Name), is_binary(Args), Port =/= undefined ->
@@ -690,9 +737,11 @@ port_down(Exit, Reply, #state{pending = Pending, owners = Owners} = State) ->
                          pyport_sender:stream_last(State#state.sender, Ref, Owner, Last)
                  end, State#state.streams),
     ok = pyport_pool:streams_gone(maps:keys(State#state.streams)),
-    %% Every dict of that port is gone, and so is what the VM cached of them; so are the
-    %% namespaces homed there.
+    %% The namespaces homed there are gone.
+    %% The dicts live on (in shared memory); what the port may have changed without
+    %% telling the VM is forgotten, and the writes it had in flight end.
     ok = pyport_sd_cache:clear(),
+    maps:foreach(fun(_Id, Effect) -> sd_end(Effect, error) end, State#state.sd_effects),
     ok = pyport_pool:homes_of_port_gone(State#state.index),
     cancel_timer(State#state.startup_timer),
     reply_all(Pending, Reply),
@@ -706,7 +755,8 @@ port_down(Exit, Reply, #state{pending = Pending, owners = Owners} = State) ->
             ?LOG_ERROR("pyport: port program exited (~tp) with ~b request(s) pending; "
                        "restarting as generation ~b", [Exit, map_size(Pending), Gen])
     end,
-    State1 = State#state{port = undefined, pending = #{}, owners = #{}, gen = Gen, callbacks = #{},
+    State1 = State#state{port = undefined, pending = #{}, sd_effects = #{}, owners = #{}, gen = Gen,
+                         callbacks = #{},
                          streams = #{}, traces = #{},
                          restarts = State#state.restarts + 1, last_exit = Exit,
                          ready = undefined, startup = undefined, os_pid = undefined,

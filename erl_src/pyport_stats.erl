@@ -15,7 +15,8 @@
 
 %% Figures that belong to the whole pool (the same in every port's answer).
 -define(POOL_WIDE, [dicts, dict_keys, dict_bytes, config, worker_reads,
-                    cache_hits, cache_misses, cache_entries, cache_bytes]).
+                    cache_hits, cache_misses, cache_entries, cache_bytes,
+                    memory_used, memory_limit, max_dicts, lock_recoveries]).
 %% Figures that name one port: the first port's at the top, each port's in `ports'.
 -define(OF_FIRST, [os_pid, generation, last_exit]).
 %% What each port's map in `ports' holds.

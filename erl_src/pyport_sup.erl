@@ -1,5 +1,5 @@
-%% @doc Top supervisor of pyport (one_for_one). Its children are the servers of the
-%% pool's ports ({@link pyport_server}, one per port, app env `ports'), each of which
+%% @doc Top supervisor of pyport (one_for_one). Its children are the watcher of the
+%% SharedDicts' owners ({@link pyport_sd_owners}) and the servers of the pool's ports ({@link pyport_server}, one per port, app env `ports'), each of which
 %% never dies from a port crash itself: it restarts its port. This supervisor only
 %% restarts a server after a bug in it. It owns the pool's tables (see
 %% {@link pyport_pool}).
@@ -60,7 +60,14 @@ init([]) ->
     %% intensity grows with the pool so that a bug hitting every server once is
     %% survived as it is with one.
     Flags = #{strategy => one_for_one, intensity => 5 * max(1, N), period => 10},
-    {ok, {Flags, [server_spec(I) || I <- lists:seq(1, N)]}}.
+    %% The owners' watcher first: servers tell it of new owners.
+    Owners = #{id => pyport_sd_owners,
+               start => {pyport_sd_owners, start_link, []},
+               restart => permanent,
+               shutdown => 5000,
+               type => worker,
+               modules => [pyport_sd_owners]},
+    {ok, {Flags, [Owners | [server_spec(I) || I <- lists:seq(1, N)]]}}.
 
 -spec server_spec(pos_integer()) -> supervisor:child_spec().
 server_spec(I) ->

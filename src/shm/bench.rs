@@ -1,17 +1,15 @@
 //! Measurements (ignored tests, run by hand; see DESIGN.md for the figures): the store's
-//! set+get pair on small values against today's in-process registry, in one thread, in two
-//! threads, and in two processes. Cases are interleaved and repeated; the median is printed.
+//! set+get pair on small values, in one thread, in two threads, and in two processes. Cases are interleaved and repeated; the median is printed.
 //!
 //! `taskset -c 0 cargo test --release shm::bench::single -- --ignored --nocapture`
 //! `cargo test --release shm::bench::parallel -- --ignored --nocapture`
 
+use crate::shm::Ungated;
 use super::crash_child::{self as child, hex, record, unhex};
 use super::crash_tests::{reap, spawn};
 use super::tests::{owner, temp_store};
 use super::{DictRef, Store};
-use crate::registry::{Registry, Value};
 use std::hint::black_box;
-use std::sync::Arc;
 use std::time::Instant;
 
 const KEY: &[u8; 20] = b"a-key-of-20-bytes-xx";
@@ -24,7 +22,7 @@ pub const BENCH_DICT: &str = "PYPORT_SHM_BENCH_DICT";
 fn store_pairs(d: &DictRef, n: u64) -> f64 {
     let start = Instant::now();
     for _ in 0..n {
-        d.set(KEY, VALUE).unwrap();
+        d.set(KEY, VALUE, &Ungated).unwrap();
         black_box(d.get(KEY).unwrap());
     }
     start.elapsed().as_nanos() as f64 / n as f64
@@ -36,19 +34,8 @@ fn store_pairs_many(d: &DictRef, n: u64) -> f64 {
     let start = Instant::now();
     for i in 0..n {
         let k = &keys[(i % 1000) as usize];
-        d.set(k, VALUE).unwrap();
+        d.set(k, VALUE, &Ungated).unwrap();
         black_box(d.get(k).unwrap());
-    }
-    start.elapsed().as_nanos() as f64 / n as f64
-}
-
-fn registry_pairs(r: &Registry, n: u64) -> f64 {
-    let d = r.create(crate::protocol::Owner::new("b@h", 1, 0, 1));
-    let start = Instant::now();
-    for _ in 0..n {
-        // Today's path allocates the pickled bytes into an Arc, as pickle_dumps does.
-        d.set(KEY, Value::from(&VALUE[..])).unwrap();
-        black_box(d.get(KEY).unwrap());
     }
     start.elapsed().as_nanos() as f64 / n as f64
 }
@@ -80,11 +67,9 @@ fn interleaved(cases: &mut [Case<'_>]) {
 fn single() {
     let t = temp_store(64 << 20);
     let d = t.store.create_dict(&owner(1)).unwrap();
-    let r = Registry::new(0);
     interleaved(&mut [
         ("store set+get pair, one key", Box::new(|| store_pairs(&d, PAIRS))),
         ("store set+get pair, 1000 keys", Box::new(|| store_pairs_many(&d, PAIRS))),
-        ("registry (today) set+get pair, one key", Box::new(|| registry_pairs(&r, PAIRS))),
         ("store get only, one key", Box::new(|| {
             let start = Instant::now();
             for _ in 0..PAIRS {
@@ -129,14 +114,6 @@ fn parallel() {
         ("2 processes, same dict", Box::new(|| two_processes([&shared, &shared]))),
         ("2 processes, a dict each", Box::new(|| two_processes([&own[0], &own[1]]))),
     ]);
-    let reg = Arc::new(Registry::new(0));
-    interleaved(&mut [("registry (today), 2 threads, a dict each", Box::new(|| {
-        let times: Vec<f64> = std::thread::scope(|s| {
-            let hs: Vec<_> = (0..2).map(|_| s.spawn(|| registry_pairs(&reg, PAIRS))).collect();
-            hs.into_iter().map(|h| h.join().unwrap()).collect()
-        });
-        times.iter().sum::<f64>() / 2.0
-    }))]);
 }
 
 /// The child side of `parallel`: the loop on one dict, reporting ns per pair.

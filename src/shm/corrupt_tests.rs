@@ -2,6 +2,7 @@
 //! operations that meet damage return `Corrupt` (or reach only what is intact), never panic
 //! and never hang.
 
+use crate::shm::Ungated;
 use super::layout::{Slot, BLOCK_HEAD, USED};
 use super::tests::{owner, temp_store, TempStore};
 use super::{Error, Store};
@@ -14,7 +15,7 @@ fn filled() -> (TempStore, Vec<super::DictRef>) {
     let dicts: Vec<_> = (0..3).map(|n| t.store.create_dict(&owner(n)).unwrap()).collect();
     for (n, d) in dicts.iter().enumerate() {
         for i in 0..50 {
-            d.set(format!("k{i}").as_bytes(), &vec![n as u8; i * 7]).unwrap();
+            d.set(format!("k{i}").as_bytes(), &vec![n as u8; i * 7], &Ungated).unwrap();
         }
     }
     (t, dicts)
@@ -59,7 +60,7 @@ fn check_reports_a_bucket_pointing_outside_the_heap_and_the_dict_says_corrupt() 
 fn check_reports_a_broken_free_list_and_a_free_block_marked_used() {
     let (t, d) = filled();
     for i in (0..50).step_by(2) {
-        d[0].del(format!("k{i}").as_bytes()).unwrap();
+        d[0].del(format!("k{i}").as_bytes(), &Ungated).unwrap();
     }
     assert!(t.store.check().is_empty());
     let h = t.store.inner.v.header();
@@ -108,21 +109,21 @@ fn exercise(s: &Store, dicts: &[super::DictRef]) {
     let _ = s.check();
     for d in dicts {
         let _ = d.get(b"k3");
-        let _ = d.set(b"k3", b"new value");
-        let _ = d.set(b"fresh", &[1; 300]);
-        let _ = d.del(b"k5");
-        let _ = d.take(b"k7");
+        let _ = d.set(b"k3", b"new value", &Ungated);
+        let _ = d.set(b"fresh", &[1; 300], &Ungated);
+        let _ = d.del(b"k5", &Ungated);
+        let _ = d.take(b"k7", &Ungated);
         let _ = d.keys();
         let _ = d.items();
         let _ = d.len();
-        let _ = d.replace_if_version(b"k9", None, b"x");
+        let _ = d.replace_if_version(b"k9", None, b"x", &Ungated);
         let _ = d.mark_cached_if_version(b"k9", 1, || ());
     }
-    let _ = dicts[0].clear();
-    let _ = s.drop_owner(&owner(1));
+    let _ = dicts[0].clear(&Ungated);
+    let _ = s.drop_owner(&owner(1), &Ungated);
     let _ = s.give_away(dicts[2].id(), dicts[2].token(), &owner(5), None);
-    let _ = s.destroy(dicts[2].id(), dicts[2].token());
-    let _ = s.create_dict(&owner(9)).map(|d| d.set(b"a", b"b"));
+    let _ = s.destroy(dicts[2].id(), dicts[2].token(), &Ungated);
+    let _ = s.create_dict(&owner(9)).map(|d| d.set(b"a", b"b", &Ungated));
     let _ = s.stats();
     let _ = s.check();
 }

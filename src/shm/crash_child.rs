@@ -3,6 +3,7 @@
 //! one atomic pipe write per record, so the parent knows what was acknowledged and what may
 //! have been in flight when the signal landed.
 
+use crate::shm::Ungated;
 use super::tests::owner;
 use super::{DictRef, Store, Update};
 use std::path::PathBuf;
@@ -72,7 +73,7 @@ fn open() -> Store {
 
 /// Adds one to the little-endian u64 under `key`.
 pub fn incr(d: &DictRef, key: &[u8]) -> u64 {
-    d.update(key, |cur| {
+    d.update(key, &Ungated, |cur| {
         let n = cur.and_then(|b| b.try_into().ok()).map_or(0, u64::from_le_bytes) + 1;
         Update { store: Some(n.to_le_bytes()), answer: n }
     })
@@ -84,7 +85,7 @@ fn cas_incr(d: &DictRef, key: &[u8]) -> u64 {
     loop {
         let seen = d.get(key).expect("get");
         let n = seen.as_ref().and_then(|(b, _)| b.as_slice().try_into().ok()).map_or(0, u64::from_le_bytes) + 1;
-        if d.replace_if_version(key, seen.map(|s| s.1), &n.to_le_bytes()).expect("cas") {
+        if d.replace_if_version(key, seen.map(|s| s.1), &n.to_le_bytes(), &Ungated).expect("cas") {
             return n;
         }
     }
@@ -100,7 +101,7 @@ pub fn script() {
         for i in 0..40u64 {
             let len = (i * 37 + round * 11) as usize % 700;
             record(&format!("B S k{i} {} {len}", round * 100 + i));
-            d.set(format!("k{i}").as_bytes(), &value(round * 100 + i, len)).expect("set");
+            d.set(format!("k{i}").as_bytes(), &value(round * 100 + i, len), &Ungated).expect("set");
             record(&format!("A S k{i}"));
         }
         if round == 0 {
@@ -111,22 +112,22 @@ pub fn script() {
     }
     for i in 0..20u64 {
         record(&format!("B D k{i}"));
-        d.del(format!("k{i}").as_bytes()).expect("del");
+        d.del(format!("k{i}").as_bytes(), &Ungated).expect("del");
         record(&format!("A D k{i}"));
     }
     record("B G 2");
     store.give_away(d.id(), d.token(), &owner(2), Some(&owner(1))).expect("give_away");
     record("A G 2");
     record("B K");
-    d.clear().expect("clear");
+    d.clear(&Ungated).expect("clear");
     record("A K");
     for i in 0..3u64 {
         record(&format!("B S z{i} {} 5000", 900 + i));
-        d.set(format!("z{i}").as_bytes(), &value(900 + i, 5000)).expect("set");
+        d.set(format!("z{i}").as_bytes(), &value(900 + i, 5000), &Ungated).expect("set");
         record(&format!("A S z{i}"));
     }
     record("B X");
-    store.destroy(d.id(), d.token()).expect("destroy");
+    store.destroy(d.id(), d.token(), &Ungated).expect("destroy");
     record("A X");
 }
 
@@ -166,13 +167,13 @@ pub fn hammer() {
                 let len = if r.is_multiple_of(53) { 70_000 } else { (r >> 20) as usize % 3000 };
                 let seed = life << 32 | n;
                 record(&format!("B S {key} {seed} {len}"));
-                sets.set(key.as_bytes(), &value(seed, len)).expect("set");
+                sets.set(key.as_bytes(), &value(seed, len), &Ungated).expect("set");
                 record(&format!("A S {key}"));
             }
             80..=89 => {
                 let key = format!("s{slot}-{}", r / 100 % 40);
                 record(&format!("B D {key}"));
-                sets.del(key.as_bytes()).expect("del");
+                sets.del(key.as_bytes(), &Ungated).expect("del");
                 record(&format!("A D {key}"));
             }
             _ => own = own_dict_step(&store, own, life, r),
@@ -191,7 +192,7 @@ fn own_dict_step(store: &Store, own: Option<DictRef>, life: u64, r: u64) -> Opti
     match r / 100 % 6 {
         0 => {
             record(&format!("B X {}", d.id()));
-            store.destroy(d.id(), d.token()).expect("destroy");
+            store.destroy(d.id(), d.token(), &Ungated).expect("destroy");
             record(&format!("A X {}", d.id()));
             return None;
         }
@@ -201,11 +202,11 @@ fn own_dict_step(store: &Store, own: Option<DictRef>, life: u64, r: u64) -> Opti
             record(&format!("A G {}", d.id()));
         }
         2 => {
-            d.clear().expect("clear");
+            d.clear(&Ungated).expect("clear");
         }
         _ => {
             for i in 0..20u64 {
-                d.set(format!("o{i}").as_bytes(), &value(r + i, (r % 900) as usize)).expect("own set");
+                d.set(format!("o{i}").as_bytes(), &value(r + i, (r % 900) as usize), &Ungated).expect("own set");
             }
         }
     }

@@ -5,6 +5,7 @@
 //! kill), no two increments returned the same value, and every key holds what its last
 //! acknowledged write left (or what the write in flight at a kill would have left).
 
+use crate::shm::Ungated;
 use super::crash_child::{self as child, hex, unhex, value, Rng};
 use super::crash_tests::{reap, spawn, Child};
 use super::tests::{assert_clean, owner, temp_store};
@@ -133,8 +134,8 @@ fn check_own_dicts(store: &Store, life: u64, own: &[Own], creating: bool) {
             Err(e) => panic!("life {life}: {e:?}"),
         }
     }
-    let mut gone: HashSet<u64> = store.drop_owner(&owner(life as u32)).unwrap().into_iter().collect();
-    gone.extend(store.drop_owner(&owner(life as u32 + 1_000_000)).unwrap());
+    let mut gone: HashSet<u64> = store.drop_owner(&owner(life as u32), &Ungated).unwrap().into_iter().collect();
+    gone.extend(store.drop_owner(&owner(life as u32 + 1_000_000), &Ungated).unwrap());
     let unknown = gone.difference(&live).count();
     assert!(live.is_subset(&gone), "life {life}: drop_owner missed a live dict");
     assert!(unknown <= usize::from(creating), "life {life}: {unknown} dicts nobody created");

@@ -1,11 +1,11 @@
-//! A dict, locked: the changes to its entries, each committed by one published word, and the
-//! invalidations they owe the VM's read cache, reported while the lock is still held.
+//! A dict, locked: the changes to its entries, each committed by one published word. (What
+//! they owe the VM's read cache was settled before the lock was taken: see `handle`.)
 
 use super::layout::*;
 use super::lock::{Acquired, Guard};
 use super::table::Entry;
 use super::view::View;
-use super::{crash_point, recover, Corrupt, Error, Inner, Invalidation};
+use super::{crash_point, recover, Corrupt, Error, Inner};
 use std::sync::atomic::Ordering::*;
 
 /// A dict's slot with its lock held. Dropping it unlocks.
@@ -59,12 +59,6 @@ impl Locked<'_> {
         t
     }
 
-    pub fn invalidate(&self, what: Invalidation<'_>) {
-        if let Some(f) = self.inner.invalidator.get() {
-            f(what)
-        }
-    }
-
     /// Stores `value` under `key`; returns the version it got. An existing key keeps its
     /// place in the insertion order. `Full` changes nothing.
     pub fn store(&self, key: &[u8], value: &[u8]) -> Result<u64, Error> {
@@ -92,15 +86,12 @@ impl Locked<'_> {
 
     fn replace(&self, bucket: &std::sync::atomic::AtomicU64, old: u64, key: &[u8], value: &[u8], hash: u64, version: u64) -> Result<u64, Error> {
         let e = self.entry(old)?;
-        let (old_len, was_cached) = (e.value.len() as u64, e.is_cached());
+        let old_len = e.value.len() as u64;
         let block = self.write_entry(key, value, hash, version, e.seq())?;
         bucket.store(bucket_word(block, hash), Release);
         crash_point("set.replaced");
         self.slot.bytes.fetch_add(value.len() as u64, Relaxed);
         self.slot.bytes.fetch_sub(old_len, Relaxed);
-        if was_cached {
-            self.invalidate(Invalidation::Key { dict: self.id, token: self.token(), key, version });
-        }
         self.retire(old)?;
         Ok(version)
     }
@@ -114,10 +105,6 @@ impl Locked<'_> {
         crash_point("del.removed");
         self.slot.len.fetch_sub(1, Relaxed);
         self.slot.bytes.fetch_sub(e.size(), Relaxed);
-        if e.is_cached() {
-            let version = self.v.next_version();
-            self.invalidate(Invalidation::Key { dict: self.id, token: self.token(), key, version });
-        }
         self.retire(e.block)?;
         Ok(Some(out))
     }
@@ -129,7 +116,9 @@ impl Locked<'_> {
         crash_point("clear.committed");
         self.slot.len.store(0, Relaxed);
         self.slot.bytes.store(0, Relaxed);
-        self.forget_cached();
+        // Nothing of the dict is cached any more (its gate saw to it); a clear whose wait
+        // for the VM is still in flight gets its count back to zero at worst.
+        self.slot.any_cached.store(0, Relaxed);
         self.drop_spare()?;
         match old {
             Some(t) => self.free_table(&t),
@@ -142,14 +131,6 @@ impl Locked<'_> {
         self.slot.live.store(0, Release);
         crash_point("destroy.committed");
         self.clear()
-    }
-
-    /// If the VM may cache anything of this dict, tells it to forget the whole dict.
-    pub fn forget_cached(&self) {
-        if self.slot.any_cached.swap(0, Relaxed) != 0 {
-            let version = self.v.next_version();
-            self.invalidate(Invalidation::Dict { dict: self.id, token: self.token(), version });
-        }
     }
 
     /// Every entry, in insertion order.

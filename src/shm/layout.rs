@@ -107,7 +107,8 @@ pub struct Slot {
     pub bytes: AtomicU64,
     /// The insertion sequence number of the next new key (keys come out in this order).
     pub next_seq: AtomicU64,
-    /// Some entry was flagged cached since the dict was last cleared.
+    /// `CACHED`: some entry was flagged cached since the dict was last cleared; plus
+    /// `IN_FLIGHT` for each whole-dict change waiting for the VM to forget the dict.
     pub any_cached: AtomicU64,
     /// A small block this dict unpublished and kept for its next write (0: none), so that
     /// overwriting a value with one of the same size needs no heap lock.
@@ -145,9 +146,14 @@ pub struct EntryHead {
     pub seq: AtomicU64,
     /// key length | value length << 32
     pub lens: AtomicU64,
-    /// 1 once the VM may hold this value in its read cache.
+    /// `CACHED` once the VM may hold this value in its read cache, plus `IN_FLIGHT` for each
+    /// change waiting for the VM to forget it (a count a killed waiter may leave behind: the
+    /// next change of the key replaces the block, and the count with it).
     pub cached: AtomicU64,
 }
+/// See [`EntryHead::cached`] and [`Slot::any_cached`].
+pub const CACHED: u64 = 1;
+pub const IN_FLIGHT: u64 = 2;
 pub const ENTRY_HEAD: u64 = std::mem::size_of::<EntryHead>() as u64;
 /// Key and value lengths are stored in 32 bits each.
 pub const MAX_PART: u64 = u32::MAX as u64;
@@ -191,6 +197,7 @@ pub fn block_size(payload: u64) -> Option<u64> {
 }
 
 /// The block size of an entry: what a set of `key` and `value` lengths takes from the heap.
+#[cfg(test)]
 pub fn entry_block_size(key_len: u64, value_len: u64) -> Option<u64> {
     block_size(ENTRY_HEAD.checked_add(key_len)?.checked_add(value_len)?)
 }

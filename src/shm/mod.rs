@@ -5,11 +5,13 @@
 //! held only for a bounded amount of memory work, never while waiting for anything else.
 //! Locks are always taken in one order: registry → dict → heap.
 //!
-//! The Erlang VM keeps a read cache of values it got from here. An entry the VM caches is
-//! flagged; whatever changes or removes it (from any process) reports it to the store's
-//! [`Invalidator`] while the dict's lock is still held, with a version from the store's one
-//! counter, so the invalidation is queued before anything that follows the change and can be
-//! ordered against cached replies sent by other processes.
+//! The Erlang VM keeps a read cache of values it got from here. An entry the VM may cache is
+//! flagged; a change to it (or to a whole dict that has such entries) made by a [`Gate`]d
+//! caller first has the gate tell the VM to forget it, with no lock held, and waits: the new
+//! value becomes visible only once the VM can no longer answer the old one, through whichever
+//! port it reads. While that is in flight the entry (or dict) counts it, and no reply is
+//! flagged cacheable. Changes the Erlang side asks for pass [`Ungated`]: the VM forgot the key
+//! itself before it sent them.
 //!
 //! See DESIGN.md beside this file for the layout, the crash protocol and the measurements.
 
@@ -48,7 +50,7 @@ use std::fmt;
 use std::io;
 use std::path::Path;
 use std::sync::atomic::Ordering::*;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use view::View;
 
 /// Where the mapping contradicts itself: some process overwrote it (not something a crash
@@ -74,6 +76,8 @@ pub enum Error {
     OwnerTooLong,
     /// The kernel gave no random bytes for a token.
     NoRandomness,
+    /// A gate gave up waiting for the VM (see [`Gate`]): nothing was changed.
+    Interrupted,
     Corrupt(Corrupt),
 }
 
@@ -91,6 +95,7 @@ impl fmt::Display for Error {
             Error::NotOwner => write!(f, "only the owner may give a SharedDict away"),
             Error::OwnerTooLong => write!(f, "an owner's external form is longer than {OWNER_MAX} bytes"),
             Error::NoRandomness => write!(f, "the kernel gave no random bytes for a token"),
+            Error::Interrupted => write!(f, "gave up waiting for the VM to forget a cached value"),
             Error::Corrupt(c) => write!(f, "the SharedDict store is corrupt: {} at offset {}", c.what, c.at),
         }
     }
@@ -106,6 +111,16 @@ pub enum OpenError {
     TooSmall,
 }
 
+impl fmt::Display for OpenError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            OpenError::Io(e) => write!(f, "{e}"),
+            OpenError::Invalid(c) => write!(f, "not a SharedDict store of this version ({} at offset {})", c.what, c.at),
+            OpenError::TooSmall => write!(f, "too small for a SharedDict store (shared_dict_memory)"),
+        }
+    }
+}
+
 impl From<io::Error> for OpenError {
     fn from(e: io::Error) -> OpenError {
         OpenError::Io(e)
@@ -118,16 +133,37 @@ impl From<Corrupt> for OpenError {
     }
 }
 
-/// What the VM must forget: one key of a dict, or all of them. `version` is the store's
-/// version of the change: every value the VM may have cached from before it is older.
+/// What the VM must forget: one key of a dict, or all of them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Invalidation<'a> {
-    Key { dict: u64, token: [u8; TOKEN_LEN], key: &'a [u8], version: u64 },
-    Dict { dict: u64, token: [u8; TOKEN_LEN], version: u64 },
+    Key { dict: u64, token: [u8; TOKEN_LEN], key: &'a [u8] },
+    Dict { dict: u64, token: [u8; TOKEN_LEN] },
 }
 
-/// Called with the dict's lock held: it must only queue (never block, never take a dict lock).
-pub type Invalidator = Box<dyn Fn(Invalidation<'_>) + Send + Sync>;
+/// What a change to something the VM may cache waits for (see the module doc).
+pub trait Gate {
+    /// Returns once the VM has forgotten `what`; called with no lock held. An error (the
+    /// caller gave up waiting: [`Error::Interrupted`]) abandons the change.
+    fn before_change(&self, what: Invalidation<'_>) -> Result<(), Error>;
+
+    /// Whether this gate waits at all (the changes of one that does not go straight through).
+    fn waits(&self) -> bool {
+        true
+    }
+}
+
+/// The gate of changes the VM asked for: it forgot what they change before it sent them.
+pub struct Ungated;
+
+impl Gate for Ungated {
+    fn before_change(&self, _what: Invalidation<'_>) -> Result<(), Error> {
+        Ok(())
+    }
+
+    fn waits(&self) -> bool {
+        false
+    }
+}
 
 /// The outcome of an atomic read-modify-write: the new value to store (or none to keep the
 /// entry as it is) and what to answer.
@@ -154,7 +190,6 @@ pub struct Stats {
 
 pub(crate) struct Inner {
     v: View,
-    invalidator: OnceLock<Invalidator>,
 }
 
 /// A store, mapped. Cheap to clone; every clone and every [`DictRef`] shares the mapping.
@@ -209,17 +244,12 @@ impl Store {
 
     fn from_map(map: Mapping) -> Result<Store, OpenError> {
         let v = View::validate(map)?;
-        Ok(Store { inner: Arc::new(Inner { v, invalidator: OnceLock::new() }) })
+        Ok(Store { inner: Arc::new(Inner { v }) })
     }
 
     /// The pool generation the store was created for.
     pub fn generation(&self) -> u64 {
         self.inner.v.generation
-    }
-
-    /// Installs where this process's invalidations go (once; later calls are ignored).
-    pub fn set_invalidator(&self, f: Invalidator) {
-        let _ = self.inner.invalidator.set(f);
     }
 
     pub fn stats(&self) -> Stats {
@@ -264,7 +294,7 @@ impl From<Error> for OpenError {
 /// the crash protocol, not only where a random signal happens to land.
 #[cfg(test)]
 pub(crate) fn crash_point(name: &str) {
-    static PLAN: OnceLock<Option<(String, std::sync::atomic::AtomicU64)>> = OnceLock::new();
+    static PLAN: std::sync::OnceLock<Option<(String, std::sync::atomic::AtomicU64)>> = std::sync::OnceLock::new();
     let plan = PLAN.get_or_init(|| {
         let spec = std::env::var("PYPORT_SHM_CRASH").ok()?;
         let (point, n) = spec.split_once(':')?;

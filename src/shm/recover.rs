@@ -7,16 +7,17 @@
 //! * blocks it allocated and never published, or unpublished and never freed: every block
 //!   carries the id of the dict it was allocated for, so a walk of the heap finds the ones
 //!   tagged with this dict that its table does not reach, and frees them. Only a holder of
-//!   this dict's lock allocates for it, and we hold that lock, so none of them is in use;
-//! * a change the VM's cache was never told about: if anything was cached, the whole dict is
-//!   invalidated.
+//!   this dict's lock allocates for it, and we hold that lock, so none of them is in use.
+//!
+//! The VM's read cache needs nothing: a change to what it may cache is published only after
+//! the VM forgot it (see `handle`), so no committed change is unknown to it.
 //!
 //! Recovery is idempotent: if this process dies in here too, the lock stays marked and the
 //! next locker starts over.
 
 use super::dict::Locked;
 use super::layout::*;
-use super::{Error, Invalidation};
+use super::Error;
 use std::collections::HashSet;
 use std::sync::atomic::Ordering::*;
 
@@ -35,12 +36,8 @@ pub fn dict(d: &Locked<'_>) -> Result<(), Error> {
         d.slot.bytes.store(0, Relaxed);
     }
     sweep(d, &reachable)?;
-    if d.slot.any_cached.load(Relaxed) != 0 {
-        let version = d.v.next_version();
-        d.invalidate(Invalidation::Dict { dict: d.id, token: d.token(), version });
-        if !live {
-            d.slot.any_cached.store(0, Relaxed);
-        }
+    if !live {
+        d.slot.any_cached.store(0, Relaxed);
     }
     Ok(())
 }

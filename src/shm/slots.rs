@@ -5,7 +5,7 @@ use super::dict::Locked;
 use super::handle::DictRef;
 use super::layout::*;
 use super::lock::Acquired;
-use super::{crash_point, random_u64s, Error, Inner, Stats, Store};
+use super::{crash_point, random_u64s, Error, Gate, Inner, Stats, Store};
 use std::path::Path;
 use std::sync::atomic::Ordering::*;
 
@@ -63,18 +63,23 @@ impl Store {
         Ok(DictRef::new(self.inner.clone(), id, token_bytes(mine)))
     }
 
-    /// Destroys the dict a handle names. Idempotent; returns whether anything was destroyed.
-    pub fn destroy(&self, id: u64, token: &[u8]) -> Result<bool, Error> {
+    /// Destroys the dict a handle names, once the VM forgot what it caches of it (`gate`).
+    /// Idempotent; returns whether anything was destroyed.
+    pub fn destroy(&self, id: u64, token: &[u8], gate: &dyn Gate) -> Result<bool, Error> {
         // An id names one dict for ever, so once the token matched the id suffices.
         match self.lookup(id, token).and_then(|_| self.inner.lock_dict(id)) {
-            Ok(d) => d.destroy().map(|()| true),
+            Ok(d) => match DictRef::change_all(d, gate, |d| d.destroy()) {
+                Ok(()) => Ok(true),
+                Err(Error::Destroyed) => Ok(false),
+                Err(e) => Err(e),
+            },
             Err(Error::Destroyed) => Ok(false),
             Err(e) => Err(e),
         }
     }
 
-    /// Destroys every dict `owner` owns; returns their ids.
-    pub fn drop_owner(&self, owner: &[u8]) -> Result<Vec<u64>, Error> {
+    /// Destroys every dict `owner` owns (see [`Store::destroy`]); returns their ids.
+    pub fn drop_owner(&self, owner: &[u8], gate: &dyn Gate) -> Result<Vec<u64>, Error> {
         let inner = &self.inner;
         let hash = owner_hash(owner);
         let mut gone = Vec::new();
@@ -91,8 +96,12 @@ impl Store {
                 Err(e) => return Err(e),
             };
             if d.owner() == owner {
-                d.destroy()?;
-                gone.push(d.id);
+                let id = d.id;
+                match DictRef::change_all(d, gate, |d| d.destroy()) {
+                    Ok(()) => gone.push(id),
+                    Err(Error::Destroyed) => {}
+                    Err(e) => return Err(e),
+                }
             }
         }
         Ok(gone)
@@ -113,6 +122,7 @@ impl Store {
     }
 
     /// The current owner of a dict.
+    #[cfg(test)]
     pub fn owner(&self, id: u64, token: &[u8]) -> Result<Vec<u8>, Error> {
         self.lookup(id, token)?;
         Ok(self.inner.lock_dict(id)?.owner())

@@ -1,16 +1,17 @@
 //! Multi-thread stress tests against models: many threads, through two mappings of the same
 //! file, on shared and private keys, with dicts created and destroyed under their feet.
 
+use crate::shm::Ungated;
 use super::crash_child::Rng;
 use super::tests::{assert_clean, owner, temp_store};
-use super::{DictRef, Error, Invalidation, Store, Update};
+use super::{DictRef, Error, Gate, Invalidation, Store, Update};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering::*};
 use std::sync::{Arc, Barrier, Mutex};
 use std::thread;
 
 fn incr(d: &DictRef, key: &[u8]) -> u64 {
-    d.update(key, |cur| {
+    d.update(key, &Ungated, |cur| {
         let n = cur.and_then(|b| b.try_into().ok()).map_or(0, u64::from_le_bytes) + 1;
         Update { store: Some(n.to_le_bytes()), answer: n }
     })
@@ -64,11 +65,11 @@ fn threads_on_two_mappings_agree_with_their_models() {
             match r % 10 {
                 0..=3 => {
                     let v = vec![n as u8; (r >> 8) as usize % 400];
-                    d.set(&key, &v).unwrap();
+                    d.set(&key, &v, &Ungated).unwrap();
                     model.insert(key, v);
                 }
                 4 => {
-                    assert_eq!(d.del(&key).unwrap(), model.remove(&key).is_some());
+                    assert_eq!(d.del(&key, &Ungated).unwrap(), model.remove(&key).is_some());
                 }
                 5..=6 => {
                     incr(d, b"shared");
@@ -80,7 +81,7 @@ fn threads_on_two_mappings_agree_with_their_models() {
                 loop {
                     let seen = d.get(b"cas").unwrap();
                     let next = seen.as_ref().map_or(0, |(b, _)| u64::from_le_bytes(b.as_slice().try_into().unwrap())) + 1;
-                    if d.replace_if_version(b"cas", seen.map(|s| s.1), &next.to_le_bytes()).unwrap() {
+                    if d.replace_if_version(b"cas", seen.map(|s| s.1), &next.to_le_bytes(), &Ungated).unwrap() {
                         break;
                     }
                 }
@@ -113,7 +114,7 @@ fn stale_references_never_reach_a_later_dict() {
                         Err(Error::Destroyed) => gone += 1,
                         Err(e) => panic!("{e:?}"),
                     }
-                    if let Err(e) = d.set(b"other", b"x") {
+                    if let Err(e) = d.set(b"other", b"x", &Ungated) {
                         assert_eq!(e, Error::Destroyed);
                     }
                 }
@@ -123,10 +124,10 @@ fn stale_references_never_reach_a_later_dict() {
         .collect();
     for _ in 0..3000 {
         let d = t.store.create_dict(&owner(1)).unwrap();
-        d.set(b"me", &d.id().to_le_bytes()).unwrap();
+        d.set(b"me", &d.id().to_le_bytes(), &Ungated).unwrap();
         *current.lock().unwrap() = Some(d.clone());
         thread::yield_now();
-        t.store.destroy(d.id(), d.token()).unwrap();
+        t.store.destroy(d.id(), d.token(), &Ungated).unwrap();
     }
     stop.store(true, Relaxed);
     for r in readers {
@@ -136,66 +137,106 @@ fn stale_references_never_reach_a_later_dict() {
     assert_clean(&t.store);
 }
 
-/// The VM's read cache, simulated from what the store reports: replies sent under the lock by
-/// `mark_cached_if_version` and invalidations from writers on other threads, in one queue.
-/// Whatever the interleaving, the simulated cache never ends up holding a stale version.
+/// The VM's read cache, simulated as the Erlang side keeps it (`pyport_sd_cache`): a read
+/// takes a stamp from a clock before it is sent; its cacheable reply reaches the cache later,
+/// after any delay; a gated change's invalidation takes a stamp and raises its key's bucket
+/// before the change is published; an entry is answered only if its stamp is above its
+/// bucket. Whatever the interleaving, a writer that has finished a change never reads an older
+/// version from the cache afterwards.
 #[test]
-fn a_cache_fed_by_replies_and_invalidations_never_ends_stale() {
-    #[derive(Debug)]
-    enum Event {
-        Reply(Vec<u8>, u64),
-        Forget(Option<Vec<u8>>),
+fn a_cache_kept_as_the_vm_keeps_it_never_answers_older_than_a_finished_change() {
+    use std::sync::atomic::AtomicU64;
+    #[derive(Default)]
+    struct Vm {
+        clock: AtomicU64,
+        buckets: Mutex<HashMap<Vec<u8>, u64>>,
+        // key => (stamp of the read, version)
+        cache: Mutex<HashMap<Vec<u8>, (u64, u64)>>,
+        replies: Mutex<Vec<(Vec<u8>, u64, u64)>>,
+    }
+    impl Vm {
+        fn lookup(&self, key: &[u8]) -> Option<u64> {
+            let (stamp, version) = *self.cache.lock().unwrap().get(key)?;
+            let bucket = self.buckets.lock().unwrap().get(key).copied().unwrap_or(0);
+            (stamp > bucket).then_some(version)
+        }
+        fn deliver_one(&self) {
+            let r = self.replies.lock().unwrap().pop();
+            if let Some((k, stamp, v)) = r {
+                self.cache.lock().unwrap().insert(k, (stamp, v));
+            }
+        }
+    }
+    impl Gate for Vm {
+        fn before_change(&self, what: Invalidation<'_>) -> Result<(), Error> {
+            let stamp = self.clock.fetch_add(1, SeqCst) + 1;
+            match what {
+                Invalidation::Key { key, .. } => {
+                    self.buckets.lock().unwrap().insert(key.to_vec(), stamp);
+                    self.cache.lock().unwrap().remove(key);
+                }
+                Invalidation::Dict { .. } => {
+                    let mut b = self.buckets.lock().unwrap();
+                    for k in 0..4u8 {
+                        b.insert(vec![b'k', k], stamp);
+                    }
+                    self.cache.lock().unwrap().clear();
+                }
+            }
+            Ok(())
+        }
     }
     let t = temp_store(8 << 20);
-    let queue: Arc<Mutex<Vec<Event>>> = Default::default();
-    let sink = queue.clone();
-    t.store.set_invalidator(Box::new(move |w| {
-        sink.lock().unwrap().push(match w {
-            Invalidation::Key { key, .. } => Event::Forget(Some(key.to_vec())),
-            Invalidation::Dict { .. } => Event::Forget(None),
-        })
-    }));
+    let vm = Arc::new(Vm::default());
     let d = t.store.create_dict(&owner(1)).unwrap();
     let writers: Vec<_> = (0..2u64)
         .map(|n| {
-            let d = d.clone();
+            let (d, vm) = (d.clone(), vm.clone());
             thread::spawn(move || {
                 let mut rng = Rng(n + 11);
-                for i in 0..20_000u64 {
+                for i in 0..10_000u64 {
                     let key = [b'k', (rng.next() % 4) as u8];
-                    match i % 50 {
-                        0 => drop(d.del(&key).unwrap()),
-                        1 if n == 0 && i % 1000 == 1 => d.clear().unwrap(),
-                        _ => drop(d.set(&key, &i.to_le_bytes()).unwrap()),
+                    if n == 0 && i % 1000 == 1 {
+                        d.clear(&*vm).unwrap();
+                        continue;
+                    }
+                    let version = d.set(&key, &i.to_le_bytes(), &*vm).unwrap();
+                    if let Some(cached) = vm.lookup(&key) {
+                        assert!(cached >= version, "after writing version {version} of {key:?} the cache answers {cached}");
                     }
                 }
             })
         })
         .collect();
-    let reader = {
-        let (d, queue) = (d.clone(), queue.clone());
-        thread::spawn(move || {
-            for i in 0..40_000u64 {
-                let key = [b'k', (i % 4) as u8];
-                if let Some((_, v)) = d.get(&key).unwrap() {
-                    d.mark_cached_if_version(&key, v, || queue.lock().unwrap().push(Event::Reply(key.to_vec(), v)));
+    let readers: Vec<_> = (0..2u64)
+        .map(|n| {
+            let (d, vm) = (d.clone(), vm.clone());
+            thread::spawn(move || {
+                let mut rng = Rng(n + 101);
+                for i in 0..20_000u64 {
+                    let key = [b'k', (i % 4) as u8];
+                    let stamp = vm.clock.fetch_add(1, SeqCst) + 1;
+                    if let Some((_, v)) = d.get(&key).unwrap() {
+                        d.mark_cached_if_version(&key, v, || vm.replies.lock().unwrap().push((key.to_vec(), stamp, v)));
+                    }
+                    // Replies reach the cache late, in any order.
+                    if rng.next() % 3 == 0 {
+                        vm.deliver_one();
+                    }
                 }
-            }
+            })
         })
-    };
-    for w in writers {
-        w.join().unwrap();
+        .collect();
+    for h in writers.into_iter().chain(readers) {
+        h.join().unwrap();
     }
-    reader.join().unwrap();
-    let mut cache: HashMap<Vec<u8>, u64> = HashMap::new();
-    for e in queue.lock().unwrap().drain(..) {
-        match e {
-            Event::Reply(k, v) => drop(cache.insert(k, v)),
-            Event::Forget(Some(k)) => drop(cache.remove(&k)),
-            Event::Forget(None) => cache.clear(),
+    while !vm.replies.lock().unwrap().is_empty() {
+        vm.deliver_one();
+    }
+    for k in 0..4u8 {
+        let key = vec![b'k', k];
+        if let Some(v) = vm.lookup(&key) {
+            assert_eq!(d.get(&key).unwrap().map(|g| g.1), Some(v), "the cache kept a stale version of {key:?}");
         }
-    }
-    for (k, v) in cache {
-        assert_eq!(d.get(&k).unwrap().map(|g| g.1), Some(v), "the cache kept a stale version of {k:?}");
     }
 }

@@ -29,7 +29,14 @@ impl Entry<'_> {
         self.head.seq.load(Relaxed)
     }
 
+    /// The VM may hold this value in its read cache.
     pub fn is_cached(&self) -> bool {
+        self.head.cached.load(Relaxed) & CACHED != 0
+    }
+
+    /// The VM may hold it, or a change waits for the VM to forget it: a change must wait
+    /// too, and no reply may be flagged cacheable.
+    pub fn is_held(&self) -> bool {
         self.head.cached.load(Relaxed) != 0
     }
 
