@@ -121,22 +121,25 @@ safe_node() ->
      end || C <- atom_to_list(node())].
 
 %% Removes the files whose VM is not running any more (or is this VM: an earlier pool
-%% of it, whose application did not stop cleanly).
+%% of it, whose application did not stop cleanly), and what a port that was creating
+%% one of them left.
 -spec remove_stale(file:filename()) -> [file:filename()].
 remove_stale(Dir) ->
     Own = os:getpid(),
     [begin _ = file:delete(filename:join(Dir, F)), F end
-     || F <- filelib:wildcard("pyport-*" ++ ?SUFFIX, Dir),
+     || F <- filelib:wildcard("pyport-*" ++ ?SUFFIX, Dir) ++ filelib:wildcard("pyport-*" ++ ?SUFFIX ++ ".new-*", Dir),
         case owner_pid(F) of
             {ok, Own} -> true;
             {ok, Pid} -> not vm_alive(Pid);
             error -> false
         end].
 
-%% `pyport-<node>-<pid>-<n>.sd': the node may hold dashes, so the pid is read from the end.
+%% `pyport-<node>-<pid>-<n>.sd' (or a port's `.sd.new-<os pid>' that it did not get to
+%% rename): the node may hold dashes, so the pid is read from the end.
 -spec owner_pid(string()) -> {ok, string()} | error.
 owner_pid(F) ->
-    case lists:reverse(string:split(filename:rootname(F), "-", all)) of
+    [Base | _] = string:split(F, ?SUFFIX, trailing),
+    case lists:reverse(string:split(Base, "-", all)) of
         [N, Pid | _] ->
             case lists:all(fun(C) -> C >= $0 andalso C =< $9 end, N ++ Pid) andalso Pid =/= "" of
                 true -> {ok, Pid};

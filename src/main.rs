@@ -150,7 +150,10 @@ fn run(args: Vec<String>) -> ! {
         fatal(&out_tx, EXIT_IO, &format!("cannot start output drains: {e}"));
     }
 
-    for warning in limits::apply(cfg.oom_score_adj, cfg.max_memory) {
+    // The SharedDict store's mapping is the pool's, not this port's memory: the cap of the
+    // port's own address space comes on top of it.
+    let max_memory = if cfg.max_memory > 0 { cfg.max_memory.saturating_add(cfg.shm_size) } else { 0 };
+    for warning in limits::apply(cfg.oom_score_adj, max_memory) {
         out_tx.log("warning", "pyport", warning.as_bytes());
     }
     match Registry::open(cfg.shm_path.as_deref(), cfg.shm_size, cfg.handle_generation()) {

@@ -39,8 +39,12 @@ impl Mapping {
     /// 0600, failing if it exists.
     pub fn create(path: &Path, len: u64) -> io::Result<Mapping> {
         let file = OpenOptions::new().read(true).write(true).create_new(true).mode(0o600).open(path)?;
-        file.set_len(len)?;
-        Self::map(file, len)
+        let made = file.set_len(len).and_then(|()| Self::map(file, len));
+        if made.is_err() {
+            // A file nobody could map is of no use to anyone: it goes.
+            let _ = std::fs::remove_file(path);
+        }
+        made
     }
 
     pub fn open(path: &Path) -> io::Result<Mapping> {

@@ -140,7 +140,14 @@ impl Store {
         tmp.push(format!(".new-{}", std::process::id()));
         let tmp = std::path::PathBuf::from(tmp);
         let _ = std::fs::remove_file(&tmp);
-        let made = Store::create(&tmp, size, generation)?;
+        let made = match Store::create(&tmp, size, generation) {
+            Ok(m) => m,
+            Err(e) => {
+                // Nothing half made may stay behind (a mapping refused, a full tmpfs).
+                let _ = std::fs::remove_file(&tmp);
+                return Err(e);
+            }
+        };
         let linked = std::fs::hard_link(&tmp, path);
         let _ = std::fs::remove_file(&tmp);
         match linked {
