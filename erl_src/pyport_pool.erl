@@ -18,7 +18,7 @@
 -module(pyport_pool).
 
 -export([check_config/0, init/0, size/0, indexes/0, server_name/1, servers/0, choose/1, any_server/0,
-         in_flight/2, home_gone/2, homes_of_port_gone/1, new_generation/1, generation/1]).
+         in_flight/2, home_gone/2, home_index/1, homes_of_port_gone/1, new_generation/1, generation/1]).
 -export([stream_started/2, stream_server/1, streams_gone/1]).
 
 -define(HOMES, pyport_homes).
@@ -174,6 +174,15 @@ in_flight(I, N) ->
     case persistent_term:get(?KEY, undefined) of
         {Size, Counts} when I =< Size -> atomics:put(Counts, I, N);
         _ -> ok
+    end.
+
+%% @doc The index of the home port of process `Pid'; `undefined' if it has none.
+-spec home_index(pid()) -> pos_integer() | undefined.
+home_index(Pid) ->
+    try ets:lookup(?HOMES, Pid) of
+        [{_, I}] -> I;
+        [] -> undefined
+    catch error:badarg -> undefined
     end.
 
 %% @doc The process `Owner' is gone: its home at port `I' with it.
