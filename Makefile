@@ -48,7 +48,7 @@ erlang: $(BEAMS) ebin/pyport.app doc/chunks/py.chunk
 # Doc chunks (EEP 48) for h(py), h(py, call) in erl and h :py.call in IEx: written by edoc's
 # chunk doclet to doc/chunks/ (code:get_doc/1 looks there) and put into each .beam (where
 # Elixir looks in a Mix build). The beams change, so the chunk file is touched last.
-doc/chunks/py.chunk: $(BEAMS)
+doc/chunks/py.chunk: $(BEAMS) scripts/doc_chunks.escript
 	@mkdir -p doc/chunks
 	escript scripts/doc_chunks.escript erl_src ebin doc
 	@touch doc/chunks/py.chunk

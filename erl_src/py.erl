@@ -14,7 +14,7 @@
 %% returned as `{error, Reason}':
 %% <ul>
 %% <li>`{python, Type, Message, Traceback}': Python raised. `Type' is an atom
-%% for Python's built-in exceptions (```'ValueError''') and a binary of the
+%% for Python's built-in exceptions (such as `ValueError') and a binary of the
 %% qualified class name for any other (`<<"json.decoder.JSONDecodeError">>').</li>
 %% <li>`timeout': no answer in time; the Python work was interrupted. A
 %% timeout means no answer, not that the code did not run: it may have run in
