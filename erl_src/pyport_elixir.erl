@@ -16,7 +16,8 @@
 
 -export([configure/0, enabled/0, decoded/1, decode/1, values/1]).
 
--define(KEY, {?MODULE, enabled}).
+%% An atom key: persistent_term hashes it in half the time of a tuple (this is read per call).
+-define(KEY, pyport_elixir_enabled).
 -define(MARKER, <<"$pyport_">>).
 -define(ISO, 'Elixir.Calendar.ISO').
 

@@ -179,11 +179,7 @@ in_flight(I, N) ->
 %% @doc The index of the home port of process `Pid'; `undefined' if it has none.
 -spec home_index(pid()) -> pos_integer() | undefined.
 home_index(Pid) ->
-    try ets:lookup(?HOMES, Pid) of
-        [{_, I}] -> I;
-        [] -> undefined
-    catch error:badarg -> undefined
-    end.
+    lookup(?HOMES, Pid).
 
 %% @doc The process `Owner' is gone: its home at port `I' with it.
 -spec home_gone(pid(), pos_integer()) -> ok.
@@ -208,8 +204,14 @@ stream_started(Ref, Server) ->
 %% @doc The server of the port that runs stream `Ref'; `undefined' once it ended.
 -spec stream_server(reference()) -> atom() | pid() | undefined.
 stream_server(Ref) ->
-    try ets:lookup(?STREAMS, Ref) of
-        [{_, Server}] -> Server;
+    lookup(?STREAMS, Ref).
+
+%% The value under `Key' in one of the pool's tables; `undefined' when there is none
+%% (or no table: the application is not running).
+-spec lookup(atom(), term()) -> term() | undefined.
+lookup(Table, Key) ->
+    try ets:lookup(Table, Key) of
+        [{_, Value}] -> Value;
         [] -> undefined
     catch error:badarg -> undefined
     end.
