@@ -769,7 +769,7 @@ configure_logging(_Opts) ->
 
 %% Every port of the pool, one after another: the first refuses a bad format before
 %% any other port has changed.
--spec configure_ports([atom()], atom(), binary() | undefined) -> ok | {error, error_reason()}.
+-spec configure_ports([atom()], pos_integer(), binary() | undefined) -> ok | {error, error_reason()}.
 configure_ports([], _Level, _Format) ->
     ok;
 configure_ports([Server | Rest], Level, Format) ->
