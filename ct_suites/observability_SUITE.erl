@@ -87,7 +87,7 @@ call_span_start_and_stop(_Config) ->
     #{module := <<"math">>, function := <<"sqrt">>, caller := Caller,
       telemetry_span_context := Ctx} = StartMeta,
     ?assertEqual(self(), Caller),
-    ?assertMatch(#{monotonic_time := T, system_time := S} when is_integer(T) andalso is_integer(S), Start),
+    ?assertMatch([monotonic_time], maps:keys(Start)),
     ?assertEqual(StartMeta#{result => ok, port_os_pid => OsPid}, StopMeta),
     #{duration := D, monotonic_time := StopT} = Stop,
     ?assert(D > 0),
