@@ -14,7 +14,7 @@
 %% returned as `{error, Reason}':
 %% <ul>
 %% <li>`{python, Type, Message, Traceback}': Python raised. `Type' is an atom
-%% for Python's built-in exceptions (```'ValueError''') and a binary of the
+%% for Python's built-in exceptions (such as `ValueError') and a binary of the
 %% qualified class name for any other (`<<"json.decoder.JSONDecodeError">>').</li>
 %% <li>`timeout': no answer in time; the Python work was interrupted. A
 %% timeout means no answer, not that the code did not run: it may have run in
@@ -124,6 +124,13 @@ call(Module, Function, Args, Kwargs) ->
 -spec call(name(), name(), list(), kwargs(), timeout()) -> result(term()).
 call(Module, Function, Args, Kwargs, Timeout)
   when is_list(Args), (is_map(Kwargs) orelse is_list(Kwargs)), ?IS_TIMEOUT(Timeout) ->
+    pyport_telemetry:span(call, {Module, Function},
+                          fun() -> call_port(Module, Function, Args, Kwargs, Timeout) end);
+call(_Module, _Function, _Args, _Kwargs, _Timeout) ->
+    erlang:error(badarg).
+
+-spec call_port(name(), name(), list(), kwargs(), timeout()) -> result(term()).
+call_port(Module, Function, Args, Kwargs, Timeout) ->
     M = pyport_args:name(Module),
     F = pyport_args:name(Function),
     pyport_args:is_proper_list(Args) orelse erlang:error(badarg),
@@ -131,9 +138,7 @@ call(Module, Function, Args, Kwargs, Timeout)
     Id = pyport_request:new_id(),
     Request = pyport_request:chained({call, Id, pyport_callbacks:owner(), M, F, Payload}),
     Frame = term_to_binary(Request, ?T2B_OPTS),
-    pyport_request:decoded(pyport_request:request(call_route(M), Id, Frame, Timeout));
-call(_Module, _Function, _Args, _Kwargs, _Timeout) ->
-    erlang:error(badarg).
+    pyport_elixir:decoded(pyport_request:request(call_route(M), Id, Frame, Timeout)).
 
 %% @equiv eval(Code, #{})
 -spec eval(code()) -> result(term()).
@@ -151,14 +156,18 @@ eval(Code, Locals) ->
 %% value (awaited first when it is a coroutine, as for {@link call/5}).
 -spec eval(code(), locals(), timeout()) -> result(term()).
 eval(Code, Locals, Timeout) when is_map(Locals), ?IS_TIMEOUT(Timeout) ->
+    pyport_telemetry:span(eval, Code, fun() -> eval_port(Code, Locals, Timeout) end);
+eval(_Code, _Locals, _Timeout) ->
+    erlang:error(badarg).
+
+-spec eval_port(code(), locals(), timeout()) -> result(term()).
+eval_port(Code, Locals, Timeout) ->
     C = pyport_args:code(Code),
     Payload = term_to_binary(pyport_args:locals(Locals), ?T2B_OPTS),
     Id = pyport_request:new_id(),
     Request = pyport_request:chained({eval, Id, pyport_callbacks:owner(), C, Payload}),
     Frame = term_to_binary(Request, ?T2B_OPTS),
-    pyport_request:decoded(pyport_request:request(namespace, Id, Frame, Timeout));
-eval(_Code, _Locals, _Timeout) ->
-    erlang:error(badarg).
+    pyport_elixir:decoded(pyport_request:request(namespace, Id, Frame, Timeout)).
 
 %% @equiv exec(Code, #{}, infinity)
 -spec exec(code()) -> ok | {error, error_reason()}.
@@ -175,6 +184,12 @@ exec(Code, Locals) ->
 %% or assigns stays available to the caller's later calls.
 -spec exec(code(), locals(), timeout()) -> ok | {error, error_reason()}.
 exec(Code, Locals, Timeout) when is_map(Locals), ?IS_TIMEOUT(Timeout) ->
+    pyport_telemetry:span(exec, Code, fun() -> exec_port(Code, Locals, Timeout) end);
+exec(_Code, _Locals, _Timeout) ->
+    erlang:error(badarg).
+
+-spec exec_port(code(), locals(), timeout()) -> ok | {error, error_reason()}.
+exec_port(Code, Locals, Timeout) ->
     C = pyport_args:code(Code),
     Payload = term_to_binary(pyport_args:locals(Locals), ?T2B_OPTS),
     Id = pyport_request:new_id(),
@@ -183,9 +198,7 @@ exec(Code, Locals, Timeout) when is_map(Locals), ?IS_TIMEOUT(Timeout) ->
     case pyport_request:request(namespace, Id, Frame, Timeout) of
         {ok, _Payload} -> ok;
         {error, _} = Error -> Error
-    end;
-exec(_Code, _Locals, _Timeout) ->
-    erlang:error(badarg).
+    end.
 
 %% A call of `__main__' uses the caller's namespace, so it goes to the caller's home
 %% port (see pyport_pool); a call of any other module may go to any port.
@@ -257,7 +270,7 @@ await(Ref) ->
 %% await that timed out counts): any other await raises `error(badarg)'.
 -spec await(async_ref(), timeout()) -> result(term()).
 await(Ref, Timeout) ->
-    pyport_request:decoded(pyport_async:await(Ref, Timeout)).
+    pyport_elixir:decoded(pyport_async:await(Ref, Timeout)).
 
 %% @equiv spawn_call(Module, Function, Args)
 -spec async_call(name(), name(), list()) -> async_ref().
@@ -329,6 +342,12 @@ shared_dict_new() ->
 %% instead of the caller.
 -spec shared_dict_new(#{owner => pid()}) -> {ok, shared_dict()}.
 shared_dict_new(Opts) when is_map(Opts) ->
+    pyport_telemetry:shared_dict(new, fun() -> sd_new(Opts) end);
+shared_dict_new(_Opts) ->
+    erlang:error(badarg).
+
+-spec sd_new(#{owner => pid()}) -> {ok, shared_dict()}.
+sd_new(Opts) ->
     Owner = case maps:to_list(Opts) of
                 [] -> self();
                 [{owner, P}] when is_pid(P) -> P;
@@ -345,21 +364,23 @@ shared_dict_new(Opts) when is_map(Opts) ->
             end;
         {error, Reason} ->
             erlang:error(Reason)
-    end;
-shared_dict_new(_Opts) ->
-    erlang:error(badarg).
+    end.
 
 %% @doc Hands a SharedDict over to `Pid', which owns it from then on (like
 %% `ets:give_away/3'): it is destroyed when `Pid' exits. Only the owner may
 %% give a dict away; anyone else gets `error(not_owner)'.
 -spec shared_dict_give_away(shared_dict(), pid()) -> ok.
 shared_dict_give_away(SD, Pid) when ?IS_HANDLE(SD), is_pid(Pid) ->
+    pyport_telemetry:shared_dict(give_away, fun() -> sd_give_away(SD, Pid) end);
+shared_dict_give_away(_SD, _Pid) ->
+    erlang:error(badarg).
+
+-spec sd_give_away(shared_dict(), pid()) -> ok.
+sd_give_away(SD, Pid) ->
     Id = pyport_request:new_id(),
     Frame = term_to_binary({sd_give_away, Id, SD, Pid, self()}, ?T2B_OPTS),
     _ = sd_ok(SD, sd_request(SD, Id, {sd_request, Id, Frame, {owns, Pid}})),
-    ok;
-shared_dict_give_away(_SD, _Pid) ->
-    erlang:error(badarg).
+    ok.
 
 %% @doc The value stored under `Key', or `undefined' if there is none.
 -spec shared_dict_get(shared_dict(), binary()) -> term().
@@ -373,6 +394,12 @@ shared_dict_get(SD, Key) ->
 %% SharedDict section for the consistency model).
 -spec shared_dict_get(shared_dict(), binary(), Default) -> term() | Default.
 shared_dict_get(SD, Key, Default) when ?IS_HANDLE(SD), is_binary(Key) ->
+    pyport_telemetry:shared_dict(get, fun() -> sd_get(SD, Key, Default) end);
+shared_dict_get(_SD, _Key, _Default) ->
+    erlang:error(badarg).
+
+-spec sd_get(shared_dict(), binary(), Default) -> term() | Default.
+sd_get(SD, Key, Default) ->
     Payload = case pyport_sd_cache:lookup(SD, Key) of
                   {ok, Cached} ->
                       Cached;
@@ -388,45 +415,55 @@ shared_dict_get(SD, Key, Default) when ?IS_HANDLE(SD), is_binary(Key) ->
         {found, Value} -> Value;
         not_found -> Default;
         Other -> erlang:error({pyport_bad_reply, Other})
-    end;
-shared_dict_get(_SD, _Key, _Default) ->
-    erlang:error(badarg).
+    end.
 
 %% @doc Stores `Value' (converted to Python and pickled) under `Key'. A value
 %% that cannot be stored gives `{error, Reason}'.
 -spec shared_dict_set(shared_dict(), binary(), term()) -> ok | {error, term()}.
 shared_dict_set(SD, Key, Value) when ?IS_HANDLE(SD), is_binary(Key) ->
+    pyport_telemetry:shared_dict(set, fun() -> sd_set(SD, Key, Value) end);
+shared_dict_set(_SD, _Key, _Value) ->
+    erlang:error(badarg).
+
+-spec sd_set(shared_dict(), binary(), term()) -> ok | {error, term()}.
+sd_set(SD, Key, Value) ->
     Id = pyport_request:new_id(),
     Payload = term_to_binary(Value, ?T2B_OPTS),
     Frame = term_to_binary({sd_set, Id, SD, Key, Payload}, ?T2B_OPTS),
     case sd_request(SD, Id, {sd_request, Id, Frame, {write, SD, Key}}) of
         {ok, _} -> ok;
         {error, _} = Error -> Error
-    end;
-shared_dict_set(_SD, _Key, _Value) ->
-    erlang:error(badarg).
+    end.
 
 %% @doc Deletes `Key'; `ok' also when it is missing.
 -spec shared_dict_del(shared_dict(), binary()) -> ok.
 shared_dict_del(SD, Key) when ?IS_HANDLE(SD), is_binary(Key) ->
+    pyport_telemetry:shared_dict(del, fun() -> sd_del(SD, Key) end);
+shared_dict_del(_SD, _Key) ->
+    erlang:error(badarg).
+
+-spec sd_del(shared_dict(), binary()) -> ok.
+sd_del(SD, Key) ->
     Id = pyport_request:new_id(),
     Frame = term_to_binary({sd_del, Id, SD, Key}, ?T2B_OPTS),
     _ = sd_ok(SD, sd_request(SD, Id, {sd_request, Id, Frame, {write, SD, Key}})),
-    ok;
-shared_dict_del(_SD, _Key) ->
-    erlang:error(badarg).
+    ok.
 
 %% @doc The keys, in insertion order.
 -spec shared_dict_keys(shared_dict()) -> [binary()].
 shared_dict_keys(SD) when ?IS_HANDLE(SD) ->
+    pyport_telemetry:shared_dict(keys, fun() -> sd_keys(SD) end);
+shared_dict_keys(_SD) ->
+    erlang:error(badarg).
+
+-spec sd_keys(shared_dict()) -> [binary()].
+sd_keys(SD) ->
     Id = pyport_request:new_id(),
     Frame = term_to_binary({sd_keys, Id, SD}, ?T2B_OPTS),
     case sd_payload(sd_ok(SD, sd_request(SD, Id, {request, Id, Frame}))) of
         Keys when is_list(Keys) -> Keys;
         Other -> erlang:error({pyport_bad_reply, Other})
-    end;
-shared_dict_keys(_SD) ->
-    erlang:error(badarg).
+    end.
 
 %% @doc Adds the integer `Incr' to the integer stored under `Key' and returns the
 %% new value, as one step against every other operation from Erlang or Python.
@@ -434,14 +471,18 @@ shared_dict_keys(_SD) ->
 %% `true', a string) raises `error(badarg)' and stays as it is.
 -spec shared_dict_update_counter(shared_dict(), binary(), integer()) -> integer().
 shared_dict_update_counter(SD, Key, Incr) when ?IS_HANDLE(SD), is_binary(Key), is_integer(Incr) ->
+    pyport_telemetry:shared_dict(update_counter, fun() -> sd_update_counter(SD, Key, Incr) end);
+shared_dict_update_counter(_SD, _Key, _Incr) ->
+    erlang:error(badarg).
+
+-spec sd_update_counter(shared_dict(), binary(), integer()) -> integer().
+sd_update_counter(SD, Key, Incr) ->
     Id = pyport_request:new_id(),
     Frame = term_to_binary({sd_update_counter, Id, SD, Key, term_to_binary(Incr)}, ?T2B_OPTS),
     case sd_payload(sd_ok(SD, sd_request(SD, Id, {sd_request, Id, Frame, {write, SD, Key}}))) of
         N when is_integer(N) -> N;
         Other -> erlang:error({pyport_bad_reply, Other})
-    end;
-shared_dict_update_counter(_SD, _Key, _Incr) ->
-    erlang:error(badarg).
+    end.
 
 %% @doc Stores `New' under `Key' if the value there, as {@link shared_dict_get/2}
 %% would return it, is `=:=' `Old'; returns whether it did. One step against
@@ -449,6 +490,12 @@ shared_dict_update_counter(_SD, _Key, _Incr) ->
 %% `Key' is absent" (a stored value never reads back as that atom).
 -spec shared_dict_compare_and_swap(shared_dict(), binary(), absent | term(), term()) -> boolean().
 shared_dict_compare_and_swap(SD, Key, Old, New) when ?IS_HANDLE(SD), is_binary(Key) ->
+    pyport_telemetry:shared_dict(compare_and_swap, fun() -> sd_compare_and_swap(SD, Key, Old, New) end);
+shared_dict_compare_and_swap(_SD, _Key, _Old, _New) ->
+    erlang:error(badarg).
+
+-spec sd_compare_and_swap(shared_dict(), binary(), absent | term(), term()) -> boolean().
+sd_compare_and_swap(SD, Key, Old, New) ->
     Id = pyport_request:new_id(),
     OldArg = case Old of
                  absent -> absent;
@@ -459,14 +506,18 @@ shared_dict_compare_and_swap(SD, Key, Old, New) when ?IS_HANDLE(SD), is_binary(K
     case sd_payload(sd_ok(SD, sd_request(SD, Id, {sd_request, Id, Frame, {write, SD, Key}}))) of
         B when is_boolean(B) -> B;
         Other -> erlang:error({pyport_bad_reply, Other})
-    end;
-shared_dict_compare_and_swap(_SD, _Key, _Old, _New) ->
-    erlang:error(badarg).
+    end.
 
 %% @doc Destroys the SharedDict. Idempotent: `ok' for a dict that is already
 %% destroyed, by anyone, or whose port has restarted or is not running.
 -spec shared_dict_destroy(shared_dict()) -> ok.
 shared_dict_destroy(SD) when ?IS_HANDLE(SD) ->
+    pyport_telemetry:shared_dict(destroy, fun() -> sd_destroy(SD) end);
+shared_dict_destroy(_SD) ->
+    erlang:error(badarg).
+
+-spec sd_destroy(shared_dict()) -> ok.
+sd_destroy(SD) ->
     case is_current(SD) of
         false ->
             ok;
@@ -481,9 +532,7 @@ shared_dict_destroy(SD) when ?IS_HANDLE(SD) ->
                 {error, timeout} -> erlang:error({pyport_timeout, SD});
                 {error, Reason} -> erlang:error(Reason)
             end
-    end;
-shared_dict_destroy(_SD) ->
-    erlang:error(badarg).
+    end.
 
 %%====================================================================
 %% Streams
@@ -721,7 +770,7 @@ configure_logging(_Opts) ->
 
 %% Every port of the pool, one after another: the first refuses a bad format before
 %% any other port has changed.
--spec configure_ports([atom()], atom(), binary() | undefined) -> ok | {error, error_reason()}.
+-spec configure_ports([atom()], pos_integer(), binary() | undefined) -> ok | {error, error_reason()}.
 configure_ports([], _Level, _Format) ->
     ok;
 configure_ports([Server | Rest], Level, Format) ->
@@ -759,6 +808,7 @@ restore_log_env(Key, {ok, V}) -> application:set_env(pyport, Key, V).
 %% (it keeps trying in the background, as after a crash).
 -spec restart() -> ok | {error, term()}.
 restart() ->
+    ok = pyport_elixir:configure(),
     pyport_sup:restart_ports().
 
 
@@ -788,7 +838,7 @@ stats() ->
 
 -spec sd_payload(binary()) -> term().
 sd_payload(Payload) ->
-    case pyport_request:decoded({ok, Payload}) of
+    case pyport_elixir:decoded({ok, Payload}) of
         {ok, Value} -> Value;
         {error, Reason} -> erlang:error(Reason)
     end.

@@ -143,6 +143,7 @@ start(Mode, Server, Id, Frame, WorkTimeout, What) ->
 %% @doc proc_lib entry point: sends the request, then holds its result.
 -spec holder({mode(), pid(), server(), pos_integer(), binary(), timeout(), what()}) -> ok.
 holder({Mode, Caller, Server, Id, Frame, WorkTimeout, What}) ->
+    ok = pyport_telemetry:label({pyport_async, Mode, What}),
     S = #holder{mode = Mode, caller = Caller, caller_mon = erlang:monitor(process, Caller),
                 id = Id, server = Server, what = What},
     case pyport_request:frame_allowed(Frame) of

@@ -121,6 +121,7 @@ start(CbId, Name, ArgsBin, Caller, Port) ->
             %% Called by the port's server: its requests go back there.
             Server = self(),
             {ok, proc_lib:spawn(fun() ->
+                                        ok = pyport_telemetry:label({pyport_callback, Name}),
                                         put(?SERVER_KEY, Server),
                                         run(CbId, Spec, ArgsBin, Caller, Port)
                                 end)};
@@ -190,7 +191,7 @@ whereis_binary(Name) ->
 
 -spec decode(binary()) -> {ok, term()} | error.
 decode(Bin) ->
-    try {ok, binary_to_term(Bin, [safe])}
+    try {ok, pyport_elixir:decode(Bin)}
     catch error:badarg -> error
     end.
 

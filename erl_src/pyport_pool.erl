@@ -18,7 +18,7 @@
 -module(pyport_pool).
 
 -export([check_config/0, init/0, size/0, indexes/0, server_name/1, servers/0, choose/1,
-         in_flight/2, home_gone/2, homes_of_port_gone/1, new_generation/1, generation/1]).
+         in_flight/2, home_gone/2, home_index/1, homes_of_port_gone/1, new_generation/1, generation/1]).
 -export([stream_started/2, stream_server/1, streams_gone/1]).
 
 -define(HOMES, pyport_homes).
@@ -167,6 +167,11 @@ in_flight(I, N) ->
         _ -> ok
     end.
 
+%% @doc The index of the home port of process `Pid'; `undefined' if it has none.
+-spec home_index(pid()) -> pos_integer() | undefined.
+home_index(Pid) ->
+    lookup(?HOMES, Pid).
+
 %% @doc The process `Owner' is gone: its home at port `I' with it.
 -spec home_gone(pid(), pos_integer()) -> ok.
 home_gone(Owner, I) ->
@@ -190,8 +195,14 @@ stream_started(Ref, Server) ->
 %% @doc The server of the port that runs stream `Ref'; `undefined' once it ended.
 -spec stream_server(reference()) -> atom() | pid() | undefined.
 stream_server(Ref) ->
-    try ets:lookup(?STREAMS, Ref) of
-        [{_, Server}] -> Server;
+    lookup(?STREAMS, Ref).
+
+%% The value under `Key' in one of the pool's tables; `undefined' when there is none
+%% (or no table: the application is not running).
+-spec lookup(atom(), term()) -> term() | undefined.
+lookup(Table, Key) ->
+    try ets:lookup(Table, Key) of
+        [{_, Value}] -> Value;
         [] -> undefined
     catch error:badarg -> undefined
     end.

@@ -158,13 +158,18 @@ python_log_format() ->
     end.
 
 %% What Python's `None' becomes: app env `none_as', `undefined' (default), `nil'
-%% (Elixir) or `none' (erlang_python).
+%% (Elixir) or `none' (erlang_python); unset, `nil' when the app env `elixir' is `true'.
 -spec none_as() -> undefined | nil | none.
 none_as() ->
     case application:get_env(pyport, none_as) of
         {ok, nil} -> nil;
         {ok, none} -> none;
-        _ -> undefined
+        {ok, _} -> undefined;
+        undefined ->
+            case application:get_env(pyport, elixir) of
+                {ok, true} -> nil;
+                _ -> undefined
+            end
     end.
 
 %% Port program flags for the app env keys that are set to a non-negative integer.

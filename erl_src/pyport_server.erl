@@ -164,6 +164,7 @@ functions_changed() ->
 -spec init([pos_integer()]) -> {ok, state()}.
 init([Index]) ->
     process_flag(trap_exit, true),
+    ok = pyport_telemetry:label({pyport_server, Index}),
     %% A new server never reuses a generation: the previous server's port is gone.
     Gen = pyport_pool:new_generation(Index),
     MaxInFlight = max(1, pyport_program:env_int(max_in_flight, 10000)),
@@ -688,6 +689,7 @@ start_port(#state{gen = Gen} = State) ->
                         undefined -> undefined
                     end,
             ?LOG_INFO("pyport: started ~ts (generation ~b, os pid ~p)", [Exe, Gen, OsPid]),
+            ok = pyport_telemetry:port_started(State#state.index, OsPid, Gen),
             State1 = State#state{port = Port},
             send_functions(State1),
             send_startup(State1#state{port = Port, os_pid = OsPid, ready = undefined,
@@ -755,6 +757,8 @@ port_down(Exit, Reply, #state{pending = Pending, owners = Owners} = State) ->
             ?LOG_ERROR("pyport: port program exited (~tp) with ~b request(s) pending; "
                        "restarting as generation ~b", [Exit, map_size(Pending), Gen])
     end,
+    ok = pyport_telemetry:port_exit(State#state.index, State#state.os_pid, State#state.gen, Exit,
+                                    map_size(Pending)),
     State1 = State#state{port = undefined, pending = #{}, sd_effects = #{}, owners = #{}, gen = Gen,
                          callbacks = #{},
                          streams = #{}, traces = #{},

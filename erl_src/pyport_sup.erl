@@ -56,6 +56,8 @@ init([]) ->
     %% Functions registered for Python's callbacks outlive restarts of the servers.
     ok = pyport_callbacks:new_table(),
     N = pyport_pool:init(),
+    ok = pyport_telemetry:init(N),
+    ok = pyport_elixir:configure(),
     %% The pool's ports are independent: one crash restarts one server. The
     %% intensity grows with the pool so that a bug hitting every server once is
     %% survived as it is with one.
