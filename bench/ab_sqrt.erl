@@ -3,7 +3,8 @@
 %% beams are first on the code path. The call is py:call(math, sqrt, [2.0]), or
 %% with Case "map_100" the echo of the bench's 100-entry map (100 binary keys to
 %% integers) through a Python identity function, or with "sd_get_cached" a SharedDict
-%% get from the VM's read cache. "CASE+elixir" sets the app env elixir to true.
+%% get from the VM's read cache, or with "sd_py_loop" 1000 Python-side `d['k'] = i; d['k']'
+%% on a SharedDict per call. "CASE+elixir" sets the app env elixir to true.
 -module(ab_sqrt).
 -export([main/1]).
 
@@ -31,6 +32,17 @@ main([Exe, N0, Case0]) ->
                    Map = maps:from_list([{<<"key", (integer_to_binary(I))/binary>>, I}
                                          || I <- lists:seq(1, 100)]),
                    fun() -> {ok, Map} = py:call('__main__', echo, [Map]) end;
+               "sd_py_loop" ->
+                   %% Python's `d['k'] = i; d['k']' on a SharedDict, 1000 times a call:
+                   %% the figures (us per call) read as ns per loop.
+                   {ok, SD} = py:shared_dict_new(),
+                   ok = py:exec(<<"from erlang import SharedDict\n"
+                                  "def loop(h):\n"
+                                  "    d = SharedDict(h)\n"
+                                  "    for i in range(1000):\n"
+                                  "        d['k'] = i\n"
+                                  "        d['k']\n">>),
+                   fun() -> {ok, _} = py:call('__main__', loop, [SD]) end;
                "sd_get_cached" ->
                    %% A SharedDict get answered from the VM's read cache (no port round trip).
                    {ok, SD} = py:shared_dict_new(),
