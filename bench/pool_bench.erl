@@ -50,8 +50,8 @@ round_(R, O, Cores) ->
                  rss_1_kib => lists:sum(Rss1),
                  rss_extra_kib => (lists:sum(RssN) - lists:sum(Rss1)) / max(1, length(RssN) - 1)},
     io:format("round ~b: ports=1 ~.1f calls/s, ports=auto ~.1f calls/s (~.2fx); idle RSS ~p / ~p KiB; "
-              "cross-port read ~.0f ns, same-port ~.0f ns~n",
-              [R, Cps1, CpsN, CpsN / Cps1, Rss1, RssN, maps:get(cross_ns, Cross), maps:get(same_ns, Cross)]),
+              "cross-port read ~b ns, same-port ~b ns~n",
+              [R, Cps1, CpsN, CpsN / Cps1, Rss1, RssN, round(maps:get(cross_ns, Cross)), round(maps:get(same_ns, Cross))]),
     Row.
 
 restart(Ports) ->
@@ -136,11 +136,11 @@ median(L) ->
 print(F, Cores) ->
     io:format("~npool of ports (medians over rounds):~n"
               "  CPU-bound Python, ~b callers:  ports=1 ~.1f calls/s   ports=auto (~b) ~.1f calls/s   ratio ~.2fx (target >= ~.2fx)~n"
-              "  idle RSS: one port ~.0f KiB, each extra port ~.0f KiB~n"
-              "  a dict written in port 1, read by Python in port 2: ~.0f ns per read (port 1 itself: ~.0f ns)~n",
+              "  idle RSS: one port ~b KiB, each extra port ~b KiB~n"
+              "  a dict written in port 1, read by Python in port 2: ~b ns per read (port 1 itself: ~b ns)~n",
               [Cores, maps:get(cps_1, F), Cores, maps:get(cps_auto, F), maps:get(ratio, F), 0.8 * Cores,
-               maps:get(rss_1_kib, F) * 1.0, maps:get(rss_extra_kib, F) * 1.0,
-               maps:get(cross_ns, F) * 1.0, maps:get(same_ns, F) * 1.0]).
+               round(maps:get(rss_1_kib, F)), round(maps:get(rss_extra_kib, F)),
+               round(maps:get(cross_ns, F)), round(maps:get(same_ns, F))]).
 
 write(O, F, Cores) ->
     Dir = maps:get(out, O),
