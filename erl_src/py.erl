@@ -109,7 +109,7 @@ call(Module, Function, Args) ->
 %% 30000 ms) as the timeout.
 -spec call(name(), name(), list(), kwargs()) -> result(term()).
 call(Module, Function, Args, Kwargs) ->
-    call(Module, Function, Args, Kwargs, pyport_request:default_timeout(call_timeout, 30000)).
+    call(Module, Function, Args, Kwargs, pyport_request:call_timeout()).
 
 %% @doc Calls `Module.Function(*Args, **Kwargs)' in Python and returns its
 %% result. `Module' `__main__' means the caller's own namespace; any other
@@ -142,7 +142,7 @@ eval(Code) ->
 %% 30000 ms) as the timeout.
 -spec eval(code(), locals()) -> result(term()).
 eval(Code, Locals) ->
-    eval(Code, Locals, pyport_request:default_timeout(call_timeout, 30000)).
+    eval(Code, Locals, pyport_request:call_timeout()).
 
 %% @doc Evaluates the Python expression `Code' in the caller's namespace,
 %% after binding every entry of `Locals' as a variable there, and returns its
@@ -213,7 +213,7 @@ cast(Module, Function, Args) ->
 -spec cast(name(), name(), list(), kwargs()) -> ok.
 cast(Module, Function, Args, Kwargs) ->
     {Id, Frame, What} = async_call_frame(Module, Function, Args, Kwargs),
-    pyport_async:cast(Id, Frame, pyport_request:default_timeout(call_timeout, 30000), What).
+    pyport_async:cast(Id, Frame, pyport_request:call_timeout(), What).
 
 %% @equiv spawn_call(Module, Function, Args, #{})
 -spec spawn_call(name(), name(), list()) -> async_ref().
@@ -230,13 +230,13 @@ spawn_call(Module, Function, Args) ->
 -spec spawn_call(name(), name(), list(), kwargs()) -> async_ref().
 spawn_call(Module, Function, Args, Kwargs) ->
     {Id, Frame, What} = async_call_frame(Module, Function, Args, Kwargs),
-    pyport_async:spawn_call(Id, Frame, pyport_request:default_timeout(call_timeout, 30000), What).
+    pyport_async:spawn_call(Id, Frame, pyport_request:call_timeout(), What).
 
 %% @doc Same as {@link await/2} with the app env `call_timeout' (default
 %% 30000 ms) as the timeout.
 -spec await(async_ref()) -> result(term()).
 await(Ref) ->
-    await(Ref, pyport_request:default_timeout(call_timeout, 30000)).
+    await(Ref, pyport_request:call_timeout()).
 
 %% @doc Waits up to `Timeout' for the result of a {@link spawn_call/4} and
 %% returns what {@link call/5} would have returned. `{error, timeout}' also
@@ -275,7 +275,7 @@ async_await(Ref, Timeout) ->
 %% 30000 ms) as the timeout.
 -spec async_gather([pyport_collect:call()]) -> {ok, list()} | {error, {gather_failed, [{pos_integer(), term()}]}}.
 async_gather(Calls) ->
-    async_gather(Calls, pyport_request:default_timeout(call_timeout, 30000)).
+    async_gather(Calls, pyport_request:call_timeout()).
 
 %% @doc Starts every call of `Calls' (`{Module, Function, Args}' or `{Module,
 %% Function, Args, Kwargs}') at once and waits for all of them, within `Timeout'
@@ -494,7 +494,7 @@ stream(Module, Function, Args) ->
 -spec stream(name(), name(), list(), kwargs()) -> result(list()).
 stream(Module, Function, Args, Kwargs) ->
     pyport_collect:stream(Module, Function, Args, Kwargs,
-                          pyport_request:default_timeout(call_timeout, 30000), fun() -> ok end).
+                          pyport_request:call_timeout(), fun() -> ok end).
 
 %% @equiv stream_eval(Code, #{})
 -spec stream_eval(code()) -> result(list()).
@@ -514,7 +514,7 @@ stream_eval(Code, Locals) when is_map(Locals) ->
                _ -> fun() -> exec(<<"pass">>, Locals) end
            end,
     %% builtins.eval through call evaluates in the caller's namespace (README, "API").
-    pyport_collect:stream(builtins, eval, [C], #{}, pyport_request:default_timeout(call_timeout, 30000), Bind);
+    pyport_collect:stream(builtins, eval, [C], #{}, pyport_request:call_timeout(), Bind);
 stream_eval(_Code, _Locals) ->
     erlang:error(badarg).
 
@@ -574,7 +574,7 @@ stream_start(Module, Function, Args, Kwargs, Opts)
             Frame = term_to_binary({stream_start, Id, pyport_callbacks:owner(), M, F, Payload,
                                     term_to_binary(Ref), Owner, Window}, ?T2B_OPTS),
             case pyport_request:request_msg(Id, {stream_request, Id, Frame, Owner, Ref, Flow},
-                                            pyport_request:default_timeout(call_timeout, 30000)) of
+                                            pyport_request:call_timeout()) of
                 {ok, _} ->
                     {ok, Ref};
                 {error, _} = Error ->
@@ -741,6 +741,8 @@ restart() ->
 %% the server tracks). `shared_dict' is a map: the VM's read cache (`cache_hits',
 %% `cache_misses', `cache_entries', `cache_bytes') and the port's decoding of
 %% values that need Python (`python_decodes', `decode_queued', `decode_stuck').
+%% `config' is a map of the settings in effect, defaults included, named as the
+%% application env names them (see the README's "Configuration").
 -spec stats() -> {ok, map()} | {error, error_reason()}.
 stats() ->
     Timeout = sd_timeout(),
@@ -754,7 +756,10 @@ stats() ->
                     %% the read cache from the VM.
                     SD = maps:merge(maps:get(shared_dict, Port, #{}),
                                     maps:get(shared_dict, Local, #{})),
-                    {ok, (maps:merge(Port, Local))#{shared_dict => SD}};
+                    %% Settings too: the port's own and those the VM side applies.
+                    Config = maps:merge(maps:get(config, Port, #{}),
+                                        maps:get(config, Local, #{})),
+                    {ok, (maps:merge(Port, Local))#{shared_dict => SD, config => Config}};
                 {ok, Other} -> {error, {pyport_bad_reply, Other}};
                 {error, _} = Error -> Error
             end
@@ -777,7 +782,7 @@ sd_payload(Payload) ->
 
 -spec sd_timeout() -> timeout().
 sd_timeout() ->
-    pyport_request:default_timeout(shared_dict_timeout, 5000).
+    pyport_request:shared_dict_timeout().
 
 %% A handle from another port generation is destroyed: no need to ask.
 -spec is_current(shared_dict()) -> boolean().

@@ -9,7 +9,7 @@
 -include_lib("kernel/include/logger.hrl").
 
 -export([frame_id/1, make_exception_atoms/1, port_atoms/0, log_python/3,
-         log_python_record/3]).
+         log_python_record/3, print_level/0]).
 
 %% Most built-in exception names accepted from a ready frame, and their length.
 -define(MAX_BUILTIN_NAMES, 512).
@@ -68,6 +68,11 @@ port_atoms() ->
      cached, pyport_sd_invalidate, badarg, shared_dict, python_decodes, decode_queued,
      decode_stuck, pyport_callback, pyport_callback_cancel, pyport_send,
      py_stream, data, done, streams, python_threads, pyport_stream_end, pyport_stream_send,
+     %% py:stats(): the port's settings in effect (config)
+     config, spare_after_ms, spare_idle_ms, max_frame_bytes, abandon_after_ms,
+     max_abandoned_workers, gil_watchdog_ms, max_reply_bytes, thread_affinity, namespace,
+     always, none, oom_score_adj, max_memory_bytes, log_lines_per_sec, none_as,
+     sd_decode_workers, callback_timeout, max_threads, trace_latency, auto, never,
      %% py:stats() with the app env trace_latency
      latency_trace, stages, calls, route_ns, queue_ns, prepare_ns, python_ns, encode_ns,
      release_ns].
@@ -109,7 +114,7 @@ log_python_record(Level0, {Logger, Module, Line, Caller}, Msg)
 log_python_record(_Level, _Fields, _Msg) ->
     ok.
 
-%% The level of lines Python writes to stdout (`print'): app env `print_level'.
+%% @doc The level of lines Python writes to stdout (`print'): app env `print_level'.
 -spec print_level() -> logger:level().
 print_level() ->
     Levels = [emergency, alert, critical, error, warning, notice, info, debug],

@@ -152,6 +152,10 @@ def test_every_atom_the_port_sends_exists_on_the_erlang_side():
         # the stats map's keys: ("dicts", reg.dicts as u64)
         sent |= set(re.findall(r'\("([a-z_]+)", [a-z]+\.[a-z_]+ as u64\)', code))
         sent |= set(re.findall(r'\("([a-z_]+)", pool\.threads', code))
+        # the settings the stats map's config reports: ("workers", Int(..)), Setting::Atom("auto")
+        for body in re.findall(r"fn report\(&self\)[^{]*\{(.*?)\n    \}\n", code, re.S):
+            sent |= set(re.findall(r'\("([a-z_]+)", ', body))
+        sent |= set(re.findall(r'Atom\("([a-z_]+)"\)', code))
         # the latency trace's stage names: pub const STAGES: [&str; 6] = ["route_ns", ...]
         for names in re.findall(r"const STAGES: \[&str; \d+\] = \[([^\]]*)\]", code):
             sent |= set(re.findall(r'"([a-z_]+)"', names))

@@ -10,6 +10,13 @@ pub const USAGE: &str = "usage: pyport [--generation N] [--workers N] [--max-wor
 [--max-memory-bytes N] [--thread-affinity namespace|always|none] [--log-lines-per-sec N] \
 [--none-as undefined|nil|none] [--sd-decode-workers N] [--callback-timeout-ms N] [--node NAME] [--max-threads N] [--otp-release N] [--trace-latency 0|1] [--worker-reads auto|always|never] [--python-log-level N] [--python-log-format FMT]";
 
+/// A setting's value as the stats map's `config` reports it: an integer or an atom.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Setting {
+    Int(u64),
+    Atom(&'static str),
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     pub generation: u64,
@@ -149,6 +156,53 @@ impl Config {
         }
         cfg.max_workers = cfg.max_workers.max(cfg.workers);
         Ok(cfg)
+    }
+}
+
+impl Config {
+    /// The settings the port applies, defaults included, named as the application env
+    /// names them (docs/PROTOCOL.md, "Stats map"): so that the defaults a user relies on
+    /// can be read from the running port rather than from documentation.
+    pub fn report(&self) -> Vec<(&'static str, Setting)> {
+        use Setting::{Atom, Int};
+        let ms = |d: Duration| Int(d.as_millis() as u64);
+        vec![
+            ("workers", Int(self.workers as u64)),
+            ("max_workers", Int(self.max_workers as u64)),
+            ("spare_after_ms", ms(self.spare_after)),
+            ("spare_idle_ms", ms(self.spare_idle)),
+            ("max_frame_bytes", Int(self.max_frame as u64)),
+            ("abandon_after_ms", ms(self.abandon_after)),
+            ("max_abandoned_workers", Int(self.max_abandoned as u64)),
+            ("gil_watchdog_ms", self.gil_watchdog.map_or(Atom("infinity"), ms)),
+            ("max_reply_bytes", Int(self.max_reply as u64)),
+            ("thread_affinity", affinity_setting(self.affinity)),
+            ("oom_score_adj", Int(self.oom_score_adj.max(0) as u64)),
+            ("max_memory_bytes", if self.max_memory == 0 { Atom("undefined") } else { Int(self.max_memory) }),
+            ("log_lines_per_sec", Int(self.log_lines_per_sec as u64)),
+            ("none_as", Atom(if self.none_as == "nil" { "nil" } else { "undefined" })),
+            ("sd_decode_workers", Int(self.sd_decode_workers as u64)),
+            ("callback_timeout", ms(self.callback_timeout)),
+            ("max_threads", Int(self.max_threads as u64)),
+            ("trace_latency", Atom(if self.trace_latency { "true" } else { "false" })),
+            ("worker_reads", worker_reads_setting(self.worker_reads)),
+        ]
+    }
+}
+
+fn affinity_setting(a: Affinity) -> Setting {
+    match a {
+        Affinity::Namespace => Setting::Atom("namespace"),
+        Affinity::Always => Setting::Atom("always"),
+        Affinity::None => Setting::Atom("none"),
+    }
+}
+
+fn worker_reads_setting(w: WorkerReads) -> Setting {
+    match w {
+        WorkerReads::Auto => Setting::Atom("auto"),
+        WorkerReads::Always => Setting::Atom("always"),
+        WorkerReads::Never => Setting::Atom("never"),
     }
 }
 

@@ -236,6 +236,8 @@ struct Router {
     dicts: Arc<SharedDicts>,
     aio: Arc<Aio>,
     generation: u64,
+    /// The settings in effect, for the stats map's `config`.
+    config: Vec<(&'static str, config::Setting)>,
 }
 
 impl Router {
@@ -265,7 +267,8 @@ impl Router {
         let callbacks = callbacks::Callbacks::install(out.clone(), cfg.callback_timeout, cfg.node.clone());
         callbacks.set_pool(pool.clone());
         let streams = streams::Streams::new(out.clone(), interp.clone(), pool.clone());
-        Ok(Router { out, pool, callbacks, streams, interp, dicts, aio, generation: cfg.generation })
+        let config = cfg.report();
+        Ok(Router { out, pool, callbacks, streams, interp, dicts, aio, generation: cfg.generation, config })
     }
 
     fn send(&self, frame: Vec<u8>) {
@@ -384,10 +387,11 @@ impl Router {
             ("decode_stuck", sd.decode_stuck as u64),
         ];
         protocol::ok_frame(id, |out| {
-            etf::put_map_header(out, entries.len() + lists.len() + 1 + trace.is_some() as usize);
+            etf::put_map_header(out, entries.len() + lists.len() + 2 + trace.is_some() as usize);
             if let Some(samples) = &trace {
                 put_latency_trace(out, samples);
             }
+            put_config(out, &self.config);
             etf::put_atom(out, "shared_dict");
             etf::put_map_header(out, sd_entries.len());
             for (k, v) in sd_entries {
@@ -405,6 +409,19 @@ impl Router {
                 etf::put_nil(out);
             }
         })
+    }
+}
+
+/// `config => #{workers => 1, ..., worker_reads => auto}`: the settings in effect.
+fn put_config(out: &mut Vec<u8>, config: &[(&'static str, config::Setting)]) {
+    etf::put_atom(out, "config");
+    etf::put_map_header(out, config.len());
+    for (key, value) in config {
+        etf::put_atom(out, key);
+        match value {
+            config::Setting::Int(n) => etf::put_u64(out, *n),
+            config::Setting::Atom(a) => etf::put_atom(out, a),
+        }
     }
 }
 
