@@ -3,6 +3,7 @@ exactly at the bound and one past it, the shortest and longest valid inputs."""
 
 import os
 import re
+import time
 
 from conftest import A, REPO, t2b
 
@@ -96,3 +97,55 @@ def test_config_reports_the_flags_given(port_factory):
     assert {k: config[k] for k in expected} == expected
     low = port_factory(["--sd-decode-workers", "0"]).stats()[A("config")]
     assert low["sd_decode_workers"] == 1
+
+
+# --- lengths cut at a bound: exactly at it and one byte past -------------------------------
+
+
+def stdout_line(port, n):
+    """What arrives for one printed line of `n` bytes (`n` - 6 'z' between markers)."""
+    marker = "L%05d" % n
+    assert port.exec_ok("print(%r + 'z' * %d)" % (marker, n - len(marker))) is None
+    found = collect_logs_until(port, lambda lv, src, msg: src == "stdout" and msg.startswith(marker.encode()))
+    assert len(found) == 1, found
+    return found[0][2]
+
+
+def collect_logs_until(port, pred, timeout=10):
+    """The log lines that satisfy `pred`, once there is one (frames are read meanwhile)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = [log for log in port.logs if pred(*log)]
+        if found:
+            return found
+        if time.monotonic() > deadline:
+            raise AssertionError("no such log line within %.1f s: %r" % (timeout, port.logs[-5:]))
+        try:
+            t = port.recv(0.05)  # logs are recorded; anything else is unexpected here
+            raise AssertionError("unexpected frame %r" % (t,))
+        except TimeoutError:
+            pass
+
+
+def test_stdout_line_cut_exactly_past_4096_bytes(port):
+    """README: lines are cut at 4096 bytes: a line of exactly 4096 bytes arrives whole, one of
+    4097 arrives within 4096 bytes, saying how much was cut; a line of any length is one log
+    event (print writes its newline separately: a cut line's end must not become a line)."""
+    whole = stdout_line(port, 4096)
+    assert len(whole) == 4096 and whole.endswith(b"z"), (len(whole), whole[-30:])
+    cut = stdout_line(port, 4097)
+    assert len(cut) <= 4096, len(cut)
+    assert cut.endswith(b"bytes cut]"), cut[-40:]
+    assert cut_length(cut) == 4097
+    # far longer than the pipe's buffer: still one line, cut once
+    huge = stdout_line(port, 200000)
+    assert len(huge) <= 4096 and cut_length(huge) == 200000, huge[-40:]
+    # and nothing else came of them (no empty line after a cut one)
+    stdout_line(port, 10)
+    assert [len(m) for lv, src, m in port.logs if src == "stdout"] == [4096, len(cut), len(huge), 10]
+
+
+def cut_length(msg):
+    """The length of the line a cut message came from: what was kept plus what was cut."""
+    n = int(re.search(rb"\[(\d+) bytes cut\]$", msg).group(1))
+    return len(msg) - len(b"... [%d bytes cut]" % n) + n

@@ -18,6 +18,14 @@ use std::time::{Duration, Instant};
 
 /// Longest line forwarded; the rest is cut and the cut is said.
 pub const MAX_LINE: usize = 4096;
+/// What is kept of a longer line: room is left for the note that says how much was cut.
+const KEEP: usize = MAX_LINE - 40;
+
+/// A line longer than MAX_LINE: its first KEEP bytes and its length.
+struct LongLine {
+    head: Vec<u8>,
+    len: usize,
+}
 // Token bucket: up to twice the rate (`--log-lines-per-sec`) lines at once, refilled at the rate.
 /// A partial line (no newline yet) is forwarded after this long without more output.
 const PARTIAL_LINE_DELAY: Duration = Duration::from_millis(50);
@@ -118,8 +126,11 @@ impl Drain {
     fn run(mut self, mut pipe: File) {
         let mut buf = vec![0u8; 64 * 1024];
         let mut pending: Vec<u8> = Vec::new();
+        // A line already longer than MAX_LINE whose end has not come: what is kept of it, and
+        // its length so far. Its end (or a pause) forwards it once, cut.
+        let mut long: Option<LongLine> = None;
         loop {
-            let wait = if !pending.is_empty() {
+            let wait = if !pending.is_empty() || long.is_some() {
                 Some(PARTIAL_LINE_DELAY)
             } else if self.suppressed > 0 {
                 Some(Duration::from_millis(200))
@@ -128,10 +139,12 @@ impl Drain {
             };
             if !readable(&pipe, wait) {
                 // Quiet for a moment: forward a partial line, report suppressed lines.
-                if !pending.is_empty() {
+                if let Some(l) = long.take() {
+                    self.long_line(l, pending.len());
+                } else if !pending.is_empty() {
                     self.line(&pending);
-                    pending.clear();
                 }
+                pending.clear();
                 self.report_suppressed();
                 continue;
             }
@@ -144,17 +157,26 @@ impl Drain {
             pending.extend_from_slice(&buf[..n]);
             let mut start = 0;
             while let Some(nl) = pending[start..].iter().position(|&b| b == b'\n') {
-                let line = pending[start..start + nl].to_vec();
-                self.line(&line);
+                match long.take() {
+                    Some(l) => self.long_line(l, nl),
+                    None => {
+                        let line = pending[start..start + nl].to_vec();
+                        self.line(&line);
+                    }
+                }
                 start += nl + 1;
             }
             pending.drain(..start);
-            if pending.len() > MAX_LINE {
-                let long = std::mem::take(&mut pending);
-                self.line(&long);
+            // Past MAX_LINE without its end: keep the head, count the rest, hold no more.
+            if pending.len() > MAX_LINE || (long.is_some() && !pending.is_empty()) {
+                let l = long.get_or_insert_with(|| LongLine { head: pending[..KEEP].to_vec(), len: 0 });
+                l.len += pending.len();
+                pending.clear();
             }
         }
-        if !pending.is_empty() {
+        if let Some(l) = long.take() {
+            self.long_line(l, pending.len());
+        } else if !pending.is_empty() {
             self.line(&pending);
         }
         self.report_suppressed();
@@ -168,6 +190,24 @@ impl Drain {
     }
 
     fn line(&mut self, raw: &[u8]) {
+        let line = raw.strip_suffix(b"\r").unwrap_or(raw);
+        if line.len() > MAX_LINE {
+            self.long_line(LongLine { head: line[..KEEP].to_vec(), len: line.len() }, 0);
+        } else {
+            self.forward(line);
+        }
+    }
+
+    /// A line of `l.len + more` bytes, forwarded as its head and how much was cut: the whole
+    /// message, note included, stays within MAX_LINE bytes.
+    fn long_line(&mut self, l: LongLine, more: usize) {
+        let mut cut = l.head;
+        cut.extend_from_slice(format!("... [{} bytes cut]", l.len + more - KEEP).as_bytes());
+        self.forward(&cut);
+    }
+
+    /// Sends one line, within the rate limit (or counts it as suppressed).
+    fn forward(&mut self, msg: &[u8]) {
         self.refill();
         if self.tokens < 1.0 {
             self.suppressed += 1;
@@ -175,17 +215,7 @@ impl Drain {
         }
         self.report_suppressed();
         self.tokens -= 1.0;
-        let line = raw.strip_suffix(b"\r").unwrap_or(raw);
-        if line.len() > MAX_LINE {
-            // The whole message, note included, stays within MAX_LINE bytes.
-            let note = format!("... [{} bytes cut]", line.len() + 40 - MAX_LINE);
-            let keep = MAX_LINE - 40;
-            let mut cut = line[..keep].to_vec();
-            cut.extend_from_slice(note.as_bytes());
-            self.send(self.level, self.source, &cut);
-        } else {
-            self.send(self.level, self.source, line);
-        }
+        self.send(self.level, self.source, msg);
     }
 
     fn report_suppressed(&mut self) {
