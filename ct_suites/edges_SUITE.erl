@@ -16,13 +16,35 @@
          truncated_and_overlong_utf8_is_badarg_everywhere/1,
          restart_only_past_max_abandoned_workers/1,
          max_threads_counts_written_off_threads/1,
-         decimal_digits_round_trip_exactly/1]).
+         decimal_digits_round_trip_exactly/1,
+         timeout_argument_bounds/1,
+         call_timeout_applies_to_call_eval_await_not_exec/1,
+         max_in_flight_at_and_one_past/1,
+         max_frame_bytes_at_and_one_past/1,
+         stream_window_at_and_one_past/1,
+         conversion_edges/1,
+         repeated_operations_after_completion/1]).
 
 -import(pyport_ct_lib, [stat/1, wait_until/3, now_ms/0]).
 
 -define(LIVENESS_MS, 10000).
 %% shared_dict_cache_bytes of cache_bytes_at_and_one_past_the_bound
 -define(CACHE_BOUND, 4096).
+%% max_frame_bytes of max_frame_bytes_at_and_one_past
+-define(FRAME_MAX, 65536).
+%% The largest timeout `receive ... after' takes.
+-define(MAX_TIMEOUT, 16#FFFFFFFF).
+%% A module whose calls wait for a file (max_in_flight_at_and_one_past).
+-define(FLAG_PY, <<"import os, sys, time, types\n"
+                   "m = types.ModuleType('edges_flag')\n"
+                   "def wait(flag, n):\n"
+                   "    t = time.monotonic()\n"
+                   "    while not os.path.exists(flag) and time.monotonic() - t < 60:\n"
+                   "        time.sleep(0.005)\n"
+                   "    return n * 2\n"
+                   "m.wait = wait\n"
+                   "sys.modules['edges_flag'] = m\n">>).
+
 %% A module whose calls wait for a gate (second_await_after_a_finished_result_is_badarg).
 -define(GATE_PY, <<"import sys, types, threading\n"
                    "m = types.ModuleType('edges_gate')\n"
@@ -42,7 +64,14 @@ all() ->
      truncated_and_overlong_utf8_is_badarg_everywhere,
      restart_only_past_max_abandoned_workers,
      max_threads_counts_written_off_threads,
-     decimal_digits_round_trip_exactly].
+     decimal_digits_round_trip_exactly,
+     timeout_argument_bounds,
+     call_timeout_applies_to_call_eval_await_not_exec,
+     max_in_flight_at_and_one_past,
+     max_frame_bytes_at_and_one_past,
+     stream_window_at_and_one_past,
+     conversion_edges,
+     repeated_operations_after_completion].
 
 init_per_suite(Config) ->
     _ = pyport_ct_lib:start_app(),
@@ -60,11 +89,16 @@ case_env(restart_only_past_max_abandoned_workers) ->
     [{abandon_after_ms, 300}, {max_abandoned_workers, 2}];
 case_env(max_threads_counts_written_off_threads) ->
     [{workers, 1}, {max_workers, 16}, {max_threads, 3}, {abandon_after_ms, 300}];
+case_env(max_in_flight_at_and_one_past) ->
+    [{max_in_flight, 3}];
+case_env(max_frame_bytes_at_and_one_past) ->
+    [{max_frame_bytes, ?FRAME_MAX}];
 case_env(_) ->
     [].
 
 %% Keys a case changes (restored afterwards).
 case_keys(restart_backoff_grows_gap_by_gap) -> [pyport_executable, restart_backoff_max];
+case_keys(call_timeout_applies_to_call_eval_await_not_exec) -> [call_timeout];
 case_keys(Case) -> [K || {K, _} <- case_env(Case)].
 
 init_per_testcase(Case, Config) ->
@@ -422,3 +456,213 @@ decimal_digits_round_trip_exactly(_Config) ->
                coef => 12345678901234567890123456789012, exp => -16},
     ?assertEqual({ok, {'$pyport_decimal', D32}}, py:eval(<<"d">>, #{d => Struct})).
 
+%%--------------------------------------------------------------------
+%% Timeouts (README "API": Timeout arguments; default timeouts: call_timeout
+%% for call and eval, infinity for exec)
+
+%% Every function that takes a timeout takes 0 through 16#FFFFFFFF and
+%% `infinity'; one past the largest, a negative one or a float is badarg, and an
+%% await refused that way leaves its reference to be awaited.
+%% Mutant: `<' for `=<' in the timeout guard (the largest timeout refused).
+timeout_argument_bounds(_Config) ->
+    [begin
+         ?assertEqual({ok, 2.0}, py:call(math, sqrt, [4.0], #{}, T)),
+         ?assertEqual({ok, 2}, py:eval(<<"1 + 1">>, #{}, T)),
+         ?assertEqual(ok, py:exec(<<"pass">>, #{}, T)),
+         ?assertEqual({ok, 3.0}, py:await(py:spawn_call(math, sqrt, [9.0]), T))
+     end || T <- [?MAX_TIMEOUT, infinity]],
+    %% 0: no time at all for work that takes some
+    ?assertEqual({error, timeout}, py:eval(<<"__import__('time').sleep(0.5)">>, #{}, 0)),
+    Ref = py:spawn_call(math, sqrt, [16.0]),
+    [begin
+         ?assertError(badarg, py:call(math, sqrt, [4.0], #{}, T)),
+         ?assertError(badarg, py:eval(<<"1">>, #{}, T)),
+         ?assertError(badarg, py:exec(<<"pass">>, #{}, T)),
+         ?assertError(badarg, py:await(Ref, T))
+     end || T <- [?MAX_TIMEOUT + 1, -1, 1.0, forever]],
+    ?assertEqual({ok, 4.0}, py:await(Ref, ?MAX_TIMEOUT)).
+
+%% With call_timeout 300 ms, call, eval and await give up at it; exec, whose
+%% default is infinity, runs to its end (1 s).
+%% Mutant: exec/2 defaults to call_timeout.
+call_timeout_applies_to_call_eval_await_not_exec(_Config) ->
+    ok = application:set_env(pyport, call_timeout, 300),
+    ?assertEqual(300, maps:get(call_timeout, stat(config))),
+    Sleep = <<"__import__('time').sleep(1)">>,
+    ?assertEqual({error, timeout}, in_process(fun() -> py:eval(Sleep) end)),
+    ?assertEqual({error, timeout}, in_process(fun() -> py:call(time, sleep, [1]) end)),
+    ?assertEqual({error, timeout}, in_process(fun() -> py:await(py:spawn_call(time, sleep, [1])) end)),
+    ?assertEqual({ok, undefined}, in_process(fun() -> py:exec(Sleep) end)),
+    ?assertEqual({ok, undefined}, in_process(fun() -> py:exec(Sleep, #{}) end)).
+
+%%--------------------------------------------------------------------
+%% Back-pressure and request size (README "Configuration": max_in_flight,
+%% max_frame_bytes)
+
+%% With max_in_flight = 3: two requests in flight, a third is still taken (at
+%% the limit); with three in flight, calls get {error, overloaded} and
+%% SharedDict operations raise it, at once (one past); when they finish,
+%% requests are taken again. The three wait for a file the test creates.
+%% Mutant: `>' for `>=' (a fourth request taken).
+max_in_flight_at_and_one_past(Config) ->
+    ?assertEqual(3, maps:get(max_in_flight, stat(config))),
+    Flag = filename:join(?config(priv_dir, Config),
+                         "in_flight_" ++ integer_to_list(erlang:unique_integer([positive]))),
+    {ok, _} = in_process(fun() -> py:exec(?FLAG_PY) end),
+    Self = self(),
+    Start = fun(N) ->
+                    spawn_link(fun() ->
+                                       Self ! {waited, self(), py:call(edges_flag, wait,
+                                                                       [list_to_binary(Flag), N],
+                                                                       #{}, 60000)}
+                               end)
+            end,
+    First = [Start(N) || N <- [1, 2]],
+    ok = wait_until(fun() -> pending() =:= 2 end, ?LIVENESS_MS, two_in_flight),
+    Third = Start(3),
+    ok = wait_until(fun() -> pending() =:= 3 end, ?LIVENESS_MS, third_taken_at_the_limit),
+    try
+        ?assertEqual({error, overloaded}, py:eval(<<"1">>)),
+        ?assertEqual({error, overloaded}, py:call(math, sqrt, [4.0])),
+        ?assertError(overloaded, py:shared_dict_new()),
+        ?assertEqual(3, pending())
+    after
+        ok = file:write_file(Flag, <<>>)
+    end,
+    ?assertEqual([{ok, 2}, {ok, 4}, {ok, 6}], pyport_ct_lib:collect(waited, First ++ [Third])),
+    ok = wait_until(fun() -> pending() =:= 0 end, ?LIVENESS_MS, none_in_flight),
+    ?assertEqual({ok, 1}, py:eval(<<"1">>)).
+
+pending() ->
+    maps:get(pending, gen_server:call(pyport_server, stats)).
+
+%% With max_frame_bytes = 64 KiB: a request of exactly 64 KiB is sent and
+%% served (by the port too, which exits on a frame over its limit), one of a
+%% byte more is refused in the caller with its size and nothing is sent.
+%% Mutants: `>=' for `>' in the caller's check; the port's frame limit `>='.
+max_frame_bytes_at_and_one_past(_Config) ->
+    OsPid = stat(os_pid),
+    ?assertEqual(?FRAME_MAX, maps:get(max_frame_bytes, stat(config))),
+    %% A call's frame with an N-byte argument: N plus what surrounds it.
+    {error, {request_too_large, Size, ?FRAME_MAX}} = py:call(builtins, len, [x(100000)]),
+    N = ?FRAME_MAX - (Size - 100000),
+    ?assertEqual({ok, N}, py:call(builtins, len, [x(N)])),
+    Past = ?FRAME_MAX + 1,
+    ?assertEqual({error, {request_too_large, Past, ?FRAME_MAX}}, py:call(builtins, len, [x(N + 1)])),
+    ?assertEqual(OsPid, stat(os_pid)),
+    ?assertMatch(#{restarts := 0}, gen_server:call(pyport_server, stats)).
+
+x(N) ->
+    binary:copy(<<"x">>, N).
+
+%%--------------------------------------------------------------------
+%% Streams (README "Streams": at most `window' items unacknowledged, option
+%% `window', default 64)
+
+-define(COUNTING_PY, <<"import sys, types\n"
+                       "from erlang import SharedDict\n"
+                       "m = types.ModuleType('edges_streams')\n"
+                       "def counting(h):\n"
+                       "    sd, n = SharedDict(h), 0\n"
+                       "    while True:\n"
+                       "        n += 1\n"
+                       "        sd['produced'] = n\n"
+                       "        yield n\n"
+                       "m.counting = counting\n"
+                       "sys.modules['edges_streams'] = m\n">>).
+
+%% Without acknowledgements exactly `window' items come (1, 5, and 64 when
+%% the option is left out), and the generator is advanced exactly that many
+%% times (one past the window, it would have been advanced once more); each
+%% acknowledgement lets exactly one more through. Windows 1 and 2^20 are
+%% taken, 0 and 2^20 + 1 are badarg, as is acknowledging 0 items.
+%% Mutants: a stream's first credit one more than its window; default window 65.
+stream_window_at_and_one_past(_Config) ->
+    {ok, _} = in_process(fun() -> py:exec(?COUNTING_PY) end),
+    [window_holds(W, Opts) || {W, Opts} <- [{1, #{window => 1}}, {5, #{window => 5}}, {64, #{}}]],
+    {ok, SD} = py:shared_dict_new(),
+    {ok, Big} = py:stream_start(edges_streams, counting, [SD], #{}, #{window => 1 bsl 20}),
+    receive {py_stream, Big, {data, 1}} -> ok after ?LIVENESS_MS -> ct:fail(no_first_item) end,
+    ok = py:stream_cancel(Big),
+    [?assertError(badarg, py:stream_start(edges_streams, counting, [SD], #{}, #{window => W}))
+     || W <- [0, (1 bsl 20) + 1, -1, 1.0]],
+    ?assertError(badarg, py:stream_ack(Big, 0)),
+    ok = py:shared_dict_destroy(SD).
+
+window_holds(W, Opts) ->
+    {ok, SD} = py:shared_dict_new(),
+    {ok, Ref} = py:stream_start(edges_streams, counting, [SD], #{}, Opts),
+    ?assertEqual(lists:seq(1, W), [item(Ref) || _ <- lists:seq(1, W)]),
+    %% The pulling job ends when the credit is spent: the generator has then
+    %% been advanced exactly W times.
+    ?assertEqual(W, produced_when_idle(SD)),
+    ok = py:stream_ack(Ref),
+    ?assertEqual(W + 1, item(Ref)),
+    ?assertEqual(W + 1, produced_when_idle(SD)),
+    ok = py:stream_ack(Ref, 2),
+    ?assertEqual([W + 2, W + 3], [item(Ref), item(Ref)]),
+    ?assertEqual(W + 3, produced_when_idle(SD)),
+    ok = py:stream_cancel(Ref),
+    ok = py:shared_dict_destroy(SD).
+
+item(Ref) ->
+    receive {py_stream, Ref, {data, I}} -> I
+    after ?LIVENESS_MS -> ct:fail({no_item, Ref})
+    end.
+
+produced_when_idle(SD) ->
+    ok = wait_until(fun() -> stat(busy_workers) =:= 0 end, ?LIVENESS_MS, stream_job_ended),
+    py:shared_dict_get(SD, <<"produced">>).
+
+%%--------------------------------------------------------------------
+%% Conversion (README "Type conversion": integers of any size; UTF-8 binaries
+%% are str, others bytes; floats)
+
+%% Integers at the edge of each external-format width both ways, the last
+%% one that fits 255 bytes (SMALL_BIG_EXT) and the first that does not
+%% (LARGE_BIG_EXT); a binary that is valid UTF-8 up to a sequence cut short is
+%% bytes, one that ends in a four-byte character is str; floats at their ends.
+%% Mutant: LARGE_BIG_EXT decoded as SMALL_BIG_EXT.
+conversion_edges(_Config) ->
+    Ints = [(1 bsl 2040) - 1, 1 bsl 2040, -(1 bsl 2040), -((1 bsl 2040) - 1), (1 bsl 4096) + 1],
+    [begin
+         ?assertEqual({ok, I}, py:eval(<<"x">>, #{x => I})),
+         ?assertEqual({ok, I}, py:eval(<<"int(s)">>, #{s => integer_to_binary(I)})),
+         ?assertEqual({ok, integer_to_binary(I)}, py:eval(<<"str(x)">>, #{x => I}))
+     end || I <- Ints],
+    ?assertEqual({ok, <<"bytes">>}, py:eval(<<"type(b).__name__">>, #{b => <<"1", 16#C3>>})),
+    ?assertEqual({ok, <<"str">>}, py:eval(<<"type(b).__name__">>, #{b => <<"1", 16#C3, 16#A9>>})),
+    ?assertEqual({ok, <<"str">>}, py:eval(<<"type(b).__name__">>, #{b => <<"k", 16#F0, 16#9F, 16#98, 16#80>>})),
+    ?assertEqual({ok, <<"bytes">>}, py:eval(<<"type(b).__name__">>, #{b => <<"k", 16#F0, 16#9F, 16#98>>})),
+    Floats = [1.7976931348623157e308, -1.7976931348623157e308, 5.0e-324, 2.2250738585072014e-308, -0.0],
+    [?assertEqual({ok, F}, py:eval(<<"x">>, #{x => F})) || F <- Floats],
+    ?assertEqual({ok, <<"-0.0">>}, py:eval(<<"repr(x)">>, #{x => -0.0})),
+    ?assertEqual({ok, <<"5e-324">>}, py:eval(<<"repr(x)">>, #{x => 5.0e-324})).
+
+%%--------------------------------------------------------------------
+%% Repeated operations after completion
+
+%% Whatever has ended can be ended again, harmlessly: a finished stream
+%% acknowledged and cancelled twice, a function unregistered twice (and its
+%% name then unknown to Python), a destroyed dict destroyed twice, an exited
+%% holder's reference awaited (badarg, once the result was taken). The
+%% shortest valid names work.
+repeated_operations_after_completion(_Config) ->
+    {ok, Ref} = py:stream_start(builtins, iter, [[1]]),
+    ?assertEqual(1, item(Ref)),
+    ok = py:stream_ack(Ref),
+    receive {py_stream, Ref, done} -> ok after ?LIVENESS_MS -> ct:fail(no_done) end,
+    [ok = F() || _ <- [1, 2], F <- [fun() -> py:stream_ack(Ref) end,
+                                     fun() -> py:stream_cancel(Ref) end]],
+    ok = py:register_function(z, fun([X]) -> X + 1 end),
+    ?assertEqual({ok, 2}, py:eval(<<"__import__('erlang').call('z', 1)">>)),
+    ok = py:register_function(<<"y">>, fun([X]) -> X + 2 end),
+    ?assertEqual({ok, 3}, py:eval(<<"__import__('erlang').y(1)">>)),
+    [ok = py:unregister_function(N) || _ <- [1, 2], N <- [z, <<"y">>]],
+    ?assertMatch({error, {python, <<"erlang.UnknownFunction">>, _, _}},
+                 py:eval(<<"__import__('erlang').call('z', 1)">>)),
+    {ok, SD} = py:shared_dict_new(),
+    ok = py:shared_dict_set(SD, <<"k">>, 1),
+    [ok = py:shared_dict_destroy(SD) || _ <- [1, 2, 3]],
+    pyport_ct_lib:assert_destroyed(SD),
+    pyport_ct_lib:assert_mailbox_empty().

@@ -82,6 +82,8 @@ def test_every_row_has_a_promise_its_tests_and_its_boundary():
            if cells[0] not in ("promise", "---")
            and cells[2] != NO_EDGE and re.sub(REF, "", cells[2]).strip(", ") != ""]
     assert not odd, "boundary cells with something else than test references: %r" % odd
+    with_edges = [r for r in rows() if r[2]]
+    assert len(with_edges) >= 30, "only %d promises name a boundary test" % len(with_edges)
 
 
 def test_every_named_test_exists():
