@@ -259,8 +259,8 @@ def test_stream_window_from_1_to_2_20(port):
             t = port.recv(deadline - time.monotonic())
             if t[0] == rid:
                 replied = t
-            elif t[0] == "pyport_send":
-                sent.append(b2t(t[2])[2])
+            elif t[0] == "pyport_stream_send":  # {pyport_stream_send, Ref, Pid, Message}
+                sent.append(b2t(t[3])[2])
                 if window == 1 and len(sent) < 4:
                     port.send((A("stream_ack"), key, 1))
             elif t[0] == "pyport_stream_end":
