@@ -10,7 +10,7 @@
 -include_lib("stdlib/include/assert.hrl").
 
 -export([all/0, suite/0, init_per_suite/1, end_per_suite/1]).
--export([defaults_as_shipped/1, defaults_with_no_app_env/1]).
+-export([defaults_as_shipped/1, defaults_with_no_app_env/1, port_limits_as_applied/1]).
 
 %% README keys that py:stats() does not report, each with the test that pins
 %% its default.
@@ -25,7 +25,7 @@ suite() ->
     [{timetrap, {seconds, 60}}].
 
 all() ->
-    [defaults_as_shipped, defaults_with_no_app_env].
+    [defaults_as_shipped, defaults_with_no_app_env, port_limits_as_applied].
 
 init_per_suite(Config) ->
     ok = pyport_ct_lib:stop_app(),
@@ -57,6 +57,29 @@ defaults_with_no_app_env(_Config) ->
     %% and what the defaults mean where a caller sees them
     {ok, 2.0} = py:call(math, sqrt, [4.0]),
     ok.
+
+%% README "Failure semantics": the port program runs with core dumps disabled
+%% and a raised oom_score_adj (500 by default), and without an address-space
+%% cap unless max_memory_bytes is set: read from the running port's /proc
+%% entries, with no pyport app env.
+port_limits_as_applied(_Config) ->
+    ok = pyport_ct_lib:stop_app(),
+    [application:unset_env(pyport, K) || {K, _} <- application:get_all_env(pyport)],
+    _ = pyport_ct_lib:start_app(),
+    Proc = "/proc/" ++ integer_to_list(pyport_ct_lib:stat(os_pid)),
+    {ok, Adj} = file:read_file(Proc ++ "/oom_score_adj"),
+    ?assertEqual(<<"500">>, string:trim(Adj)),
+    {ok, Limits} = file:read_file(Proc ++ "/limits"),
+    Limit = fun(Name) ->
+                    [Line] = [L || L <- binary:split(Limits, <<"\n">>, [global]),
+                                   binary:match(L, Name) =:= {0, byte_size(Name)}],
+                    string:lexemes(binary:part(Line, byte_size(Name), byte_size(Line) - byte_size(Name)), " ")
+            end,
+    ?assertMatch([<<"0">>, <<"0">> | _], Limit(<<"Max core file size">>)),
+    ?assertMatch([<<"unlimited">>, <<"unlimited">> | _], Limit(<<"Max address space">>)),
+    %% and the VM keeps its own score
+    {ok, VmAdj} = file:read_file("/proc/" ++ os:getpid() ++ "/oom_score_adj"),
+    ?assertNotEqual(<<"500">>, string:trim(VmAdj)).
 
 %%--------------------------------------------------------------------
 

@@ -23,7 +23,8 @@
          max_frame_bytes_at_and_one_past/1,
          stream_window_at_and_one_past/1,
          conversion_edges/1,
-         repeated_operations_after_completion/1]).
+         repeated_operations_after_completion/1,
+         shared_dict_shortest_and_longest_keys/1]).
 
 -import(pyport_ct_lib, [stat/1, wait_until/3, now_ms/0]).
 
@@ -71,7 +72,8 @@ all() ->
      max_frame_bytes_at_and_one_past,
      stream_window_at_and_one_past,
      conversion_edges,
-     repeated_operations_after_completion].
+     repeated_operations_after_completion,
+     shared_dict_shortest_and_longest_keys].
 
 init_per_suite(Config) ->
     _ = pyport_ct_lib:start_app(),
@@ -666,3 +668,31 @@ repeated_operations_after_completion(_Config) ->
     [ok = py:shared_dict_destroy(SD) || _ <- [1, 2, 3]],
     pyport_ct_lib:assert_destroyed(SD),
     pyport_ct_lib:assert_mailbox_empty().
+
+%%--------------------------------------------------------------------
+%% SharedDict keys (README "SharedDict": keys are binaries; Python's 'k',
+%% b'k' and Erlang's <<"k">> are the same key)
+
+%% The shortest key, <<>>, and a 1 MiB key work like any other, from both
+%% sides and in insertion order; a key that is not valid UTF-8 too (Python
+%% sees it as bytes).
+%% Mutant: an empty key refused as badarg.
+shared_dict_shortest_and_longest_keys(_Config) ->
+    {ok, SD} = py:shared_dict_new(),
+    Long = binary:copy(<<"k">>, 1 bsl 20),
+    Bytes = <<"k", 255>>,
+    [ok = py:shared_dict_set(SD, K, V)
+     || {K, V} <- [{<<>>, <<"empty">>}, {Long, <<"long">>}, {Bytes, <<"bytes">>}]],
+    ?assertEqual([<<>>, Long, Bytes], py:shared_dict_keys(SD)),
+    ?assertEqual([<<"empty">>, <<"long">>, <<"bytes">>],
+                 [py:shared_dict_get(SD, K) || K <- [<<>>, Long, Bytes]]),
+    %% In Python, '' and b'' are the empty key.
+    ?assertEqual({ok, [<<"empty">>, <<"empty">>, <<"long">>, <<"bytes">>]},
+                 py:eval(<<"(lambda d: [d[''], d[b''], d['k' * (1 << 20)], d[b'k\\xff']])"
+                           "(__import__('erlang').SharedDict(h))">>, #{h => SD})),
+    ok = py:shared_dict_del(SD, <<>>),
+    ?assertEqual([Long, Bytes], py:shared_dict_keys(SD)),
+    ?assertEqual(1, py:shared_dict_update_counter(SD, <<>>, 1)),
+    ?assertEqual(true, py:shared_dict_compare_and_swap(SD, <<>>, 1, 2)),
+    ?assertEqual([Long, Bytes, <<>>], py:shared_dict_keys(SD)),
+    ok = py:shared_dict_destroy(SD).

@@ -290,3 +290,16 @@ def test_latency_trace_keeps_the_last_4096_calls(port_factory):
     # calls end in any order on several workers: one of them, an early one, is dropped
     assert len(traced) == 4096 and len(set(traced)) == 4096 and set(traced) <= set(ids), len(traced)
     assert p.stats()[A("latency_trace")][A("calls")] == []
+
+
+def test_output_burst_is_exactly_twice_the_rate(port_factory):
+    """README: output lines are limited to `log_lines_per_sec`, in bursts of twice that; what
+    is suppressed is counted in a later warning. With a rate of 2, five lines written at once
+    (one write, read in one go): the first 4 arrive, the fifth is counted."""
+    p = port_factory(["--log-lines-per-sec", "2"])
+    assert p.exec_ok("import sys\nsys.stdout.write(''.join('burst %d\\n' % i for i in range(5)))") is None
+    warning = collect_logs_until(
+        p, lambda lv, src, msg: src == "pyport" and b"suppressed" in msg and b"stdout" in msg)
+    assert warning[0][2].startswith(b"1 lines of Python stdout suppressed"), warning
+    lines = [m for lv, src, m in p.logs if src == "stdout"]
+    assert lines == [b"burst %d" % i for i in range(4)], lines

@@ -243,6 +243,46 @@ mod tests {
         assert!(parse(&["--worker-reads", "sometimes"]).is_err());
     }
 
+    /// The stats map's `config`: every setting, named as the app env names it, defaults as
+    /// applied (`infinity` for no watchdog, `undefined` for no memory cap), flags as given.
+    #[test]
+    fn report_names_every_setting_as_applied() {
+        use Setting::{Atom, Int};
+        let names: Vec<&str> = parse(&[]).unwrap().report().iter().map(|(k, _)| *k).collect();
+        assert_eq!(
+            names,
+            [
+                "workers", "max_workers", "spare_after_ms", "spare_idle_ms", "max_frame_bytes",
+                "abandon_after_ms", "max_abandoned_workers", "gil_watchdog_ms", "max_reply_bytes",
+                "thread_affinity", "oom_score_adj", "max_memory_bytes", "log_lines_per_sec",
+                "none_as", "sd_decode_workers", "callback_timeout", "max_threads",
+                "trace_latency", "worker_reads",
+            ]
+        );
+        let get = |args: &[&str], key: &str| {
+            parse(args).unwrap().report().into_iter().find(|(k, _)| *k == key).map(|(_, v)| v).unwrap()
+        };
+        assert_eq!(get(&[], "callback_timeout"), Int(30_000));
+        assert_eq!(get(&[], "max_abandoned_workers"), Int(64));
+        assert_eq!(get(&[], "max_threads"), Int(64));
+        assert_eq!(get(&[], "gil_watchdog_ms"), Int(5000));
+        assert_eq!(get(&["--gil-watchdog-ms", "0"], "gil_watchdog_ms"), Atom("infinity"));
+        assert_eq!(get(&[], "max_memory_bytes"), Atom("undefined"));
+        assert_eq!(get(&["--max-memory-bytes", "4096"], "max_memory_bytes"), Int(4096));
+        assert_eq!(get(&[], "thread_affinity"), Atom("namespace"));
+        assert_eq!(get(&["--thread-affinity", "always"], "thread_affinity"), Atom("always"));
+        assert_eq!(get(&["--thread-affinity", "none"], "thread_affinity"), Atom("none"));
+        assert_eq!(get(&[], "worker_reads"), Atom("auto"));
+        assert_eq!(get(&["--worker-reads", "always"], "worker_reads"), Atom("always"));
+        assert_eq!(get(&["--worker-reads", "never"], "worker_reads"), Atom("never"));
+        assert_eq!(get(&[], "none_as"), Atom("undefined"));
+        assert_eq!(get(&["--none-as", "nil"], "none_as"), Atom("nil"));
+        assert_eq!(get(&[], "trace_latency"), Atom("false"));
+        assert_eq!(get(&["--trace-latency", "1"], "trace_latency"), Atom("true"));
+        assert_eq!(get(&["--spare-after-ms", "7"], "spare_after_ms"), Int(7));
+        assert_eq!(get(&["--oom-score-adj", "700"], "oom_score_adj"), Int(700));
+    }
+
     #[test]
     fn none_as_and_log_rate() {
         assert_eq!(parse(&["--none-as", "nil"]).unwrap().none_as, "nil");

@@ -252,3 +252,73 @@ fn readable(f: &File, wait: Option<Duration>) -> bool {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::framing::FrameReader;
+    use std::io::Write;
+
+    /// Runs a drain (rate `rate`) over `input`, written from another thread in one write, and
+    /// returns the messages of the log frames it sent, in order.
+    fn drained(input: Vec<u8>, rate: f64) -> Vec<(String, Vec<u8>)> {
+        let path = std::env::temp_dir().join(format!("pyport-drain-{}-{}", std::process::id(), input.len()));
+        let out = Outbox::start(File::create(&path).unwrap()).unwrap();
+        let (r, w) = pipe_cloexec().unwrap();
+        let writer = thread::spawn(move || File::from(w).write_all(&input));
+        Drain::new("info", "stdout", out.clone(), rate).run(File::from(r));
+        writer.join().unwrap().unwrap();
+        // Written after (and so behind) everything the drain queued.
+        out.send_now(vec![0]);
+        let data = std::fs::read(&path).unwrap();
+        let _ = std::fs::remove_file(&path);
+        let mut frames = FrameReader::new(&data[..], 1 << 20);
+        let mut messages = Vec::new();
+        loop {
+            let frame = frames.read_frame().unwrap();
+            if frame == [0] {
+                return messages;
+            }
+            let eetf::Term::Tuple(t) = eetf::Term::decode(&frame[..]).unwrap() else { panic!("not a tuple") };
+            let (eetf::Term::Atom(source), eetf::Term::Binary(msg)) = (&t.elements[2], &t.elements[3]) else {
+                panic!("not a log frame: {t:?}")
+            };
+            messages.push((source.name.clone(), msg.bytes.clone()));
+        }
+    }
+
+    fn cut(head: u8, len: usize) -> Vec<u8> {
+        let mut m = vec![head; KEEP];
+        m.extend_from_slice(format!("... [{} bytes cut]", len - KEEP).as_bytes());
+        m
+    }
+
+    /// A line of exactly MAX_LINE bytes is whole; longer ones, however they arrive (in one
+    /// read, across reads past the 64 KiB buffer, or ended by the end of the stream), are one
+    /// message each, cut once, saying how many bytes were cut, within MAX_LINE bytes.
+    #[test]
+    fn a_line_of_any_length_is_one_message_cut_once() {
+        let mut input = Vec::new();
+        for (byte, len) in [(b'a', MAX_LINE), (b'b', MAX_LINE + 1), (b'c', 100_000), (b'd', 10)] {
+            input.extend(std::iter::repeat(byte).take(len));
+            input.push(b'\n');
+        }
+        input.extend(std::iter::repeat(b'e').take(70_000));
+        let got = drained(input, 1e6);
+        let expected = vec![vec![b'a'; MAX_LINE], cut(b'b', MAX_LINE + 1), cut(b'c', 100_000), vec![b'd'; 10], cut(b'e', 70_000)];
+        assert_eq!(got.len(), expected.len(), "{:?}", got.iter().map(|(_, m)| m.len()).collect::<Vec<_>>());
+        for ((source, msg), want) in got.iter().zip(&expected) {
+            assert_eq!(source, "stdout");
+            assert!(msg.len() <= MAX_LINE, "{} bytes", msg.len());
+            assert!(msg == want, "got {} bytes ending {:?}", msg.len(), String::from_utf8_lossy(&msg[msg.len().saturating_sub(30)..]));
+        }
+    }
+
+    /// Lines read at once pass up to twice the rate; the next is suppressed (and counted).
+    #[test]
+    fn a_burst_passes_twice_the_rate_and_no_more() {
+        let got = drained(b"l0\nl1\nl2\nl3\nl4\n".to_vec(), 2.0);
+        let lines: Vec<&[u8]> = got.iter().filter(|(s, _)| s == "stdout").map(|(_, m)| &m[..]).collect();
+        assert_eq!(lines, [&b"l0"[..], b"l1", b"l2", b"l3"]);
+    }
+}
