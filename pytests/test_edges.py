@@ -263,8 +263,10 @@ def test_stream_window_from_1_to_2_20(port):
                 sent.append(b2t(t[3])[2])
                 if window == 1 and len(sent) < 4:
                     port.send((A("stream_ack"), key, 1))
-            elif t[0] == "pyport_stream_end":
+            elif t[0] == "pyport_stream_end":  # {pyport_stream_end, Ref, Pid, Message}: the last
                 ended = True
+                if len(t) == 4:
+                    sent.append(b2t(t[3])[2])
             else:
                 raise AssertionError("unexpected frame %r" % (t,))
         assert replied[1] == "ok", replied
