@@ -11,7 +11,8 @@ A patch file starts with a header, then the diff (`git diff` output):
     Tests: file::test ...        (optional: tests to run besides those the promises name)
 
 For every promise named, the tests of its row are run (the "pinned by" and "boundary" columns):
-pytest functions first, then Rust tests, then Common Test cases, stopping at the first red. The
+pytest functions first, then Rust tests, then Common Test cases, stopping at the first red (a
+test command still running after MUTANT_TEST_TIMEOUT seconds, default 600, hangs: caught). The
 tree is rebuilt (`make all`) after applying and after reverting, so a Rust mutant costs a
 release build each way. The patch is always reverted, also on Ctrl-C. Prints one line per
 mutant and `N caught, N missed, N invalid`; exits 1 if any was missed or invalid.
@@ -20,6 +21,7 @@ mutant and `N caught, N missed, N invalid`; exits 1 if any was missed or invalid
 import glob
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -28,6 +30,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMISES = os.path.join(REPO, "docs", "PROMISES.md")
 REF = re.compile(r"`([A-Za-z0-9_./-]+)::([A-Za-z_][A-Za-z0-9_]*)`|\b([A-Za-z0-9_./-]+)::([A-Za-z_][A-Za-z0-9_]*)")
 LOGDIR = os.path.join(REPO, "_build", "mutants", "ct_logs")
+# A test command that runs longer than this under a mutant hangs because of it: caught.
+TEST_TIMEOUT = int(os.environ.get("MUTANT_TEST_TIMEOUT", "600"))
 
 
 def refs_in(text):
@@ -103,8 +107,17 @@ def commands(refs):
     return out
 
 
-def run(argv, env=None, log=None):
-    return subprocess.run(argv, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+def run(argv, env=None, log=None, timeout=None):
+    """The command's exit status, or None if it ran past `timeout` seconds (its process group,
+    Erlang nodes and port programs included, is then killed)."""
+    proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        return None
 
 
 def build(log):
@@ -128,7 +141,10 @@ def try_mutant(path, log):
             print("    running %s" % label, flush=True)
             log.write(("\n=== %s: %s\n" % (label, " ".join(argv))).encode())
             log.flush()
-            if run(argv, env=env, log=log) != 0:
+            status = run(argv, env=env, log=log, timeout=TEST_TIMEOUT)
+            if status is None:
+                return "caught", "%s hung past %d s" % (label, TEST_TIMEOUT)
+            if status != 0:
                 return "caught", label
         return "missed", "%d tests passed" % len(refs)
     finally:
