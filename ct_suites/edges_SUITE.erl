@@ -354,7 +354,7 @@ assert_text_refused(Bad) ->
               {spawn_call_kwargs_key, fun() -> py:spawn_call(builtins, dict, [], #{Key => 1}) end},
               {cast_function, fun() -> py:cast(os, Name, []) end},
               {stream_module, fun() -> py:stream_start(Name, f, []) end},
-              {stream_kwargs_key, fun() -> py:stream_start(builtins, iter, [[]], #{Key => 1}) end}],
+              {stream_kwargs_key, fun() -> py:stream_start(builtins, iter, [[]], #{Key => 1}, #{}) end}],
     Passed = [{What, Bad, R} || {What, F} <- Checks, R <- [catch F()], not is_badarg(R)],
     ?assertEqual([], Passed).
 
@@ -585,21 +585,23 @@ x(N) ->
                        "m.counting = counting\n"
                        "sys.modules['edges_streams'] = m\n">>).
 
-%% Without acknowledgements exactly `window' items come (1, 5, and 64 when
-%% the option is left out), and the generator is advanced exactly that many
-%% times (one past the window, it would have been advanced once more); each
-%% acknowledgement lets exactly one more through. Windows 1 and 2^20 are
-%% taken, 0 and 2^20 + 1 are badarg, as is acknowledging 0 items.
+%% With `flow => ack', without acknowledgements exactly `window' items come
+%% (1, 5, and 64 when the option is left out), and the generator is advanced
+%% exactly that many times (one past the window, it would have been advanced
+%% once more); each acknowledgement lets exactly one more through. Windows 1
+%% and 2^20 are taken, 0 and 2^20 + 1 are badarg, as is acknowledging 0 items.
+%% (The default `mailbox' flow's bound is erlang_python_compat_SUITE's.)
 %% Mutants: a stream's first credit one more than its window; default window 65.
 stream_window_at_and_one_past(_Config) ->
     {ok, _} = in_process(fun() -> py:exec(?COUNTING_PY) end),
-    [window_holds(W, Opts) || {W, Opts} <- [{1, #{window => 1}}, {5, #{window => 5}}, {64, #{}}]],
+    [window_holds(W, Opts#{flow => ack})
+     || {W, Opts} <- [{1, #{window => 1}}, {5, #{window => 5}}, {64, #{}}]],
     {ok, SD} = py:shared_dict_new(),
-    {ok, Big} = py:stream_start(edges_streams, counting, [SD], #{}, #{window => 1 bsl 20}),
+    {ok, Big} = py:stream_start(edges_streams, counting, [SD], #{}, #{window => 1 bsl 20, flow => ack}),
     receive {py_stream, Big, {data, 1}} -> ok after ?LIVENESS_MS -> ct:fail(no_first_item) end,
     ok = py:stream_cancel(Big),
-    [?assertError(badarg, py:stream_start(edges_streams, counting, [SD], #{}, #{window => W}))
-     || W <- [0, (1 bsl 20) + 1, -1, 1.0]],
+    [?assertError(badarg, py:stream_start(edges_streams, counting, [SD], #{}, #{window => W, flow => F}))
+     || W <- [0, (1 bsl 20) + 1, -1, 1.0], F <- [ack, mailbox]],
     ?assertError(badarg, py:stream_ack(Big, 0)),
     ok = py:shared_dict_destroy(SD).
 

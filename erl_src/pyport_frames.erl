@@ -73,6 +73,7 @@ port_atoms() ->
      max_abandoned_workers, gil_watchdog_ms, max_reply_bytes, thread_affinity, namespace,
      always, none, oom_score_adj, max_memory_bytes, log_lines_per_sec, none_as,
      sd_decode_workers, callback_timeout, max_threads, trace_latency, auto, never,
+     python_log_level, python_log_format,
      %% py:stats() with the app env trace_latency
      latency_trace, stages, calls, route_ns, queue_ns, prepare_ns, python_ns, encode_ns,
      release_ns].

@@ -33,6 +33,8 @@ FLAG_KEYS = {
     "--max-threads": "max_threads",
     "--trace-latency": "trace_latency",
     "--worker-reads": "worker_reads",
+    "--python-log-level": "python_log_level",
+    "--python-log-format": "python_log_format",
 }
 NOT_REPORTED = {"--generation", "--node", "--otp-release"}
 
@@ -59,8 +61,10 @@ def as_reported(flag, default):
         return None  # the harness reads the atom `undefined` as None
     if flag == "--trace-latency":
         return default == "1"
-    if default.isdigit():
-        return int(default)
+    if flag == "--python-log-format":
+        return default.encode()  # a text: the harness reads binaries as bytes
+    if default.split()[0].isdigit():  # "30 (WARNING)"
+        return int(default.split()[0])
     return A(default)
 
 

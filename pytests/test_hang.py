@@ -27,16 +27,19 @@ class GilHolder:
     def __init__(self, port, tmp_path, then="42"):
         self.fifo = str(tmp_path / "gil_holder")
         os.mkfifo(self.fifo)
+        # Held open until the holder is done: a FIFO that nobody has open drops what was
+        # written to it, and the port may open it only after `release()` wrote its byte.
+        self.fd = os.open(self.fifo, os.O_RDWR)
         self.rid = port.eval(
             "__import__('ctypes').PyDLL(None).read(__import__('os').open(%r, __import__('os').O_RDWR), "
             "__import__('ctypes').create_string_buffer(1), 1) and (%s)" % (self.fifo, then)
         )
 
     def release(self):
-        # O_RDWR: opening never waits for the reader; the byte waits in the pipe for it.
-        fd = os.open(self.fifo, os.O_RDWR)
-        os.write(fd, b"x")
-        os.close(fd)
+        os.write(self.fd, b"x")
+
+    def close(self):
+        os.close(self.fd)
 
 
 def read_to_end(port, timeout=10):
@@ -54,6 +57,7 @@ def test_heartbeat_is_answered_while_python_holds_the_gil(port, tmp_path):
     assert t == (A("pyport_heartbeat"), 77), "the heartbeat must overtake the GIL-bound reply: %r" % (t,)
     holder.release()
     assert port.ok(holder.rid, timeout=60) == 42
+    holder.close()
 
 
 def test_reader_work_needs_no_gil(port, tmp_path):
@@ -71,6 +75,7 @@ def test_reader_work_needs_no_gil(port, tmp_path):
     assert holder.rid not in port.pending, "the GIL-bound reply came first"
     holder.release()
     assert port.ok(holder.rid, timeout=60) == 42
+    holder.close()
 
 
 def test_watchdog_ends_a_port_whose_cancellation_cannot_get_the_gil(port_factory):
@@ -99,6 +104,7 @@ def test_watchdog_off_keeps_waiting(port_factory, tmp_path):
     # The cancellation lands once the holder lets go of the GIL, and the port is still there.
     holder.release()
     assert port.err(holder.rid, timeout=60) == A("cancelled")
+    holder.close()
     port.assert_serving()
 
 

@@ -10,11 +10,12 @@ pub const USAGE: &str = "usage: pyport [--generation N] [--workers N] [--max-wor
 [--max-memory-bytes N] [--thread-affinity namespace|always|none] [--log-lines-per-sec N] \
 [--none-as undefined|nil|none] [--sd-decode-workers N] [--callback-timeout-ms N] [--node NAME] [--max-threads N] [--otp-release N] [--trace-latency 0|1] [--worker-reads auto|always|never] [--python-log-level N] [--python-log-format FMT]";
 
-/// A setting's value as the stats map's `config` reports it: an integer or an atom.
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// A setting's value as the stats map's `config` reports it: an integer, an atom or a text.
+#[derive(Debug, Clone, PartialEq)]
 pub enum Setting {
     Int(u64),
     Atom(&'static str),
+    Text(String),
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -164,8 +165,13 @@ impl Config {
     /// names them (docs/PROTOCOL.md, "Stats map"): so that the defaults a user relies on
     /// can be read from the running port rather than from documentation.
     pub fn report(&self) -> Vec<(&'static str, Setting)> {
-        use Setting::{Atom, Int};
+        use Setting::{Atom, Int, Text};
         let ms = |d: Duration| Int(d.as_millis() as u64);
+        let none_as = match self.none_as.as_str() {
+            "nil" => "nil",
+            "none" => "none",
+            _ => "undefined",
+        };
         vec![
             ("workers", Int(self.workers as u64)),
             ("max_workers", Int(self.max_workers as u64)),
@@ -180,12 +186,14 @@ impl Config {
             ("oom_score_adj", Int(self.oom_score_adj.max(0) as u64)),
             ("max_memory_bytes", if self.max_memory == 0 { Atom("undefined") } else { Int(self.max_memory) }),
             ("log_lines_per_sec", Int(self.log_lines_per_sec as u64)),
-            ("none_as", Atom(if self.none_as == "nil" { "nil" } else { "undefined" })),
+            ("none_as", Atom(none_as)),
             ("sd_decode_workers", Int(self.sd_decode_workers as u64)),
             ("callback_timeout", ms(self.callback_timeout)),
             ("max_threads", Int(self.max_threads as u64)),
             ("trace_latency", Atom(if self.trace_latency { "true" } else { "false" })),
             ("worker_reads", worker_reads_setting(self.worker_reads)),
+            ("python_log_level", Int(self.python_log_level)),
+            ("python_log_format", Text(self.python_log_format.clone().unwrap_or_else(|| "%(message)s".into()))),
         ]
     }
 }
@@ -256,7 +264,7 @@ mod tests {
                 "abandon_after_ms", "max_abandoned_workers", "gil_watchdog_ms", "max_reply_bytes",
                 "thread_affinity", "oom_score_adj", "max_memory_bytes", "log_lines_per_sec",
                 "none_as", "sd_decode_workers", "callback_timeout", "max_threads",
-                "trace_latency", "worker_reads",
+                "trace_latency", "worker_reads", "python_log_level", "python_log_format",
             ]
         );
         let get = |args: &[&str], key: &str| {
@@ -277,6 +285,11 @@ mod tests {
         assert_eq!(get(&["--worker-reads", "never"], "worker_reads"), Atom("never"));
         assert_eq!(get(&[], "none_as"), Atom("undefined"));
         assert_eq!(get(&["--none-as", "nil"], "none_as"), Atom("nil"));
+        assert_eq!(get(&["--none-as", "none"], "none_as"), Atom("none"));
+        assert_eq!(get(&[], "python_log_level"), Int(30));
+        assert_eq!(get(&["--python-log-level", "10"], "python_log_level"), Int(10));
+        assert_eq!(get(&[], "python_log_format"), Setting::Text("%(message)s".into()));
+        assert_eq!(get(&["--python-log-format", "%(name)s"], "python_log_format"), Setting::Text("%(name)s".into()));
         assert_eq!(get(&[], "trace_latency"), Atom("false"));
         assert_eq!(get(&["--trace-latency", "1"], "trace_latency"), Atom("true"));
         assert_eq!(get(&["--spare-after-ms", "7"], "spare_after_ms"), Int(7));

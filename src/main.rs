@@ -421,6 +421,7 @@ fn put_config(out: &mut Vec<u8>, config: &[(&'static str, config::Setting)]) {
         match value {
             config::Setting::Int(n) => etf::put_u64(out, *n),
             config::Setting::Atom(a) => etf::put_atom(out, a),
+            config::Setting::Text(t) => etf::put_binary(out, t.as_bytes()),
         }
     }
 }

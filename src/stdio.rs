@@ -116,21 +116,32 @@ struct Drain {
     tokens: f64,
     refilled: Instant,
     suppressed: u64,
+    /// The unfinished line read so far (at most MAX_LINE bytes: past that, see `long`).
+    pending: Vec<u8>,
+    /// A line already longer than MAX_LINE whose end has not come: what is kept of it, and
+    /// its length so far. Its end (or a pause) forwards it once, cut.
+    long: Option<LongLine>,
 }
 
 impl Drain {
     fn new(level: &'static str, source: &'static str, out: Outbox, rate: f64) -> Self {
-        Drain { level, source, out, rate, tokens: 2.0 * rate, refilled: Instant::now(), suppressed: 0 }
+        Drain {
+            level,
+            source,
+            out,
+            rate,
+            tokens: 2.0 * rate,
+            refilled: Instant::now(),
+            suppressed: 0,
+            pending: Vec::new(),
+            long: None,
+        }
     }
 
     fn run(mut self, mut pipe: File) {
         let mut buf = vec![0u8; 64 * 1024];
-        let mut pending: Vec<u8> = Vec::new();
-        // A line already longer than MAX_LINE whose end has not come: what is kept of it, and
-        // its length so far. Its end (or a pause) forwards it once, cut.
-        let mut long: Option<LongLine> = None;
         loop {
-            let wait = if !pending.is_empty() || long.is_some() {
+            let wait = if !self.pending.is_empty() || self.long.is_some() {
                 Some(PARTIAL_LINE_DELAY)
             } else if self.suppressed > 0 {
                 Some(Duration::from_millis(200))
@@ -139,12 +150,7 @@ impl Drain {
             };
             if !readable(&pipe, wait) {
                 // Quiet for a moment: forward a partial line, report suppressed lines.
-                if let Some(l) = long.take() {
-                    self.long_line(l, pending.len());
-                } else if !pending.is_empty() {
-                    self.line(&pending);
-                }
-                pending.clear();
+                self.flush_partial();
                 self.report_suppressed();
                 continue;
             }
@@ -154,32 +160,43 @@ impl Drain {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(_) => break,
             };
-            pending.extend_from_slice(&buf[..n]);
-            let mut start = 0;
-            while let Some(nl) = pending[start..].iter().position(|&b| b == b'\n') {
-                match long.take() {
-                    Some(l) => self.long_line(l, nl),
-                    None => {
-                        let line = pending[start..start + nl].to_vec();
-                        self.line(&line);
-                    }
-                }
-                start += nl + 1;
-            }
-            pending.drain(..start);
-            // Past MAX_LINE without its end: keep the head, count the rest, hold no more.
-            if pending.len() > MAX_LINE || (long.is_some() && !pending.is_empty()) {
-                let l = long.get_or_insert_with(|| LongLine { head: pending[..KEEP].to_vec(), len: 0 });
-                l.len += pending.len();
-                pending.clear();
-            }
+            self.take(&buf[..n]);
         }
-        if let Some(l) = long.take() {
+        self.flush_partial();
+        self.report_suppressed();
+    }
+
+    /// Forwards the lines that `data` completes; of an unfinished one, holds at most MAX_LINE
+    /// bytes (past that, its head and a count).
+    fn take(&mut self, data: &[u8]) {
+        let mut pending = std::mem::take(&mut self.pending);
+        pending.extend_from_slice(data);
+        let mut start = 0;
+        while let Some(nl) = pending[start..].iter().position(|&b| b == b'\n') {
+            match self.long.take() {
+                Some(l) => self.long_line(l, nl),
+                None => self.line(&pending[start..start + nl]),
+            }
+            start += nl + 1;
+        }
+        pending.drain(..start);
+        // Past MAX_LINE without its end: keep the head, count the rest, hold no more.
+        if pending.len() > MAX_LINE || (self.long.is_some() && !pending.is_empty()) {
+            let l = self.long.get_or_insert_with(|| LongLine { head: pending[..KEEP].to_vec(), len: 0 });
+            l.len += pending.len();
+            pending.clear();
+        }
+        self.pending = pending;
+    }
+
+    /// A pause, or the end of the stream: the unfinished line goes as it is.
+    fn flush_partial(&mut self) {
+        let pending = std::mem::take(&mut self.pending);
+        if let Some(l) = self.long.take() {
             self.long_line(l, pending.len());
         } else if !pending.is_empty() {
             self.line(&pending);
         }
-        self.report_suppressed();
     }
 
     fn refill(&mut self) {
@@ -262,16 +279,26 @@ mod tests {
     /// Runs a drain (rate `rate`) over `input`, written from another thread in one write, and
     /// returns the messages of the log frames it sent, in order.
     fn drained(input: Vec<u8>, rate: f64) -> Vec<(String, Vec<u8>)> {
-        let path = std::env::temp_dir().join(format!("pyport-drain-{}-{}", std::process::id(), input.len()));
-        let out = Outbox::start(File::create(&path).unwrap()).unwrap();
+        let name = format!("pyport-drain-{}-{}", std::process::id(), input.len());
+        let (out, path) = outbox(&name);
         let (r, w) = pipe_cloexec().unwrap();
         let writer = thread::spawn(move || File::from(w).write_all(&input));
         Drain::new("info", "stdout", out.clone(), rate).run(File::from(r));
         writer.join().unwrap().unwrap();
-        // Written after (and so behind) everything the drain queued.
+        sent(&out, &path)
+    }
+
+    fn outbox(name: &str) -> (Outbox, std::path::PathBuf) {
+        let path = std::env::temp_dir().join(name);
+        (Outbox::start(File::create(&path).unwrap()).unwrap(), path)
+    }
+
+    /// The (source, message) of every log frame `out` has sent to `path`.
+    fn sent(out: &Outbox, path: &std::path::Path) -> Vec<(String, Vec<u8>)> {
+        // Written after (and so behind) everything queued before.
         out.send_now(vec![0]);
-        let data = std::fs::read(&path).unwrap();
-        let _ = std::fs::remove_file(&path);
+        let data = std::fs::read(path).unwrap();
+        let _ = std::fs::remove_file(path);
         let mut frames = FrameReader::new(&data[..], 1 << 20);
         let mut messages = Vec::new();
         loop {
@@ -287,9 +314,11 @@ mod tests {
         }
     }
 
+    /// A line of `len` bytes `head` as it is forwarded cut: its first 4056 bytes (the promise
+    /// is a cut at 4096 with room for the note, so a literal, not KEEP) and the note.
     fn cut(head: u8, len: usize) -> Vec<u8> {
-        let mut m = vec![head; KEEP];
-        m.extend_from_slice(format!("... [{} bytes cut]", len - KEEP).as_bytes());
+        let mut m = vec![head; 4096 - 40];
+        m.extend_from_slice(format!("... [{} bytes cut]", len - (4096 - 40)).as_bytes());
         m
     }
 
@@ -312,6 +341,31 @@ mod tests {
             assert!(msg.len() <= MAX_LINE, "{} bytes", msg.len());
             assert!(msg == want, "got {} bytes ending {:?}", msg.len(), String::from_utf8_lossy(&msg[msg.len().saturating_sub(30)..]));
         }
+    }
+
+    /// However long a line without its end, the drain holds at most MAX_LINE bytes of it (it
+    /// is Python's output: untrusted, unbounded); a short unfinished line is held whole and
+    /// goes as it is at a pause; a pause with nothing unfinished, or a stream that ends with a
+    /// newline, sends nothing.
+    #[test]
+    fn an_unfinished_line_holds_at_most_max_line_bytes() {
+        let (out, path) = outbox(&format!("pyport-drain-held-{}", std::process::id()));
+        let mut d = Drain::new("info", "stdout", out.clone(), 1e6);
+        d.take(&vec![b'x'; MAX_LINE]);
+        assert_eq!(d.pending.len(), MAX_LINE, "a line of exactly MAX_LINE is still whole");
+        for _ in 0..20 {
+            d.take(&vec![b'x'; 64 * 1024]);
+            assert!(d.pending.len() <= MAX_LINE, "holds {} bytes", d.pending.len());
+        }
+        d.take(b"\nabc");
+        assert_eq!(d.pending, b"abc");
+        d.flush_partial();
+        d.flush_partial();
+        d.take(b"def\n");
+        d.flush_partial();
+        let got: Vec<Vec<u8>> = sent(&out, &path).into_iter().map(|(_, m)| m).collect();
+        assert_eq!(got, [cut(b'x', MAX_LINE + 20 * 64 * 1024), b"abc".to_vec(), b"def".to_vec()]);
+        assert_eq!(drained(b"one\ntwo\n".to_vec(), 1e6).len(), 2);
     }
 
     /// Lines read at once pass up to twice the rate; the next is suppressed (and counted).
