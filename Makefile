@@ -1,7 +1,8 @@
 # pyport build, test and tooling entry points. See README.md.
 #
 # `make`        build the port program (priv/pyport) and the Erlang application (ebin/)
-# `make test`   cargo test + pytest (wire protocol) + Common Test (Erlang API); fails if any fails
+# `make test`   cargo test + pytest (wire protocol) + Common Test (Erlang API) + ExUnit (Elixir
+#               API) + Dialyzer + the bench smoke; fails if any fails
 # `make demo`   start the application and run a short, readable script of calls
 
 PYTHON ?= $(shell python3 -c 'import sys; print(sys.executable)' 2>/dev/null)
@@ -20,7 +21,7 @@ PLT      := $(BUILD)/pyport.plt
 
 export PYO3_PYTHON := $(PYTHON)
 
-.PHONY: all port erlang python-env test cargo-test pytest ct dialyzer demo bootstrap tools clean \
+.PHONY: all port erlang python-env test cargo-test pytest ct exunit dialyzer demo bootstrap tools clean \
         bench soak fuzz test-matrix proper-long mutants mutants-hand mutants-cargo
 
 all: port erlang
@@ -48,7 +49,7 @@ erlang: $(BEAMS) ebin/pyport.app doc/chunks/py.chunk
 # Doc chunks (EEP 48) for h(py), h(py, call) in erl and h :py.call in IEx: written by edoc's
 # chunk doclet to doc/chunks/ (code:get_doc/1 looks there) and put into each .beam (where
 # Elixir looks in a Mix build). The beams change, so the chunk file is touched last.
-doc/chunks/py.chunk: $(BEAMS)
+doc/chunks/py.chunk: $(BEAMS) scripts/doc_chunks.escript
 	@mkdir -p doc/chunks
 	escript scripts/doc_chunks.escript erl_src ebin doc
 	@touch doc/chunks/py.chunk
@@ -80,6 +81,7 @@ test: tools
 	$(MAKE) --no-print-directory cargo-test || rc=1; \
 	$(MAKE) --no-print-directory pytest || rc=1; \
 	$(MAKE) --no-print-directory ct || rc=1; \
+	$(MAKE) --no-print-directory exunit || rc=1; \
 	$(MAKE) --no-print-directory dialyzer || rc=1; \
 	$(MAKE) --no-print-directory bench-smoke || rc=1; \
 	exit $$rc
@@ -93,6 +95,11 @@ pytest: port
 ct: all
 	@mkdir -p $(CT_LOGS)
 	@bash scripts/ct.sh $(CT_LOGS) $(CT_ARGS)
+
+# The Elixir side (mix.exs, lib/, test/): ExUnit tests and the doctests of the Pyport
+# modules, built by Mix into _build/test (offline: pyport has no Hex dependency).
+exunit: port
+	HEX_OFFLINE=1 MIX_ENV=test mix test
 
 # The SharedDict PropEr properties for longer than the ~50 s they get in `make ct`: as many
 # test runs as fit in PROPER_SECONDS (default 600), split between the parallel and the

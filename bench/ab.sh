@@ -8,7 +8,8 @@
 #
 #   bench/ab.sh OLD_EBIN OLD_BIN NEW_EBIN NEW_BIN [PAIRS=10] [CALLS=5000] [CASE=sqrt]
 #
-# CASE: sqrt (py:call(math, sqrt, [2.0])) or map_100 (echo of a 100-entry map).
+# CASE: sqrt (py:call(math, sqrt, [2.0])), map_100 (echo of a 100-entry map) or sd_get_cached
+# (a SharedDict get from the read cache); CASE+elixir with the app env elixir true.
 # OLD_EBIN / NEW_EBIN: directories with the pyport beams; OLD_BIN / NEW_BIN: port binaries.
 # Needs _build/bench/ab_sqrt.beam (`make _build/bench/ab_sqrt.beam`).
 set -eu

@@ -10,6 +10,7 @@
 #                     /bin/cat, on one CPU (3 fresh pinned VMs; bench/floor/, ~1 min).
 # `make bench-smoke`  1 round, tiny counts (a few seconds); exits non-zero if any case crashed or
 #                     got a wrong answer. Results go to _build/bench/smoke/, no chart.
+# `make bench-pool`   the pool of ports (bench/pool_bench.erl; also run at the end of `make bench`).
 
 BENCH_BUILD := $(BUILD)/bench
 BENCH_BEAMS := $(patsubst bench/%.erl,$(BENCH_BUILD)/%.beam,$(wildcard bench/*.erl))
@@ -20,7 +21,7 @@ BENCH_PIN   := $(if $(filter pin=1,$(BENCH_ARGS)),taskset -c 0)
 # Where the run writes (option out=DIR): the chart is drawn from that run, not bench/results.
 BENCH_OUT   := $(or $(patsubst out=%,%,$(filter out=%,$(BENCH_ARGS))),bench/results)
 
-.PHONY: bench bench-smoke bench-floor
+.PHONY: bench bench-smoke bench-floor bench-pool
 
 $(BENCH_BUILD)/%.beam: bench/%.erl
 	@mkdir -p $(BENCH_BUILD)
@@ -31,9 +32,16 @@ bench: all $(BENCH_BEAMS)
 	    -eval 'pyport_bench:main(string:lexemes("$(BENCH_ARGS)", " ")), halt().'
 	@$(PYTHON) -c 'import matplotlib' 2>/dev/null || $(PYTHON) -m pip install -q matplotlib
 	$(PYTHON) bench/plot.py $(BENCH_OUT)/latest.json
+	erl -noshell -pa ebin -pa $(BENCH_BUILD) -eval 'pool_bench:main(["out=$(BENCH_OUT)"]).'
 
 bench-smoke: all $(BENCH_BEAMS)
 	erl -noshell -pa ebin -pa $(BENCH_BUILD) -eval 'pyport_bench:main(["smoke"]), halt().'
+	erl -noshell -pa ebin -pa $(BENCH_BUILD) -eval 'pool_bench:main(["smoke", "out=$(BUILD)/bench/smoke"]).'
+
+# The pool of ports alone: CPU-bound scaling with ports => auto against ports => 1, the RSS of
+# an idle port, a dict written in one port read in another (5 rounds, about 1 minute).
+bench-pool: all $(BENCH_BEAMS)
+	erl -noshell -pa ebin -pa $(BENCH_BUILD) -eval 'pool_bench:main([]).'
 
 bench-floor: $(BENCH_BUILD)/floor/floor_probe.beam
 	CARGO_TARGET_DIR=$(BENCH_BUILD)/floor $(CARGO) build --release --locked --manifest-path bench/floor/Cargo.toml

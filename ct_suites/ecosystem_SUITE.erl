@@ -20,6 +20,8 @@
          make_test_as_a_user_prints_the_command/1,
          bootstrap_check_is_quick_when_nothing_is_missing/1]).
 -export([mix_project_calls_with_none_as_nil/1, mix_build_has_docs/1, iex_h_shows_docs/1]).
+-export([readme_from_elixir_names_a_path_dependency/1, mix_path_dep_calls_with_elixir_values/1,
+         mix_path_dep_streams/1, mix_path_dep_h_shows_clean_docs/1]).
 -export([rebar3_git_dep_compiles_and_calls/1, rebar3_shell_calls/1,
          rebar3_release_answers/1, rebar3_release_finds_priv/1,
          rebar3_checkouts_dep_calls/1, rebar3_shell_switches_to_a_virtualenv/1,
@@ -33,8 +35,8 @@
 all() -> [readme_rebar3_section_is_the_sample, readme_mix_section_is_the_sample,
           readme_shell_recipes_are_what_the_shells_run, build_without_cargo_says_what_to_install,
           bootstrap_check_names_what_is_missing, bootstrap_check_is_quick_when_nothing_is_missing,
-          make_test_as_a_user_prints_the_command,
-          {group, rebar3}, {group, mix}].
+          make_test_as_a_user_prints_the_command, readme_from_elixir_names_a_path_dependency,
+          {group, rebar3}, {group, mix}, {group, mix_path}].
 
 groups() ->
     [{rebar3, [], [rebar3_git_dep_compiles_and_calls, rebar3_shell_calls,
@@ -42,7 +44,9 @@ groups() ->
                    rebar3_release_answers, rebar3_release_finds_priv,
                    rebar3_checkouts_dep_calls, rebar3_build_has_docs]},
      {mix, [], [mix_project_calls_with_none_as_nil, mix_build_has_docs, iex_h_shows_docs,
-                iex_switches_to_a_virtualenv]}].
+                iex_switches_to_a_virtualenv]},
+     {mix_path, [], [mix_path_dep_calls_with_elixir_values, mix_path_dep_streams,
+                     mix_path_dep_h_shows_clean_docs]}].
 
 init_per_suite(Config) ->
     Data = ?config(data_dir, Config),
@@ -69,15 +73,19 @@ init_per_group(rebar3, Config) ->
             ct:log("rebar3_sample.sh exited ~p:~n~ts", [Status, Out]),
             [{results, results(Out)}, {script_status, Status} | Config]
     end;
-init_per_group(mix, Config) ->
+init_per_group(Group, Config) when Group =:= mix; Group =:= mix_path ->
+    Script = case Group of
+                 mix -> "mix_sample.sh";
+                 mix_path -> "mix_path_sample.sh"
+             end,
     case os:find_executable("mix") of
         false ->
             {skip, "Elixir (mix) is not installed: run `make bootstrap`"};
         _ ->
             Data = ?config(data_dir, Config),
-            {Status, Out} = run(filename:join(Data, "mix_sample.sh"),
+            {Status, Out} = run(filename:join(Data, Script),
                                 [Data, ?config(work, Config)], ?config(checkout, Config)),
-            ct:log("mix_sample.sh exited ~p:~n~ts", [Status, Out]),
+            ct:log("~s exited ~p:~n~ts", [Script, Status, Out]),
             [{results, results(Out)}, {script_status, Status} | Config]
     end.
 
@@ -148,6 +156,30 @@ build_without_cargo_says_what_to_install(Config) ->
 mix_project_calls_with_none_as_nil(Config) ->
     ?assertEqual("{4.0, [3, 2, 1], %{\"none\" => nil, \"value\" => 42}, \"2024-02-29\", {:ok, nil}}",
                  result(mix_demo, Config)).
+
+%% The README's "From Elixir" names pyport as a plain dependency, by git or by path, without
+%% `manager: :make': the form mix_path_sample.sh puts into its project.
+readme_from_elixir_names_a_path_dependency(Config) ->
+    Section = readme_section(?config(checkout, Config), "## From Elixir"),
+    [?assertNotEqual(nomatch, binary:match(Section, Part), Part)
+     || Part <- [<<"{:pyport, path: \"../pyport\"}">>, <<"{:pyport, git: ">>,
+                 <<"config :pyport, elixir: true">>]],
+    ?assertEqual(nomatch, binary:match(Section, <<"manager: :make}">>)).
+
+%% A project made by `mix new' with pyport as a path dependency (no manager: :make, a
+%% folder not named pyport) compiles offline, calls Python through Pyport, and with
+%% `elixir: true' gets a Date struct.
+mix_path_dep_calls_with_elixir_values(Config) ->
+    ?assertEqual("{:ok, 9.0}", result(path_call, Config)),
+    ?assertEqual("{:ok, ~D[2024-02-29]}", result(path_date, Config)).
+
+mix_path_dep_streams(Config) ->
+    ?assertEqual("[5, 6, 7]", result(path_stream, Config)).
+
+%% `h Pyport.call' and `h :py.call' in that project's IEx: the docs, without raw tags.
+mix_path_dep_h_shows_clean_docs(Config) ->
+    ?assertEqual({"1", "1", "0"}, {result(path_h_pyport, Config), result(path_h_py, Config),
+                                   result(path_h_raw, Config)}).
 
 %% In the Mix build Elixir finds pyport's docs (Code.fetch_docs/1, which IEx's h uses).
 mix_build_has_docs(Config) ->

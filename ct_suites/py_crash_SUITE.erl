@@ -20,7 +20,7 @@ all() ->
      segfault_then_recover,
      sigkill_from_outside_with_pending_callers,
      namespaces_start_empty,
-     dicts_destroyed_by_crash,
+     dicts_survive_a_crash,
      repeated_crashes_recover,
      startup_config_reapplied].
 
@@ -138,25 +138,24 @@ namespaces_start_empty(_Config) ->
     true = stat(namespaces) =< 2,
     ok.
 
-dicts_destroyed_by_crash(_Config) ->
+%% SharedDicts live in the pool's shared memory: a crash of the port loses none of them,
+%% nor any acknowledged write; the handle stays valid, from Erlang and from the new
+%% port's Python, and what the VM cached before the crash is not served after a change.
+dicts_survive_a_crash(_Config) ->
     {ok, SD} = py:shared_dict_new(),
     ok = py:shared_dict_set(SD, <<"k">>, <<"v">>),
     <<"v">> = py:shared_dict_get(SD, <<"k">>),
+    Gen = stat(generation),
     {error, {pyport_exit, _}} = py:exec(<<"import os; os.abort()">>),
     _ = wait_recovered(now_ms()),
-    %% a handle from before the restart is destroyed, never confused with a new dict
+    ?assertNotEqual(Gen, stat(generation)),
+    <<"v">> = py:shared_dict_get(SD, <<"k">>),
+    {ok, <<"v">>} = py:eval(<<"__import__('erlang').SharedDict(sd)['k']">>, #{sd => SD}),
+    ok = py:exec(<<"__import__('erlang').SharedDict(sd)['k'] = 'after'">>, #{sd => SD}),
+    <<"after">> = py:shared_dict_get(SD, <<"k">>),
+    ok = py:shared_dict_destroy(SD),
     ok = pyport_ct_lib:assert_destroyed(SD),
-    %% Python sees it destroyed too
     {ok, <<"SharedDict has been destroyed">>} = python_destroyed_message(SD),
-    %% new dicts work, and are distinct from the old one
-    {ok, SD2} = py:shared_dict_new(),
-    true = SD2 =/= SD,
-    [] = py:shared_dict_keys(SD2),
-    undefined = py:shared_dict_get(SD2, <<"k">>),
-    ok = py:shared_dict_set(SD2, <<"k">>, 2),
-    2 = py:shared_dict_get(SD2, <<"k">>),
-    ?assertError({shared_dict_destroyed, SD}, py:shared_dict_get(SD, <<"k">>)),
-    ok = py:shared_dict_destroy(SD2),
     ok.
 
 python_destroyed_message(SD) ->

@@ -6,10 +6,10 @@
 
 -export([all/0, init_per_suite/1, end_per_suite/1]).
 -export([intro/1, examples/1, async_def/1, shared_dict/1, shared_dict_atomic/1, streams/1,
-         per_process_state/1, python_calls_erlang/1]).
+         per_process_state/1, python_calls_erlang/1, pool/1]).
 
 all() -> [intro, examples, async_def, shared_dict, shared_dict_atomic, streams,
-          per_process_state, python_calls_erlang].
+          per_process_state, python_calls_erlang, pool].
 
 init_per_suite(Config) ->
     _ = pyport_ct_lib:start_app(),
@@ -84,6 +84,18 @@ per_process_state(_Config) ->
 python_calls_erlang(_Config) ->
     Block = readme_block("### Python calls Erlang"),
     ok = pyport_ct_lib:run_in_process(fun() -> eval_block(Block) end).
+
+%% The Erlang block under "A pool of ports", with the pool it names (2 ports).
+pool(_Config) ->
+    Saved = pyport_ct_lib:save_env([ports]),
+    ok = pyport_ct_lib:stop_app(),
+    ok = application:set_env(pyport, ports, 2),
+    _ = pyport_ct_lib:start_app(),
+    try
+        ok = pyport_ct_lib:run_in_process(fun() -> eval_block(readme_block("## A pool of ports")) end)
+    after
+        pyport_ct_lib:restore_env_and_restart(Saved)
+    end.
 
 load(Stop) ->
     case atomics:get(Stop, 1) of

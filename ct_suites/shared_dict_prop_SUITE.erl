@@ -4,7 +4,9 @@
 %% in the form get/2 returns them (atoms as binaries, atom map keys as binary
 %% keys) and its keys in insertion order; and when two processes run such
 %% sequences at once, every outcome matches some interleaving of them
-%% (proper_statem's parallel check: Erlang-side operations are linearizable).
+%% (proper_statem's parallel check: Erlang-side operations are linearizable), also
+%% with a pool of two ports where the two processes' operations go through
+%% different ports (and the VM's read cache is filled and invalidated by both).
 %%
 %% Bounded by time: PROPER_SECONDS (default 50) for both properties together,
 %% as many PropEr runs as fit; `make proper-long' sets it to 600. PropEr comes
@@ -23,8 +25,9 @@
 
 -define(KEYS, [<<"a">>, <<"b">>, <<"c">>]).
 -define(DEFAULT_SECONDS, 50).
-%% Share of the time budget for the parallel property (the rest is sequential).
--define(PARALLEL_SHARE, 0.6).
+%% Shares of the time budget for the parallel properties (the rest is sequential).
+-define(PARALLEL_SHARE, 0.4).
+-define(POOL_SHARE, 0.3).
 
 suite() ->
     [{timetrap, {seconds, budget_seconds() + 120}}].
@@ -32,7 +35,8 @@ suite() ->
 all() ->
     [proper_is_installed,
      sequential_matches_model,
-     parallel_is_linearizable].
+     parallel_is_linearizable,
+     parallel_is_linearizable_across_ports].
 
 init_per_suite(Config) ->
     _ = pyport_ct_lib:start_app(),
@@ -63,7 +67,7 @@ require_proper() ->
 
 sequential_matches_model(_Config) ->
     require_proper(),
-    Seconds = budget_seconds() * (1 - ?PARALLEL_SHARE),
+    Seconds = budget_seconds() * (1 - ?PARALLEL_SHARE - ?POOL_SHARE),
     run_for(fun prop_sequential/0, Seconds, [{max_size, 40}]).
 
 parallel_is_linearizable(_Config) ->
@@ -71,6 +75,34 @@ parallel_is_linearizable(_Config) ->
     Seconds = budget_seconds() * ?PARALLEL_SHARE,
     %% short sequences: checking every interleaving of two branches is exponential
     run_for(fun prop_parallel/0, Seconds, [{max_size, 12}]).
+
+%% The same with `ports => 2': each process's operations go to a port of its own (the
+%% first process that operates gets one port, the next the other, and so on).
+parallel_is_linearizable_across_ports(_Config) ->
+    require_proper(),
+    Saved = pyport_ct_lib:save_env([ports]),
+    ok = pyport_ct_lib:stop_app(),
+    ok = application:set_env(pyport, ports, 2),
+    _ = pyport_ct_lib:start_app(),
+    persistent_term:put({?MODULE, ports}, atomics:new(1, [])),
+    try
+        run_for(fun prop_parallel/0, budget_seconds() * ?POOL_SHARE, [{max_size, 12}])
+    after
+        persistent_term:erase({?MODULE, ports}),
+        pyport_ct_lib:restore_env_and_restart(Saved)
+    end.
+
+%% With a pool: the calling process's home port, given at its first operation.
+ensure_port() ->
+    case persistent_term:get({?MODULE, ports}, undefined) of
+        undefined ->
+            ok;
+        Counter ->
+            case ets:lookup(pyport_homes, self()) of
+                [_] -> ok;
+                [] -> true = ets:insert_new(pyport_homes, {self(), 1 + atomics:add_get(Counter, 1, 1) rem 2}), ok
+            end
+    end.
 
 %% Runs batches of 20 PropEr tests until Seconds have passed (at least one
 %% batch); fails with PropEr's counterexample on the first failure.
@@ -161,6 +193,7 @@ sd_compare_and_swap(K, Old, New) ->
     guard(fun() -> py:shared_dict_compare_and_swap(sd(), K, Old, New) end).
 
 guard(F) ->
+    ok = ensure_port(),
     try F()
     catch Class:Reason -> {exception, Class, Reason}
     end.

@@ -275,11 +275,11 @@ collect_ints(N, Acc) ->
     end.
 
 %% pyport's sender process: the one linked to the server that runs the
-%% sender loop.
+%% sender (it starts in pyport_sender:init/0, which labels it).
 sender() ->
     {links, Links} = process_info(whereis(pyport_server), links),
     [Sender] = [P || P <- Links, is_pid(P),
-                     proc_lib:translate_initial_call(P) =:= {pyport_sender, loop, 1}],
+                     proc_lib:translate_initial_call(P) =:= {pyport_sender, init, 0}],
     Sender.
 
 queue_len(Pid) ->

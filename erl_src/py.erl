@@ -14,7 +14,7 @@
 %% returned as `{error, Reason}':
 %% <ul>
 %% <li>`{python, Type, Message, Traceback}': Python raised. `Type' is an atom
-%% for Python's built-in exceptions (```'ValueError''') and a binary of the
+%% for Python's built-in exceptions (such as `ValueError') and a binary of the
 %% qualified class name for any other (`<<"json.decoder.JSONDecodeError">>').</li>
 %% <li>`timeout': no answer in time; the Python work was interrupted. A
 %% timeout means no answer, not that the code did not run: it may have run in
@@ -57,9 +57,11 @@
 
 -include("pyport.hrl").
 
--define(SERVER, pyport_server).
 -define(T2B_OPTS, [{minor_version, 2}]).
 -define(SD_TAG, '$pyport_shared_dict').
+%% Where SharedDict requests go: any port (they all map the pool's dicts), the caller's
+%% home port if it has one.
+-define(SD_ROUTE, caller).
 -define(IS_U64(N), (is_integer(N) andalso N >= 0 andalso N < 16#10000000000000000)).
 -define(TOKEN_SIZE, 16).
 %% A handle of the shape the port makes: anything else is an argument error.
@@ -122,6 +124,13 @@ call(Module, Function, Args, Kwargs) ->
 -spec call(name(), name(), list(), kwargs(), timeout()) -> result(term()).
 call(Module, Function, Args, Kwargs, Timeout)
   when is_list(Args), (is_map(Kwargs) orelse is_list(Kwargs)), ?IS_TIMEOUT(Timeout) ->
+    pyport_telemetry:span(call, {Module, Function},
+                          fun() -> call_port(Module, Function, Args, Kwargs, Timeout) end);
+call(_Module, _Function, _Args, _Kwargs, _Timeout) ->
+    erlang:error(badarg).
+
+-spec call_port(name(), name(), list(), kwargs(), timeout()) -> result(term()).
+call_port(Module, Function, Args, Kwargs, Timeout) ->
     M = pyport_args:name(Module),
     F = pyport_args:name(Function),
     pyport_args:is_proper_list(Args) orelse erlang:error(badarg),
@@ -129,9 +138,7 @@ call(Module, Function, Args, Kwargs, Timeout)
     Id = pyport_request:new_id(),
     Request = pyport_request:chained({call, Id, pyport_callbacks:owner(), M, F, Payload}),
     Frame = term_to_binary(Request, ?T2B_OPTS),
-    pyport_request:decoded(pyport_request:request(Id, Frame, Timeout));
-call(_Module, _Function, _Args, _Kwargs, _Timeout) ->
-    erlang:error(badarg).
+    pyport_elixir:decoded(pyport_request:request(call_route(M), Id, Frame, Timeout)).
 
 %% @equiv eval(Code, #{})
 -spec eval(code()) -> result(term()).
@@ -149,14 +156,18 @@ eval(Code, Locals) ->
 %% value (awaited first when it is a coroutine, as for {@link call/5}).
 -spec eval(code(), locals(), timeout()) -> result(term()).
 eval(Code, Locals, Timeout) when is_map(Locals), ?IS_TIMEOUT(Timeout) ->
+    pyport_telemetry:span(eval, Code, fun() -> eval_port(Code, Locals, Timeout) end);
+eval(_Code, _Locals, _Timeout) ->
+    erlang:error(badarg).
+
+-spec eval_port(code(), locals(), timeout()) -> result(term()).
+eval_port(Code, Locals, Timeout) ->
     C = pyport_args:code(Code),
     Payload = term_to_binary(pyport_args:locals(Locals), ?T2B_OPTS),
     Id = pyport_request:new_id(),
     Request = pyport_request:chained({eval, Id, pyport_callbacks:owner(), C, Payload}),
     Frame = term_to_binary(Request, ?T2B_OPTS),
-    pyport_request:decoded(pyport_request:request(Id, Frame, Timeout));
-eval(_Code, _Locals, _Timeout) ->
-    erlang:error(badarg).
+    pyport_elixir:decoded(pyport_request:request(namespace, Id, Frame, Timeout)).
 
 %% @equiv exec(Code, #{}, infinity)
 -spec exec(code()) -> ok | {error, error_reason()}.
@@ -173,17 +184,27 @@ exec(Code, Locals) ->
 %% or assigns stays available to the caller's later calls.
 -spec exec(code(), locals(), timeout()) -> ok | {error, error_reason()}.
 exec(Code, Locals, Timeout) when is_map(Locals), ?IS_TIMEOUT(Timeout) ->
+    pyport_telemetry:span(exec, Code, fun() -> exec_port(Code, Locals, Timeout) end);
+exec(_Code, _Locals, _Timeout) ->
+    erlang:error(badarg).
+
+-spec exec_port(code(), locals(), timeout()) -> ok | {error, error_reason()}.
+exec_port(Code, Locals, Timeout) ->
     C = pyport_args:code(Code),
     Payload = term_to_binary(pyport_args:locals(Locals), ?T2B_OPTS),
     Id = pyport_request:new_id(),
     Request = pyport_request:chained({exec, Id, pyport_callbacks:owner(), C, Payload}),
     Frame = term_to_binary(Request, ?T2B_OPTS),
-    case pyport_request:request(Id, Frame, Timeout) of
+    case pyport_request:request(namespace, Id, Frame, Timeout) of
         {ok, _Payload} -> ok;
         {error, _} = Error -> Error
-    end;
-exec(_Code, _Locals, _Timeout) ->
-    erlang:error(badarg).
+    end.
+
+%% A call of `__main__' uses the caller's namespace, so it goes to the caller's home
+%% port (see pyport_pool); a call of any other module may go to any port.
+-spec call_route(binary()) -> pyport_request:route().
+call_route(<<"__main__">>) -> namespace;
+call_route(_Module) -> caller.
 
 %% @doc Marks a binary to be passed to Python as `bytes', even when it is valid
 %% UTF-8 (which would otherwise become `str').
@@ -212,8 +233,9 @@ cast(Module, Function, Args) ->
 %% is cancelled if the caller exits before it is done.
 -spec cast(name(), name(), list(), kwargs()) -> ok.
 cast(Module, Function, Args, Kwargs) ->
-    {Id, Frame, What} = async_call_frame(Module, Function, Args, Kwargs),
-    pyport_async:cast(Id, Frame, pyport_request:call_timeout(), What).
+    {Id, Frame, {M, _} = What} = async_call_frame(Module, Function, Args, Kwargs),
+    pyport_async:cast(pyport_request:server(call_route(M)), Id, Frame,
+                      pyport_request:call_timeout(), What).
 
 %% @equiv spawn_call(Module, Function, Args, #{})
 -spec spawn_call(name(), name(), list()) -> async_ref().
@@ -229,8 +251,9 @@ spawn_call(Module, Function, Args) ->
 %% asynchronous calls of one process may start in any order.
 -spec spawn_call(name(), name(), list(), kwargs()) -> async_ref().
 spawn_call(Module, Function, Args, Kwargs) ->
-    {Id, Frame, What} = async_call_frame(Module, Function, Args, Kwargs),
-    pyport_async:spawn_call(Id, Frame, pyport_request:call_timeout(), What).
+    {Id, Frame, {M, _} = What} = async_call_frame(Module, Function, Args, Kwargs),
+    pyport_async:spawn_call(pyport_request:server(call_route(M)), Id, Frame,
+                            pyport_request:call_timeout(), What).
 
 %% @doc Same as {@link await/2} with the app env `call_timeout' (default
 %% 30000 ms) as the timeout.
@@ -247,7 +270,7 @@ await(Ref) ->
 %% await that timed out counts): any other await raises `error(badarg)'.
 -spec await(async_ref(), timeout()) -> result(term()).
 await(Ref, Timeout) ->
-    pyport_request:decoded(pyport_async:await(Ref, Timeout)).
+    pyport_elixir:decoded(pyport_async:await(Ref, Timeout)).
 
 %% @equiv spawn_call(Module, Function, Args)
 -spec async_call(name(), name(), list()) -> async_ref().
@@ -319,6 +342,12 @@ shared_dict_new() ->
 %% instead of the caller.
 -spec shared_dict_new(#{owner => pid()}) -> {ok, shared_dict()}.
 shared_dict_new(Opts) when is_map(Opts) ->
+    pyport_telemetry:shared_dict(new, fun() -> sd_new(Opts) end);
+shared_dict_new(_Opts) ->
+    erlang:error(badarg).
+
+-spec sd_new(#{owner => pid()}) -> {ok, shared_dict()}.
+sd_new(Opts) ->
     Owner = case maps:to_list(Opts) of
                 [] -> self();
                 [{owner, P}] when is_pid(P) -> P;
@@ -326,11 +355,8 @@ shared_dict_new(Opts) when is_map(Opts) ->
             end,
     Id = pyport_request:new_id(),
     Frame = term_to_binary({sd_new, Id, Owner}, ?T2B_OPTS),
-    Msg = case Owner =:= self() of
-              true -> {request, Id, Frame};
-              false -> {request, Id, Frame, Owner}
-          end,
-    case sd_result(shared_dict_new, pyport_request:request_msg(Id, Msg, sd_timeout())) of
+    Msg = {sd_request, Id, Frame, {owns, Owner}},
+    case sd_result(shared_dict_new, pyport_request:request_msg(?SD_ROUTE, Id, Msg, sd_timeout())) of
         {ok, Payload} ->
             case sd_payload(Payload) of
                 SD when ?IS_HANDLE(SD) -> {ok, SD};
@@ -338,21 +364,23 @@ shared_dict_new(Opts) when is_map(Opts) ->
             end;
         {error, Reason} ->
             erlang:error(Reason)
-    end;
-shared_dict_new(_Opts) ->
-    erlang:error(badarg).
+    end.
 
 %% @doc Hands a SharedDict over to `Pid', which owns it from then on (like
 %% `ets:give_away/3'): it is destroyed when `Pid' exits. Only the owner may
 %% give a dict away; anyone else gets `error(not_owner)'.
 -spec shared_dict_give_away(shared_dict(), pid()) -> ok.
 shared_dict_give_away(SD, Pid) when ?IS_HANDLE(SD), is_pid(Pid) ->
-    Id = pyport_request:new_id(),
-    Frame = term_to_binary({sd_give_away, Id, SD, Pid, self()}, ?T2B_OPTS),
-    _ = sd_ok(SD, sd_request(SD, Id, {request, Id, Frame, Pid})),
-    ok;
+    pyport_telemetry:shared_dict(give_away, fun() -> sd_give_away(SD, Pid) end);
 shared_dict_give_away(_SD, _Pid) ->
     erlang:error(badarg).
+
+-spec sd_give_away(shared_dict(), pid()) -> ok.
+sd_give_away(SD, Pid) ->
+    Id = pyport_request:new_id(),
+    Frame = term_to_binary({sd_give_away, Id, SD, Pid, self()}, ?T2B_OPTS),
+    _ = sd_ok(SD, sd_request(SD, Id, {sd_request, Id, Frame, {owns, Pid}})),
+    ok.
 
 %% @doc The value stored under `Key', or `undefined' if there is none.
 -spec shared_dict_get(shared_dict(), binary()) -> term().
@@ -366,57 +394,76 @@ shared_dict_get(SD, Key) ->
 %% SharedDict section for the consistency model).
 -spec shared_dict_get(shared_dict(), binary(), Default) -> term() | Default.
 shared_dict_get(SD, Key, Default) when ?IS_HANDLE(SD), is_binary(Key) ->
+    pyport_telemetry:shared_dict(get, fun() -> sd_get(SD, Key, Default) end);
+shared_dict_get(_SD, _Key, _Default) ->
+    erlang:error(badarg).
+
+-spec sd_get(shared_dict(), binary(), Default) -> term() | Default.
+sd_get(SD, Key, Default) ->
     Payload = case pyport_sd_cache:lookup(SD, Key) of
                   {ok, Cached} ->
                       Cached;
                   miss ->
                       Id = pyport_request:new_id(),
                       Frame = term_to_binary({sd_get, Id, SD, Key}, ?T2B_OPTS),
-                      sd_ok(SD, sd_request(SD, Id, {request, Id, Frame}))
+                      %% Stamped before it is sent: its reply may be cached only if
+                      %% nothing changed the key since (see pyport_sd_cache).
+                      Read = {read, pyport_sd_cache:stamp()},
+                      sd_ok(SD, sd_request(SD, Id, {sd_request, Id, Frame, Read}))
               end,
     case sd_payload(Payload) of
         {found, Value} -> Value;
         not_found -> Default;
         Other -> erlang:error({pyport_bad_reply, Other})
-    end;
-shared_dict_get(_SD, _Key, _Default) ->
-    erlang:error(badarg).
+    end.
 
 %% @doc Stores `Value' (converted to Python and pickled) under `Key'. A value
 %% that cannot be stored gives `{error, Reason}'.
 -spec shared_dict_set(shared_dict(), binary(), term()) -> ok | {error, term()}.
 shared_dict_set(SD, Key, Value) when ?IS_HANDLE(SD), is_binary(Key) ->
+    pyport_telemetry:shared_dict(set, fun() -> sd_set(SD, Key, Value) end);
+shared_dict_set(_SD, _Key, _Value) ->
+    erlang:error(badarg).
+
+-spec sd_set(shared_dict(), binary(), term()) -> ok | {error, term()}.
+sd_set(SD, Key, Value) ->
     Id = pyport_request:new_id(),
     Payload = term_to_binary(Value, ?T2B_OPTS),
     Frame = term_to_binary({sd_set, Id, SD, Key, Payload}, ?T2B_OPTS),
-    case sd_request(SD, Id, {request, Id, Frame}) of
+    case sd_request(SD, Id, {sd_request, Id, Frame, {write, SD, Key}}) of
         {ok, _} -> ok;
         {error, _} = Error -> Error
-    end;
-shared_dict_set(_SD, _Key, _Value) ->
-    erlang:error(badarg).
+    end.
 
 %% @doc Deletes `Key'; `ok' also when it is missing.
 -spec shared_dict_del(shared_dict(), binary()) -> ok.
 shared_dict_del(SD, Key) when ?IS_HANDLE(SD), is_binary(Key) ->
-    Id = pyport_request:new_id(),
-    Frame = term_to_binary({sd_del, Id, SD, Key}, ?T2B_OPTS),
-    _ = sd_ok(SD, sd_request(SD, Id, {request, Id, Frame})),
-    ok;
+    pyport_telemetry:shared_dict(del, fun() -> sd_del(SD, Key) end);
 shared_dict_del(_SD, _Key) ->
     erlang:error(badarg).
+
+-spec sd_del(shared_dict(), binary()) -> ok.
+sd_del(SD, Key) ->
+    Id = pyport_request:new_id(),
+    Frame = term_to_binary({sd_del, Id, SD, Key}, ?T2B_OPTS),
+    _ = sd_ok(SD, sd_request(SD, Id, {sd_request, Id, Frame, {write, SD, Key}})),
+    ok.
 
 %% @doc The keys, in insertion order.
 -spec shared_dict_keys(shared_dict()) -> [binary()].
 shared_dict_keys(SD) when ?IS_HANDLE(SD) ->
+    pyport_telemetry:shared_dict(keys, fun() -> sd_keys(SD) end);
+shared_dict_keys(_SD) ->
+    erlang:error(badarg).
+
+-spec sd_keys(shared_dict()) -> [binary()].
+sd_keys(SD) ->
     Id = pyport_request:new_id(),
     Frame = term_to_binary({sd_keys, Id, SD}, ?T2B_OPTS),
     case sd_payload(sd_ok(SD, sd_request(SD, Id, {request, Id, Frame}))) of
         Keys when is_list(Keys) -> Keys;
         Other -> erlang:error({pyport_bad_reply, Other})
-    end;
-shared_dict_keys(_SD) ->
-    erlang:error(badarg).
+    end.
 
 %% @doc Adds the integer `Incr' to the integer stored under `Key' and returns the
 %% new value, as one step against every other operation from Erlang or Python.
@@ -424,14 +471,18 @@ shared_dict_keys(_SD) ->
 %% `true', a string) raises `error(badarg)' and stays as it is.
 -spec shared_dict_update_counter(shared_dict(), binary(), integer()) -> integer().
 shared_dict_update_counter(SD, Key, Incr) when ?IS_HANDLE(SD), is_binary(Key), is_integer(Incr) ->
-    Id = pyport_request:new_id(),
-    Frame = term_to_binary({sd_update_counter, Id, SD, Key, term_to_binary(Incr)}, ?T2B_OPTS),
-    case sd_payload(sd_ok(SD, sd_request(SD, Id, {request, Id, Frame}))) of
-        N when is_integer(N) -> N;
-        Other -> erlang:error({pyport_bad_reply, Other})
-    end;
+    pyport_telemetry:shared_dict(update_counter, fun() -> sd_update_counter(SD, Key, Incr) end);
 shared_dict_update_counter(_SD, _Key, _Incr) ->
     erlang:error(badarg).
+
+-spec sd_update_counter(shared_dict(), binary(), integer()) -> integer().
+sd_update_counter(SD, Key, Incr) ->
+    Id = pyport_request:new_id(),
+    Frame = term_to_binary({sd_update_counter, Id, SD, Key, term_to_binary(Incr)}, ?T2B_OPTS),
+    case sd_payload(sd_ok(SD, sd_request(SD, Id, {sd_request, Id, Frame, {write, SD, Key}}))) of
+        N when is_integer(N) -> N;
+        Other -> erlang:error({pyport_bad_reply, Other})
+    end.
 
 %% @doc Stores `New' under `Key' if the value there, as {@link shared_dict_get/2}
 %% would return it, is `=:=' `Old'; returns whether it did. One step against
@@ -439,6 +490,12 @@ shared_dict_update_counter(_SD, _Key, _Incr) ->
 %% `Key' is absent" (a stored value never reads back as that atom).
 -spec shared_dict_compare_and_swap(shared_dict(), binary(), absent | term(), term()) -> boolean().
 shared_dict_compare_and_swap(SD, Key, Old, New) when ?IS_HANDLE(SD), is_binary(Key) ->
+    pyport_telemetry:shared_dict(compare_and_swap, fun() -> sd_compare_and_swap(SD, Key, Old, New) end);
+shared_dict_compare_and_swap(_SD, _Key, _Old, _New) ->
+    erlang:error(badarg).
+
+-spec sd_compare_and_swap(shared_dict(), binary(), absent | term(), term()) -> boolean().
+sd_compare_and_swap(SD, Key, Old, New) ->
     Id = pyport_request:new_id(),
     OldArg = case Old of
                  absent -> absent;
@@ -446,24 +503,28 @@ shared_dict_compare_and_swap(SD, Key, Old, New) when ?IS_HANDLE(SD), is_binary(K
              end,
     Frame = term_to_binary({sd_cas, Id, SD, Key, OldArg, term_to_binary(New, ?T2B_OPTS)},
                            ?T2B_OPTS),
-    case sd_payload(sd_ok(SD, sd_request(SD, Id, {request, Id, Frame}))) of
+    case sd_payload(sd_ok(SD, sd_request(SD, Id, {sd_request, Id, Frame, {write, SD, Key}}))) of
         B when is_boolean(B) -> B;
         Other -> erlang:error({pyport_bad_reply, Other})
-    end;
-shared_dict_compare_and_swap(_SD, _Key, _Old, _New) ->
-    erlang:error(badarg).
+    end.
 
 %% @doc Destroys the SharedDict. Idempotent: `ok' for a dict that is already
 %% destroyed, by anyone, or whose port has restarted or is not running.
 -spec shared_dict_destroy(shared_dict()) -> ok.
 shared_dict_destroy(SD) when ?IS_HANDLE(SD) ->
+    pyport_telemetry:shared_dict(destroy, fun() -> sd_destroy(SD) end);
+shared_dict_destroy(_SD) ->
+    erlang:error(badarg).
+
+-spec sd_destroy(shared_dict()) -> ok.
+sd_destroy(SD) ->
     case is_current(SD) of
         false ->
             ok;
         true ->
             Id = pyport_request:new_id(),
             Frame = term_to_binary({sd_destroy, Id, SD}, ?T2B_OPTS),
-            case pyport_request:request_msg(Id, {request, Id, Frame}, sd_timeout()) of
+            case pyport_request:request_msg(?SD_ROUTE, Id, {request, Id, Frame}, sd_timeout()) of
                 {ok, _} -> ok;
                 {error, shared_dict_destroyed} -> ok;
                 {error, {pyport_unavailable, _}} -> ok;
@@ -471,9 +532,7 @@ shared_dict_destroy(SD) when ?IS_HANDLE(SD) ->
                 {error, timeout} -> erlang:error({pyport_timeout, SD});
                 {error, Reason} -> erlang:error(Reason)
             end
-    end;
-shared_dict_destroy(_SD) ->
-    erlang:error(badarg).
+    end.
 
 %%====================================================================
 %% Streams
@@ -573,13 +632,15 @@ stream_start(Module, Function, Args, Kwargs, Opts)
             Id = pyport_request:new_id(),
             Frame = term_to_binary({stream_start, Id, pyport_callbacks:owner(), M, F, Payload,
                                     term_to_binary(Ref), Owner, Window}, ?T2B_OPTS),
-            case pyport_request:request_msg(Id, {stream_request, Id, Frame, Owner, Ref, Flow},
+            Server = pyport_request:server(call_route(M)),
+            case pyport_request:request_msg(Server, Id, {stream_request, Id, Frame, Owner, Ref, Flow},
                                             pyport_request:call_timeout()) of
                 {ok, _} ->
                     {ok, Ref};
                 {error, _} = Error ->
-                    %% A start that timed out may still have begun in the port.
-                    ok = stream_cancel(Ref),
+                    %% A start that timed out may still have begun in the port (the
+                    %% cancel reaches the server after the start).
+                    ok = notify(Server, {stream_cancel, term_to_binary(Ref)}),
                     Error
             end
     end;
@@ -604,7 +665,10 @@ stream_ack(Ref) ->
 %% stream with mailbox flow (the default), which needs no acknowledgements.
 -spec stream_ack(reference(), pos_integer()) -> ok.
 stream_ack(Ref, N) when is_reference(Ref), is_integer(N), N >= 1 ->
-    gen_server:cast(?SERVER, {stream_ack, Ref, N});
+    case pyport_pool:stream_server(Ref) of
+        undefined -> ok;   % ended
+        Server -> gen_server:cast(Server, {stream_ack, Ref, N})
+    end;
 stream_ack(_Ref, _N) ->
     erlang:error(badarg).
 
@@ -612,13 +676,16 @@ stream_ack(_Ref, _N) ->
 %% and no more items are sent. Items already sent may still arrive.
 -spec stream_cancel(reference()) -> ok.
 stream_cancel(Ref) when is_reference(Ref) ->
-    notify({stream_cancel, term_to_binary(Ref)});
+    case pyport_pool:stream_server(Ref) of
+        undefined -> ok;   % ended
+        Server -> notify(Server, {stream_cancel, term_to_binary(Ref)})
+    end;
 stream_cancel(_Ref) ->
     erlang:error(badarg).
 
--spec notify(tuple()) -> ok.
-notify(Msg) ->
-    gen_server:cast(?SERVER, {notify, term_to_binary(Msg, ?T2B_OPTS)}).
+-spec notify(atom() | pid(), tuple()) -> ok.
+notify(Server, Msg) ->
+    gen_server:cast(Server, {notify, term_to_binary(Msg, ?T2B_OPTS)}).
 
 %%====================================================================
 %% Callbacks: Python calling Erlang
@@ -690,11 +757,8 @@ configure_logging(Opts) when is_map(Opts) ->
     Saved = {application:get_env(pyport, python_log_level), application:get_env(pyport, python_log_format)},
     set_log_env(python_log_level, Level =/= vm, Level),
     set_log_env(python_log_format, Format =/= undefined, Format),
-    Id = pyport_request:new_id(),
-    Frame = term_to_binary({configure_logging, Id, pyport_program:python_log_level(), Format}, ?T2B_OPTS),
-    case pyport_request:request(Id, Frame, sd_timeout()) of
-        {ok, _} -> ok;
-        {error, {pyport_unavailable, _}} -> ok;
+    case configure_ports(pyport_pool:servers(), pyport_program:python_log_level(), Format) of
+        ok -> ok;
         {error, _} = Error ->
             {OldLevel, OldFormat} = Saved,
             restore_log_env(python_log_level, OldLevel),
@@ -703,6 +767,21 @@ configure_logging(Opts) when is_map(Opts) ->
     end;
 configure_logging(_Opts) ->
     erlang:error(badarg).
+
+%% Every port of the pool, one after another: the first refuses a bad format before
+%% any other port has changed.
+-spec configure_ports([atom()], pos_integer(), binary() | undefined) -> ok | {error, error_reason()}.
+configure_ports([], _Level, _Format) ->
+    ok;
+configure_ports([Server | Rest], Level, Format) ->
+    Id = pyport_request:new_id(),
+    Frame = term_to_binary({configure_logging, Id, Level, Format}, ?T2B_OPTS),
+    case pyport_request:request(Server, Id, Frame, sd_timeout()) of
+        {ok, _} -> configure_ports(Rest, Level, Format);
+        %% A port that is down applies the app env when it starts.
+        {error, {pyport_unavailable, _}} -> configure_ports(Rest, Level, Format);
+        {error, _} = Error -> Error
+    end.
 
 -spec set_log_env(atom(), boolean(), term()) -> ok.
 set_log_env(Key, true, Value) -> application:set_env(pyport, Key, Value);
@@ -729,6 +808,7 @@ restore_log_env(Key, {ok, V}) -> application:set_env(pyport, Key, V).
 %% (it keeps trying in the background, as after a crash).
 -spec restart() -> ok | {error, term()}.
 restart() ->
+    ok = pyport_elixir:configure(),
     pyport_sup:restart_ports().
 
 
@@ -743,31 +823,16 @@ restart() ->
 %% values that need Python (`python_decodes', `decode_queued', `decode_stuck').
 %% `config' is a map of the settings in effect, defaults included, named as the
 %% application env names them (see the README's "Configuration").
+%% With a pool of ports (app env `ports') every count is the sum over the ports,
+%% `port' is `up' and `ready' `true' only when every port's is, `os_pid',
+%% `generation' and `last_exit' are the first answering port's, and `ports' is a list of one
+%% map per port (`index', `os_pid', `generation', `port', `ready', `pending',
+%% `workers', `busy_workers', `queued', `namespaces', `async_tasks',
+%% `python_threads', `restarts', `last_exit'; a port that did not answer has
+%% `error' instead of its figures).
 -spec stats() -> {ok, map()} | {error, error_reason()}.
 stats() ->
-    Timeout = sd_timeout(),
-    try gen_server:call(?SERVER, stats, Timeout) of
-        Local when is_map(Local) ->
-            Id = pyport_request:new_id(),
-            Frame = term_to_binary({stats, Id}, ?T2B_OPTS),
-            case pyport_request:decoded(pyport_request:request(Id, Frame, Timeout)) of
-                {ok, Port} when is_map(Port) ->
-                    %% SharedDict numbers come from both: decoding from the port,
-                    %% the read cache from the VM.
-                    SD = maps:merge(maps:get(shared_dict, Port, #{}),
-                                    maps:get(shared_dict, Local, #{})),
-                    %% Settings too: the port's own and those the VM side applies.
-                    Config = maps:merge(maps:get(config, Port, #{}),
-                                        maps:get(config, Local, #{})),
-                    {ok, (maps:merge(Port, Local))#{shared_dict => SD, config => Config}};
-                {ok, Other} -> {error, {pyport_bad_reply, Other}};
-                {error, _} = Error -> Error
-            end
-    catch
-        exit:{timeout, _} -> {error, timeout};
-        exit:{noproc, _} -> {error, {pyport_unavailable, not_started}};
-        exit:{Reason, _} -> {error, {pyport_unavailable, {server_exit, Reason}}}
-    end.
+    pyport_stats:stats(sd_timeout()).
 
 %%====================================================================
 %% Internal: SharedDict requests
@@ -775,7 +840,7 @@ stats() ->
 
 -spec sd_payload(binary()) -> term().
 sd_payload(Payload) ->
-    case pyport_request:decoded({ok, Payload}) of
+    case pyport_elixir:decoded({ok, Payload}) of
         {ok, Value} -> Value;
         {error, Reason} -> erlang:error(Reason)
     end.
@@ -784,10 +849,11 @@ sd_payload(Payload) ->
 sd_timeout() ->
     pyport_request:shared_dict_timeout().
 
-%% A handle from another port generation is destroyed: no need to ask.
+%% A handle of another pool (one that ran before an application restart) is destroyed:
+%% no need to ask.
 -spec is_current(shared_dict()) -> boolean().
 is_current({?SD_TAG, Gen, _, _}) ->
-    case pyport_server:generation() of
+    case pyport_shm:generation() of
         undefined -> true;   % never started: let the request say not_started
         Current -> Gen =:= Current
     end.
@@ -797,13 +863,15 @@ is_current({?SD_TAG, Gen, _, _}) ->
 -spec sd_request(shared_dict(), pos_integer(), tuple()) -> {ok, binary()} | {error, term()}.
 sd_request(SD, Id, Msg) ->
     is_current(SD) orelse erlang:error({shared_dict_destroyed, SD}),
-    sd_result(SD, pyport_request:request_msg(Id, Msg, sd_timeout())).
+    sd_result(SD, pyport_request:request_msg(?SD_ROUTE, Id, Msg, sd_timeout())).
 
 -spec sd_result(shared_dict() | shared_dict_new,
                 {ok, binary()} | {error, error_reason()}) ->
           {ok, binary()} | {error, term()}.
 sd_result(_SD, {ok, _} = Ok) -> Ok;
 sd_result(SD, {error, shared_dict_destroyed}) -> erlang:error({shared_dict_destroyed, SD});
+sd_result(shared_dict_new, {error, shared_dict_full}) -> erlang:error(shared_dict_full);
+sd_result(SD, {error, shared_dict_full}) -> erlang:error({shared_dict_full, SD});
 sd_result(SD, {error, timeout}) -> erlang:error({pyport_timeout, SD});
 sd_result(_SD, {error, {pyport_unavailable, _} = Reason}) -> erlang:error(Reason);
 sd_result(_SD, {error, overloaded}) -> erlang:error(overloaded);

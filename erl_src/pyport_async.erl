@@ -2,7 +2,8 @@
 %% {@link py:cast/4}.
 %%
 %% Each asynchronous call has a <em>holder</em>: a small proc_lib process that
-%% sends the request to `pyport_server', receives its reply and keeps it until
+%% sends the request to the server of a port of the pool (chosen by the caller, see
+%% `pyport_pool'), receives its reply and keeps it until
 %% the caller awaits it. A holder, rather than a reply sent straight to the
 %% caller (through an alias), because a reply must never be left in the
 %% caller's mailbox: not for work the caller never awaits, not after an await
@@ -28,7 +29,7 @@
 
 -include_lib("kernel/include/logger.hrl").
 
--export([spawn_call/4, cast/4, await/2]).
+-export([spawn_call/5, cast/5, await/2]).
 %% proc_lib entry point of a holder
 -export([holder/1]).
 
@@ -36,13 +37,14 @@
 
 -include("pyport.hrl").
 
--define(SERVER, pyport_server).
 -define(TAG, '$pyport_async').
 
--opaque ref() :: {?TAG, Caller :: pid(), Holder :: pid(), Id :: pos_integer()}.
+-opaque ref() :: {?TAG, Caller :: pid(), Holder :: pid(), Id :: pos_integer(), server()}.
 %% What {@link py:spawn_call/4} returns: only `Caller' may await it.
 
 -type mode() :: call | cast.
+%% the server of the port that runs the call
+-type server() :: atom() | pid().
 -type reply() :: {ok, binary()} | {error, term()}.
 %% `{Module, Function}' of the call, for the warning of a failed cast.
 -type what() :: {binary(), binary()}.
@@ -52,6 +54,7 @@
           caller :: pid(),
           caller_mon :: reference(),
           id :: pos_integer(),
+          server :: server(),
           what :: what(),
           %% the gen_server request while it is in flight
           req :: gen_server:request_id() | undefined,
@@ -68,16 +71,16 @@
 %%====================================================================
 
 %% @doc Starts request `Id' (its frame built by the caller, with the caller as
-%% owner) and returns at once a reference that the caller alone may await.
--spec spawn_call(pos_integer(), binary(), timeout(), what()) -> ref().
-spawn_call(Id, Frame, WorkTimeout, What) ->
-    Holder = start(call, Id, Frame, WorkTimeout, What),
-    {?TAG, self(), Holder, Id}.
+%% owner) at `Server' and returns at once a reference that the caller alone may await.
+-spec spawn_call(server(), pos_integer(), binary(), timeout(), what()) -> ref().
+spawn_call(Server, Id, Frame, WorkTimeout, What) ->
+    Holder = start(call, Server, Id, Frame, WorkTimeout, What),
+    {?TAG, self(), Holder, Id, Server}.
 
-%% @doc Starts request `Id' and forgets it: its failure is logged (warning).
--spec cast(pos_integer(), binary(), timeout(), what()) -> ok.
-cast(Id, Frame, WorkTimeout, What) ->
-    _ = start(cast, Id, Frame, WorkTimeout, What),
+%% @doc Starts request `Id' at `Server' and forgets it: its failure is logged (warning).
+-spec cast(server(), pos_integer(), binary(), timeout(), what()) -> ok.
+cast(Server, Id, Frame, WorkTimeout, What) ->
+    _ = start(cast, Server, Id, Frame, WorkTimeout, What),
     ok.
 
 %% @doc The reply of a call started by {@link spawn_call/4}, as the server
@@ -85,7 +88,7 @@ cast(Id, Frame, WorkTimeout, What) ->
 %% `error(badarg)' for a reference that is not the caller's own, or that was
 %% awaited already.
 -spec await(ref(), timeout()) -> reply().
-await({?TAG, Caller, Holder, Id}, Timeout)
+await({?TAG, Caller, Holder, Id, Server}, Timeout)
   when Caller =:= self(), is_pid(Holder), is_integer(Id), ?IS_TIMEOUT(Timeout) ->
     MRef = erlang:monitor(process, Holder, [{alias, demonitor}]),
     Holder ! {await, MRef, Id},
@@ -95,7 +98,7 @@ await({?TAG, Caller, Holder, Id}, Timeout)
             erlang:demonitor(MRef, [flush]),
             Reply;
         {MRef, pending} ->
-            wait(MRef, Holder, Id, Timeout);
+            wait(MRef, Holder, Id, Server, Timeout);
         {'DOWN', MRef, process, _, _} ->
             %% The holder is gone: the result was handed over already (or the
             %% call was abandoned by an earlier await that timed out).
@@ -104,8 +107,8 @@ await({?TAG, Caller, Holder, Id}, Timeout)
 await(_Ref, _Timeout) ->
     erlang:error(badarg).
 
--spec wait(reference(), pid(), pos_integer(), timeout()) -> reply().
-wait(MRef, Holder, Id, Timeout) ->
+-spec wait(reference(), pid(), pos_integer(), server(), timeout()) -> reply().
+wait(MRef, Holder, Id, Server, Timeout) ->
     %% The alias dies with the monitor: a reply that comes after the timeout
     %% below is dropped by the runtime, never queued here.
     receive
@@ -122,7 +125,7 @@ wait(MRef, Holder, Id, Timeout) ->
                 {MRef, {result, Reply}} -> Reply   % came in just before the alias went
             after 0 ->
                     %% Interrupt the Python work exactly as a timed-out py:call does.
-                    ok = gen_server:cast(?SERVER, {cancel, Id}),
+                    ok = gen_server:cast(Server, {cancel, Id}),
                     Holder ! {abandon, Id},
                     {error, timeout}
             end
@@ -132,21 +135,22 @@ wait(MRef, Holder, Id, Timeout) ->
 %% The holder
 %%====================================================================
 
--spec start(mode(), pos_integer(), binary(), timeout(), what()) -> pid().
-start(Mode, Id, Frame, WorkTimeout, What) ->
-    proc_lib:spawn(?MODULE, holder, [{Mode, self(), Id, Frame, WorkTimeout, What}]).
+-spec start(mode(), server(), pos_integer(), binary(), timeout(), what()) -> pid().
+start(Mode, Server, Id, Frame, WorkTimeout, What) ->
+    proc_lib:spawn(?MODULE, holder, [{Mode, self(), Server, Id, Frame, WorkTimeout, What}]).
 
 %% @private
 %% @doc proc_lib entry point: sends the request, then holds its result.
--spec holder({mode(), pid(), pos_integer(), binary(), timeout(), what()}) -> ok.
-holder({Mode, Caller, Id, Frame, WorkTimeout, What}) ->
+-spec holder({mode(), pid(), server(), pos_integer(), binary(), timeout(), what()}) -> ok.
+holder({Mode, Caller, Server, Id, Frame, WorkTimeout, What}) ->
+    ok = pyport_telemetry:label({pyport_async, Mode, What}),
     S = #holder{mode = Mode, caller = Caller, caller_mon = erlang:monitor(process, Caller),
-                id = Id, what = What},
+                id = Id, server = Server, what = What},
     case pyport_request:frame_allowed(Frame) of
         {error, _} = TooLarge ->
             finished(TooLarge, S);
         ok ->
-            Req = gen_server:send_request(?SERVER, {request, Id, Frame, Caller}),
+            Req = gen_server:send_request(Server, {request, Id, Frame, Caller}),
             Timer = case WorkTimeout of
                         infinity -> undefined;
                         T -> erlang:start_timer(T, self(), work_timeout)
@@ -198,7 +202,7 @@ message({timeout, Timer, work_timeout}, #holder{timer = Timer} = S) ->
                 timeout ->
                     %% receive_response/2 has dropped the request: a late reply
                     %% will not come here either.
-                    ok = gen_server:cast(?SERVER, {cancel, S#holder.id}),
+                    ok = gen_server:cast(S#holder.server, {cancel, S#holder.id}),
                     finished({error, timeout}, S1)
             end;
         _ ->
@@ -215,9 +219,9 @@ message({abandon, Id}, #holder{id = Id, req = Req}) ->
     %% The await timed out and the caller cancelled the request: drop its reply.
     _ = Req =/= undefined andalso gen_server:receive_response(Req, 0),
     ok;
-message({'DOWN', MRef, process, _, _}, #holder{caller_mon = MRef, req = Req, id = Id}) ->
+message({'DOWN', MRef, process, _, _}, #holder{caller_mon = MRef, req = Req, id = Id} = S) ->
     %% The caller is gone: so is the reason to run its work.
-    _ = Req =/= undefined andalso gen_server:cast(?SERVER, {cancel, Id}),
+    _ = Req =/= undefined andalso gen_server:cast(S#holder.server, {cancel, Id}),
     ok;
 message(_Other, S) ->
     loop(S).

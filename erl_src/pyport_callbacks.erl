@@ -16,12 +16,14 @@
 %% `pyport_sender'.
 -module(pyport_callbacks).
 
--export([new_table/0, register/2, unregister/1, lookup/1, names/0, start/5, chain/0, owner/0]).
+-export([new_table/0, register/2, unregister/1, lookup/1, names/0, start/5, chain/0, chain_server/0,
+         owner/0]).
 -export([started/6, cancelled/2, ended/2, kill_all/1]).
 
 -define(TABLE, pyport_functions).
 -define(CHAIN_KEY, '$pyport_chain').
 -define(OWNER_KEY, '$pyport_owner').
+-define(SERVER_KEY, '$pyport_server').
 -define(T2B_OPTS, [{minor_version, 2}]).
 
 -type function_spec() :: fun((list()) -> term()) | {module(), atom()}.
@@ -78,6 +80,12 @@ lookup(Name) ->
 chain() ->
     get(?CHAIN_KEY).
 
+%% @doc For a callback process: the server of the port whose Python thread waits for
+%% the callback, where the process's requests must go (see {@link chain/0}).
+-spec chain_server() -> pid() | undefined.
+chain_server() ->
+    get(?SERVER_KEY).
+
 %% @doc The process whose namespace the calling process's requests use: for a
 %% callback process, the process whose call made the callback (so that what it
 %% defined with `py:exec' is found); for any other, itself.
@@ -110,7 +118,13 @@ start(CbId, <<"$pyport_connected">>, ArgsBin, _Caller, Port) ->
 start(CbId, Name, ArgsBin, Caller, Port) ->
     case lookup(Name) of
         {ok, Spec} ->
-            {ok, proc_lib:spawn(fun() -> run(CbId, Spec, ArgsBin, Caller, Port) end)};
+            %% Called by the port's server: its requests go back there.
+            Server = self(),
+            {ok, proc_lib:spawn(fun() ->
+                                        ok = pyport_telemetry:label({pyport_callback, Name}),
+                                        put(?SERVER_KEY, Server),
+                                        run(CbId, Spec, ArgsBin, Caller, Port)
+                                end)};
         error ->
             reply(Port, CbId, error, term_to_binary({unknown_function, Name}, ?T2B_OPTS)),
             answered
@@ -177,7 +191,7 @@ whereis_binary(Name) ->
 
 -spec decode(binary()) -> {ok, term()} | error.
 decode(Bin) ->
-    try {ok, binary_to_term(Bin, [safe])}
+    try {ok, pyport_elixir:decode(Bin)}
     catch error:badarg -> error
     end.
 

@@ -46,6 +46,7 @@ stream(Module, Function, Args, Kwargs, ItemTimeout, Prepare) ->
 %% @private The collecting process: it exits with `{collected, Result}'.
 -spec collector(pid(), timeout()) -> no_return().
 collector(Caller, ItemTimeout) ->
+    ok = pyport_telemetry:label({pyport_stream_collector, Caller}),
     CMRef = erlang:monitor(process, Caller),
     receive
         {collect, Ref} -> exit({collected, collect(Ref, ItemTimeout, CMRef, [])});

@@ -35,9 +35,10 @@ executable() ->
 %% application environment (see docs/PROTOCOL.md, "Command line").
 -spec args(non_neg_integer()) -> [string()].
 args(Gen) ->
-    ["--generation", integer_to_list(Gen),
-     "--workers", integer_to_list(env_int(workers, 1)),
-     "--max-workers", integer_to_list(env_int(max_workers, 16))]
+    ["--generation", integer_to_list(Gen)]
+        ++ pyport_shm:args()
+        ++ ["--workers", integer_to_list(env_int(workers, 1)),
+            "--max-workers", integer_to_list(env_int(max_workers, 16))]
         ++ watchdog_arg()
         %% --thread-affinity: which processes get a home thread in the port.
         ++ choice_arg(thread_affinity, "--thread-affinity", [namespace, always, none])
@@ -157,13 +158,18 @@ python_log_format() ->
     end.
 
 %% What Python's `None' becomes: app env `none_as', `undefined' (default), `nil'
-%% (Elixir) or `none' (erlang_python).
+%% (Elixir) or `none' (erlang_python); unset, `nil' when the app env `elixir' is `true'.
 -spec none_as() -> undefined | nil | none.
 none_as() ->
     case application:get_env(pyport, none_as) of
         {ok, nil} -> nil;
         {ok, none} -> none;
-        _ -> undefined
+        {ok, _} -> undefined;
+        undefined ->
+            case application:get_env(pyport, elixir) of
+                {ok, true} -> nil;
+                _ -> undefined
+            end
     end.
 
 %% Port program flags for the app env keys that are set to a non-negative integer.

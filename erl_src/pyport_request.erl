@@ -5,12 +5,19 @@
 %% decoding of results. Used by {@link py} and by nothing that users call.
 -module(pyport_request).
 
--export([new_id/0, chained/1, request/3, request_msg/3, decoded/1, default_timeout/2,
-         frame_allowed/1, call_timeout/0, shared_dict_timeout/0, max_frame_bytes/0]).
+-export([new_id/0, chained/1, request/3, request/4, request_msg/3, request_msg/4, decoded/1,
+         default_timeout/2, frame_allowed/1, server/1,
+         call_timeout/0, shared_dict_timeout/0, max_frame_bytes/0]).
+-export_type([route/0]).
+
+%% Which port's server gets a request (see pyport_pool): `namespace', a request that
+%% uses the caller's Python namespace (its home port, given one if need be);
+%% `caller', any other request of the caller (its home port if it has one, else the
+%% least loaded); or that server.
+-type route() :: namespace | caller | atom() | pid().
 
 -include("pyport.hrl").
 
--define(SERVER, pyport_server).
 %% Default of the largest request frame (app env max_frame_bytes, passed to the
 %% port program as --max-frame-bytes): 1 GiB.
 -define(MAX_FRAME, (1 bsl 30)).
@@ -30,23 +37,41 @@ chained(Request) ->
 new_id() ->
     erlang:unique_integer([positive, monotonic]).
 
-%% @doc Sends the request frame `Frame' (id `Id') and waits up to `Timeout'
-%% for the port's answer.
+%% @doc Sends the request frame `Frame' (id `Id') of the caller to its port (route
+%% `caller') and waits up to `Timeout' for the port's answer.
 -spec request(pos_integer(), binary(), timeout()) -> {ok, binary()} | {error, py:error_reason()}.
 request(Id, Frame, Timeout) ->
-    request_msg(Id, {request, Id, Frame}, Timeout).
+    request(caller, Id, Frame, Timeout).
 
-%% @doc Sends `Msg' (`{request, Id, Frame, ...}', as the server takes it) unless
-%% its frame is over `max_frame_bytes'. The server answers `{ok, PayloadBinary}'
-%% or `{error, Reason}'. A caller that
-%% times out cancels its request; gen_server:call's alias drops a late reply.
+%% @doc Sends the request frame `Frame' (id `Id') to the port `Route' names and waits
+%% up to `Timeout' for its answer.
+-spec request(route(), pos_integer(), binary(), timeout()) -> {ok, binary()} | {error, py:error_reason()}.
+request(Route, Id, Frame, Timeout) ->
+    request_msg(Route, Id, {request, Id, Frame}, Timeout).
+
+%% @doc {@link request_msg/4} to the caller's port.
 -spec request_msg(pos_integer(), tuple(), timeout()) ->
           {ok, binary()} | {error, py:error_reason()}.
 request_msg(Id, Msg, Timeout) ->
+    request_msg(caller, Id, Msg, Timeout).
+
+%% @doc Sends `Msg' (`{request, Id, Frame, ...}', as the server takes it) to the port
+%% `Route' names, unless its frame is over `max_frame_bytes'. The server answers
+%% `{ok, PayloadBinary}' or `{error, Reason}'. A caller that times out cancels its
+%% request; gen_server:call's alias drops a late reply.
+-spec request_msg(route(), pos_integer(), tuple(), timeout()) ->
+          {ok, binary()} | {error, py:error_reason()}.
+request_msg(Route, Id, Msg, Timeout) ->
     case frame_allowed(element(3, Msg)) of
-        ok -> send_request(Id, Msg, Timeout);
+        ok -> send_request(server(Route), Id, Msg, Timeout);
         {error, _} = TooLarge -> TooLarge
     end.
+
+%% @doc The server a request of the calling process goes to by `Route'.
+-spec server(route()) -> atom() | pid().
+server(namespace) -> pyport_pool:choose(true);
+server(caller) -> pyport_pool:choose(false);
+server(Server) -> Server.
 
 %% @doc Whether a request frame may be sent: the port program treats a frame
 %% longer than the app env `max_frame_bytes' as a corrupt stream and exits, so
@@ -67,14 +92,14 @@ max_frame_bytes() ->
         _ -> ?MAX_FRAME
     end.
 
--spec send_request(pos_integer(), tuple(), timeout()) ->
+-spec send_request(atom() | pid(), pos_integer(), tuple(), timeout()) ->
           {ok, binary()} | {error, py:error_reason()}.
-send_request(Id, Msg, Timeout) ->
+send_request(Server, Id, Msg, Timeout) ->
     try
-        gen_server:call(?SERVER, Msg, Timeout)
+        gen_server:call(Server, Msg, Timeout)
     catch
         exit:{timeout, _} ->
-            ok = gen_server:cast(?SERVER, {cancel, Id}),
+            ok = gen_server:cast(Server, {cancel, Id}),
             {error, timeout};
         exit:{noproc, _} ->
             {error, {pyport_unavailable, not_started}};

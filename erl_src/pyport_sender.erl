@@ -20,7 +20,7 @@
 -module(pyport_sender).
 
 -export([start_link/0, send/4, stream_item/4, stream_last/4, streams_over/2]).
--export([loop/1]).
+-export([init/0, loop/1]).
 
 -define(T2B_OPTS, [{minor_version, 2}]).
 %% Deliveries of erlang.send are reported at least this often.
@@ -47,7 +47,13 @@
 %% @doc Starts the sender, linked to the caller (the server).
 -spec start_link() -> pid().
 start_link() ->
-    proc_lib:spawn_link(?MODULE, loop, [#st{}]).
+    proc_lib:spawn_link(?MODULE, init, []).
+
+%% @private
+-spec init() -> no_return().
+init() ->
+    ok = pyport_telemetry:label(pyport_sender),
+    loop(#st{}).
 
 %% @doc An `erlang.send' message of the port `Port' for `To' (an ETF binary).
 -spec send(pid(), port(), pid(), binary()) -> ok.
@@ -165,7 +171,7 @@ held_by(_Remote) ->
 
 -spec send_now(pid(), binary()) -> ok.
 send_now(To, Bin) ->
-    try binary_to_term(Bin, [safe]) of
+    try pyport_elixir:decode(Bin) of
         %% Like `!': a dead local process is not an error.
         Msg -> _ = (catch erlang:send(To, Msg, [noconnect])), ok
     catch

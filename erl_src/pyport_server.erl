@@ -21,13 +21,14 @@
 
 -include_lib("kernel/include/logger.hrl").
 
--export([start_link/0, generation/0, executable/0, functions_changed/0, restart_port/0,
-         wait_ready/2]).
+-export([start_link/1, executable/0, functions_changed/0, restart_port/1,
+         wait_ready/4]).
 -export([init/1, handle_call/3, handle_cast/2, handle_info/2, terminate/2,
          code_change/3]).
 
--define(GEN_KEY, {?MODULE, generation}).
 -define(T2B_OPTS, [{minor_version, 2}]).
+%% What a port that is not ready counts as in flight, for the pool's routing.
+-define(NOT_READY_LOAD, (1 bsl 32)).
 
 -type request_id() :: pos_integer().
 -type exit_info() :: not_started | {exit_status, integer()} | {port_exit, term()}
@@ -36,14 +37,21 @@
 %% A stream's flow control: acknowledged by its owner, or by the sender as the owner's
 %% mailbox empties (with the stream's window).
 -type stream_flow() :: ack | {mailbox, pos_integer()}.
+%% What a SharedDict request does: a read stamped by the read cache's clock, an
+%% Erlang-side write of one key, or a new owner of a dict (after sd_new, give_away).
+-type sd_effect() :: {read, pos_integer()} | {write, tuple(), binary()} | {owns, pid()}.
 
 -record(state, {
+          %% this server's port in the pool (see pyport_pool)
+          index = 1 :: pos_integer(),
           port :: port() | undefined,
           %% Port generation: written into SharedDict handles by the port.
           gen :: non_neg_integer(),
-          gen_ref :: atomics:atomics_ref(),
           %% request id => who waits for its reply
           pending = #{} :: #{request_id() => waiter()},
+          %% SharedDict requests in flight and what their end means for the VM's read
+          %% cache (see pyport_sd_cache): kept until the port answers, even if cancelled
+          sd_effects = #{} :: #{request_id() => sd_effect()},
           %% monitored pid => {monitor, ids of its pending requests}
           owners = #{} :: #{pid() => {reference(), [request_id()]}},
           restarts = 0 :: non_neg_integer(),
@@ -89,38 +97,30 @@
 %% API
 %%====================================================================
 
-%% @doc Starts the server, registered as `pyport_server', and the port program.
--spec start_link() -> {ok, pid()} | ignore | {error, term()}.
-start_link() ->
-    gen_server:start_link({local, ?MODULE}, ?MODULE, [], []).
+%% @doc Starts the server of port `Index' of the pool (registered as
+%% {@link pyport_pool:server_name/1} says) and its port program.
+-spec start_link(pos_integer()) -> {ok, pid()} | ignore | {error, term()}.
+start_link(Index) ->
+    gen_server:start_link({local, pyport_pool:server_name(Index)}, ?MODULE, [Index], []).
 
-%% @doc The current port generation, read without a message to the server.
-%% `undefined' if the server has never run in this VM. SharedDict handles whose
-%% generation differs are destroyed.
--spec generation() -> non_neg_integer() | undefined.
-generation() ->
-    case persistent_term:get(?GEN_KEY, undefined) of
-        undefined -> undefined;
-        Ref -> atomics:get(Ref, 1)
-    end.
+%% @doc Replaces the port program of server `Server' now, as a crash would (callers in
+%% flight get `{error, {pyport_exit, restart}}'), with the command line and environment
+%% of the current app env; returns the generation of the new port (see {@link py:restart/0}).
+-spec restart_port(atom()) -> non_neg_integer().
+restart_port(Server) ->
+    gen_server:call(Server, restart_port, infinity).
 
-%% @doc Replaces the port program now, as a crash would (callers in flight get `{error,
-%% {pyport_exit, restart}}'), with the command line and environment of the current app
-%% env; returns the generation of the new port (see {@link py:restart/0}).
--spec restart_port() -> non_neg_integer().
-restart_port() ->
-    gen_server:call(?MODULE, restart_port, infinity).
+%% @doc Waits until server `Server''s port, of generation `Gen' or later, is ready
+%% (Python up, start-up code finished), until the monotonic time `Deadline' (ms): `ok',
+%% or `{error, {pyport_not_ready, #{timeout_ms => Timeout, last_exit}}}'. `Timeout' is
+%% the whole wait's, for the error.
+-spec wait_ready(atom(), non_neg_integer(), pos_integer(), integer()) -> ok | {error, term()}.
+wait_ready(Server, Gen, Timeout, Deadline) ->
+    poll_ready(Server, Gen, Timeout, Deadline).
 
-%% @doc Waits until a port of generation `Gen' or later is ready (Python up, start-up code
-%% finished): `ok', or `{error, {pyport_not_ready, #{timeout_ms, last_exit}}}' after
-%% `Timeout' ms.
--spec wait_ready(non_neg_integer(), pos_integer()) -> ok | {error, term()}.
-wait_ready(Gen, Timeout) ->
-    poll_ready(Gen, Timeout, now_ms() + Timeout).
-
--spec poll_ready(non_neg_integer(), pos_integer(), integer()) -> ok | {error, term()}.
-poll_ready(Gen, Timeout, Deadline) ->
-    Stats = try gen_server:call(?MODULE, stats, max(1, Deadline - now_ms()))
+-spec poll_ready(atom(), non_neg_integer(), pos_integer(), integer()) -> ok | {error, term()}.
+poll_ready(Server, Gen, Timeout, Deadline) ->
+    Stats = try gen_server:call(Server, stats, max(1, Deadline - now_ms()))
             catch exit:_ -> #{}
             end,
     case Stats of
@@ -135,7 +135,7 @@ poll_ready(Gen, Timeout, Deadline) ->
                     %% Readiness arrives as a frame the server handles; a short poll keeps
                     %% the server free of waiters.
                     receive after 20 -> ok end,
-                    poll_ready(Gen, Timeout, Deadline)
+                    poll_ready(Server, Gen, Timeout, Deadline)
             end
     end.
 
@@ -144,14 +144,16 @@ poll_ready(Gen, Timeout, Deadline) ->
 executable() ->
     pyport_program:executable().
 
-%% @doc The registered functions changed: the port is sent their names before this
+%% @doc The registered functions changed: every port is sent their names before this
 %% returns, so that Python sees exactly what is registered (`hasattr(erlang, Name)').
-%% `ok' also when no server runs (a port started later gets them at its start).
+%% `ok' also where no server runs (a port started later gets them at its start).
 -spec functions_changed() -> ok.
 functions_changed() ->
-    try gen_server:call(?MODULE, functions_changed, infinity)
-    catch exit:{noproc, _} -> ok
-    end.
+    lists:foreach(fun(Server) ->
+                          try gen_server:call(Server, functions_changed, infinity)
+                          catch exit:{noproc, _} -> ok
+                          end
+                  end, pyport_pool:servers()).
 
 %%====================================================================
 %% gen_server callbacks
@@ -159,50 +161,77 @@ functions_changed() ->
 
 %% @private
 %% @doc gen_server callback: starts the first port.
--spec init([]) -> {ok, state()}.
-init([]) ->
+-spec init([pos_integer()]) -> {ok, state()}.
+init([Index]) ->
     process_flag(trap_exit, true),
-    Ref = case persistent_term:get(?GEN_KEY, undefined) of
-              undefined ->
-                  R = atomics:new(1, [{signed, false}]),
-                  ok = persistent_term:put(?GEN_KEY, R),
-                  R;
-              R ->
-                  R
-          end,
+    ok = pyport_telemetry:label({pyport_server, Index}),
     %% A new server never reuses a generation: the previous server's port is gone.
-    Gen = atomics:add_get(Ref, 1, 1),
+    Gen = pyport_pool:new_generation(Index),
     MaxInFlight = max(1, pyport_program:env_int(max_in_flight, 10000)),
     _ = pyport_frames:port_atoms(),
-    ok = pyport_sd_cache:new(),
-    State = start_port(#state{gen = Gen, gen_ref = Ref, max_in_flight = MaxInFlight,
+    State = start_port(#state{index = Index, gen = Gen, max_in_flight = MaxInFlight,
                               cache_max = pyport_sd_cache:max_bytes(),
                               sender = pyport_sender:start_link()}),
+    ok = pyport_pool:in_flight(Index, load(State)),
     {ok, schedule_heartbeat(State#state{last_check = now_ms()})}.
 
 %% @private
 %% @doc gen_server callback: requests from {@link py} and local stats.
 -spec handle_call(term(), gen_server:from(), state()) ->
           {reply, term(), state()} | {noreply, state()}.
-handle_call({request, Id, Frame}, From, State) ->
+handle_call(Msg, From, State) ->
+    counted(call(Msg, From, State)).
+
+%% @private
+%% @doc gen_server callback: `{cancel, Id}' from a caller that timed out, stream flow.
+-spec handle_cast(term(), state()) -> {noreply, state()}.
+handle_cast(Msg, State) ->
+    counted(cast(Msg, State)).
+
+%% @private
+%% @doc gen_server callback: port data, port exit, owner exit, restart timer.
+-spec handle_info(term(), state()) -> {noreply, state()}.
+handle_info(Msg, State) ->
+    counted(info(Msg, State)).
+
+%% The pool chooses ports by their requests in flight: told after every message.
+-spec counted(T) -> T when T :: {reply, term(), state()} | {noreply, state()}.
+counted(Result) ->
+    State = element(tuple_size(Result), Result),
+    ok = pyport_pool:in_flight(State#state.index, load(State)),
+    Result.
+
+%% A port that is not up and ready is chosen only when every port is down.
+-spec load(state()) -> non_neg_integer().
+load(#state{port = Port, ready = Ready, startup = Startup, pending = Pending}) ->
+    case Port =/= undefined andalso Ready =/= undefined andalso Startup =:= undefined of
+        true -> map_size(Pending);
+        false -> ?NOT_READY_LOAD + map_size(Pending)
+    end.
+
+-spec call(term(), gen_server:from(), state()) -> {reply, term(), state()} | {noreply, state()}.
+call({request, Id, Frame}, From, State) ->
     request(Id, Frame, From, State);
-handle_call({request, Id, Frame, Owner}, From, #state{port = Port} = State)
+call({request, Id, Frame, Owner}, From, #state{port = Port} = State)
   when is_pid(Owner), Port =/= undefined ->
     %% sd_new with an explicit owner, sd_give_away: the owner holds state in
     %% the port from now on, so it is watched like any requester. (A dead
     %% owner's 'DOWN' is handled after this frame is written: its dict is freed.)
     request(Id, Frame, From, monitor_owner(Owner, State));
-handle_call({request, Id, Frame, _Owner}, From, State) ->
+call({request, Id, Frame, _Owner}, From, State) ->
     request(Id, Frame, From, State);
-handle_call({stream_request, Id, Frame, Owner, Ref, Flow}, From, #state{port = Port} = State)
+call({sd_request, Id, Frame, Effect}, From, State) ->
+    sd_request(Id, Frame, Effect, From, State);
+call({stream_request, Id, Frame, Owner, Ref, Flow}, From, #state{port = Port} = State)
   when is_pid(Owner), is_reference(Ref), Port =/= undefined ->
     %% Remembered until the port says the stream ended or the port dies (the owner is
     %% then told, instead of waiting for ever).
     State1 = State#state{streams = maps:put(Ref, {Owner, Flow}, State#state.streams)},
+    ok = pyport_pool:stream_started(Ref, pyport_pool:server_name(State#state.index)),
     request(Id, Frame, From, monitor_owner(Owner, State1));
-handle_call({stream_request, Id, Frame, _Owner, _Ref, _Flow}, From, State) ->
+call({stream_request, Id, Frame, _Owner, _Ref, _Flow}, From, State) ->
     request(Id, Frame, From, State);
-handle_call({traced_request, Id, Frame}, From, State) ->
+call({traced_request, Id, Frame}, From, State) ->
     %% The benchmark's latency breakdown: a request like any other, whose reply
     %% is {traced, Reply, Stamps} (see traced_reply/4).
     Received = now_ns(),
@@ -213,22 +242,20 @@ handle_call({traced_request, Id, Frame}, From, State) ->
         Answered ->
             Answered
     end;
-handle_call(stats, _From, State) ->
+call(stats, _From, State) ->
     {reply, local_stats(State), State};
-handle_call(functions_changed, _From, State) ->
+call(functions_changed, _From, State) ->
     send_functions(State),
     {reply, ok, State};
-handle_call(restart_port, _From, State) ->
+call(restart_port, _From, State) ->
     State1 = restart(State#state{max_in_flight = max(1, pyport_program:env_int(max_in_flight, 10000)),
                                  cache_max = pyport_sd_cache:max_bytes()}),
     {reply, State1#state.gen, State1};
-handle_call(_Other, _From, State) ->
+call(_Other, _From, State) ->
     {reply, {error, bad_call}, State}.
 
-%% @private
-%% @doc gen_server callback: `{cancel, Id}' from a caller that timed out.
--spec handle_cast(term(), state()) -> {noreply, state()}.
-handle_cast({cancel, Id}, #state{pending = Pending} = State) ->
+-spec cast(term(), state()) -> {noreply, state()}.
+cast({cancel, Id}, #state{pending = Pending} = State) ->
     case maps:take(Id, Pending) of
         {From, Pending1} ->
             State1 = forget_owner_id(From, Id, State#state{pending = Pending1,
@@ -238,11 +265,11 @@ handle_cast({cancel, Id}, #state{pending = Pending} = State) ->
         error ->
             {noreply, State}
     end;
-handle_cast({notify, Frame}, #state{port = Port} = State) when Port =/= undefined ->
+cast({notify, Frame}, #state{port = Port} = State) when Port =/= undefined ->
     %% A frame that needs no answer (a stream's cancel): lost with the port.
     _ = (catch erlang:port_command(Port, Frame)),
     {noreply, State};
-handle_cast({stream_ack, Ref, N}, #state{streams = Streams} = State) ->
+cast({stream_ack, Ref, N}, #state{streams = Streams} = State) ->
     %% An owner's acknowledgement counts only for a stream it acknowledges itself:
     %% the sender acknowledges the others as their owners receive.
     case Streams of
@@ -250,23 +277,22 @@ handle_cast({stream_ack, Ref, N}, #state{streams = Streams} = State) ->
         _ -> ok
     end,
     {noreply, State};
-handle_cast(_Other, State) ->
+cast(_Other, State) ->
     {noreply, State}.
 
-%% @private
-%% @doc gen_server callback: port data, port exit, owner exit, restart timer.
--spec handle_info(term(), state()) -> {noreply, state()}.
-handle_info({Port, {data, Bin}}, #state{port = Port} = State) ->
+-spec info(term(), state()) -> {noreply, state()}.
+info({Port, {data, Bin}}, #state{port = Port} = State) ->
     {noreply, port_data(Bin, stamp_rx(State#state{last_rx = now_ms(), silent_checks = 0}))};
-handle_info(heartbeat, State) ->
+info(heartbeat, State) ->
     {noreply, schedule_heartbeat(check_liveness(State))};
-handle_info({timeout, TRef, startup_timeout}, #state{startup_timer = TRef} = State) ->
+info({timeout, TRef, startup_timeout}, #state{startup_timer = TRef} = State) ->
     {noreply, startup_failed(timeout, State)};
-handle_info({'DOWN', MRef, process, Pid, _Reason}, #state{owners = Owners} = State) ->
+info({'DOWN', MRef, process, Pid, _Reason}, #state{owners = Owners} = State) ->
     case maps:take(Pid, Owners) of
         error ->
             {noreply, callback_down(MRef, State)};
         {{MRef, Ids}, Owners1} ->
+            ok = pyport_pool:home_gone(Pid, State#state.index),
             Pending = lists:foldl(
                         fun(Id, P) ->
                                 send_frame(State, {cancel, Id}),
@@ -281,35 +307,42 @@ handle_info({'DOWN', MRef, process, Pid, _Reason}, #state{owners = Owners} = Sta
             %% Another monitor of an owner: a callback process that also made requests.
             {noreply, callback_down(MRef, State)}
     end;
-handle_info({Port, {exit_status, Status}}, #state{port = Port} = State) ->
+info({Port, {exit_status, Status}}, #state{port = Port} = State) ->
     {noreply, port_down({exit_status, Status}, {error, {pyport_exit, Status}}, State)};
-handle_info({'EXIT', Port, Reason}, #state{port = Port} = State) ->
+info({'EXIT', Port, Reason}, #state{port = Port} = State) ->
     %% The port closed without an exit status (e.g. a write error).
     {noreply, port_down({port_exit, Reason}, {error, {pyport_exit, Reason}}, State)};
-handle_info({'EXIT', Sender, Reason}, #state{sender = Sender} = State) ->
+info({'EXIT', Sender, Reason}, #state{sender = Sender} = State) ->
     %% Messages from Python must keep flowing: a new sender takes over. What the old
     %% one had not reported is lost: the port stops counting it.
     ?LOG_ERROR("pyport: the erlang.send sender exited (~tp); starting another", [Reason]),
     send_frame(State, {sent, reset}),
     {noreply, State#state{sender = pyport_sender:start_link()}};
-handle_info({'EXIT', _OldPort, _Reason}, State) ->
+info({'EXIT', _OldPort, _Reason}, State) ->
     {noreply, State};
-handle_info({timeout, TRef, restart_port}, #state{restart_timer = TRef} = State) ->
+info({timeout, TRef, restart_port}, #state{restart_timer = TRef} = State) ->
     {noreply, start_port(State#state{restart_timer = undefined})};
-handle_info(Other, State) ->
+info(Other, State) ->
     ?LOG_DEBUG("pyport_server: unexpected message ~tp", [Other]),
     {noreply, State}.
 
 %% @private
 %% @doc gen_server callback: closes the port and kills its process group.
 -spec terminate(term(), state()) -> ok.
-terminate(_Reason, #state{port = undefined}) ->
-    ok;
-terminate(_Reason, #state{port = Port, gen_ref = Ref} = State) ->
-    _ = atomics:add_get(Ref, 1, 1),
+terminate(_Reason, #state{port = undefined} = State) ->
+    forget_pool_entries(State);
+terminate(_Reason, #state{port = Port, index = Index} = State) ->
+    ok = forget_pool_entries(State),
+    _ = pyport_pool:new_generation(Index),
     _ = (catch erlang:port_close(Port)),
     kill_group_of(State),
     ok.
+
+%% What the pool's tables say of this port's streams and homes ends with the server.
+-spec forget_pool_entries(state()) -> ok.
+forget_pool_entries(#state{index = Index, streams = Streams}) ->
+    ok = pyport_pool:streams_gone(maps:keys(Streams)),
+    pyport_pool:homes_of_port_gone(Index).
 
 %% @private
 %% @doc gen_server callback.
@@ -347,6 +380,42 @@ request(Id, Frame, {Pid, _} = From, #state{port = Port} = State) ->
             {reply, {error, {pyport_unavailable, closing}}, State}
     end.
 
+%% A SharedDict request: its effect on the read cache begins before the frame goes
+%% to the port, and ends when the port answers (sd_done/3) or dies.
+-spec sd_request(request_id(), binary(), sd_effect(), gen_server:from(), state()) ->
+          {reply, term(), state()} | {noreply, state()}.
+sd_request(Id, Frame, Effect, From, State) ->
+    ok = sd_begin(Effect),
+    case request(Id, Frame, From, State) of
+        {noreply, S} ->
+            {noreply, S#state{sd_effects = maps:put(Id, Effect, S#state.sd_effects)}};
+        {reply, _, _} = Refused ->
+            ok = sd_end(Effect, error),
+            Refused
+    end.
+
+-spec sd_begin(sd_effect()) -> ok.
+sd_begin({write, SD, Key}) -> pyport_sd_cache:write_begin(SD, Key);
+sd_begin(_) -> ok.
+
+%% The port answered request `Id' (`Status'), or died with it in flight (`error').
+-spec sd_done(request_id(), ok | error, state()) -> state().
+sd_done(Id, Status, #state{sd_effects = Effects} = State) when is_map_key(Id, Effects) ->
+    {Effect, Effects1} = maps:take(Id, Effects),
+    ok = sd_end(Effect, Status),
+    State#state{sd_effects = Effects1};
+sd_done(_Id, _Status, State) ->
+    State.
+
+-spec sd_end(sd_effect(), ok | error) -> ok.
+sd_end({write, SD, Key}, _Status) ->
+    pyport_sd_cache:write_end(SD, Key);
+sd_end({owns, Owner}, ok) ->
+    %% The dict exists now: its owner's exit (even one before now) destroys it.
+    pyport_sd_owners:watch(Owner);
+sd_end(_, _) ->
+    ok.
+
 -spec port_data(binary(), state()) -> state().
 port_data(Bin, State) ->
     %% `safe': a frame can never create atoms (nor external funs) in this VM.
@@ -373,8 +442,10 @@ bad_frame(Bin, #state{pending = Pending} = State) ->
     end.
 
 -spec port_message(term(), state()) -> state().
-port_message({Id, Status, Result}, #state{pending = Pending} = State)
+port_message({Id, Status, Result}, #state{pending = Pending} = State0)
   when is_integer(Id), (Status =:= ok orelse Status =:= error) ->
+    %% What the answer means for the read cache is done before anyone hears of it.
+    State = sd_done(Id, Status, State0),
     case maps:take(Id, Pending) of
         {startup, Pending1} ->
             startup_result(Status, Result, State#state{pending = Pending1});
@@ -385,17 +456,25 @@ port_message({Id, Status, Result}, #state{pending = Pending} = State)
             %% Cancelled or timed out: nobody waits for it.
             State
     end;
-port_message({Id, cached, {SD, Key, Payload}}, State)
+port_message({Id, cached, {SD, Key, Payload}}, #state{sd_effects = Effects} = State)
   when is_integer(Id), is_tuple(SD), is_binary(Key), is_binary(Payload) ->
-    %% A get's reply that may be cached: cached before it is forwarded, and
-    %% before any later frame (an invalidation of it) is applied.
-    ok = pyport_sd_cache:insert(SD, Key, Payload, State#state.cache_max),
+    %% A get's reply that may be cached (with the stamp its read took before it was
+    %% sent): cached before it is forwarded.
+    case Effects of
+        #{Id := {read, Stamp}} -> ok = pyport_sd_cache:insert(SD, Key, Stamp, Payload, State#state.cache_max);
+        _ -> ok
+    end,
     port_message({Id, ok, Payload}, State);
-port_message({pyport_sd_invalidate, SD, Key}, State) when is_tuple(SD), is_binary(Key) ->
+port_message({pyport_sd_invalidate, Token, SD, Key}, State)
+  when is_integer(Token), is_tuple(SD), is_binary(Key) ->
+    %% A change made in the port (by Python, or a dead owner's drop) waits for this
+    %% before anyone can see it.
     ok = pyport_sd_cache:invalidate(SD, Key),
+    send_frame(State, {sd_invalidated, Token}),
     State;
-port_message({pyport_sd_invalidate, SD}, State) when is_tuple(SD) ->
+port_message({pyport_sd_invalidate, Token, SD}, State) when is_integer(Token), is_tuple(SD) ->
     ok = pyport_sd_cache:invalidate_dict(SD),
+    send_frame(State, {sd_invalidated, Token}),
     State;
 port_message({pyport_callback, CbId, Name, Args, Caller}, #state{port = Port} = State)
   when is_integer(CbId), is_binary(Name), is_binary(Args), Port =/= undefined ->
@@ -417,12 +496,14 @@ port_message({pyport_stream_send, Ref, To, Msg}, #state{sender = Sender, port = 
     State;
 port_message({pyport_stream_end, Ref}, #state{streams = Streams, sender = Sender} = State) ->
     ok = pyport_sender:streams_over(Sender, [Ref]),
+    ok = pyport_pool:streams_gone([Ref]),
     State#state{streams = maps:remove(Ref, Streams)};
 port_message({pyport_stream_end, Ref, To, Msg}, #state{streams = Streams, sender = Sender} = State)
   when is_pid(To), is_binary(Msg) ->
     %% The stream's last message (done, or its error) comes with its end, so that a
     %% port that dies in between cannot leave the owner without either.
     ok = pyport_sender:stream_last(Sender, Ref, To, Msg),
+    ok = pyport_pool:streams_gone([Ref]),
     State#state{streams = maps:remove(Ref, Streams)};
 port_message({pyport_log, Level, Source, Msg}, State) ->
     pyport_frames:log_python(Level, Source, Msg),
@@ -598,19 +679,28 @@ forget_owner_id({Pid, _}, Id, #state{owners = Owners} = State) ->
 %% Port life cycle
 %%====================================================================
 
+%% The port program's environment: the interpreter's, and which port of the pool it
+%% is (Python may read them, e.g. to give each port its own GPU).
+-spec port_env(state()) -> [{string(), string() | false}].
+port_env(#state{index = Index}) ->
+    [{"PYPORT_PORT_INDEX", integer_to_list(Index)},
+     {"PYPORT_POOL_SIZE", integer_to_list(pyport_pool:size())}
+     | pyport_python:port_env()].
+
 -spec start_port(state()) -> state().
 start_port(#state{gen = Gen} = State) ->
     Exe = executable(),
     Args = pyport_program:args(Gen),
     try erlang:open_port({spawn_executable, Exe},
                          [{packet, 4}, binary, exit_status, use_stdio, hide,
-                          {args, Args}, {env, pyport_python:port_env()}]) of
+                          {args, Args}, {env, port_env(State)}]) of
         Port ->
             OsPid = case erlang:port_info(Port, os_pid) of
                         {os_pid, P} -> P;
                         undefined -> undefined
                     end,
             ?LOG_INFO("pyport: started ~ts (generation ~b, os pid ~p)", [Exe, Gen, OsPid]),
+            ok = pyport_telemetry:port_started(State#state.index, OsPid, Gen),
             State1 = State#state{port = Port},
             send_functions(State1),
             send_startup(State1#state{port = Port, os_pid = OsPid, ready = undefined,
@@ -659,12 +749,17 @@ port_down(Exit, Reply, #state{pending = Pending, owners = Owners} = State) ->
                          Last = term_to_binary({py_stream, Ref, {error, StreamReason}}, ?T2B_OPTS),
                          pyport_sender:stream_last(State#state.sender, Ref, Owner, Last)
                  end, State#state.streams),
-    %% Every dict of that port is gone, and so is what the VM cached of them.
+    ok = pyport_pool:streams_gone(maps:keys(State#state.streams)),
+    %% The namespaces homed there are gone.
+    %% The dicts live on (in shared memory); what the port may have changed without
+    %% telling the VM is forgotten, and the writes it had in flight end.
     ok = pyport_sd_cache:clear(),
+    maps:foreach(fun(_Id, Effect) -> sd_end(Effect, error) end, State#state.sd_effects),
+    ok = pyport_pool:homes_of_port_gone(State#state.index),
     cancel_timer(State#state.startup_timer),
     reply_all(Pending, Reply),
     maps:foreach(fun(_Pid, {MRef, _}) -> erlang:demonitor(MRef, [flush]) end, Owners),
-    Gen = atomics:add_get(State#state.gen_ref, 1, 1),
+    Gen = pyport_pool:new_generation(State#state.index),
     case Exit of
         restart ->
             ?LOG_NOTICE("pyport: port program replaced (py:restart/0) with ~b request(s) "
@@ -673,7 +768,10 @@ port_down(Exit, Reply, #state{pending = Pending, owners = Owners} = State) ->
             ?LOG_ERROR("pyport: port program exited (~tp) with ~b request(s) pending; "
                        "restarting as generation ~b", [Exit, map_size(Pending), Gen])
     end,
-    State1 = State#state{port = undefined, pending = #{}, owners = #{}, gen = Gen, callbacks = #{},
+    ok = pyport_telemetry:port_exit(State#state.index, State#state.os_pid, State#state.gen, Exit,
+                                    map_size(Pending)),
+    State1 = State#state{port = undefined, pending = #{}, sd_effects = #{}, owners = #{}, gen = Gen,
+                         callbacks = #{},
                          streams = #{}, traces = #{},
                          restarts = State#state.restarts + 1, last_exit = Exit,
                          ready = undefined, startup = undefined, os_pid = undefined,

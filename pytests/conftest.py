@@ -264,7 +264,11 @@ class Port:
         self._buf = bytearray()
         self.eof = False
         self.logs = []  # (level, source, message) in arrival order
-        self.invalidations = []  # (handle, key) or (handle,) of pyport_sd_invalidate frames
+        # (handle, key) or (handle,) of the pyport_sd_invalidate frames, each answered at once
+        # with sd_invalidated as the Erlang side does (the change waits for that answer)
+        self.invalidations = []
+        self.answer_invalidations = True  # False: kept in unanswered_invalidations instead
+        self.unanswered_invalidations = []
         self.callbacks = []  # (name, args) of the callbacks Python made, answered by recv
         self.callback_frames = []  # the pyport_callback frames themselves, in arrival order
         # name (bytes) -> fn(args, cb_id) returning ("ok", Term) or ("error", Term): a test's
@@ -370,7 +374,7 @@ class Port:
 
     @staticmethod
     def is_invalidation(t):
-        return isinstance(t, tuple) and len(t) in (2, 3) and t[0] == "pyport_sd_invalidate" and isinstance(t[0], Atom)
+        return isinstance(t, tuple) and len(t) in (3, 4) and t[0] == "pyport_sd_invalidate" and isinstance(t[0], Atom)
 
     @staticmethod
     def is_ready(t):
@@ -387,7 +391,11 @@ class Port:
             elif self.is_log_record(t):
                 self.log_records.append(t[1:])
             elif self.is_invalidation(t):
-                self.invalidations.append(t[1:])
+                self.invalidations.append(t[2:])
+                if self.answer_invalidations:
+                    self.send((A("sd_invalidated"), t[1]))
+                else:
+                    self.unanswered_invalidations.append(t[1])
             elif self.is_callback(t):
                 self.answer_callback(t)
             elif self.is_ready(t):
@@ -507,6 +515,14 @@ class Port:
 
     def owner_down(self, owner):
         self.send((A("owner_down"), owner))
+
+    def drop_owners(self, owners):
+        """What the Erlang side's owner watcher sends once owners died: their dicts go."""
+        return self.sd("sd_drop_owners", list(owners))
+
+    def sd_check(self):
+        """Every inconsistency the store's checker finds (an empty list: none)."""
+        return self.sd("sd_check")
 
     def stats(self):
         rid = self.new_id()

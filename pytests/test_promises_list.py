@@ -1,8 +1,8 @@
 """docs/PROMISES.md maps every documented promise to the tests that pin it, and to the tests
 that pin its edges (the "boundary" column). This checks that the list names only tests that
 exist: a pytest function defined at the top level of the named file, a Common Test case defined
-in the named suite and listed in its all(), or a Rust #[test]; and that every table row has its
-three cells, so that no row hides from these checks."""
+in the named suite and listed in its all(), an ExUnit test (its name in snake case), or a Rust
+#[test]; and that every table row has its three cells, so that no row hides from these checks."""
 
 import os
 import re
@@ -56,6 +56,13 @@ def exists(path, test):
             return "no function %s/1 in %s" % (test, path)
         if test not in ct_all(src):
             return "%s is not in all() of %s: it never runs" % (test, path)
+    elif path.endswith(".exs"):
+        # An ExUnit test: its name with every run of other characters than letters and
+        # digits as one underscore ("a day, at most" is a_day_at_most).
+        names = {re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+                 for name in re.findall(r'^\s*test "([^"]*)"', src, re.M)}
+        if test not in names:
+            return "no ExUnit test named %s in %s" % (test, path)
     elif path.endswith(".rs"):
         if not re.search(r"#\[test\]\s*(?:#\[[^\]]*\]\s*)*fn %s\(" % re.escape(test), src):
             return "no #[test] fn %s in %s" % (test, path)

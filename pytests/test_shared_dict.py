@@ -439,7 +439,10 @@ def test_fabricated_handles_cannot_reach_the_dict(port_factory):
     assert p.sd_keys(h) == ("ok", [b"secret"])
 
 
-def test_owner_down_destroys_owned_dicts(port):
+def test_dead_owners_dicts_are_dropped_by_the_pool_not_by_owner_down(port):
+    """A dict belongs to the pool: a port's owner_down (which frees the owner's namespace
+    there) leaves it; sd_drop_owners, which the Erlang side's watcher sends once per dead
+    owner to any port, destroys exactly that owner's dicts."""
     a, b = pid(301), pid(302)
     base = port.stats()[A("dicts")]
     ha, hb = port.sd_new(owner=a), port.sd_new(owner=b)
@@ -448,14 +451,23 @@ def test_owner_down_destroys_owned_dicts(port):
     port.sd_set(hb, "k", 2)
     py(port, "held = SharedDict(ha)\nassert held['k'] == 1", ha=ha)
     port.owner_down(a)
-    wait_until(
-        lambda: port.sd_get(ha, "k") == ("error", A("shared_dict_destroyed")), 5, "owner's dict destroyed"
-    )
+    port.assert_serving()
+    assert found(port, ha, "k") == (A("found"), 1)
+    assert port.drop_owners([a]) == ("ok", 1)
+    assert port.sd_get(ha, "k") == ("error", A("shared_dict_destroyed"))
     assert port.stats()[A("dicts")] == base + 1
     assert found(port, hb, "k") == (A("found"), 2)
     py(port, "e = raises(RuntimeError, lambda: held['k'])\nassert str(e) == D", D=DESTROYED)
-    port.owner_down(b)
-    wait_until(lambda: port.stats()[A("dicts")] == base, 5, "all dicts freed")
+    assert port.drop_owners([a]) == ("ok", 0), "a second drop finds nothing"
+    assert port.drop_owners([]) == ("ok", 0)
+    assert port.drop_owners([b, pid(303)]) == ("ok", 1)
+    assert port.stats()[A("dicts")] == base
+
+
+def test_drop_owners_of_bad_shape_is_a_bad_request(port):
+    status, reason = port.sd("sd_drop_owners", [1, 2])
+    assert status == "error" and reason[0] == A("bad_request"), reason
+    port.assert_serving()
 
 
 def test_give_away(port):
@@ -463,11 +475,10 @@ def test_give_away(port):
     h = port.sd_new(owner=a)
     port.sd_set(h, "k", 1)
     assert port.sd_give_away(h, b) == ("ok", A("ok"))
-    port.owner_down(a)
-    port.assert_serving()
+    assert port.drop_owners([a]) == ("ok", 0)
     assert found(port, h, "k") == (A("found"), 1)
-    port.owner_down(b)
-    wait_until(lambda: port.sd_get(h, "k") == ("error", A("shared_dict_destroyed")), 5, "dict destroyed")
+    assert port.drop_owners([b]) == ("ok", 1)
+    assert port.sd_get(h, "k") == ("error", A("shared_dict_destroyed"))
 
 
 def test_stats_track_dicts(port):

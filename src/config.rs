@@ -8,7 +8,7 @@ pub const USAGE: &str = "usage: pyport [--generation N] [--workers N] [--max-wor
 [--spare-after-ms N] [--spare-idle-ms N] [--max-frame-bytes N] [--abandon-after-ms N] \
 [--max-abandoned N] [--gil-watchdog-ms N] [--max-reply-bytes N] [--oom-score-adj N] \
 [--max-memory-bytes N] [--thread-affinity namespace|always|none] [--log-lines-per-sec N] \
-[--none-as undefined|nil|none] [--sd-decode-workers N] [--callback-timeout-ms N] [--node NAME] [--max-threads N] [--otp-release N] [--trace-latency 0|1] [--worker-reads auto|always|never] [--python-log-level N] [--python-log-format FMT]";
+[--none-as undefined|nil|none] [--sd-decode-workers N] [--callback-timeout-ms N] [--node NAME] [--max-threads N] [--otp-release N] [--trace-latency 0|1] [--worker-reads auto|always|never] [--python-log-level N] [--python-log-format FMT] [--shm-path PATH] [--shm-size N] [--pool-generation N]";
 
 /// A setting's value as the stats map's `config` reports it: an integer, an atom or a text.
 #[derive(Debug, Clone, PartialEq)]
@@ -64,7 +64,17 @@ pub struct Config {
     pub trace_latency: bool,
     /// Whether idle workers read requests themselves (see `pool::Turn`).
     pub worker_reads: WorkerReads,
+    /// The pool's shared-memory file of SharedDicts (created by the first port that starts);
+    /// `None`: a store of this port's own, in an unlinked temporary file.
+    pub shm_path: Option<std::path::PathBuf>,
+    /// The size bound of that file.
+    pub shm_size: u64,
+    /// The pool's generation, in every SharedDict handle; `None`: this port's generation.
+    pub pool_generation: Option<u64>,
 }
+
+/// Default `--shm-size`: 1 GiB (sparse).
+pub const DEFAULT_SHM_SIZE: u64 = 1 << 30;
 
 impl Default for Config {
     fn default() -> Self {
@@ -93,6 +103,9 @@ impl Default for Config {
             otp_release: 0,
             trace_latency: false,
             worker_reads: WorkerReads::Auto,
+            shm_path: None,
+            shm_size: DEFAULT_SHM_SIZE,
+            pool_generation: None,
         }
     }
 }
@@ -115,6 +128,10 @@ impl Config {
             if flag == "--worker-reads" {
                 cfg.worker_reads = WorkerReads::parse(&value)
                     .ok_or_else(|| format!("{flag}: {value:?} is not auto, always or never"))?;
+                continue;
+            }
+            if flag == "--shm-path" {
+                cfg.shm_path = Some(value.into());
                 continue;
             }
             if flag == "--node" {
@@ -149,6 +166,8 @@ impl Config {
                 "--max-threads" => cfg.max_threads = n.max(1) as usize,
                 "--otp-release" => cfg.otp_release = n,
                 "--trace-latency" => cfg.trace_latency = n > 0,
+                "--shm-size" => cfg.shm_size = n,
+                "--pool-generation" => cfg.pool_generation = Some(n),
                 _ => return Err(format!("unknown option {flag}")),
             }
         }
@@ -157,6 +176,11 @@ impl Config {
         }
         cfg.max_workers = cfg.max_workers.max(cfg.workers);
         Ok(cfg)
+    }
+
+    /// The generation SharedDict handles carry: the pool's, else this port's.
+    pub fn handle_generation(&self) -> u64 {
+        self.pool_generation.unwrap_or(self.generation)
     }
 }
 
@@ -238,6 +262,11 @@ mod tests {
         assert_eq!(parse(&[]).unwrap().worker_reads, WorkerReads::Auto);
         assert_eq!(parse(&["--worker-reads", "always"]).unwrap().worker_reads, WorkerReads::Always);
         assert_eq!(parse(&["--worker-reads", "never"]).unwrap().worker_reads, WorkerReads::Never);
+        let c = parse(&["--generation", "3"]).unwrap();
+        assert_eq!((c.shm_path.clone(), c.shm_size, c.handle_generation()), (None, DEFAULT_SHM_SIZE, 3));
+        let c = parse(&["--shm-path", "/dev/shm/x.sd", "--shm-size", "1048576", "--pool-generation", "9", "--generation", "3"]).unwrap();
+        assert_eq!(c.shm_path.as_deref(), Some(std::path::Path::new("/dev/shm/x.sd")));
+        assert_eq!((c.shm_size, c.handle_generation()), (1 << 20, 9));
     }
 
     #[test]

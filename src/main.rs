@@ -47,6 +47,8 @@ mod python;
 mod registry;
 mod richtypes;
 mod shared_dict;
+// The shared-memory SharedDict store (issue 22); wired in by the integration.
+mod shm;
 mod shutdown;
 mod spin;
 mod stdio;
@@ -73,6 +75,8 @@ const EXIT_USAGE: i32 = 2;
 const EXIT_CORRUPT_STREAM: i32 = 3;
 const EXIT_IO: i32 = 4;
 const EXIT_PYTHON_INIT: i32 = 5;
+/// The pool's SharedDict store cannot be mapped (or belongs to another pool).
+const EXIT_STORE: i32 = 8;
 /// What a panic on the main thread exits with; also a panic while a worker routes a frame.
 const EXIT_PANIC: i32 = 101;
 
@@ -146,10 +150,16 @@ fn run(args: Vec<String>) -> ! {
         fatal(&out_tx, EXIT_IO, &format!("cannot start output drains: {e}"));
     }
 
-    for warning in limits::apply(cfg.oom_score_adj, cfg.max_memory) {
+    // The SharedDict store's mapping is the pool's, not this port's memory: the cap of the
+    // port's own address space comes on top of it.
+    let max_memory = if cfg.max_memory > 0 { cfg.max_memory.saturating_add(cfg.shm_size) } else { 0 };
+    for warning in limits::apply(cfg.oom_score_adj, max_memory) {
         out_tx.log("warning", "pyport", warning.as_bytes());
     }
-    pymodule::install_registry(Arc::new(Registry::new(cfg.generation)));
+    match Registry::open(cfg.shm_path.as_deref(), cfg.shm_size, cfg.handle_generation()) {
+        Ok(r) => pymodule::install_registry(Arc::new(r)),
+        Err(e) => fatal(&out_tx, EXIT_STORE, &e),
+    }
     if let Err(e) = pyo3::Python::attach(python::adopt) {
         fatal(&out_tx, EXIT_PYTHON_INIT, &format!("cannot set up Python for the port: {e}"));
     }
@@ -266,6 +276,10 @@ impl Router {
         let dicts = SharedDicts::start(out.clone(), decoder_cfg, interp.clone())?;
         let callbacks = callbacks::Callbacks::install(out.clone(), cfg.callback_timeout, cfg.node.clone());
         callbacks.set_pool(pool.clone());
+        // A change to a SharedDict the VM may cache waits for the VM to forget it: asked and
+        // answered like a callback.
+        let forget = callbacks.clone();
+        registry::set_forget(Box::new(move |py, handle, key| forget.forget(py, handle, key)));
         let streams = streams::Streams::new(out.clone(), interp.clone(), pool.clone());
         let config = cfg.report();
         Ok(Router { out, pool, callbacks, streams, interp, dicts, aio, generation: cfg.generation, config })
@@ -318,7 +332,7 @@ impl Router {
                 }),
             }),
             Request::OwnerDown { owner } => {
-                pymodule::registry().drop_owner(&owner);
+                // Its dicts belong to the pool: `sd_drop_owners` ends them, once.
                 self.streams.owner_down(&owner);
                 self.pool.owner_down(&owner);
             }
@@ -329,7 +343,10 @@ impl Router {
             Request::SdSet { id, handle, key, payload } => self.dicts.set(id, handle, key, payload),
             Request::SdDel { id, handle, key } => self.dicts.del(id, &handle, &key),
             Request::SdKeys { id, handle } => self.dicts.keys(id, &handle),
-            Request::SdDestroy { id, handle } => self.dicts.destroy(id, &handle),
+            Request::SdDestroy { id, handle } => self.dicts.destroy(id, handle),
+            Request::SdDropOwners { id, owners } => self.dicts.drop_owners(id, owners),
+            Request::SdCheck { id } => self.dicts.check(id),
+            Request::SdInvalidated { token } => self.callbacks.reply(token, true, Vec::new()),
             Request::SdUpdateCounter { id, handle, key, incr } => self.dicts.update_counter(id, &handle, &key, &incr),
             Request::SdCompareAndSwap { id, handle, key, old, new } => {
                 self.dicts.compare_and_swap(id, handle, key, old, new)
@@ -381,10 +398,15 @@ impl Router {
             ("thread_queues", pool.threads.iter().map(|t| t.1 as u64).collect()),
         ];
         // Decoding SharedDict values that need Python; the VM adds its cache's numbers.
-        let sd_entries: [(&str, u64); 3] = [
+        // And the pool's store: its memory (used, and the bound), dict slots, repaired locks.
+        let sd_entries: [(&str, u64); 7] = [
             ("python_decodes", sd.python_decodes),
             ("decode_queued", sd.decode_queued as u64),
             ("decode_stuck", sd.decode_stuck as u64),
+            ("memory_used", reg.used),
+            ("memory_limit", reg.capacity),
+            ("max_dicts", reg.max_dicts),
+            ("lock_recoveries", reg.recoveries),
         ];
         protocol::ok_frame(id, |out| {
             etf::put_map_header(out, entries.len() + lists.len() + 2 + trace.is_some() as usize);

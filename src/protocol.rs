@@ -104,6 +104,12 @@ pub enum Request {
     SdCompareAndSwap { id: u64, handle: Handle, key: Vec<u8>, old: Option<Vec<u8>>, new: Vec<u8> },
     /// `caller`, when given, must own the dict (as only the owner may `ets:give_away/3`).
     SdGiveAway { id: u64, handle: Handle, owner: Owner, caller: Option<Owner> },
+    /// Walk the whole SharedDict store and answer what is inconsistent (tests, diagnosis).
+    SdCheck { id: u64 },
+    /// Destroy every dict these (dead) processes own.
+    SdDropOwners { id: u64, owners: Vec<Owner> },
+    /// The VM applied the cache invalidation `token` (a change waits for it).
+    SdInvalidated { token: u64 },
     Cancel { id: u64 },
     Heartbeat { seq: u64 },
     OwnerDown { owner: Owner },
@@ -249,6 +255,11 @@ pub fn decode_request(frame: &[u8]) -> Result<Request, BadRequest> {
             owner: f.pid(3)?,
             caller: Some(f.pid(4)?),
         }),
+        ("sd_check", 2) => Ok(Request::SdCheck { id: f.id()? }),
+        ("sd_drop_owners", 3) => Ok(Request::SdDropOwners { id: f.id()?, owners: f.pid_list(2)? }),
+        ("sd_invalidated", 2) => Ok(Request::SdInvalidated {
+            token: elements.get(1).and_then(as_u64).ok_or_else(|| f.bad(1, "a token"))?,
+        }),
         ("cancel", 2) => Ok(Request::Cancel { id: f.id()? }),
         ("heartbeat", 2) => Ok(Request::Heartbeat { seq: f.id()? }),
         ("owner_down", 2) => Ok(Request::OwnerDown { owner: f.pid(1)? }),
@@ -319,6 +330,21 @@ impl Fields<'_> {
             Term::Pid(p) => Ok(p.clone()),
             _ => Err(self.bad(pos, "a pid")),
         }
+    }
+
+    fn pid_list(&self, pos: usize) -> Result<Vec<Pid>, BadRequest> {
+        let items: &[Term] = match &self.elems[pos] {
+            Term::List(l) => &l.elements,
+            Term::ByteList(b) if b.bytes.is_empty() => &[],
+            _ => return Err(self.bad(pos, "a list of pids")),
+        };
+        items
+            .iter()
+            .map(|t| match t {
+                Term::Pid(p) => Ok(p.clone()),
+                _ => Err(self.bad(pos, "a list of pids")),
+            })
+            .collect()
     }
 
     fn bytes(&self, pos: usize) -> Result<Vec<u8>, BadRequest> {
@@ -520,6 +546,18 @@ pub fn term_body(term: &Term) -> Vec<u8> {
 pub fn callback_frame(id: u64, name: &[u8], args: &[u8], caller: Option<&Owner>) -> Vec<u8> {
     let caller = caller.map_or_else(|| atom("undefined"), |p| Term::Pid(p.clone()));
     encode_term(&tuple(vec![atom("pyport_callback"), int(id), binary(name), binary(args), caller]))
+}
+
+/// `{pyport_sd_invalidate, Token, Handle, Key}` (`{pyport_sd_invalidate, Token, Handle}` for
+/// the whole dict): the VM must forget what it caches of it, and answer `{sd_invalidated,
+/// Token}` (a change waits for that).
+pub fn sd_invalidate_frame(token: u64, handle: &Handle, key: Option<&[u8]>) -> Vec<u8> {
+    let h = tuple(vec![atom(HANDLE_TAG), int(handle.generation), int(handle.id), binary(&handle.token)]);
+    let mut elems = vec![atom("pyport_sd_invalidate"), int(token), h];
+    if let Some(k) = key {
+        elems.push(binary(k));
+    }
+    encode_term(&tuple(elems))
 }
 
 /// `{pyport_stream_end, Ref}`: the stream `Ref` (its key, an external format) is over.

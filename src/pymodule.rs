@@ -7,8 +7,8 @@
 use crate::etf::{self, Limits, Reader};
 use crate::protocol::Handle;
 use crate::pickle_etf::{self, Int};
-use crate::registry::{Destroyed, Dict, Registry, Update, Value};
-use pyo3::exceptions::{PyBaseException, PyKeyError, PyRuntimeError, PyTypeError, PyValueError};
+use crate::registry::{Dict, Error as StoreError, PyGate, Registry, Update};
+use pyo3::exceptions::{PyBaseException, PyKeyError, PyMemoryError, PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyBytes, PyInt, PyList, PyString, PyTuple};
@@ -39,8 +39,13 @@ pub fn install_registry(r: Arc<Registry>) {
     let _ = REGISTRY.set(r);
 }
 
+/// The port's registry. Outside the port program (unit tests) a small store of its own.
 pub fn registry() -> &'static Arc<Registry> {
-    REGISTRY.get_or_init(|| Arc::new(Registry::new(0)))
+    REGISTRY.get_or_init(|| match Registry::open(None, 64 << 20, 0) {
+        Ok(r) => Arc::new(r),
+        // Only where no registry was installed (tests) and the temporary directory is unusable.
+        Err(e) => panic!("{e}"),
+    })
 }
 
 pub fn destroyed_error() -> PyErr {
@@ -64,10 +69,10 @@ fn pickle(py: Python<'_>) -> PyResult<&Pickle> {
     })
 }
 
-pub fn pickle_dumps(value: &Bound<'_, PyAny>) -> PyResult<Value> {
+pub fn pickle_dumps(value: &Bound<'_, PyAny>) -> PyResult<Vec<u8>> {
     let py = value.py();
     let b = pickle(py)?.dumps.bind(py).call1((value, 5))?;
-    Ok(Arc::from(b.cast::<PyBytes>()?.as_bytes()))
+    Ok(b.cast::<PyBytes>()?.as_bytes().to_vec())
 }
 
 pub fn pickle_loads<'py>(py: Python<'py>, bytes: &[u8]) -> PyResult<Bound<'py, PyAny>> {
@@ -77,7 +82,7 @@ pub fn pickle_loads<'py>(py: Python<'py>, bytes: &[u8]) -> PyResult<Bound<'py, P
 /// One step of an atomic counter, from either side: adds `incr` to the stored int (a missing
 /// key counts from 0). The answer is `None`, and nothing is stored, when the stored value is
 /// not a plain `int` (a bool, a float, an `int` subclass are not counters).
-pub fn counter_update(current: Option<&Value>, incr: &Int) -> Update<Option<Int>> {
+pub fn counter_update(current: Option<&[u8]>, incr: &Int) -> Update<Vec<u8>, Option<Int>> {
     let old = match current {
         None => Some(Int::from_i64(0)),
         Some(v) => pickle_etf::pickle_int(v),
@@ -85,7 +90,7 @@ pub fn counter_update(current: Option<&Value>, incr: &Int) -> Update<Option<Int>
     match old {
         Some(old) => {
             let new = old.add(incr);
-            Update { store: Some(Value::from(new.to_pickle())), answer: Some(new) }
+            Update { store: Some(new.to_pickle()), answer: Some(new) }
         }
         None => Update { store: None, answer: None },
     }
@@ -229,8 +234,8 @@ impl SharedDictHandle {
 #[pyclass(module = "erlang", name = "_SharedDictCore", subclass)]
 pub struct SharedDictCore {
     handle: Handle,
-    /// None when the handle never named a live dict of this port.
-    dict: Option<Arc<Dict>>,
+    /// None when the handle never named a live dict of this pool.
+    dict: Option<Dict>,
 }
 
 impl SharedDictCore {
@@ -239,12 +244,31 @@ impl SharedDictCore {
     }
 
     fn dict(&self) -> PyResult<&Dict> {
-        self.dict.as_deref().ok_or_else(destroyed_error)
+        self.dict.as_ref().ok_or_else(destroyed_error)
     }
 }
 
-fn live<T>(r: Result<T, Destroyed>) -> PyResult<T> {
-    r.map_err(|Destroyed| destroyed_error())
+/// A store operation's result in Python: `Destroyed` is `SharedDictDestroyed`, a write that
+/// does not fit `MemoryError`, a wait for Erlang that ended (the caller gave up) its own error.
+fn live<T>(r: Result<T, StoreError>) -> PyResult<T> {
+    r.map_err(store_error)
+}
+
+fn gated<T>(r: Result<T, StoreError>, gate: &PyGate<'_, '_>) -> PyResult<T> {
+    r.map_err(|e| match (e, gate.take_failure()) {
+        (StoreError::Interrupted, Some(err)) => err,
+        (e, _) => store_error(e),
+    })
+}
+
+pub fn store_error(e: StoreError) -> PyErr {
+    match e {
+        StoreError::Destroyed => destroyed_error(),
+        StoreError::Full => PyMemoryError::new_err(
+            "the SharedDict store is full (app env shared_dict_memory); delete entries or raise it",
+        ),
+        e => PyRuntimeError::new_err(format!("SharedDict: {e}")),
+    }
 }
 
 /// SharedDict keys are bytes on the wire: `str` is UTF-8 encoded, so `'k'`, `b'k'` and
@@ -303,7 +327,7 @@ impl SharedDictCore {
 
     fn __getitem__<'py>(&self, key: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
         match live(self.dict()?.get(&key_bytes(key)?))? {
-            Some(v) => pickle_loads(key.py(), &v),
+            Some(v) => pickle_loads(key.py(), &v.bytes),
             None => Err(PyKeyError::new_err(key.clone().unbind())),
         }
     }
@@ -313,11 +337,13 @@ impl SharedDictCore {
         let dict = self.dict()?;
         // Pickle before taking the dict's lock: pickling runs Python code.
         let v = pickle_dumps(value)?;
-        live(dict.set(&k, v))
+        let gate = registry().gate(key.py());
+        gated(dict.set(&k, &v, &gate), &gate)
     }
 
     fn __delitem__(&self, key: &Bound<'_, PyAny>) -> PyResult<()> {
-        if live(self.dict()?.del(&key_bytes(key)?))? {
+        let gate = registry().gate(key.py());
+        if gated(self.dict()?.del(&key_bytes(key)?, &gate), &gate)? {
             Ok(())
         } else {
             Err(PyKeyError::new_err(key.clone().unbind()))
@@ -352,7 +378,7 @@ impl SharedDictCore {
     fn get<'py>(&self, key: &Bound<'py, PyAny>, default: Option<Bound<'py, PyAny>>) -> PyResult<Bound<'py, PyAny>> {
         let py = key.py();
         match live(self.dict()?.get(&key_bytes(key)?))? {
-            Some(v) => pickle_loads(py, &v),
+            Some(v) => pickle_loads(py, &v.bytes),
             None => Ok(default.unwrap_or_else(|| py.None().into_bound(py))),
         }
     }
@@ -364,7 +390,8 @@ impl SharedDictCore {
         if default.len() > 1 {
             return Err(PyTypeError::new_err(format!("pop expected at most 2 arguments, got {}", default.len() + 1)));
         }
-        match live(self.dict()?.take(&key_bytes(key)?))? {
+        let gate = registry().gate(py);
+        match gated(self.dict()?.take(&key_bytes(key)?, &gate), &gate)? {
             Some(v) => pickle_loads(py, &v),
             None if default.len() == 1 => default.get_item(0),
             None => Err(PyKeyError::new_err(key.clone().unbind())),
@@ -382,7 +409,8 @@ impl SharedDictCore {
             Some(n) => int_arg(n)?,
             None => Int::from_i64(1),
         };
-        match live(self.dict()?.update(&k, |current| counter_update(current, &incr)))? {
+        let gate = registry().gate(py);
+        match gated(self.dict()?.update(&k, &gate, |current| counter_update(current, &incr)), &gate)? {
             Some(new) => int_object(py, &new),
             None => Err(PyTypeError::new_err(format!("SharedDict.incr: the value under {} is not an int", key.repr()?))),
         }
@@ -396,33 +424,37 @@ impl SharedDictCore {
         let k = key_bytes(key)?;
         let dict = self.dict()?;
         let new = pickle_dumps(new)?;
+        let gate = registry().gate(py);
         if is_absent(old)? {
-            return live(dict.replace_if_same(&k, None, new));
+            return gated(dict.replace_if_same(&k, None, &new, &gate), &gate);
         }
         loop {
             let Some(current) = live(dict.get(&k))? else { return Ok(false) };
             // Compared outside the dict's lock (it runs Python code); the swap then only
             // happens if nobody changed the entry meanwhile, else compare again.
-            let value = pickle_loads(py, &current)?;
+            let value = pickle_loads(py, &current.bytes)?;
             if !value.get_type().is(&old.get_type()) || !value.eq(old)? {
                 return Ok(false);
             }
-            if live(dict.replace_if_same(&k, Some(&current), new.clone()))? {
+            if gated(dict.replace_if_same(&k, Some(&current), &new, &gate), &gate)? {
                 return Ok(true);
             }
         }
     }
 
     /// Removes every entry (atomically).
-    fn clear(&self) -> PyResult<()> {
-        live(self.dict()?.clear())
+    fn clear(&self, py: Python<'_>) -> PyResult<()> {
+        let gate = registry().gate(py);
+        gated(self.dict()?.clear(&gate), &gate)
     }
 
     /// Destroys the dict for every holder, in Python and in Erlang. Idempotent.
-    fn destroy(&self) {
+    fn destroy(&self, py: Python<'_>) -> PyResult<()> {
         if self.dict.is_some() {
-            registry().destroy(&self.handle);
+            let gate = registry().gate(py);
+            gated(registry().destroy(&self.handle, &gate), &gate)?;
         }
+        Ok(())
     }
 
     /// Whether the dict has been destroyed.

@@ -12,9 +12,14 @@
 //!   with its own error runs on the pickler thread.
 //!
 //! A plain value served to an Erlang `get` goes out as a `cached` reply: the VM keeps it in its
-//! read cache, and the registry flags the entry so that whatever changes it next queues an
-//! invalidation (see `registry`). The reply is queued under the dict's lock, after a check that
-//! the entry still holds the value read, so no invalidation can precede the reply it cancels.
+//! read cache, and the store flags the entry so that a change made in any port first has the
+//! VM forget it (see `shm`). The flag is set under the dict's lock, after a check that the
+//! entry still holds the value read and that no such change is waiting.
+//!
+//! Erlang-side key changes run here without waiting for anything: the VM forgot the key
+//! before it sent them. Whole-dict changes (a destroy, the dicts of a dead owner) may have to
+//! wait for the VM, so they run on a decoder thread, never on the reader (which must read
+//! the VM's answer).
 
 use crate::convert;
 use crate::etf;
@@ -25,7 +30,7 @@ use crate::pool::{Job, Pool, PoolConfig, PYTHON_THREAD_STACK};
 use crate::spin::spin_for_job;
 use crate::protocol::{self, atom, Handle};
 use crate::pymodule::{counter_update, pickle_dumps, pickle_loads, registry};
-use crate::registry::{self as reg, Destroyed, Dict, GiveAwayError, Invalidation, Update, Value};
+use crate::registry::{Dict, Error as StoreError, Stored, Ungated, Update};
 use crossbeam_channel::{unbounded, Sender};
 use pyo3::prelude::*;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -75,6 +80,20 @@ fn destroyed(id: u64) -> Frame {
     protocol::error_frame(Some(id), atom("shared_dict_destroyed"))
 }
 
+/// The error reply for a store failure: `shared_dict_destroyed`, `shared_dict_full` (the
+/// Erlang side raises `{shared_dict_full, SD}`), `not_owner`, or an internal error.
+fn store_error(id: u64, e: StoreError) -> Frame {
+    match e {
+        StoreError::Destroyed => destroyed(id),
+        StoreError::Full => protocol::error_frame(Some(id), atom("shared_dict_full")),
+        StoreError::NotOwner => protocol::error_frame(Some(id), atom("not_owner")),
+        e => protocol::error_frame(
+            Some(id),
+            protocol::tuple(vec![atom("internal_error"), protocol::binary(format!("SharedDict: {e}").as_bytes())]),
+        ),
+    }
+}
+
 fn ok_atom(id: u64) -> Frame {
     protocol::ok_frame(id, |out| etf::put_atom(out, "ok"))
 }
@@ -85,23 +104,6 @@ fn put_handle(out: &mut Vec<u8>, handle: &Handle) {
     etf::put_u64(out, handle.generation);
     etf::put_u64(out, handle.id);
     etf::put_binary(out, &handle.token);
-}
-
-/// `{pyport_sd_invalidate, Handle, Key}` or `{pyport_sd_invalidate, Handle}`.
-fn invalidation_frame(what: Invalidation<'_>) -> Frame {
-    let mut out = Vec::with_capacity(96);
-    out.push(etf::VERSION);
-    let (handle, key) = match what {
-        Invalidation::Key(h, k) => (h, Some(k)),
-        Invalidation::Dict(h) => (h, None),
-    };
-    etf::put_tuple_header(&mut out, if key.is_some() { 3 } else { 2 });
-    etf::put_atom(&mut out, "pyport_sd_invalidate");
-    put_handle(&mut out, handle);
-    if let Some(k) = key {
-        etf::put_binary(&mut out, k);
-    }
-    out
 }
 
 /// `{Id, cached, {Handle, Key, Payload}}`: an Erlang `get`'s reply that the VM may cache.
@@ -140,11 +142,8 @@ fn found_payload(capacity: usize) -> Vec<u8> {
 }
 
 impl SharedDicts {
-    /// Starts the pickler thread and routes the registry's invalidations into `out`. The
-    /// decoder pool (`decoder_cfg`) starts when first needed.
+    /// Starts the pickler thread. The decoder pool (`decoder_cfg`) starts when first needed.
     pub fn start(out: Outbox, decoder_cfg: PoolConfig, interp: Arc<Interp>) -> std::io::Result<Arc<SharedDicts>> {
-        let inv = out.clone();
-        reg::set_invalidator(Box::new(move |what| inv.send(invalidation_frame(what))));
         let pickler_cancels = Arc::new(Mutex::new(PicklerCancels::default()));
         let pickler = start_pickler(out.clone(), pickler_cancels.clone())?;
         Ok(Arc::new(SharedDicts {
@@ -198,59 +197,105 @@ impl SharedDicts {
         pool.submit(job);
     }
 
-    fn lookup(&self, id: u64, handle: &Handle) -> Option<Arc<Dict>> {
+    fn lookup(&self, id: u64, handle: &Handle) -> Option<Dict> {
         match registry().lookup(handle) {
             Ok(d) => Some(d),
-            Err(Destroyed) => {
-                self.out.send(destroyed(id));
+            Err(e) => {
+                self.out.send(store_error(id, e));
                 None
             }
         }
     }
 
     pub fn new_dict(&self, id: u64, owner: protocol::Owner) {
-        let dict = registry().create(owner);
-        let handle = dict.handle();
-        self.out.send(protocol::ok_frame(id, |out| put_handle(out, &handle)));
+        self.out.send(match registry().create(&owner) {
+            Ok(dict) => {
+                let handle = dict.handle();
+                protocol::ok_frame(id, |out| put_handle(out, &handle))
+            }
+            Err(e) => store_error(id, e),
+        });
     }
 
     pub fn del(&self, id: u64, handle: &Handle, key: &[u8]) {
-        self.out.send(match registry().lookup(handle).and_then(|d| d.del(key)) {
+        self.out.send(match registry().lookup(handle).and_then(|d| d.del(key, &Ungated)) {
             Ok(_) => ok_atom(id),
-            Err(Destroyed) => destroyed(id),
+            Err(e) => store_error(id, e),
         })
     }
 
     pub fn keys(&self, id: u64, handle: &Handle) {
         self.out.send(match registry().lookup(handle).and_then(|d| d.keys()) {
             Ok(keys) => protocol::ok_frame(id, |out| etf::put_binary_list(out, keys.iter().map(Vec::as_slice))),
-            Err(Destroyed) => destroyed(id),
+            Err(e) => store_error(id, e),
         })
     }
 
-    pub fn destroy(&self, id: u64, handle: &Handle) {
-        // The dict's invalidation, if the VM caches any of it, is queued before this reply.
-        registry().destroy(handle);
-        self.out.send(ok_atom(id));
+    /// Destroys a dict: on a decoder thread, as it may have to wait for the VM to forget it.
+    pub fn destroy(self: &Arc<Self>, id: u64, handle: Handle) {
+        self.submit_decode(Job::Task {
+            id,
+            what: "SharedDict destroy".into(),
+            run: Box::new(move |py| {
+                let gate = registry().gate(py);
+                match registry().destroy(&handle, &gate) {
+                    Ok(_) | Err(StoreError::Destroyed) => ok_atom(id),
+                    Err(StoreError::Interrupted) => protocol::error_frame(Some(id), atom("cancelled")),
+                    Err(e) => store_error(id, e),
+                }
+            }),
+        });
+    }
+
+    /// Destroys the dicts of dead owners, as [`SharedDicts::destroy`] does one.
+    pub fn drop_owners(self: &Arc<Self>, id: u64, owners: Vec<protocol::Owner>) {
+        self.submit_decode(Job::Task {
+            id,
+            what: "SharedDicts of dead owners".into(),
+            run: Box::new(move |py| {
+                let gate = registry().gate(py);
+                let mut dropped = 0u64;
+                for owner in &owners {
+                    match registry().drop_owner(owner, &gate) {
+                        Ok(n) => dropped += n as u64,
+                        Err(StoreError::Interrupted) => return protocol::error_frame(Some(id), atom("cancelled")),
+                        Err(e) => return store_error(id, e),
+                    }
+                }
+                protocol::ok_frame(id, |out| etf::put_u64(out, dropped))
+            }),
+        });
+    }
+
+    /// Walks the whole store (stopping it meanwhile): a list of what is inconsistent. On a
+    /// decoder thread, as it takes every lock.
+    pub fn check(self: &Arc<Self>, id: u64) {
+        self.submit_decode(Job::Task {
+            id,
+            what: "SharedDict store check".into(),
+            run: Box::new(move |py| {
+                let problems = py.detach(|| registry().check());
+                protocol::ok_frame(id, |out| etf::put_binary_list(out, problems.iter().map(|p| p.as_bytes())))
+            }),
+        });
     }
 
     pub fn give_away(&self, id: u64, handle: &Handle, owner: protocol::Owner, caller: Option<&protocol::Owner>) {
-        self.out.send(match registry().give_away(handle, owner, caller) {
+        self.out.send(match registry().give_away(handle, &owner, caller) {
             Ok(()) => ok_atom(id),
-            Err(GiveAwayError::Destroyed) => destroyed(id),
-            Err(GiveAwayError::NotOwner) => protocol::error_frame(Some(id), protocol::atom("not_owner")),
+            Err(e) => store_error(id, e),
         })
     }
 
     pub fn get(self: &Arc<Self>, id: u64, handle: Handle, key: Vec<u8>) {
         let Some(dict) = self.lookup(id, &handle) else { return };
         let value = match dict.get(&key) {
-            Err(Destroyed) => return self.out.send(destroyed(id)),
+            Err(e) => return self.out.send(store_error(id, e)),
             Ok(None) => return self.out.send(protocol::ok_frame(id, |out| etf::put_atom(out, "not_found"))),
             Ok(Some(v)) => v,
         };
-        let mut payload = found_payload(value.len());
-        if pickle_etf::pickle_to_etf(&value, &mut payload).is_err() {
+        let mut payload = found_payload(value.bytes.len());
+        if pickle_etf::pickle_to_etf(&value.bytes, &mut payload).is_err() {
             return self.decode(id, handle, key);
         }
         let mut frame = Some(cached_frame(id, &handle, &key, &payload));
@@ -261,7 +306,8 @@ impl SharedDicts {
             }
         });
         if !sent {
-            // Changed since it was read: still a correct answer, but not one to cache.
+            // Changed since it was read, or a change waits for the VM: still a correct
+            // answer, but not one to cache.
             self.out.send(payload_frame(id, &payload));
         }
     }
@@ -282,9 +328,9 @@ impl SharedDicts {
     pub fn set(&self, id: u64, handle: Handle, key: Vec<u8>, payload: Vec<u8>) {
         let Some(dict) = self.lookup(id, &handle) else { return };
         match pickle_etf::etf_to_pickle(&payload) {
-            Ok(pickled) => self.out.send(match dict.set(&key, Value::from(pickled)) {
+            Ok(pickled) => self.out.send(match dict.set(&key, &pickled, &Ungated) {
                 Ok(()) => ok_atom(id),
-                Err(Destroyed) => destroyed(id),
+                Err(e) => store_error(id, e),
             }),
             // The pickler lives as long as the process.
             Err(_declined) => {
@@ -299,10 +345,10 @@ impl SharedDicts {
             return self.out.send(protocol::error_frame(Some(id), atom("badarg")));
         };
         let Some(dict) = self.lookup(id, handle) else { return };
-        self.out.send(match dict.update(key, |current| counter_update(current, &incr)) {
+        self.out.send(match dict.update(key, &Ungated, |current| counter_update(current, &incr)) {
             Ok(Some(n)) => protocol::ok_frame(id, |out| n.put_etf(out)),
             Ok(None) => protocol::error_frame(Some(id), atom("badarg")),
-            Err(Destroyed) => destroyed(id),
+            Err(e) => store_error(id, e),
         })
     }
 
@@ -310,7 +356,7 @@ impl SharedDicts {
         let Some(dict) = self.lookup(id, &handle) else { return };
         match plain_cas(&dict, &key, old.as_deref(), &new) {
             Ok(Ok(swapped)) => self.out.send(bool_frame(id, swapped)),
-            Ok(Err(Destroyed)) => self.out.send(destroyed(id)),
+            Ok(Err(e)) => self.out.send(store_error(id, e)),
             Err(_declined) => {
                 let me = self.clone();
                 self.submit_decode(Job::Task {
@@ -328,9 +374,9 @@ impl SharedDicts {
 
 /// Compare-and-swap in Rust, or `Declined` when a value involved needs Python. The stored
 /// value, converted as a `get` returns it, must be `=:=` to `old` as Erlang gave it.
-fn plain_cas(dict: &Dict, key: &[u8], old: Option<&[u8]>, new: &[u8]) -> Result<Result<bool, Destroyed>, Declined> {
-    let new = Value::from(pickle_etf::etf_to_pickle(new)?);
-    cas_loop(dict, key, old, new, |current| {
+fn plain_cas(dict: &Dict, key: &[u8], old: Option<&[u8]>, new: &[u8]) -> Result<Result<bool, StoreError>, Declined> {
+    let new = pickle_etf::etf_to_pickle(new)?;
+    cas_loop(dict, key, old, &new, |current| {
         let mut have = Vec::new();
         pickle_etf::pickle_to_etf(current, &mut have)?;
         Ok(have)
@@ -339,9 +385,9 @@ fn plain_cas(dict: &Dict, key: &[u8], old: Option<&[u8]>, new: &[u8]) -> Result<
 
 /// [`plain_cas`] with Python doing the conversions, for values it declined.
 fn python_cas(py: Python<'_>, id: u64, dict: &Dict, key: &[u8], old: Option<&[u8]>, new: &[u8]) -> Frame {
-    let attempt = || -> Result<Result<bool, Destroyed>, Failure> {
+    let attempt = || -> Result<Result<bool, StoreError>, Failure> {
         let new = pickle_dumps(&convert::decode(py, new).map_err(Failure::Convert)?)?;
-        cas_loop(dict, key, old, new, |current| {
+        cas_loop(dict, key, old, &new, |current| {
             let mut have = Vec::new();
             convert::encode(&pickle_loads(py, current)?, &mut have).map_err(Failure::Convert)?;
             Ok(have)
@@ -349,7 +395,7 @@ fn python_cas(py: Python<'_>, id: u64, dict: &Dict, key: &[u8], old: Option<&[u8
     };
     match attempt() {
         Ok(Ok(b)) => bool_frame(id, b),
-        Ok(Err(Destroyed)) => destroyed(id),
+        Ok(Err(e)) => store_error(id, e),
         Err(f) => protocol::error_frame(Some(id), failure_reason(py, f)),
     }
 }
@@ -357,26 +403,26 @@ fn python_cas(py: Python<'_>, id: u64, dict: &Dict, key: &[u8], old: Option<&[u8
 /// Stores `new` if the value under `key`, as `to_etf` converts it, is `=:=` to `old` (a
 /// versioned term; `None`: only if the key is absent). The comparison runs outside the dict's
 /// lock; the swap then happens only if the entry is still the one compared, else it compares
-/// again with what is there now.
+/// again with what is there now. An Erlang-side change: the VM forgot the key already.
 fn cas_loop<E>(
     dict: &Dict,
     key: &[u8],
     old: Option<&[u8]>,
-    new: Value,
-    to_etf: impl Fn(&Value) -> Result<Vec<u8>, E>,
-) -> Result<Result<bool, Destroyed>, E> {
-    let Some(old) = old else { return Ok(dict.replace_if_same(key, None, new)) };
+    new: &[u8],
+    to_etf: impl Fn(&[u8]) -> Result<Vec<u8>, E>,
+) -> Result<Result<bool, StoreError>, E> {
+    let Some(old) = old else { return Ok(dict.replace_if_same(key, None, new, &Ungated)) };
     let want = old.get(1..).unwrap_or_default();
     loop {
-        let current = match dict.get(key) {
+        let current: Stored = match dict.get(key) {
             Ok(Some(v)) => v,
             Ok(None) => return Ok(Ok(false)),
-            Err(d) => return Ok(Err(d)),
+            Err(e) => return Ok(Err(e)),
         };
-        if !pickle_etf::terms_exactly_equal(&to_etf(&current)?, want) {
+        if !pickle_etf::terms_exactly_equal(&to_etf(&current.bytes)?, want) {
             return Ok(Ok(false));
         }
-        match dict.replace_if_same(key, Some(&current), new.clone()) {
+        match dict.replace_if_same(key, Some(&current), new, &Ungated) {
             Ok(false) => continue,
             done => return Ok(done),
         }
@@ -411,9 +457,9 @@ fn start_pickler(out: Outbox, cancels: Arc<Mutex<PicklerCancels>>) -> std::io::R
 
 fn python_get(py: Python<'_>, id: u64, handle: &Handle, key: &[u8]) -> Frame {
     let value = match registry().lookup(handle).and_then(|d| d.get(key)) {
-        Err(Destroyed) => return destroyed(id),
+        Err(e) => return store_error(id, e),
         Ok(None) => return protocol::ok_frame(id, |out| etf::put_atom(out, "not_found")),
-        Ok(Some(v)) => v,
+        Ok(Some(v)) => v.bytes,
     };
     let failure = match pickle_loads(py, &value) {
         Ok(obj) => {
@@ -433,9 +479,9 @@ fn python_set(py: Python<'_>, job: &PickleJob, cancels: &Mutex<PicklerCancels>) 
     // Check first so that a dead dict is reported as such, not as a conversion error.
     let dict = match registry().lookup(&job.handle) {
         Ok(d) => d,
-        Err(Destroyed) => {
+        Err(e) => {
             cancels.lock().queued.remove(&id);
-            return destroyed(id);
+            return store_error(id, e);
         }
     };
     let pickled = convert::decode(py, &job.payload)
@@ -449,7 +495,7 @@ fn python_set(py: Python<'_>, job: &PickleJob, cancels: &Mutex<PicklerCancels>) 
         }
     };
     // Decided under the dict's lock: a cancel seen here is older than any later write.
-    let stored = dict.update(&job.key, |_| {
+    let stored = dict.update(&job.key, &Ungated, |_| {
         let mut c = cancels.lock();
         c.queued.remove(&id);
         if c.cancelled.remove(&id) {
@@ -461,6 +507,6 @@ fn python_set(py: Python<'_>, job: &PickleJob, cancels: &Mutex<PicklerCancels>) 
     match stored {
         Ok(true) => ok_atom(id),
         Ok(false) => protocol::error_frame(Some(id), atom("cancelled")),
-        Err(Destroyed) => destroyed(id),
+        Err(e) => store_error(id, e),
     }
 }

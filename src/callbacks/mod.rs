@@ -145,7 +145,7 @@ impl Callbacks {
         }
         // On the event loop's thread, the loop goes on without it while it waits.
         let loop_wait = crate::aio::begin_wait(py);
-        let answer = self.wait(py, id, &rx, loop_wait.as_ref());
+        let answer = self.wait(py, id, &rx, loop_wait.as_ref(), true);
         if let Some(w) = loop_wait {
             w.end(py);
         }
@@ -164,10 +164,32 @@ impl Callbacks {
         }
     }
 
+    /// Tells the VM to forget what it caches of a dict's key (or of the whole dict), and waits
+    /// for its answer as for a callback's (the same cancellation and time limits): a change
+    /// to a SharedDict waits for this before anyone can see it (see `shm`).
+    pub fn forget(&self, py: Python<'_>, handle: &protocol::Handle, key: Option<&[u8]>) -> PyResult<()> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = unbounded();
+        self.waiters.lock().insert(id, Waiter::Thread(tx));
+        self.out.send(protocol::sd_invalidate_frame(id, handle, key));
+        if let Some(pool) = self.pool.get() {
+            pool.before_waiting();
+        }
+        let loop_wait = crate::aio::begin_wait(py);
+        let answer = self.wait(py, id, &rx, loop_wait.as_ref(), false);
+        if let Some(w) = loop_wait {
+            w.end(py);
+        }
+        self.waiters.lock().remove(&id);
+        answer.map(|_| ())
+    }
+
     /// Waits for the answer to callback `id`. A worker waits as long as its request lives,
     /// and so does a coroutine (`in_loop`, its task's cancellation ends the wait); any other
     /// thread at most `callback_timeout`.
-    fn wait(&self, py: Python<'_>, id: u64, rx: &Receiver<Event>, in_loop: Option<&crate::aio::LoopWait>) -> PyResult<(bool, Vec<u8>)> {
+    /// `callback`: the Erlang process of a callback nobody waits for any more is killed
+    /// (an invalidation has none).
+    fn wait(&self, py: Python<'_>, id: u64, rx: &Receiver<Event>, in_loop: Option<&crate::aio::LoopWait>, callback: bool) -> PyResult<(bool, Vec<u8>)> {
         let deadline = match (crate::cancel::current_cancelled(), in_loop) {
             (Some(_), _) => None,
             (None, Some(w)) if w.in_task() => None,
@@ -184,19 +206,21 @@ impl Callbacks {
             match event {
                 Ok(Event::Reply { ok, payload }) => {
                     // A cancellation that arrived with the answer still ends the request.
-                    self.check_cancelled(py, id, in_loop)?;
+                    self.check_cancelled(py, id, in_loop, callback)?;
                     return Ok((ok, payload));
                 }
                 Ok(Event::Nested(job)) => {
                     if let Some(frame) = self.pool.get().and_then(|p| p.run_nested(py, job)) {
                         self.out.send(frame);
                     }
-                    self.check_cancelled(py, id, in_loop)?;
+                    self.check_cancelled(py, id, in_loop, callback)?;
                 }
                 Err(RecvTimeoutError::Timeout) => {
-                    self.check_cancelled(py, id, in_loop)?;
+                    self.check_cancelled(py, id, in_loop, callback)?;
                     if deadline.is_some_and(|d| Instant::now() >= d) {
-                        self.out.send(protocol::callback_cancel_frame(id));
+                        if callback {
+                            self.out.send(protocol::callback_cancel_frame(id));
+                        }
                         return Err(PyTimeoutError::new_err(format!(
                             "no answer from Erlang within callback_timeout ({} ms)",
                             self.timeout.as_millis()
@@ -213,9 +237,9 @@ impl Callbacks {
     /// Ends the wait with `CallCancelled` if the worker's request was cancelled meanwhile
     /// (taking back the asynchronous one, so that it does not strike a second time), or
     /// with `CancelledError` if the coroutine's task was.
-    fn check_cancelled(&self, py: Python<'_>, id: u64, in_loop: Option<&crate::aio::LoopWait>) -> PyResult<()> {
+    fn check_cancelled(&self, py: Python<'_>, id: u64, in_loop: Option<&crate::aio::LoopWait>, callback: bool) -> PyResult<()> {
         let cancelled = cancellation(py, in_loop, "the Erlang caller gave up while Python waited for a callback");
-        if cancelled.is_some() {
+        if cancelled.is_some() && callback {
             self.out.send(protocol::callback_cancel_frame(id));
         }
         cancelled.map_or(Ok(()), Err)
