@@ -25,10 +25,12 @@
          the_file_lives_with_the_pool/1,
          stale_files_of_dead_vms_are_removed/1,
          bad_shared_dict_memory_fails_the_start/1,
+         destroy_without_a_port_raises_and_keeps_the_dict/1,
          random_kills/1]).
 
 -define(LIB, pyport_ct_lib).
--define(ENV_KEYS, [ports, shared_dict_memory, shared_dict_dir, sys_path]).
+-define(ENV_KEYS, [ports, shared_dict_memory, shared_dict_dir, sys_path, startup_code,
+                   start_timeout_ms]).
 -define(DEFAULT_KILLS, 100).
 
 suite() ->
@@ -45,6 +47,7 @@ all() ->
      the_file_lives_with_the_pool,
      stale_files_of_dead_vms_are_removed,
      bad_shared_dict_memory_fails_the_start,
+     destroy_without_a_port_raises_and_keeps_the_dict,
      random_kills].
 
 init_per_suite(Config) ->
@@ -275,6 +278,27 @@ bad_shared_dict_memory_fails_the_start(_Config) ->
 
 %%--------------------------------------------------------------------
 %% Random kills
+
+%% No port is up (its start-up code fails, it restarts with back-off): a destroy
+%% raises `{pyport_unavailable, _}' instead of answering `ok', and the dict is still
+%% there with its entries when a port is back; then the destroy does it.
+%% (Before dicts lived in shared memory, `ok' was true: the dict died with its port.)
+destroy_without_a_port_raises_and_keeps_the_dict(_Config) ->
+    ok = application:set_env(pyport, ports, 1),
+    ok = application:set_env(pyport, start_timeout_ms, 2000),
+    ok = start(),
+    {ok, SD} = py:shared_dict_new(),
+    ok = py:shared_dict_set(SD, <<"k">>, <<"v">>),
+    ok = application:set_env(pyport, startup_code, <<"raise SystemExit(3)">>),
+    {error, _} = py:restart(),
+    ?assertError({pyport_unavailable, _}, py:shared_dict_destroy(SD)),
+    ok = application:unset_env(pyport, startup_code),
+    ok = py:restart(),
+    ?assertEqual([<<"k">>], py:shared_dict_keys(SD)),
+    ?assertEqual(<<"v">>, py:shared_dict_get(SD, <<"k">>)),
+    ok = py:shared_dict_destroy(SD),
+    ?assertError({shared_dict_destroyed, SD}, py:shared_dict_keys(SD)),
+    ok = py:shared_dict_destroy(SD).
 
 random_kills(_Config) ->
     Kills = case os:getenv("POOL_KILLS") of

@@ -252,7 +252,7 @@ op(N, C, Wrong) when N =< 55 ->
             fun(R) -> R =:= {ok, A * B + byte_size(S)} end);
 op(N, C, Wrong) when N =< 70 ->
     X = rand:uniform(1000),
-    Gen = pyport_server:generation(),
+    Gen = port_generation(),
     case checked(C, Wrong, exec,
                  fun() -> py:exec(<<"def soak_f(x):\n    return [x, x * 2]\n">>) end,
                  fun(R) -> R =:= ok end) of
@@ -262,7 +262,7 @@ op(N, C, Wrong) when N =< 70 ->
                     fun({ok, V}) -> V =:= [X, X * 2];
                        %% only a restart between exec and call may empty the namespace
                        ({error, {python, 'NameError', _, _}}) ->
-                            pyport_server:generation() =/= Gen;
+                            port_generation() =/= Gen;
                        (_) -> false
                     end);
         _ ->
@@ -355,9 +355,9 @@ writer_loop(Id, SD, N, Acked, PyLast, Deadline, C, Wrong) when N > ?KEYS_PER_DIC
             catch
                 error:{shared_dict_destroyed, SD} -> counters:add(C, ?DICTS_CYCLED, 1);
                 error:{pyport_timeout, _} -> counters:add(C, ?SD_TIMEOUTS, 1);
-                %% A kill landed between the two: destroy answers ok for a dict whose
-                %% port is going, and keys raises, as documented. The dict is gone.
-                error:{pyport_unavailable, _} -> ok
+                %% A kill landed between the two: the destroy was done (it answered
+                %% ok), the keys request found no port to ask.
+                error:{pyport_unavailable, _} -> counters:add(C, ?DICTS_CYCLED, 1)
             end;
         gone ->
             ok
@@ -382,12 +382,17 @@ writer_loop(Id, SD, N, Acked, PyLast, Deadline, C, Wrong) ->
                          error:{pyport_timeout, _} ->
                              counters:add(C, ?SD_TIMEOUTS, 1),
                              Acked;
-                         error:_ ->
-                             gone
+                         %% the port is being replaced: the dict is not in it, and
+                         %% waits in shared memory; this write was not acknowledged
+                         error:{pyport_unavailable, _} ->
+                             timer:sleep(50),
+                             Acked;
+                         error:Reason ->
+                             {gone, Reason}
                      end,
             case Acked1 of
-                gone ->
-                    sd_gone(SD, C, Wrong),
+                {gone, Why} ->
+                    sd_gone(SD, Why, C, Wrong),
                     writer_new_dict(Id, Deadline, C, Wrong);
                 _ when N rem 25 =:= 0 ->
                     case verify(SD, Acked1, PyLast, C, Wrong) of
@@ -429,8 +434,12 @@ verify(SD, Acked, PyLast, C, Wrong) ->
         error:{pyport_timeout, _} ->
             counters:add(C, ?SD_TIMEOUTS, 1),
             {ok, PyLast};
-        error:_ ->
-            sd_gone(SD, C, Wrong),
+        %% no port to ask right now: verified at the next round instead
+        error:{pyport_unavailable, _} ->
+            timer:sleep(50),
+            {ok, PyLast};
+        error:Reason ->
+            sd_gone(SD, Reason, C, Wrong),
             gone
     end.
 
@@ -439,30 +448,16 @@ lost(C, Wrong, What) ->
     Wrong ! {wrong, {lost, What}},
     ok.
 
-%% A dict operation raised shared_dict_destroyed or pyport_unavailable: fine
-%% if the dict's port has died; a dict of the live port that vanished is a loss.
-sd_gone({_, Gen, _, _} = SD, C, Wrong) ->
+%% A dict operation of its living owner raised something else than a timeout or an
+%% unavailable port: the dict lives in shared memory, which no port's death touches,
+%% so a dict that vanished (or any other error) is a loss.
+sd_gone(SD, Reason, C, Wrong) ->
     counters:add(C, ?DESTROYED_SEEN, 1),
-    %% the generation is bumped when the server sees the exit; give it time
-    %% (port_down bumps it before any restart), so poll for that, generously
-    case port_died_since(Gen, now_ms() + 10000) of
-        true -> ok;
-        false -> lost(C, Wrong, {destroyed_on_live_port, SD})
-    end.
+    lost(C, Wrong, {dict_gone_while_its_owner_lives, SD, Reason}).
 
-%% True as soon as the port generation differs from Gen (its port died); false if
-%% it still has not when Deadline passes.
-port_died_since(Gen, Deadline) ->
-    case pyport_server:generation() =/= Gen of
-        true -> true;
-        false ->
-            case now_ms() > Deadline of
-                true -> false;
-                false ->
-                    timer:sleep(50),
-                    port_died_since(Gen, Deadline)
-            end
-    end.
+%% The generation of the (only) port: it changes when the port is replaced.
+port_generation() ->
+    maps:get(generation, gen_server:call(?SERVER, stats)).
 
 %%--------------------------------------------------------------------
 %% Owner churn: short-lived processes with a namespace, dicts (one given

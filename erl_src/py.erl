@@ -509,29 +509,40 @@ sd_compare_and_swap(SD, Key, Old, New) ->
     end.
 
 %% @doc Destroys the SharedDict. Idempotent: `ok' for a dict that is already
-%% destroyed, by anyone, or whose port has restarted or is not running.
+%% destroyed, by anyone, and for a handle of a pool that is gone (the application
+%% stopped or restarted). Dicts live in shared memory and outlive any one port: while
+%% no port is up it raises `{pyport_unavailable, Why}' (the dict is still there) and
+%% `{pyport_timeout, SD}' when no port answers in time.
 -spec shared_dict_destroy(shared_dict()) -> ok.
 shared_dict_destroy(SD) when ?IS_HANDLE(SD) ->
     pyport_telemetry:shared_dict(destroy, fun() -> sd_destroy(SD) end);
 shared_dict_destroy(_SD) ->
     erlang:error(badarg).
 
+%% The dict lives in shared memory, not in a port: `ok' only once a port has
+%% destroyed it. A port that dies under the request may or may not have: destroy
+%% is idempotent, so it is asked again (of the next port up).
 -spec sd_destroy(shared_dict()) -> ok.
 sd_destroy(SD) ->
     case is_current(SD) of
-        false ->
-            ok;
-        true ->
-            Id = pyport_request:new_id(),
-            Frame = term_to_binary({sd_destroy, Id, SD}, ?T2B_OPTS),
-            case pyport_request:request_msg(?SD_ROUTE, Id, {request, Id, Frame}, sd_timeout()) of
-                {ok, _} -> ok;
-                {error, shared_dict_destroyed} -> ok;
-                {error, {pyport_unavailable, _}} -> ok;
-                {error, {pyport_exit, _}} -> ok;
-                {error, timeout} -> erlang:error({pyport_timeout, SD});
-                {error, Reason} -> erlang:error(Reason)
-            end
+        false -> ok;
+        true -> sd_destroy(SD, 3)
+    end.
+
+-spec sd_destroy(shared_dict(), non_neg_integer()) -> ok.
+sd_destroy(SD, Tries) ->
+    Id = pyport_request:new_id(),
+    Frame = term_to_binary({sd_destroy, Id, SD}, ?T2B_OPTS),
+    case pyport_request:request_msg(?SD_ROUTE, Id, {request, Id, Frame}, sd_timeout()) of
+        {ok, _} -> ok;
+        {error, shared_dict_destroyed} -> ok;
+        %% no pool: its shared memory, and every dict in it, went with it
+        {error, {pyport_unavailable, not_started}} -> ok;
+        {error, {pyport_unavailable, _} = Why} -> erlang:error(Why);
+        {error, {pyport_exit, _}} when Tries > 0 -> sd_destroy(SD, Tries - 1);
+        {error, {pyport_exit, Status}} -> erlang:error({pyport_unavailable, {exit_status, Status}});
+        {error, timeout} -> erlang:error({pyport_timeout, SD});
+        {error, Reason} -> erlang:error(Reason)
     end.
 
 %%====================================================================
@@ -801,8 +812,8 @@ restore_log_env(Key, {ok, V}) -> application:set_env(pyport, Key, V).
 %% first, as at start (`python', `python_requirements', see the README): when it cannot
 %% work, `{error, Reason}' with the start's reasons and the running port is left as it is.
 %% Otherwise the port is replaced as a crash would replace it: callers in flight get
-%% `{error, {pyport_exit, restart}}', namespaces start empty, SharedDicts of the old port
-%% raise `shared_dict_destroyed', start-up code runs again. Returns `ok' once the new port
+%% `{error, {pyport_exit, restart}}', namespaces start empty, start-up code runs
+%% again; SharedDicts live in shared memory and are kept, with their contents. Returns `ok' once the new port
 %% is ready (Python up, start-up code finished), or `{error, {pyport_not_ready,
 %% #{timeout_ms, last_exit}}}' after `start_timeout_ms' (default 60 s) without a ready port
 %% (it keeps trying in the background, as after a crash).

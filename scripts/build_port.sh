@@ -43,15 +43,19 @@ fi
 sources=$( { cat Cargo.toml Cargo.lock build.rs .cargo/config.toml $(find src -type f | LC_ALL=C sort)
              "$cargo" --version; rustc --version 2>/dev/null || true
              echo "$python ${RUSTFLAGS:-} ${CARGO_ENCODED_RUSTFLAGS:-}"; } | sha256sum | cut -c1-64)
+# The test binaries have a stamp of their own: a build of the module alone leaves the test
+# binaries of the last `cargo test` in place, and cargo would run another copy's tests.
 core=$target/release/libpyport_core.so
-last=$(cat "$target/.pyport-sources" 2>/dev/null || true)
+stamp=$target/.pyport-sources
+[ "$mode" = test ] && stamp=$target/.pyport-test-sources
+last=$(cat "$stamp" 2>/dev/null || true)
 if [ "$last" != "$sources" ]; then
   "$cargo" clean --release --quiet -p pyport 2>/dev/null || true
-  rm -f "$target/.pyport-sources"
+  rm -f "$target/.pyport-sources" "$target/.pyport-test-sources"
 fi
 if [ "$mode" = test ]; then
   "$cargo" test --release --locked "$@"
-  echo "$sources" > "$target/.pyport-sources"
+  echo "$sources" > "$stamp"
   exit 0
 fi
 t0=$(date +%s)

@@ -980,7 +980,10 @@ impl Case {
 // ---------------------------------------------------------------------------------------
 // Seeds: real frames, and the payloads inside the envelopes among them.
 
-const SEED_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/src/tests/fuzz_seeds");
+/// The seeds, relative to the package root where `cargo test` runs the tests. Not
+/// `CARGO_MANIFEST_DIR`: with a cargo target directory shared by several checkouts, cargo
+/// may reuse a test binary built in another checkout, whose seeds may differ or be gone.
+const SEED_DIR: &str = "src/tests/fuzz_seeds";
 
 fn seeds() -> &'static [(String, Vec<u8>)] {
     static SEEDS: OnceLock<Vec<(String, Vec<u8>)>> = OnceLock::new();
