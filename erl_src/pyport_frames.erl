@@ -54,7 +54,7 @@ is_exception_name(_) ->
 port_atoms() ->
     [ok, error, undefined, true, false, nan, infinity, neg_infinity,
      python, python_object, '$pyport_shared_dict', '$pyport_bytes', found, not_found,
-     cancelled, bad_request, bad_term, unsupported_term, nesting_too_deep,
+     cancelled, timeout, bad_request, bad_term, unsupported_term, nesting_too_deep,
      duplicate_key, not_callable, internal_error, reply_too_large, not_owner,
      shared_dict_destroyed, shared_dict_full, encode_failed,
      memory_used, memory_limit, max_dicts, lock_recoveries,

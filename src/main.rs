@@ -278,8 +278,11 @@ impl Router {
         callbacks.set_pool(pool.clone());
         // A change to a SharedDict the VM may cache waits for the VM to forget it: asked and
         // answered like a callback.
-        let forget = callbacks.clone();
-        registry::set_forget(Box::new(move |py, handle, key| forget.forget(py, handle, key)));
+        let (forget, forget_detached) = (callbacks.clone(), callbacks.clone());
+        registry::set_forget(
+            Box::new(move |py, handle, key| forget.forget(py, handle, key)),
+            Box::new(move |handle, key| forget_detached.forget_detached(handle, key)),
+        );
         let streams = streams::Streams::new(out.clone(), interp.clone(), pool.clone());
         let config = cfg.report();
         Ok(Router { out, pool, callbacks, streams, interp, dicts, aio, generation: cfg.generation, config })

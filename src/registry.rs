@@ -35,9 +35,16 @@ pub type Forget = Box<dyn Fn(Python<'_>, &Handle, Option<&[u8]>) -> PyResult<()>
 
 static FORGET: OnceLock<Forget> = OnceLock::new();
 
+/// The same question from a thread without Python: true once the VM answered, false if it
+/// did not in time.
+pub type ForgetDetached = Box<dyn Fn(&Handle, Option<&[u8]>) -> bool + Send + Sync>;
+
+static FORGET_DETACHED: OnceLock<ForgetDetached> = OnceLock::new();
+
 /// Installs how this port asks the VM to forget (once, at start-up).
-pub fn set_forget(f: Forget) {
+pub fn set_forget(f: Forget, detached: ForgetDetached) {
     let _ = FORGET.set(f);
+    let _ = FORGET_DETACHED.set(detached);
 }
 
 pub struct Registry {
@@ -124,6 +131,13 @@ impl Registry {
         PyGate { py, registry: self, failed: RefCell::new(None) }
     }
 
+    /// The gate for changes made by a thread that runs no Python (the Erlang side's destroys):
+    /// it waits for the VM without the GIL, so a Python thread that holds the GIL for ever
+    /// cannot hold these up.
+    pub fn detached_gate(&self) -> DetachedGate<'_> {
+        DetachedGate { registry: self }
+    }
+
     fn handle_of(&self, r: &DictRef) -> Handle {
         Handle { generation: self.generation, id: r.id(), token: r.token().to_vec() }
     }
@@ -208,6 +222,24 @@ impl PyGate<'_, '_> {
     /// The Python exception for `e`: the wait's own error for `Interrupted`.
     pub fn take_failure(&self) -> Option<PyErr> {
         self.failed.borrow_mut().take()
+    }
+}
+
+/// See [`Registry::detached_gate`]. A wait that the VM does not answer in time fails the
+/// change with `Interrupted`, and nothing changes.
+pub struct DetachedGate<'r> {
+    registry: &'r Registry,
+}
+
+impl Gate for DetachedGate<'_> {
+    fn before_change(&self, what: Invalidation<'_>) -> Result<(), Error> {
+        let Some(forget) = FORGET_DETACHED.get() else { return Ok(()) };
+        let (dict, token, key) = match what {
+            Invalidation::Key { dict, token, key } => (dict, token, Some(key)),
+            Invalidation::Dict { dict, token } => (dict, token, None),
+        };
+        let handle = Handle { generation: self.registry.generation, id: dict, token: token.to_vec() };
+        if forget(&handle, key) { Ok(()) } else { Err(Error::Interrupted) }
     }
 }
 

@@ -18,8 +18,9 @@
 //!
 //! Erlang-side key changes run here without waiting for anything: the VM forgot the key
 //! before it sent them. Whole-dict changes (a destroy, the dicts of a dead owner) may have to
-//! wait for the VM, so they run on a decoder thread, never on the reader (which must read
-//! the VM's answer).
+//! wait for the VM, so they run on a bookkeeping thread of their own, never on the reader
+//! (which must read the VM's answer); that thread runs no Python and never takes the GIL, so
+//! a Python thread that holds the GIL cannot hold up a destroy or an owner's clean-up.
 
 use crate::convert;
 use crate::etf;
@@ -67,6 +68,7 @@ pub struct SharedDicts {
     out: Outbox,
     pickler: Sender<PickleJob>,
     pickler_cancels: Arc<Mutex<PicklerCancels>>,
+    bookkeeper: Sender<Bookkeeping>,
     /// Started on first use: most ports never read a value that needs Python from Erlang,
     /// and idle Python threads cost address space (a stack and a malloc arena each), which
     /// counts against `max_memory_bytes`.
@@ -146,10 +148,12 @@ impl SharedDicts {
     pub fn start(out: Outbox, decoder_cfg: PoolConfig, interp: Arc<Interp>) -> std::io::Result<Arc<SharedDicts>> {
         let pickler_cancels = Arc::new(Mutex::new(PicklerCancels::default()));
         let pickler = start_pickler(out.clone(), pickler_cancels.clone())?;
+        let bookkeeper = start_bookkeeper(out.clone())?;
         Ok(Arc::new(SharedDicts {
             out,
             pickler,
             pickler_cancels,
+            bookkeeper,
             decoders: OnceLock::new(),
             decoder_cfg,
             interp,
@@ -231,40 +235,40 @@ impl SharedDicts {
         })
     }
 
-    /// Destroys a dict: on a decoder thread, as it may have to wait for the VM to forget it.
-    pub fn destroy(self: &Arc<Self>, id: u64, handle: Handle) {
-        self.submit_decode(Job::Task {
-            id,
-            what: "SharedDict destroy".into(),
-            run: Box::new(move |py| {
-                let gate = registry().gate(py);
-                match registry().destroy(&handle, &gate) {
-                    Ok(_) | Err(StoreError::Destroyed) => ok_atom(id),
-                    Err(StoreError::Interrupted) => protocol::error_frame(Some(id), atom("cancelled")),
-                    Err(e) => store_error(id, e),
-                }
-            }),
-        });
+    /// Destroys a dict: on the bookkeeping thread, as it may have to wait for the VM to
+    /// forget it.
+    pub fn destroy(&self, id: u64, handle: Handle) {
+        self.keep_books(Box::new(move || {
+            match registry().destroy(&handle, &registry().detached_gate()) {
+                Ok(_) | Err(StoreError::Destroyed) => ok_atom(id),
+                Err(StoreError::Interrupted) => unanswered_invalidation(id),
+                Err(e) => store_error(id, e),
+            }
+        }));
     }
 
     /// Destroys the dicts of dead owners, as [`SharedDicts::destroy`] does one.
-    pub fn drop_owners(self: &Arc<Self>, id: u64, owners: Vec<protocol::Owner>) {
-        self.submit_decode(Job::Task {
-            id,
-            what: "SharedDicts of dead owners".into(),
-            run: Box::new(move |py| {
-                let gate = registry().gate(py);
-                let mut dropped = 0u64;
-                for owner in &owners {
-                    match registry().drop_owner(owner, &gate) {
-                        Ok(n) => dropped += n as u64,
-                        Err(StoreError::Interrupted) => return protocol::error_frame(Some(id), atom("cancelled")),
-                        Err(e) => return store_error(id, e),
-                    }
+    pub fn drop_owners(&self, id: u64, owners: Vec<protocol::Owner>) {
+        self.keep_books(Box::new(move || {
+            let gate = registry().detached_gate();
+            let mut dropped = 0u64;
+            for owner in &owners {
+                match registry().drop_owner(owner, &gate) {
+                    Ok(n) => dropped += n as u64,
+                    Err(StoreError::Interrupted) => return unanswered_invalidation(id),
+                    Err(e) => return store_error(id, e),
                 }
-                protocol::ok_frame(id, |out| etf::put_u64(out, dropped))
-            }),
-        });
+            }
+            protocol::ok_frame(id, |out| etf::put_u64(out, dropped))
+        }));
+    }
+
+    fn keep_books(&self, job: Bookkeeping) {
+        if let Err(e) = self.bookkeeper.send(job) {
+            // The thread is gone (it only ends with the port): answer rather than lose it.
+            let job = e.into_inner();
+            self.out.send(job());
+        }
     }
 
     /// Walks the whole store (stopping it meanwhile): a list of what is inconsistent. On a
@@ -430,6 +434,26 @@ fn cas_loop<E>(
 }
 
 /// Starts the thread that stores terms that need Python to convert, and returns its queue.
+/// Work for the bookkeeping thread: builds its own reply.
+type Bookkeeping = Box<dyn FnOnce() -> Frame + Send>;
+
+/// The VM did not answer an invalidation within `callback_timeout`: nothing was changed, and
+/// the caller (who has given up by then) hears `timeout`.
+fn unanswered_invalidation(id: u64) -> Frame {
+    protocol::error_frame(Some(id), atom("timeout"))
+}
+
+/// The thread of the Erlang side's whole-dict changes. It runs no Python.
+fn start_bookkeeper(out: Outbox) -> std::io::Result<Sender<Bookkeeping>> {
+    let (tx, rx) = unbounded::<Bookkeeping>();
+    thread::Builder::new().name("pyport-sd-books".into()).spawn(move || {
+        for job in rx {
+            out.send(job());
+        }
+    })?;
+    Ok(tx)
+}
+
 fn start_pickler(out: Outbox, cancels: Arc<Mutex<PicklerCancels>>) -> std::io::Result<Sender<PickleJob>> {
     let (tx, rx) = unbounded::<PickleJob>();
     thread::Builder::new().name("pyport-shared-dict".into()).stack_size(PYTHON_THREAD_STACK).spawn(move || {

@@ -184,6 +184,31 @@ impl Callbacks {
         answer.map(|_| ())
     }
 
+    /// [`Callbacks::forget`] for a thread that has no Python to run and must not wait for
+    /// the GIL (the Erlang side's whole-dict changes): waits at most `callback_timeout`,
+    /// without Python. False if the VM did not answer in time.
+    pub fn forget_detached(&self, handle: &protocol::Handle, key: Option<&[u8]>) -> bool {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = unbounded();
+        self.waiters.lock().insert(id, Waiter::Thread(tx));
+        self.out.send(protocol::sd_invalidate_frame(id, handle, key));
+        let deadline = Instant::now() + self.timeout;
+        let answered = loop {
+            match rx.recv_deadline(deadline) {
+                Ok(Event::Reply { .. }) => break true,
+                // An invalidation has no chain; a request sent as one runs in the pool.
+                Ok(Event::Nested(job)) => {
+                    if let Some(pool) = self.pool.get() {
+                        pool.submit(job);
+                    }
+                }
+                Err(_) => break false,
+            }
+        };
+        self.waiters.lock().remove(&id);
+        answered
+    }
+
     /// Waits for the answer to callback `id`. A worker waits as long as its request lives,
     /// and so does a coroutine (`in_loop`, its task's cancellation ends the wait); any other
     /// thread at most `callback_timeout`.
