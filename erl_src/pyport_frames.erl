@@ -57,7 +57,7 @@ port_atoms() ->
      cancelled, timeout, bad_request, bad_term, unsupported_term, nesting_too_deep,
      duplicate_key, not_callable, internal_error, reply_too_large, not_owner,
      shared_dict_destroyed, shared_dict_full, encode_failed,
-     memory_used, memory_limit, max_dicts, lock_recoveries,
+     memory_used, memory_limit, max_dicts, lock_recoveries, shared_dict_memory,
      pyport_log, pyport_ready, pyport_heartbeat, info, warning, stdout, stderr, pyport,
      pyport_log_record, debug, critical, nil,
      '$pyport_date', '$pyport_time', '$pyport_datetime', '$pyport_timedelta',

@@ -14,6 +14,7 @@ PROTOCOL = os.path.join(REPO, "docs", "PROTOCOL.md")
 # (`--generation` is the stats map's own `generation`; `--node` and `--otp-release` come from
 # the VM and have no default a user sets.)
 FLAG_KEYS = {
+    "--shm-size": "shared_dict_memory",
     "--workers": "workers",
     "--max-workers": "max_workers",
     "--spare-after-ms": "spare_after_ms",
@@ -36,7 +37,8 @@ FLAG_KEYS = {
     "--python-log-level": "python_log_level",
     "--python-log-format": "python_log_format",
 }
-NOT_REPORTED = {"--generation", "--node", "--otp-release"}
+# Identities of this port and its pool, not settings.
+NOT_REPORTED = {"--generation", "--node", "--otp-release", "--shm-path", "--pool-generation"}
 
 
 def documented_flag_defaults():
@@ -91,13 +93,14 @@ def test_config_reports_the_flags_given(port_factory):
         "--max-abandoned", "0", "--max-threads", "3", "--gil-watchdog-ms", "0",
         "--sd-decode-workers", "65", "--log-lines-per-sec", "0", "--thread-affinity", "none",
         "--none-as", "nil", "--max-memory-bytes", str(1 << 36), "--worker-reads", "never",
+        "--shm-size", str(1 << 20),
     ])
     config = p.stats()[A("config")]
     expected = {
         "workers": 2, "max_workers": 2, "callback_timeout": 250, "max_abandoned_workers": 0,
         "max_threads": 3, "gil_watchdog_ms": A("infinity"), "sd_decode_workers": 64,
         "log_lines_per_sec": 1, "thread_affinity": A("none"), "none_as": A("nil"),
-        "max_memory_bytes": 1 << 36, "worker_reads": A("never"),
+        "max_memory_bytes": 1 << 36, "worker_reads": A("never"), "shared_dict_memory": 1 << 20,
     }
     assert {k: config[k] for k in expected} == expected
     low = port_factory(["--sd-decode-workers", "0"]).stats()[A("config")]

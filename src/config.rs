@@ -218,6 +218,7 @@ impl Config {
             ("worker_reads", worker_reads_setting(self.worker_reads)),
             ("python_log_level", Int(self.python_log_level)),
             ("python_log_format", Text(self.python_log_format.clone().unwrap_or_else(|| "%(message)s".into()))),
+            ("shared_dict_memory", Int(self.shm_size)),
         ]
     }
 }
@@ -294,6 +295,7 @@ mod tests {
                 "thread_affinity", "oom_score_adj", "max_memory_bytes", "log_lines_per_sec",
                 "none_as", "sd_decode_workers", "callback_timeout", "max_threads",
                 "trace_latency", "worker_reads", "python_log_level", "python_log_format",
+                "shared_dict_memory",
             ]
         );
         let get = |args: &[&str], key: &str| {
@@ -323,6 +325,8 @@ mod tests {
         assert_eq!(get(&["--trace-latency", "1"], "trace_latency"), Atom("true"));
         assert_eq!(get(&["--spare-after-ms", "7"], "spare_after_ms"), Int(7));
         assert_eq!(get(&["--oom-score-adj", "700"], "oom_score_adj"), Int(700));
+        assert_eq!(get(&[], "shared_dict_memory"), Int(1 << 30));
+        assert_eq!(get(&["--shm-size", "1048576"], "shared_dict_memory"), Int(1 << 20));
     }
 
     #[test]
