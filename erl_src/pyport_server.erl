@@ -641,7 +641,19 @@ local_stats(#state{} = S) ->
                   startup_timeout_ms => pyport_program:startup_timeout(),
                   max_in_flight => S#state.max_in_flight,
                   shared_dict_cache_bytes => S#state.cache_max,
-                  print_level => pyport_frames:print_level()}}.
+                  print_level => pyport_frames:print_level(),
+                  ports => pyport_pool:size(),
+                  shared_dict_dir => shared_dict_dir(),
+                  elixir => pyport_elixir:enabled(),
+                  telemetry_shared_dict_sample => pyport_telemetry:sample_rate()}}.
+
+%% The folder of the pool's shared-memory file, as its path says.
+-spec shared_dict_dir() -> binary() | undefined.
+shared_dict_dir() ->
+    case pyport_shm:path() of
+        undefined -> undefined;
+        Path -> unicode:characters_to_binary(filename:dirname(Path))
+    end.
 
 %%====================================================================
 %% Owners (processes that hold state in the port)
