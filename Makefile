@@ -22,7 +22,7 @@ PLT      := $(BUILD)/pyport.plt
 export PYO3_PYTHON := $(PYTHON)
 
 .PHONY: all port erlang python-env test cargo-test pytest ct exunit dialyzer demo bootstrap tools clean \
-        bench soak fuzz test-matrix proper-long
+        bench soak fuzz test-matrix proper-long mutants mutants-hand mutants-cargo
 
 all: port erlang
 
@@ -123,6 +123,19 @@ demo: tools
 clean:
 	$(CARGO) clean --release -p pyport
 	rm -rf ebin priv/pyport priv/pyport_core.abi3.so priv/pyport.python doc $(BUILD)
+
+# Mutation testing, not part of `make test` (see mutants/README.md):
+#   mutants-hand   the hand-written mutants of mutants/ (MUTANTS="mutants/erlang/x.patch ..." for
+#                  some), each run against the tests docs/PROMISES.md names for its promise
+#   mutants-cargo  cargo-mutants over the Rust changed since MUTANTS_BASE (default main), or over
+#                  FILES="src/a.rs src/b.rs"; one mutant at a time, timeout floor in .cargo/mutants.toml
+mutants: mutants-hand mutants-cargo
+
+mutants-hand: all
+	nice -n 10 $(PYTHON) scripts/hand_mutants.py $(MUTANTS)
+
+mutants-cargo:
+	bash scripts/cargo_mutants.sh
 
 # pytest with the one build running in every CPython 3.11+ found (pyenv versions, /usr/bin),
 # and says which ran. Not part of `make test` (python_env_SUITE runs every one of them).

@@ -346,7 +346,8 @@ first_cancellation_round(Round) ->
     ok = pyport_ct_lib:restart_app(),
     Self = self(),
     Loaders = [spawn_link(fun() -> load_loop(Self) end) || _ <- lists:seq(1, 30)],
-    timer:sleep(50),
+    %% every loader's calls are flowing before the cancellation
+    [receive {loading, P} -> ok after ?LIVENESS_MS -> ct:fail({loader_idle, P}) end || P <- Loaders],
     {error, timeout} = py:exec(<<"while True:\n    pass\n">>, #{}, 100),
     T0 = now_ms(),
     Stats = py:stats(),
@@ -368,6 +369,7 @@ load_loop(Parent, N) ->
         stop -> Parent ! {loaded, self(), N}
     after 0 ->
             _ = py:eval(<<"1">>, #{}, 5000),
+            N =:= 0 andalso (Parent ! {loading, self()}),
             load_loop(Parent, N + 1)
     end.
 

@@ -11,9 +11,9 @@
 
 -import(pyport_ct_lib, [stat/1, wait_until/3]).
 
-%% Far above the ~2 ms a frame may wait behind a running request, far below
-%% how long the requests that could hold it up run.
--define(PROMPT_MS, 2000).
+%% How long attempts to have a worker read a blocking request may take (see
+%% blocking_request_leaves_frames_served/2).
+-define(PRECONDITION_MS, 60000).
 
 suite() ->
     [{timetrap, {seconds, 120}}].
@@ -87,10 +87,27 @@ sequential_requests_of_every_kind(_Config) ->
       end, lists:seq(1, 1000)),
     ?assertEqual({ok, lists:seq(1, 1000)}, py:eval(<<"acc">>)),
     ?assertEqual(1000, py:shared_dict_get(D, <<"k">>)),
-    %% Most of the 3000 Python requests were read by the worker that ran them.
-    ReadByWorkers = stat(worker_reads) - Before,
-    ct:pal("~b of 3000 requests read by the worker that ran them", [ReadByWorkers]),
-    ?assert(ReadByWorkers >= 1500, ReadByWorkers).
+    ct:pal("~b of 3000 requests read by the worker that ran them",
+           [stat(worker_reads) - Before]),
+    %% While requests come one at a time, workers read them: most of a run of
+    %% sequential calls. How many depends on scheduling (a request that runs
+    %% past the main thread's look, which a busy machine makes likely, stops
+    %% lending for 50 ms), so runs are made until one shows it, or a deadline.
+    mostly_read_by_workers(erlang:monotonic_time(millisecond) + 60000, 1).
+
+%% A run of 100 sequential calls of which at least half were read by the
+%% worker that ran them; with lending off, none ever is.
+mostly_read_by_workers(Deadline, Run) ->
+    Before = stat(worker_reads),
+    [{ok, _} = py:call(math, sqrt, [2.0]) || _ <- lists:seq(1, 100)],
+    Read = stat(worker_reads) - Before,
+    ct:log("run ~b: ~b of 100 sequential calls read by the worker that ran them", [Run, Read]),
+    Now = erlang:monotonic_time(millisecond),
+    case Read >= 50 of
+        true -> ok;
+        false when Now < Deadline -> mostly_read_by_workers(Deadline, Run + 1);
+        false -> ct:fail({worker_reads_in_100_sequential_calls, Read, runs, Run})
+    end.
 
 %% 16 processes, 200 calls each, each with its own arguments.
 concurrent_callers(_Config) ->
@@ -122,50 +139,119 @@ a_burst_of_callers_is_spread_over_threads(_Config) ->
     %% to tell apart reliably, so this asserts only that the burst is spread.
     ?assert(Threads >= 2, Threads).
 
-%% A request that sleeps (without the GIL) keeps the input unread only until
-%% the reading thread notices: stats, a SharedDict write, another caller's
-%% call and a cancellation are all served meanwhile.
-frames_read_while_a_request_sleeps(_Config) ->
-    blocking_request_leaves_frames_served(<<"time.sleep(8)">>).
+%% A request that blocks without the GIL keeps the input unread only until the
+%% reading thread notices: stats, a SharedDict write, another caller's call and
+%% a cancellation are all served meanwhile.
+frames_read_while_a_request_sleeps(Config) ->
+    blocking_request_leaves_frames_served(without_gil, Config).
 
-%% The same for code that holds the GIL in C for seconds: only Python work
-%% waits for it, never a frame that needs no Python.
-frames_read_while_a_request_holds_the_gil(_Config) ->
-    blocking_request_leaves_frames_served(<<"sum(range(4 * 10**8))">>).
+%% The same for code that holds the GIL in C: only Python work waits for it,
+%% never a frame that needs no Python.
+frames_read_while_a_request_holds_the_gil(Config) ->
+    blocking_request_leaves_frames_served(with_gil, Config).
 
-%% The blocking request tells the test it runs before the test sends anything,
-%% so that it is read alone (no frame behind it for its reader to leave to the
-%% main thread).
-blocking_request_leaves_frames_served(Block) ->
-    Self = self(),
-    %% A worker reads (sequential calls lend it the turn), then the port stays
-    %% idle long enough (over 50 ms) for the main thread to stop looking: the
-    %% blocking request must wake it.
+%% The blocking request blocks in C, in read(2) on a FIFO (through ctypes:
+%% CDLL lets go of the GIL, PyDLL holds it), until the test writes to the FIFO:
+%% it runs exactly as long as the test needs, however busy the machine. Frames
+%% sent meanwhile must be served before it is released; with nobody reading
+%% (no takeover, or a dozing main thread never woken) they never are.
+%%
+%% That proves something only if a worker read the blocking request (the main
+%% thread, had it read it, would simply read on). Which thread reads depends on
+%% scheduling (lending stops for a while after a request ran past the main
+%% thread's look, which a loaded machine makes likely), so the precondition is
+%% established, not assumed: an attempt whose blocking request the main thread
+%% read is released and made again, until a deadline.
+blocking_request_leaves_frames_served(Gil, Config) ->
+    Deadline = erlang:monotonic_time(millisecond) + ?PRECONDITION_MS,
+    blocked_by_a_worker(Gil, Config, Deadline, 1).
+
+blocked_by_a_worker(Gil, Config, Deadline, Attempt) ->
+    %% Sequential calls until two in a row were read by the worker that ran
+    %% them: a worker then holds the turn to read.
     ok = wait_until(fun() ->
+                            Before = stat(worker_reads),
                             {ok, _} = py:call(math, sqrt, [2.0]),
                             {ok, _} = py:call(math, sqrt, [2.0]),
-                            stat(worker_reads) > 0
+                            stat(worker_reads) - Before =:= 2
                     end, 10000, a_worker_reads),
     ReadBefore = stat(worker_reads),
+    %% At least this long without a request (over the main thread's 50 ms), so
+    %% that it dozes and the blocking request must wake it. A minimum, which a
+    %% busy machine only lengthens; not a wait for something to happen.
     timer:sleep(200),
-    Code = <<"import erlang, time\nerlang.send(test, 'started')\n", Block/binary, "\n">>,
-    Blocker = spawn_link(fun() -> Self ! {blocked, py:exec(Code, #{test => Self}, 60000)} end),
-    receive <<"started">> -> ok after 10000 -> ct:fail(blocker_never_started) end,
-    T0 = erlang:monotonic_time(millisecond),
-    ?assertEqual(ReadBefore + 1, stat(worker_reads)),
-    {ok, #{busy_workers := Busy}} = py:stats(),
-    ?assert(Busy >= 1),
-    {ok, D} = py:shared_dict_new(),
-    ok = py:shared_dict_set(D, <<"k">>, 1),
-    Elapsed = erlang:monotonic_time(millisecond) - T0,
-    ?assert(Elapsed < ?PROMPT_MS, {frames_waited_ms, Elapsed}),
-    %% Still running: the frames above were not merely served after it.
-    ?assertEqual(true, is_process_alive(Blocker)),
-    receive {blocked, Early} -> ct:fail({blocker_ended_early, Early}) after 0 -> ok end,
-    ?assertEqual({ok, 1}, py:eval(<<"1">>, #{}, 60000)),
-    ?assertEqual({error, timeout}, py:exec(<<"while True: pass">>, #{}, 300)),
-    receive {blocked, R} -> ?assertEqual(ok, R) after 60000 -> ct:fail(blocker_never_ended) end,
+    Blocker = start_blocker(Gil, Config),
+    case stat(worker_reads) - ReadBefore of
+        1 ->
+            ct:log("attempt ~b: the blocking request was read by a worker", [Attempt]),
+            frames_served_while_blocked(Blocker);
+        0 ->
+            %% The main thread read it: nothing to learn here; once more.
+            ct:log("attempt ~b: the main thread read the blocking request; again", [Attempt]),
+            ok = release(Blocker),
+            erlang:monotonic_time(millisecond) < Deadline
+                orelse ct:fail({no_worker_read_the_blocking_request, Attempt, attempts}),
+            blocked_by_a_worker(Gil, Config, Deadline, Attempt + 1)
+    end.
+
+frames_served_while_blocked(Blocker) ->
+    try
+        T0 = erlang:monotonic_time(millisecond),
+        {ok, #{busy_workers := Busy}} = py:stats(),
+        ?assert(Busy >= 1),
+        {ok, D} = py:shared_dict_new(),
+        ok = py:shared_dict_set(D, <<"k">>, 1),
+        ct:log("stats and a SharedDict write served in ~b ms while blocked",
+               [erlang:monotonic_time(millisecond) - T0]),
+        %% Still blocked (it is released only below): they were served meanwhile.
+        ?assertEqual(true, is_process_alive(blocker_pid(Blocker))),
+        receive {blocked, Early} -> ct:fail({blocker_ended_early, Early}) after 0 -> ok end,
+        %% Another caller's call (it may need the GIL: answered when it is free)
+        %% and a cancellation of a call that would never end by itself.
+        Self = self(),
+        Other = spawn_link(fun() -> Self ! {other, py:eval(<<"1">>, #{}, 60000)} end),
+        ?assertEqual({error, timeout}, py:exec(<<"while True: pass">>, #{}, 300)),
+        ?assertEqual(1, py:shared_dict_get(D, <<"k">>)),
+        _ = Other
+    after
+        ok = release(Blocker)
+    end,
+    receive {other, R} -> ?assertEqual({ok, 1}, R) after 60000 -> ct:fail(other_never_answered) end,
+    %% The cancelled busy loop is gone: every worker comes back idle.
+    ok = wait_until(fun() -> stat(busy_workers) =:= 0 end, 10000, all_workers_idle),
     ?assertEqual({ok, 2.0}, py:call(math, sqrt, [4.0])).
+
+%% A process whose exec blocks in read(2) on a new FIFO, holding the GIL or
+%% not; returns once the exec is running.
+start_blocker(Gil, Config) ->
+    Fifo = filename:join(?config(priv_dir, Config),
+                         "blocker_" ++ integer_to_list(erlang:unique_integer([positive]))),
+    Lib = case Gil of with_gil -> <<"PyDLL">>; without_gil -> <<"CDLL">> end,
+    Code = <<"import ctypes, os, erlang\n"
+             "os.mkfifo(fifo)\n"
+             "fd = os.open(fifo, os.O_RDWR)\n"
+             "erlang.send(test, 'started')\n"
+             "got = ctypes.", Lib/binary, "(None).read(fd, ctypes.create_string_buffer(1), 1)\n"
+             "os.close(fd)\n"
+             "assert got == 1, got\n">>,
+    Self = self(),
+    Pid = spawn_link(fun() ->
+                             Self ! {blocked, py:exec(Code, #{test => Self,
+                                                              fifo => list_to_binary(Fifo)}, 60000)}
+                     end),
+    receive <<"started">> -> ok after 10000 -> ct:fail(blocker_never_started) end,
+    {Pid, Fifo}.
+
+blocker_pid({Pid, _Fifo}) -> Pid.
+
+%% Writes the byte the blocking request waits for; its exec then returns ok.
+%% The FIFO goes too (a FIFO left in the logs trips tools that copy the tree).
+release({_Pid, Fifo}) ->
+    _ = os:cmd("printf x > '" ++ Fifo ++ "'"),
+    receive {blocked, R} -> ?assertEqual(ok, R)
+    after 60000 -> ct:fail(blocker_never_ended)
+    end,
+    ok = file:delete(Fifo).
 
 %% A request read by a worker that calls back into Erlang: every callback's
 %% answer is read, and the answers are the callbacks' own.

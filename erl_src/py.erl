@@ -111,7 +111,7 @@ call(Module, Function, Args) ->
 %% 30000 ms) as the timeout.
 -spec call(name(), name(), list(), kwargs()) -> result(term()).
 call(Module, Function, Args, Kwargs) ->
-    call(Module, Function, Args, Kwargs, pyport_request:default_timeout(call_timeout, 30000)).
+    call(Module, Function, Args, Kwargs, pyport_request:call_timeout()).
 
 %% @doc Calls `Module.Function(*Args, **Kwargs)' in Python and returns its
 %% result. `Module' `__main__' means the caller's own namespace; any other
@@ -149,7 +149,7 @@ eval(Code) ->
 %% 30000 ms) as the timeout.
 -spec eval(code(), locals()) -> result(term()).
 eval(Code, Locals) ->
-    eval(Code, Locals, pyport_request:default_timeout(call_timeout, 30000)).
+    eval(Code, Locals, pyport_request:call_timeout()).
 
 %% @doc Evaluates the Python expression `Code' in the caller's namespace,
 %% after binding every entry of `Locals' as a variable there, and returns its
@@ -235,7 +235,7 @@ cast(Module, Function, Args) ->
 cast(Module, Function, Args, Kwargs) ->
     {Id, Frame, {M, _} = What} = async_call_frame(Module, Function, Args, Kwargs),
     pyport_async:cast(pyport_request:server(call_route(M)), Id, Frame,
-                      pyport_request:default_timeout(call_timeout, 30000), What).
+                      pyport_request:call_timeout(), What).
 
 %% @equiv spawn_call(Module, Function, Args, #{})
 -spec spawn_call(name(), name(), list()) -> async_ref().
@@ -253,13 +253,13 @@ spawn_call(Module, Function, Args) ->
 spawn_call(Module, Function, Args, Kwargs) ->
     {Id, Frame, {M, _} = What} = async_call_frame(Module, Function, Args, Kwargs),
     pyport_async:spawn_call(pyport_request:server(call_route(M)), Id, Frame,
-                            pyport_request:default_timeout(call_timeout, 30000), What).
+                            pyport_request:call_timeout(), What).
 
 %% @doc Same as {@link await/2} with the app env `call_timeout' (default
 %% 30000 ms) as the timeout.
 -spec await(async_ref()) -> result(term()).
 await(Ref) ->
-    await(Ref, pyport_request:default_timeout(call_timeout, 30000)).
+    await(Ref, pyport_request:call_timeout()).
 
 %% @doc Waits up to `Timeout' for the result of a {@link spawn_call/4} and
 %% returns what {@link call/5} would have returned. `{error, timeout}' also
@@ -298,7 +298,7 @@ async_await(Ref, Timeout) ->
 %% 30000 ms) as the timeout.
 -spec async_gather([pyport_collect:call()]) -> {ok, list()} | {error, {gather_failed, [{pos_integer(), term()}]}}.
 async_gather(Calls) ->
-    async_gather(Calls, pyport_request:default_timeout(call_timeout, 30000)).
+    async_gather(Calls, pyport_request:call_timeout()).
 
 %% @doc Starts every call of `Calls' (`{Module, Function, Args}' or `{Module,
 %% Function, Args, Kwargs}') at once and waits for all of them, within `Timeout'
@@ -564,7 +564,7 @@ stream(Module, Function, Args) ->
 -spec stream(name(), name(), list(), kwargs()) -> result(list()).
 stream(Module, Function, Args, Kwargs) ->
     pyport_collect:stream(Module, Function, Args, Kwargs,
-                          pyport_request:default_timeout(call_timeout, 30000), fun() -> ok end).
+                          pyport_request:call_timeout(), fun() -> ok end).
 
 %% @equiv stream_eval(Code, #{})
 -spec stream_eval(code()) -> result(list()).
@@ -584,7 +584,7 @@ stream_eval(Code, Locals) when is_map(Locals) ->
                _ -> fun() -> exec(<<"pass">>, Locals) end
            end,
     %% builtins.eval through call evaluates in the caller's namespace (README, "API").
-    pyport_collect:stream(builtins, eval, [C], #{}, pyport_request:default_timeout(call_timeout, 30000), Bind);
+    pyport_collect:stream(builtins, eval, [C], #{}, pyport_request:call_timeout(), Bind);
 stream_eval(_Code, _Locals) ->
     erlang:error(badarg).
 
@@ -645,7 +645,7 @@ stream_start(Module, Function, Args, Kwargs, Opts)
                                     term_to_binary(Ref), Owner, Window}, ?T2B_OPTS),
             Server = pyport_request:server(call_route(M)),
             case pyport_request:request_msg(Server, Id, {stream_request, Id, Frame, Owner, Ref, Flow},
-                                            pyport_request:default_timeout(call_timeout, 30000)) of
+                                            pyport_request:call_timeout()) of
                 {ok, _} ->
                     {ok, Ref};
                 {error, _} = Error ->
@@ -832,6 +832,8 @@ restart() ->
 %% the server tracks). `shared_dict' is a map: the VM's read cache (`cache_hits',
 %% `cache_misses', `cache_entries', `cache_bytes') and the port's decoding of
 %% values that need Python (`python_decodes', `decode_queued', `decode_stuck').
+%% `config' is a map of the settings in effect, defaults included, named as the
+%% application env names them (see the README's "Configuration").
 %% With a pool of ports (app env `ports') every count is the sum over the ports,
 %% `port' is `up' and `ready' `true' only when every port's is, `os_pid',
 %% `generation' and `last_exit' are the first answering port's, and `ports' is a list of one
@@ -856,7 +858,7 @@ sd_payload(Payload) ->
 
 -spec sd_timeout() -> timeout().
 sd_timeout() ->
-    pyport_request:default_timeout(shared_dict_timeout, 5000).
+    pyport_request:shared_dict_timeout().
 
 %% A handle of another pool (one that ran before an application restart) is destroyed:
 %% no need to ask.

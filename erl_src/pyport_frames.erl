@@ -9,7 +9,7 @@
 -include_lib("kernel/include/logger.hrl").
 
 -export([frame_id/1, make_exception_atoms/1, port_atoms/0, log_python/3,
-         log_python_record/3]).
+         log_python_record/3, print_level/0]).
 
 %% Most built-in exception names accepted from a ready frame, and their length.
 -define(MAX_BUILTIN_NAMES, 512).
@@ -57,7 +57,7 @@ port_atoms() ->
      cancelled, timeout, bad_request, bad_term, unsupported_term, nesting_too_deep,
      duplicate_key, not_callable, internal_error, reply_too_large, not_owner,
      shared_dict_destroyed, shared_dict_full, encode_failed,
-     memory_used, memory_limit, max_dicts, lock_recoveries,
+     memory_used, memory_limit, max_dicts, lock_recoveries, shared_dict_memory,
      pyport_log, pyport_ready, pyport_heartbeat, info, warning, stdout, stderr, pyport,
      pyport_log_record, debug, critical, nil,
      '$pyport_date', '$pyport_time', '$pyport_datetime', '$pyport_timedelta',
@@ -69,6 +69,12 @@ port_atoms() ->
      cached, pyport_sd_invalidate, badarg, shared_dict, python_decodes, decode_queued,
      decode_stuck, pyport_callback, pyport_callback_cancel, pyport_send,
      py_stream, data, done, streams, python_threads, pyport_stream_end, pyport_stream_send,
+     %% py:stats(): the port's settings in effect (config)
+     config, spare_after_ms, spare_idle_ms, max_frame_bytes, abandon_after_ms,
+     max_abandoned_workers, gil_watchdog_ms, max_reply_bytes, thread_affinity, namespace,
+     always, none, oom_score_adj, max_memory_bytes, log_lines_per_sec, none_as,
+     sd_decode_workers, callback_timeout, max_threads, trace_latency, auto, never,
+     python_log_level, python_log_format,
      %% py:stats() with the app env trace_latency
      latency_trace, stages, calls, route_ns, queue_ns, prepare_ns, python_ns, encode_ns,
      release_ns].
@@ -110,7 +116,7 @@ log_python_record(Level0, {Logger, Module, Line, Caller}, Msg)
 log_python_record(_Level, _Fields, _Msg) ->
     ok.
 
-%% The level of lines Python writes to stdout (`print'): app env `print_level'.
+%% @doc The level of lines Python writes to stdout (`print'): app env `print_level'.
 -spec print_level() -> logger:level().
 print_level() ->
     Levels = [emergency, alert, critical, error, warning, notice, info, debug],

@@ -9,7 +9,7 @@
 
 -export([executable/0, args/1, kill/2, kill_group/2, is_group_leader/1, env_int/2]).
 -export([startup_config/0, startup_timeout/0, heartbeat_timeout/0, check_interval/1,
-         restart_delay/1, python_log_level/0, python_log_format/0]).
+         restart_delay/1, python_log_level/0, python_log_format/0, restart_backoff_max/0]).
 
 -define(FIRST_BACKOFF, 100).
 
@@ -233,8 +233,12 @@ startup_config() ->
 %% is ready: 100 ms, 200 ms, ... up to the app env `restart_backoff_max'.
 -spec restart_delay(pos_integer()) -> integer().
 restart_delay(N) ->
-    Max = env_int(restart_backoff_max, 5000),
-    min(Max, ?FIRST_BACKOFF bsl min(N - 1, 20)).
+    min(restart_backoff_max(), ?FIRST_BACKOFF bsl min(N - 1, 20)).
+
+%% @doc The cap of the restart back-off: the app env `restart_backoff_max' (ms).
+-spec restart_backoff_max() -> integer().
+restart_backoff_max() ->
+    env_int(restart_backoff_max, 5000).
 
 %% @doc The app env `heartbeat_timeout_ms': how long the port may stay silent.
 -spec heartbeat_timeout() -> pos_integer() | infinity.

@@ -6,7 +6,8 @@
 -module(pyport_request).
 
 -export([new_id/0, chained/1, request/3, request/4, request_msg/3, request_msg/4, decoded/1,
-         default_timeout/2, frame_allowed/1, server/1]).
+         default_timeout/2, frame_allowed/1, server/1,
+         call_timeout/0, shared_dict_timeout/0, max_frame_bytes/0]).
 -export_type([route/0]).
 
 %% Which port's server gets a request (see pyport_pool): `namespace', a request that
@@ -78,9 +79,17 @@ server(Server) -> Server.
 -spec frame_allowed(binary()) -> ok | {error, {request_too_large, non_neg_integer(), integer()}}.
 frame_allowed(Frame) ->
     Size = byte_size(Frame),
-    case application:get_env(pyport, max_frame_bytes, ?MAX_FRAME) of
-        Max when is_integer(Max), Size > Max -> {error, {request_too_large, Size, Max}};
+    case max_frame_bytes() of
+        Max when Size > Max -> {error, {request_too_large, Size, Max}};
         _ -> ok
+    end.
+
+%% @doc The largest request frame sent: the app env `max_frame_bytes' (1 GiB).
+-spec max_frame_bytes() -> non_neg_integer().
+max_frame_bytes() ->
+    case application:get_env(pyport, max_frame_bytes) of
+        {ok, Max} when is_integer(Max), Max >= 0 -> Max;
+        _ -> ?MAX_FRAME
     end.
 
 -spec send_request(atom() | pid(), pos_integer(), tuple(), timeout()) ->
@@ -109,6 +118,18 @@ decoded({ok, Payload}) ->
     end;
 decoded({error, _} = Error) ->
     Error.
+
+%% @doc The timeout of `call', `eval', `spawn_call' work and `await': the app
+%% env `call_timeout' (30000 ms).
+-spec call_timeout() -> timeout().
+call_timeout() ->
+    default_timeout(call_timeout, 30000).
+
+%% @doc How long a SharedDict operation (and `py:stats()') waits for the port:
+%% the app env `shared_dict_timeout' (5000 ms).
+-spec shared_dict_timeout() -> timeout().
+shared_dict_timeout() ->
+    default_timeout(shared_dict_timeout, 5000).
 
 %% @doc The app env `Key' if it is a valid timeout, else `Default'.
 -spec default_timeout(atom(), timeout()) -> timeout().

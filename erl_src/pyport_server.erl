@@ -630,7 +630,30 @@ local_stats(#state{} = S) ->
       %% callback processes running, streams the server would tell of a port exit
       callbacks => map_size(S#state.callbacks),
       open_streams => map_size(S#state.streams),
-      shared_dict => pyport_sd_cache:stats()}.
+      shared_dict => pyport_sd_cache:stats(),
+      %% The settings the Erlang side applies, defaults included; py:stats()
+      %% merges them with the port's own.
+      config => #{call_timeout => pyport_request:call_timeout(),
+                  shared_dict_timeout => pyport_request:shared_dict_timeout(),
+                  max_frame_bytes => pyport_request:max_frame_bytes(),
+                  restart_backoff_max => pyport_program:restart_backoff_max(),
+                  heartbeat_timeout_ms => pyport_program:heartbeat_timeout(),
+                  startup_timeout_ms => pyport_program:startup_timeout(),
+                  max_in_flight => S#state.max_in_flight,
+                  shared_dict_cache_bytes => S#state.cache_max,
+                  print_level => pyport_frames:print_level(),
+                  ports => pyport_pool:size(),
+                  shared_dict_dir => shared_dict_dir(),
+                  elixir => pyport_elixir:enabled(),
+                  telemetry_shared_dict_sample => pyport_telemetry:sample_rate()}}.
+
+%% The folder of the pool's shared-memory file, as its path says.
+-spec shared_dict_dir() -> binary() | undefined.
+shared_dict_dir() ->
+    case pyport_shm:path() of
+        undefined -> undefined;
+        Path -> unicode:characters_to_binary(filename:dirname(Path))
+    end.
 
 %%====================================================================
 %% Owners (processes that hold state in the port)

@@ -74,7 +74,10 @@ port_stats(Server, Timeout) ->
                     %% the read cache from the VM.
                     SD = maps:merge(maps:get(shared_dict, Port, #{}),
                                     maps:get(shared_dict, Local, #{})),
-                    {ok, (maps:merge(Port, Local))#{shared_dict => SD}};
+                    %% Settings too: the port's own and those the VM side applies.
+                    Config = maps:merge(maps:get(config, Port, #{}),
+                                        maps:get(config, Local, #{})),
+                    {ok, (maps:merge(Port, Local))#{shared_dict => SD, config => Config}};
                 {ok, Other} -> {error, {pyport_bad_reply, Other}, Local};
                 {error, Reason} -> {error, Reason, Local}
             end

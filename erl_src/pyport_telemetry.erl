@@ -26,7 +26,8 @@
 %% emitted. An exception from a handler never reaches the caller.
 -module(pyport_telemetry).
 
--export([init/1, enabled/0, span/3, shared_dict/2, port_started/3, port_exit/5, label/1]).
+-export([init/1, enabled/0, span/3, shared_dict/2, port_started/3, port_exit/5, label/1,
+         sample_rate/0]).
 
 %% An atom key: persistent_term hashes it in half the time of a tuple (this is read per call).
 -define(KEY, pyport_telemetry_state).
@@ -53,6 +54,7 @@ init(Ports) ->
             end,
     persistent_term:put(?KEY, State).
 
+%% @doc The app env `telemetry_shared_dict_sample' as it applies (default 100).
 -spec sample_rate() -> pos_integer().
 sample_rate() ->
     case application:get_env(pyport, telemetry_shared_dict_sample, ?DEFAULT_SAMPLE) of

@@ -18,6 +18,30 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 GIL_HOG = "sum(range(10**11))"
 
 
+class GilHolder:
+    """An eval that holds the GIL in C, in read(2) on a FIFO through ctypes.PyDLL (which keeps
+    the GIL), until `release()` writes the byte it waits for; it then evaluates `then` (42 by
+    default). It holds the GIL exactly as long as the test needs, however busy the machine (a
+    `sum(range(N))` may end before the test has done what must happen while it runs)."""
+
+    def __init__(self, port, tmp_path, then="42"):
+        self.fifo = str(tmp_path / "gil_holder")
+        os.mkfifo(self.fifo)
+        # Held open until the holder is done: a FIFO that nobody has open drops what was
+        # written to it, and the port may open it only after `release()` wrote its byte.
+        self.fd = os.open(self.fifo, os.O_RDWR)
+        self.rid = port.eval(
+            "__import__('ctypes').PyDLL(None).read(__import__('os').open(%r, __import__('os').O_RDWR), "
+            "__import__('ctypes').create_string_buffer(1), 1) and (%s)" % (self.fifo, then)
+        )
+
+    def release(self):
+        os.write(self.fd, b"x")
+
+    def close(self):
+        os.close(self.fd)
+
+
 def read_to_end(port, timeout=10):
     """Reads (and records) frames until end of output; fails if none comes within `timeout`."""
     with pytest.raises(PortClosed):
@@ -25,29 +49,33 @@ def read_to_end(port, timeout=10):
             port.recv(timeout=timeout)
 
 
-def test_heartbeat_is_answered_while_python_holds_the_gil(port):
-    rid = port.eval("sum(range(10**8))")  # seconds in C, holding the GIL
-    wait_until(lambda: port.stats()["busy_workers"] == 1, 10, "the loop is running")
+def test_heartbeat_is_answered_while_python_holds_the_gil(port, tmp_path):
+    holder = GilHolder(port, tmp_path)
+    wait_until(lambda: port.stats()["busy_workers"] == 1, 10, "the GIL holder is running")
     port.send((A("heartbeat"), 77))
     t = port.recv(timeout=10)
     assert t == (A("pyport_heartbeat"), 77), "the heartbeat must overtake the GIL-bound reply: %r" % (t,)
-    assert port.ok(rid, timeout=60) == sum(range(10**8))
+    holder.release()
+    assert port.ok(holder.rid, timeout=60) == 42
+    holder.close()
 
 
-def test_reader_work_needs_no_gil(port):
+def test_reader_work_needs_no_gil(port, tmp_path):
     """Stats, SharedDict bookkeeping and owner-down cleanup are answered while Python holds the
-    GIL: none of them waits behind the loop's reply."""
+    GIL: none of them waits behind the holder's reply."""
     other = pid(9)
     port.eval_ok("1", owner=other)  # gives `other` a namespace
     h = port.sd_new()
-    rid = port.eval("sum(range(10**8))")
-    wait_until(lambda: port.stats()["busy_workers"] == 1, 10, "the loop is running")
+    holder = GilHolder(port, tmp_path)
+    wait_until(lambda: port.stats()["busy_workers"] == 1, 10, "the GIL holder is running")
     port.owner_down(other)
     assert port.stats()["namespaces"] == 1  # only the default owner's is left
     assert port.sd_keys(h) == ("ok", [])
     assert port.sd_destroy(h) == ("ok", A("ok"))
-    assert rid not in port.pending, "the GIL-bound reply came first: the test proved nothing"
-    assert port.ok(rid, timeout=60) == sum(range(10**8))
+    assert holder.rid not in port.pending, "the GIL-bound reply came first"
+    holder.release()
+    assert port.ok(holder.rid, timeout=60) == 42
+    holder.close()
 
 
 def test_watchdog_ends_a_port_whose_cancellation_cannot_get_the_gil(port_factory):
@@ -62,13 +90,21 @@ def test_watchdog_ends_a_port_whose_cancellation_cannot_get_the_gil(port_factory
     assert GIL_HOG.encode() in text and b"CPU" in text, port.logs
 
 
-def test_watchdog_off_keeps_waiting(port_factory):
+def test_watchdog_off_keeps_waiting(port_factory, tmp_path):
     port = port_factory(["--gil-watchdog-ms", "0"])
-    rid = port.eval("sum(range(4 * 10**7))")
-    wait_until(lambda: port.stats()["busy_workers"] == 1, 10, "the loop is running")
-    port.cancel(rid)
-    # The cancellation lands once the loop lets go of the GIL, and the port is still there.
-    assert port.err(rid, timeout=60) == A("cancelled")
+    # Once released, Python code that runs until its cancellation lands (never by itself).
+    holder = GilHolder(port, tmp_path, then="[None for _ in iter(int, 1)]")
+    wait_until(lambda: port.stats()["busy_workers"] == 1, 10, "the GIL holder is running")
+    port.cancel(holder.rid)
+    # With the watchdog off, a cancellation that cannot get the GIL waits: the port lives
+    # (the default 5 s watchdog would have ended it well within this wait for busy workers)
+    # and answers what needs no GIL.
+    wait_until(lambda: port.stats()["busy_workers"] == 1 and port.proc.poll() is None, 10, "the port waits")
+    assert holder.rid not in port.pending
+    # The cancellation lands once the holder lets go of the GIL, and the port is still there.
+    holder.release()
+    assert port.err(holder.rid, timeout=60) == A("cancelled")
+    holder.close()
     port.assert_serving()
 
 
@@ -152,6 +188,10 @@ def test_every_atom_the_port_sends_exists_on_the_erlang_side():
         # the stats map's keys: ("dicts", reg.dicts as u64)
         sent |= set(re.findall(r'\("([a-z_]+)", [a-z]+\.[a-z_]+ as u64\)', code))
         sent |= set(re.findall(r'\("([a-z_]+)", pool\.threads', code))
+        # the settings the stats map's config reports: ("workers", Int(..)), Setting::Atom("auto")
+        for body in re.findall(r"fn report\(&self\)[^{]*\{(.*?)\n    \}\n", code, re.S):
+            sent |= set(re.findall(r'\("([a-z_]+)", ', body))
+        sent |= set(re.findall(r'Atom\("([a-z_]+)"\)', code))
         # the latency trace's stage names: pub const STAGES: [&str; 6] = ["route_ns", ...]
         for names in re.findall(r"const STAGES: \[&str; \d+\] = \[([^\]]*)\]", code):
             sent |= set(re.findall(r'"([a-z_]+)"', names))

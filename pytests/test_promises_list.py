@@ -1,7 +1,8 @@
-"""docs/PROMISES.md maps every documented promise to the tests that pin it. This checks that the
-list names only tests that exist: a pytest function defined at the top level of the named file,
-a Common Test case defined in the named suite and listed in its all(), an ExUnit test (its
-name in snake case), or a Rust #[test]."""
+"""docs/PROMISES.md maps every documented promise to the tests that pin it, and to the tests
+that pin its edges (the "boundary" column). This checks that the list names only tests that
+exist: a pytest function defined at the top level of the named file, a Common Test case defined
+in the named suite and listed in its all(), an ExUnit test (its name in snake case), or a Rust
+#[test]; and that every table row has its three cells, so that no row hides from these checks."""
 
 import os
 import re
@@ -12,16 +13,22 @@ PROMISES = os.path.join(REPO, "docs", "PROMISES.md")
 REF = re.compile(r"`([A-Za-z0-9_./-]+)::([A-Za-z_][A-Za-z0-9_]*)`")
 
 
-def rows():
-    """(promise, [(file, test), ...]) for every table row of the list."""
-    out = []
+NO_EDGE = "–"
+
+
+def table_lines():
+    """The cells of every table line of the list (header and separator lines included)."""
     with open(PROMISES, encoding="utf-8") as f:
-        for line in f:
-            cells = [c.strip() for c in line.strip().strip("|").split("|")]
-            if not line.startswith("|") or len(cells) != 2 or cells[0] in ("promise", "---"):
-                continue
-            out.append((cells[0], REF.findall(cells[1])))
-    return out
+        # a `\|` inside a cell is a pipe of the text, not a cell boundary
+        return [[c.strip() for c in re.split(r"(?<!\\)\|", line.strip().strip("|"))]
+                for line in f if line.startswith("|")]
+
+
+def rows():
+    """(promise, [(file, test), ...], [(file, test), ...] of its edges) for every row."""
+    return [(cells[0], REF.findall(cells[1]), REF.findall(cells[2]))
+            for cells in table_lines()
+            if len(cells) == 3 and cells[0] not in ("promise", "---")]
 
 
 def read(path):
@@ -67,12 +74,27 @@ def exists(path, test):
 def test_the_list_is_not_empty_and_every_promise_names_a_test():
     found = rows()
     assert len(found) >= 50, "docs/PROMISES.md lists only %d promises" % len(found)
-    unpinned = [promise for promise, refs in found if not refs]
+    unpinned = [promise for promise, refs, _ in found if not refs]
     assert not unpinned, "promises without a test: %r" % unpinned
 
 
+def test_every_row_has_a_promise_its_tests_and_its_boundary():
+    """Three cells on every line (a row with two would escape every check here); the header
+    names them; a boundary cell holds test references or says there is no edge."""
+    bad = [cells for cells in table_lines() if len(cells) != 3]
+    assert not bad, "table lines without exactly 3 cells: %r" % bad[:3]
+    headers = [cells for cells in table_lines() if cells[0] == "promise"]
+    assert headers and all(h == ["promise", "pinned by", "boundary"] for h in headers), headers
+    odd = [cells[0] for cells in table_lines()
+           if cells[0] not in ("promise", "---")
+           and cells[2] != NO_EDGE and re.sub(REF, "", cells[2]).strip(", ") != ""]
+    assert not odd, "boundary cells with something else than test references: %r" % odd
+    with_edges = [r for r in rows() if r[2]]
+    assert len(with_edges) >= 30, "only %d promises name a boundary test" % len(with_edges)
+
+
 def test_every_named_test_exists():
-    refs = sorted({ref for _, refs in rows() for ref in refs})
+    refs = sorted({ref for _, pinned, edges in rows() for ref in pinned + edges})
     problems = [p for p in (exists(path, test) for path, test in refs) if p]
     assert not problems, "docs/PROMISES.md names tests that do not exist:\n" + "\n".join(problems)
 

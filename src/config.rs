@@ -10,6 +10,14 @@ pub const USAGE: &str = "usage: pyport [--generation N] [--workers N] [--max-wor
 [--max-memory-bytes N] [--thread-affinity namespace|always|none] [--log-lines-per-sec N] \
 [--none-as undefined|nil|none] [--sd-decode-workers N] [--callback-timeout-ms N] [--node NAME] [--max-threads N] [--otp-release N] [--trace-latency 0|1] [--worker-reads auto|always|never] [--python-log-level N] [--python-log-format FMT] [--shm-path PATH] [--shm-size N] [--pool-generation N]";
 
+/// A setting's value as the stats map's `config` reports it: an integer, an atom or a text.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Setting {
+    Int(u64),
+    Atom(&'static str),
+    Text(String),
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     pub generation: u64,
@@ -176,6 +184,61 @@ impl Config {
     }
 }
 
+impl Config {
+    /// The settings the port applies, defaults included, named as the application env
+    /// names them (docs/PROTOCOL.md, "Stats map"): so that the defaults a user relies on
+    /// can be read from the running port rather than from documentation.
+    pub fn report(&self) -> Vec<(&'static str, Setting)> {
+        use Setting::{Atom, Int, Text};
+        let ms = |d: Duration| Int(d.as_millis() as u64);
+        let none_as = match self.none_as.as_str() {
+            "nil" => "nil",
+            "none" => "none",
+            _ => "undefined",
+        };
+        vec![
+            ("workers", Int(self.workers as u64)),
+            ("max_workers", Int(self.max_workers as u64)),
+            ("spare_after_ms", ms(self.spare_after)),
+            ("spare_idle_ms", ms(self.spare_idle)),
+            ("max_frame_bytes", Int(self.max_frame as u64)),
+            ("abandon_after_ms", ms(self.abandon_after)),
+            ("max_abandoned_workers", Int(self.max_abandoned as u64)),
+            ("gil_watchdog_ms", self.gil_watchdog.map_or(Atom("infinity"), ms)),
+            ("max_reply_bytes", Int(self.max_reply as u64)),
+            ("thread_affinity", affinity_setting(self.affinity)),
+            ("oom_score_adj", Int(self.oom_score_adj.max(0) as u64)),
+            ("max_memory_bytes", if self.max_memory == 0 { Atom("undefined") } else { Int(self.max_memory) }),
+            ("log_lines_per_sec", Int(self.log_lines_per_sec as u64)),
+            ("none_as", Atom(none_as)),
+            ("sd_decode_workers", Int(self.sd_decode_workers as u64)),
+            ("callback_timeout", ms(self.callback_timeout)),
+            ("max_threads", Int(self.max_threads as u64)),
+            ("trace_latency", Atom(if self.trace_latency { "true" } else { "false" })),
+            ("worker_reads", worker_reads_setting(self.worker_reads)),
+            ("python_log_level", Int(self.python_log_level)),
+            ("python_log_format", Text(self.python_log_format.clone().unwrap_or_else(|| "%(message)s".into()))),
+            ("shared_dict_memory", Int(self.shm_size)),
+        ]
+    }
+}
+
+fn affinity_setting(a: Affinity) -> Setting {
+    match a {
+        Affinity::Namespace => Setting::Atom("namespace"),
+        Affinity::Always => Setting::Atom("always"),
+        Affinity::None => Setting::Atom("none"),
+    }
+}
+
+fn worker_reads_setting(w: WorkerReads) -> Setting {
+    match w {
+        WorkerReads::Auto => Setting::Atom("auto"),
+        WorkerReads::Always => Setting::Atom("always"),
+        WorkerReads::Never => Setting::Atom("never"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -216,6 +279,54 @@ mod tests {
         assert!(parse(&["--thread-affinity", "sometimes"]).is_err());
         assert!(parse(&["--none-as", "null"]).is_err());
         assert!(parse(&["--worker-reads", "sometimes"]).is_err());
+    }
+
+    /// The stats map's `config`: every setting, named as the app env names it, defaults as
+    /// applied (`infinity` for no watchdog, `undefined` for no memory cap), flags as given.
+    #[test]
+    fn report_names_every_setting_as_applied() {
+        use Setting::{Atom, Int};
+        let names: Vec<&str> = parse(&[]).unwrap().report().iter().map(|(k, _)| *k).collect();
+        assert_eq!(
+            names,
+            [
+                "workers", "max_workers", "spare_after_ms", "spare_idle_ms", "max_frame_bytes",
+                "abandon_after_ms", "max_abandoned_workers", "gil_watchdog_ms", "max_reply_bytes",
+                "thread_affinity", "oom_score_adj", "max_memory_bytes", "log_lines_per_sec",
+                "none_as", "sd_decode_workers", "callback_timeout", "max_threads",
+                "trace_latency", "worker_reads", "python_log_level", "python_log_format",
+                "shared_dict_memory",
+            ]
+        );
+        let get = |args: &[&str], key: &str| {
+            parse(args).unwrap().report().into_iter().find(|(k, _)| *k == key).map(|(_, v)| v).unwrap()
+        };
+        assert_eq!(get(&[], "callback_timeout"), Int(30_000));
+        assert_eq!(get(&[], "max_abandoned_workers"), Int(64));
+        assert_eq!(get(&[], "max_threads"), Int(64));
+        assert_eq!(get(&[], "gil_watchdog_ms"), Int(5000));
+        assert_eq!(get(&["--gil-watchdog-ms", "0"], "gil_watchdog_ms"), Atom("infinity"));
+        assert_eq!(get(&[], "max_memory_bytes"), Atom("undefined"));
+        assert_eq!(get(&["--max-memory-bytes", "4096"], "max_memory_bytes"), Int(4096));
+        assert_eq!(get(&[], "thread_affinity"), Atom("namespace"));
+        assert_eq!(get(&["--thread-affinity", "always"], "thread_affinity"), Atom("always"));
+        assert_eq!(get(&["--thread-affinity", "none"], "thread_affinity"), Atom("none"));
+        assert_eq!(get(&[], "worker_reads"), Atom("auto"));
+        assert_eq!(get(&["--worker-reads", "always"], "worker_reads"), Atom("always"));
+        assert_eq!(get(&["--worker-reads", "never"], "worker_reads"), Atom("never"));
+        assert_eq!(get(&[], "none_as"), Atom("undefined"));
+        assert_eq!(get(&["--none-as", "nil"], "none_as"), Atom("nil"));
+        assert_eq!(get(&["--none-as", "none"], "none_as"), Atom("none"));
+        assert_eq!(get(&[], "python_log_level"), Int(30));
+        assert_eq!(get(&["--python-log-level", "10"], "python_log_level"), Int(10));
+        assert_eq!(get(&[], "python_log_format"), Setting::Text("%(message)s".into()));
+        assert_eq!(get(&["--python-log-format", "%(name)s"], "python_log_format"), Setting::Text("%(name)s".into()));
+        assert_eq!(get(&[], "trace_latency"), Atom("false"));
+        assert_eq!(get(&["--trace-latency", "1"], "trace_latency"), Atom("true"));
+        assert_eq!(get(&["--spare-after-ms", "7"], "spare_after_ms"), Int(7));
+        assert_eq!(get(&["--oom-score-adj", "700"], "oom_score_adj"), Int(700));
+        assert_eq!(get(&[], "shared_dict_memory"), Int(1 << 30));
+        assert_eq!(get(&["--shm-size", "1048576"], "shared_dict_memory"), Int(1 << 20));
     }
 
     #[test]

@@ -246,6 +246,8 @@ struct Router {
     dicts: Arc<SharedDicts>,
     aio: Arc<Aio>,
     generation: u64,
+    /// The settings in effect, for the stats map's `config`.
+    config: Vec<(&'static str, config::Setting)>,
 }
 
 impl Router {
@@ -282,7 +284,8 @@ impl Router {
             Box::new(move |handle, key| forget_detached.forget_detached(handle, key)),
         );
         let streams = streams::Streams::new(out.clone(), interp.clone(), pool.clone());
-        Ok(Router { out, pool, callbacks, streams, interp, dicts, aio, generation: cfg.generation })
+        let config = cfg.report();
+        Ok(Router { out, pool, callbacks, streams, interp, dicts, aio, generation: cfg.generation, config })
     }
 
     fn send(&self, frame: Vec<u8>) {
@@ -409,10 +412,11 @@ impl Router {
             ("lock_recoveries", reg.recoveries),
         ];
         protocol::ok_frame(id, |out| {
-            etf::put_map_header(out, entries.len() + lists.len() + 1 + trace.is_some() as usize);
+            etf::put_map_header(out, entries.len() + lists.len() + 2 + trace.is_some() as usize);
             if let Some(samples) = &trace {
                 put_latency_trace(out, samples);
             }
+            put_config(out, &self.config);
             etf::put_atom(out, "shared_dict");
             etf::put_map_header(out, sd_entries.len());
             for (k, v) in sd_entries {
@@ -430,6 +434,20 @@ impl Router {
                 etf::put_nil(out);
             }
         })
+    }
+}
+
+/// `config => #{workers => 1, ..., worker_reads => auto}`: the settings in effect.
+fn put_config(out: &mut Vec<u8>, config: &[(&'static str, config::Setting)]) {
+    etf::put_atom(out, "config");
+    etf::put_map_header(out, config.len());
+    for (key, value) in config {
+        etf::put_atom(out, key);
+        match value {
+            config::Setting::Int(n) => etf::put_u64(out, *n),
+            config::Setting::Atom(a) => etf::put_atom(out, a),
+            config::Setting::Text(t) => etf::put_binary(out, t.as_bytes()),
+        }
     }
 }
 

@@ -18,6 +18,14 @@ use std::time::{Duration, Instant};
 
 /// Longest line forwarded; the rest is cut and the cut is said.
 pub const MAX_LINE: usize = 4096;
+/// What is kept of a longer line: room is left for the note that says how much was cut.
+const KEEP: usize = MAX_LINE - 40;
+
+/// A line longer than MAX_LINE: its first KEEP bytes and its length.
+struct LongLine {
+    head: Vec<u8>,
+    len: usize,
+}
 // Token bucket: up to twice the rate (`--log-lines-per-sec`) lines at once, refilled at the rate.
 /// A partial line (no newline yet) is forwarded after this long without more output.
 const PARTIAL_LINE_DELAY: Duration = Duration::from_millis(50);
@@ -108,18 +116,32 @@ struct Drain {
     tokens: f64,
     refilled: Instant,
     suppressed: u64,
+    /// The unfinished line read so far (at most MAX_LINE bytes: past that, see `long`).
+    pending: Vec<u8>,
+    /// A line already longer than MAX_LINE whose end has not come: what is kept of it, and
+    /// its length so far. Its end (or a pause) forwards it once, cut.
+    long: Option<LongLine>,
 }
 
 impl Drain {
     fn new(level: &'static str, source: &'static str, out: Outbox, rate: f64) -> Self {
-        Drain { level, source, out, rate, tokens: 2.0 * rate, refilled: Instant::now(), suppressed: 0 }
+        Drain {
+            level,
+            source,
+            out,
+            rate,
+            tokens: 2.0 * rate,
+            refilled: Instant::now(),
+            suppressed: 0,
+            pending: Vec::new(),
+            long: None,
+        }
     }
 
     fn run(mut self, mut pipe: File) {
         let mut buf = vec![0u8; 64 * 1024];
-        let mut pending: Vec<u8> = Vec::new();
         loop {
-            let wait = if !pending.is_empty() {
+            let wait = if !self.pending.is_empty() || self.long.is_some() {
                 Some(PARTIAL_LINE_DELAY)
             } else if self.suppressed > 0 {
                 Some(Duration::from_millis(200))
@@ -128,10 +150,7 @@ impl Drain {
             };
             if !readable(&pipe, wait) {
                 // Quiet for a moment: forward a partial line, report suppressed lines.
-                if !pending.is_empty() {
-                    self.line(&pending);
-                    pending.clear();
-                }
+                self.flush_partial();
                 self.report_suppressed();
                 continue;
             }
@@ -141,23 +160,43 @@ impl Drain {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(_) => break,
             };
-            pending.extend_from_slice(&buf[..n]);
-            let mut start = 0;
-            while let Some(nl) = pending[start..].iter().position(|&b| b == b'\n') {
-                let line = pending[start..start + nl].to_vec();
-                self.line(&line);
-                start += nl + 1;
-            }
-            pending.drain(..start);
-            if pending.len() > MAX_LINE {
-                let long = std::mem::take(&mut pending);
-                self.line(&long);
-            }
+            self.take(&buf[..n]);
         }
-        if !pending.is_empty() {
+        self.flush_partial();
+        self.report_suppressed();
+    }
+
+    /// Forwards the lines that `data` completes; of an unfinished one, holds at most MAX_LINE
+    /// bytes (past that, its head and a count).
+    fn take(&mut self, data: &[u8]) {
+        let mut pending = std::mem::take(&mut self.pending);
+        pending.extend_from_slice(data);
+        let mut start = 0;
+        while let Some(nl) = pending[start..].iter().position(|&b| b == b'\n') {
+            match self.long.take() {
+                Some(l) => self.long_line(l, nl),
+                None => self.line(&pending[start..start + nl]),
+            }
+            start += nl + 1;
+        }
+        pending.drain(..start);
+        // Past MAX_LINE without its end: keep the head, count the rest, hold no more.
+        if pending.len() > MAX_LINE || (self.long.is_some() && !pending.is_empty()) {
+            let l = self.long.get_or_insert_with(|| LongLine { head: pending[..KEEP].to_vec(), len: 0 });
+            l.len += pending.len();
+            pending.clear();
+        }
+        self.pending = pending;
+    }
+
+    /// A pause, or the end of the stream: the unfinished line goes as it is.
+    fn flush_partial(&mut self) {
+        let pending = std::mem::take(&mut self.pending);
+        if let Some(l) = self.long.take() {
+            self.long_line(l, pending.len());
+        } else if !pending.is_empty() {
             self.line(&pending);
         }
-        self.report_suppressed();
     }
 
     fn refill(&mut self) {
@@ -168,6 +207,24 @@ impl Drain {
     }
 
     fn line(&mut self, raw: &[u8]) {
+        let line = raw.strip_suffix(b"\r").unwrap_or(raw);
+        if line.len() > MAX_LINE {
+            self.long_line(LongLine { head: line[..KEEP].to_vec(), len: line.len() }, 0);
+        } else {
+            self.forward(line);
+        }
+    }
+
+    /// A line of `l.len + more` bytes, forwarded as its head and how much was cut: the whole
+    /// message, note included, stays within MAX_LINE bytes.
+    fn long_line(&mut self, l: LongLine, more: usize) {
+        let mut cut = l.head;
+        cut.extend_from_slice(format!("... [{} bytes cut]", l.len + more - KEEP).as_bytes());
+        self.forward(&cut);
+    }
+
+    /// Sends one line, within the rate limit (or counts it as suppressed).
+    fn forward(&mut self, msg: &[u8]) {
         self.refill();
         if self.tokens < 1.0 {
             self.suppressed += 1;
@@ -175,17 +232,7 @@ impl Drain {
         }
         self.report_suppressed();
         self.tokens -= 1.0;
-        let line = raw.strip_suffix(b"\r").unwrap_or(raw);
-        if line.len() > MAX_LINE {
-            // The whole message, note included, stays within MAX_LINE bytes.
-            let note = format!("... [{} bytes cut]", line.len() + 40 - MAX_LINE);
-            let keep = MAX_LINE - 40;
-            let mut cut = line[..keep].to_vec();
-            cut.extend_from_slice(note.as_bytes());
-            self.send(self.level, self.source, &cut);
-        } else {
-            self.send(self.level, self.source, line);
-        }
+        self.send(self.level, self.source, msg);
     }
 
     fn report_suppressed(&mut self) {
@@ -220,5 +267,112 @@ fn readable(f: &File, wait: Option<Duration>) -> bool {
         if io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
             return true; // let read() report the problem
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::framing::FrameReader;
+    use std::io::Write;
+
+    /// Runs a drain (rate `rate`) over `input`, written from another thread in one write, and
+    /// returns the messages of the log frames it sent, in order.
+    fn drained(input: Vec<u8>, rate: f64) -> Vec<(String, Vec<u8>)> {
+        let name = format!("pyport-drain-{}-{}", std::process::id(), input.len());
+        let (out, path) = outbox(&name);
+        let (r, w) = pipe_cloexec().unwrap();
+        let writer = thread::spawn(move || File::from(w).write_all(&input));
+        Drain::new("info", "stdout", out.clone(), rate).run(File::from(r));
+        writer.join().unwrap().unwrap();
+        sent(&out, &path)
+    }
+
+    fn outbox(name: &str) -> (Outbox, std::path::PathBuf) {
+        let path = std::env::temp_dir().join(name);
+        (Outbox::start(File::create(&path).unwrap()).unwrap(), path)
+    }
+
+    /// The (source, message) of every log frame `out` has sent to `path`.
+    fn sent(out: &Outbox, path: &std::path::Path) -> Vec<(String, Vec<u8>)> {
+        // Written after (and so behind) everything queued before.
+        out.send_now(vec![0]);
+        let data = std::fs::read(path).unwrap();
+        let _ = std::fs::remove_file(path);
+        let mut frames = FrameReader::new(&data[..], 1 << 20);
+        let mut messages = Vec::new();
+        loop {
+            let frame = frames.read_frame().unwrap();
+            if frame == [0] {
+                return messages;
+            }
+            let eetf::Term::Tuple(t) = eetf::Term::decode(&frame[..]).unwrap() else { panic!("not a tuple") };
+            let (eetf::Term::Atom(source), eetf::Term::Binary(msg)) = (&t.elements[2], &t.elements[3]) else {
+                panic!("not a log frame: {t:?}")
+            };
+            messages.push((source.name.clone(), msg.bytes.clone()));
+        }
+    }
+
+    /// A line of `len` bytes `head` as it is forwarded cut: its first 4056 bytes (the promise
+    /// is a cut at 4096 with room for the note, so a literal, not KEEP) and the note.
+    fn cut(head: u8, len: usize) -> Vec<u8> {
+        let mut m = vec![head; 4096 - 40];
+        m.extend_from_slice(format!("... [{} bytes cut]", len - (4096 - 40)).as_bytes());
+        m
+    }
+
+    /// A line of exactly MAX_LINE bytes is whole; longer ones, however they arrive (in one
+    /// read, across reads past the 64 KiB buffer, or ended by the end of the stream), are one
+    /// message each, cut once, saying how many bytes were cut, within MAX_LINE bytes.
+    #[test]
+    fn a_line_of_any_length_is_one_message_cut_once() {
+        let mut input = Vec::new();
+        for (byte, len) in [(b'a', MAX_LINE), (b'b', MAX_LINE + 1), (b'c', 100_000), (b'd', 10)] {
+            input.extend(std::iter::repeat(byte).take(len));
+            input.push(b'\n');
+        }
+        input.extend(std::iter::repeat(b'e').take(70_000));
+        let got = drained(input, 1e6);
+        let expected = vec![vec![b'a'; MAX_LINE], cut(b'b', MAX_LINE + 1), cut(b'c', 100_000), vec![b'd'; 10], cut(b'e', 70_000)];
+        assert_eq!(got.len(), expected.len(), "{:?}", got.iter().map(|(_, m)| m.len()).collect::<Vec<_>>());
+        for ((source, msg), want) in got.iter().zip(&expected) {
+            assert_eq!(source, "stdout");
+            assert!(msg.len() <= MAX_LINE, "{} bytes", msg.len());
+            assert!(msg == want, "got {} bytes ending {:?}", msg.len(), String::from_utf8_lossy(&msg[msg.len().saturating_sub(30)..]));
+        }
+    }
+
+    /// However long a line without its end, the drain holds at most MAX_LINE bytes of it (it
+    /// is Python's output: untrusted, unbounded); a short unfinished line is held whole and
+    /// goes as it is at a pause; a pause with nothing unfinished, or a stream that ends with a
+    /// newline, sends nothing.
+    #[test]
+    fn an_unfinished_line_holds_at_most_max_line_bytes() {
+        let (out, path) = outbox(&format!("pyport-drain-held-{}", std::process::id()));
+        let mut d = Drain::new("info", "stdout", out.clone(), 1e6);
+        d.take(&vec![b'x'; MAX_LINE]);
+        assert_eq!(d.pending.len(), MAX_LINE, "a line of exactly MAX_LINE is still whole");
+        for _ in 0..20 {
+            d.take(&vec![b'x'; 64 * 1024]);
+            assert!(d.pending.len() <= MAX_LINE, "holds {} bytes", d.pending.len());
+        }
+        d.take(b"\nabc");
+        assert_eq!(d.pending, b"abc");
+        d.flush_partial();
+        d.flush_partial();
+        d.take(b"def\n");
+        d.flush_partial();
+        let got: Vec<Vec<u8>> = sent(&out, &path).into_iter().map(|(_, m)| m).collect();
+        assert_eq!(got, [cut(b'x', MAX_LINE + 20 * 64 * 1024), b"abc".to_vec(), b"def".to_vec()]);
+        assert_eq!(drained(b"one\ntwo\n".to_vec(), 1e6).len(), 2);
+    }
+
+    /// Lines read at once pass up to twice the rate; the next is suppressed (and counted).
+    #[test]
+    fn a_burst_passes_twice_the_rate_and_no_more() {
+        let got = drained(b"l0\nl1\nl2\nl3\nl4\n".to_vec(), 2.0);
+        let lines: Vec<&[u8]> = got.iter().filter(|(s, _)| s == "stdout").map(|(_, m)| &m[..]).collect();
+        assert_eq!(lines, [&b"l0"[..], b"l1", b"l2", b"l3"]);
     }
 }
