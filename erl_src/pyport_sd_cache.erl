@@ -38,8 +38,10 @@
          write_begin/2, write_end/2, stats/0, max_bytes/0]).
 
 -define(TABLE, pyport_sd_cache).
--define(STATE, {?MODULE, state}).
--define(COUNTERS, {?MODULE, counters}).
+%% Atom keys: persistent_term hashes an atom in about half the time of a tuple, and a
+%% cache hit reads both.
+-define(STATE, pyport_sd_cache_state).
+-define(COUNTERS, pyport_sd_cache_counters).
 -define(HITS, 1).
 -define(MISSES, 2).
 -define(BYTES, 3).
@@ -64,8 +66,9 @@
 -spec new() -> ok.
 new() ->
     _ = case ets:whereis(?TABLE) of
-            undefined -> ets:new(?TABLE, [named_table, public, ordered_set, {read_concurrency, true},
-                                          {write_concurrency, true}]);
+            %% Not write_concurrency: on an ordered_set that makes a contention-adapting
+            %% tree, and hits (what this table is for) measured slower with it.
+            undefined -> ets:new(?TABLE, [named_table, public, ordered_set, {read_concurrency, true}]);
             _ -> ets:delete_all_objects(?TABLE)
         end,
     persistent_term:put(?STATE, #cache{stamps = atomics:new(2 + ?KEY_BUCKETS + ?DICT_BUCKETS, [{signed, false}])}),
@@ -83,8 +86,8 @@ stamp() ->
 -spec lookup(tuple(), binary()) -> {ok, binary()} | miss.
 lookup(SD, Key) ->
     try ets:lookup(?TABLE, {SD, Key}) of
-        [{_, Stamp, Payload}] when is_integer(Stamp) ->
-            case fresh(SD, Key, Stamp) of
+        [{_, Stamp, Payload, KeyIx, DictIx}] ->
+            case fresh(KeyIx, DictIx, Stamp) of
                 true -> count(?HITS), {ok, Payload};
                 false -> count(?MISSES), miss
             end;
@@ -98,10 +101,12 @@ lookup(SD, Key) ->
     end.
 
 %% Whether nothing that invalidates an entry read at `Stamp' has been applied since.
--spec fresh(tuple(), binary(), pos_integer()) -> boolean().
-fresh(SD, Key, Stamp) ->
+%% The bucket indexes are kept in the entry: hashing the handle and key costs more than
+%% the rest of a hit.
+-spec fresh(pos_integer(), pos_integer(), pos_integer()) -> boolean().
+fresh(KeyIx, DictIx, Stamp) ->
     #cache{stamps = A} = persistent_term:get(?STATE),
-    atomics:get(A, ?KEY_IX(SD, Key)) < Stamp andalso atomics:get(A, ?DICT_IX(SD)) < Stamp
+    atomics:get(A, KeyIx) < Stamp andalso atomics:get(A, DictIx) < Stamp
         andalso atomics:get(A, ?FLOOR) < Stamp.
 
 %% Only the supervisor creates the counters (callers never race to).
@@ -118,7 +123,9 @@ count(Ix) ->
 -spec insert(tuple(), binary(), pos_integer(), binary(), non_neg_integer()) -> ok.
 insert(SD, Key, Stamp, Payload, MaxBytes) ->
     Size = entry_size(Key, Payload),
-    case Size > MaxBytes orelse not fresh(SD, Key, Stamp) of
+    KeyIx = ?KEY_IX(SD, Key),
+    DictIx = ?DICT_IX(SD),
+    case Size > MaxBytes orelse not fresh(KeyIx, DictIx, Stamp) of
         true ->
             ok = delete_value({SD, Key}),
             ok;
@@ -128,22 +135,23 @@ insert(SD, Key, Stamp, Payload, MaxBytes) ->
                 true -> clear_values();
                 false -> ok
             end,
-            put_value({SD, Key}, Stamp, Payload, Size, C)
+            put_value({{SD, Key}, Stamp, Payload, KeyIx, DictIx}, Size, C)
     end.
 
 %% Every value entry is added by insert_new and removed by delete_value, so that the
 %% byte count stays exact while several servers write the same key.
--spec put_value({tuple(), binary()}, pos_integer(), binary(), non_neg_integer(),
-                counters:counters_ref()) -> ok.
-put_value(K, Stamp, Payload, Size, C) ->
-    case ets:insert_new(?TABLE, {K, Stamp, Payload}) of
+%% A value entry: `{{SD, Key}, Stamp, Payload, KeyBucketIx, DictBucketIx}'.
+-spec put_value({{tuple(), binary()}, pos_integer(), binary(), pos_integer(), pos_integer()},
+                non_neg_integer(), counters:counters_ref()) -> ok.
+put_value({K, Stamp, _, _, _} = Entry, Size, C) ->
+    case ets:insert_new(?TABLE, Entry) of
         true ->
             counters:add(C, ?BYTES, Size);
         false ->
             case ets:lookup(?TABLE, K) of
                 [{_, ?MARKER, _}] -> ok;   % a write in flight: not cached
-                [{_, Old, _}] when Old > Stamp -> ok;   % a later read got here first
-                _ -> ok = delete_value(K), put_value(K, Stamp, Payload, Size, C)
+                [{_, Old, _, _, _}] when Old > Stamp -> ok;   % a later read got here first
+                _ -> ok = delete_value(K), put_value(Entry, Size, C)
             end
     end.
 
@@ -240,8 +248,8 @@ raise(A, Ix, Stamp) ->
 -spec delete_value({tuple(), binary()}) -> ok.
 delete_value({_SD, Key} = K) ->
     case ets:lookup(?TABLE, K) of
-        [{_, Stamp, Payload}] when is_integer(Stamp) ->
-            case ets:select_delete(?TABLE, [{{K, Stamp, '_'}, [], [true]}]) of
+        [{_, Stamp, Payload, _, _}] ->
+            case ets:select_delete(?TABLE, [{{K, Stamp, '_', '_', '_'}, [], [true]}]) of
                 1 -> counters:sub(counters(), ?BYTES, entry_size(Key, Payload));
                 0 -> delete_value(K)
             end;
@@ -253,12 +261,12 @@ delete_value({_SD, Key} = K) ->
 delete_dict_values(SD) ->
     %% The key's first element is bound: on an ordered_set this visits only the
     %% dict's own entries.
-    Keys = ets:select(?TABLE, [{{{SD, '$1'}, '$2', '_'}, [{is_integer, '$2'}], ['$1']}]),
+    Keys = ets:select(?TABLE, [{{{SD, '$1'}, '_', '_', '_', '_'}, [], ['$1']}]),
     lists:foreach(fun(Key) -> delete_value({SD, Key}) end, Keys).
 
 -spec clear_values() -> ok.
 clear_values() ->
-    Keys = ets:select(?TABLE, [{{'$1', '$2', '_'}, [{is_integer, '$2'}], ['$1']}]),
+    Keys = ets:select(?TABLE, [{{'$1', '_', '_', '_', '_'}, [], ['$1']}]),
     lists:foreach(fun delete_value/1, Keys).
 
 -spec entry_size(binary(), binary()) -> non_neg_integer().
