@@ -138,6 +138,16 @@ impl Registry {
         DetachedGate { registry: self }
     }
 
+    /// What the VM is asked to forget for `what`: the dict's handle, and the key unless the
+    /// whole dict changes.
+    fn forgetting<'a>(&self, what: Invalidation<'a>) -> (Handle, Option<&'a [u8]>) {
+        let (dict, token, key) = match what {
+            Invalidation::Key { dict, token, key } => (dict, token, Some(key)),
+            Invalidation::Dict { dict, token } => (dict, token, None),
+        };
+        (Handle { generation: self.generation, id: dict, token: token.to_vec() }, key)
+    }
+
     fn handle_of(&self, r: &DictRef) -> Handle {
         Handle { generation: self.generation, id: r.id(), token: r.token().to_vec() }
     }
@@ -234,11 +244,7 @@ pub struct DetachedGate<'r> {
 impl Gate for DetachedGate<'_> {
     fn before_change(&self, what: Invalidation<'_>) -> Result<(), Error> {
         let Some(forget) = FORGET_DETACHED.get() else { return Ok(()) };
-        let (dict, token, key) = match what {
-            Invalidation::Key { dict, token, key } => (dict, token, Some(key)),
-            Invalidation::Dict { dict, token } => (dict, token, None),
-        };
-        let handle = Handle { generation: self.registry.generation, id: dict, token: token.to_vec() };
+        let (handle, key) = self.registry.forgetting(what);
         if forget(&handle, key) { Ok(()) } else { Err(Error::Interrupted) }
     }
 }
@@ -246,11 +252,7 @@ impl Gate for DetachedGate<'_> {
 impl Gate for PyGate<'_, '_> {
     fn before_change(&self, what: Invalidation<'_>) -> Result<(), Error> {
         let Some(forget) = FORGET.get() else { return Ok(()) };
-        let (dict, token, key) = match what {
-            Invalidation::Key { dict, token, key } => (dict, token, Some(key)),
-            Invalidation::Dict { dict, token } => (dict, token, None),
-        };
-        let handle = Handle { generation: self.registry.generation, id: dict, token: token.to_vec() };
+        let (handle, key) = self.registry.forgetting(what);
         forget(self.py, &handle, key).map_err(|e| {
             *self.failed.borrow_mut() = Some(e);
             Error::Interrupted

@@ -168,10 +168,7 @@ impl Callbacks {
     /// for its answer as for a callback's (the same cancellation and time limits): a change
     /// to a SharedDict waits for this before anyone can see it (see `shm`).
     pub fn forget(&self, py: Python<'_>, handle: &protocol::Handle, key: Option<&[u8]>) -> PyResult<()> {
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = unbounded();
-        self.waiters.lock().insert(id, Waiter::Thread(tx));
-        self.out.send(protocol::sd_invalidate_frame(id, handle, key));
+        let (id, rx) = self.ask_to_forget(handle, key);
         if let Some(pool) = self.pool.get() {
             pool.before_waiting();
         }
@@ -188,10 +185,7 @@ impl Callbacks {
     /// the GIL (the Erlang side's whole-dict changes): waits at most `callback_timeout`,
     /// without Python. False if the VM did not answer in time.
     pub fn forget_detached(&self, handle: &protocol::Handle, key: Option<&[u8]>) -> bool {
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = unbounded();
-        self.waiters.lock().insert(id, Waiter::Thread(tx));
-        self.out.send(protocol::sd_invalidate_frame(id, handle, key));
+        let (id, rx) = self.ask_to_forget(handle, key);
         let deadline = Instant::now() + self.timeout;
         let answered = loop {
             match rx.recv_deadline(deadline) {
@@ -207,6 +201,15 @@ impl Callbacks {
         };
         self.waiters.lock().remove(&id);
         answered
+    }
+
+    /// Sends the VM an invalidation and registers the thread that will wait for its answer.
+    fn ask_to_forget(&self, handle: &protocol::Handle, key: Option<&[u8]>) -> (u64, Receiver<Event>) {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = unbounded();
+        self.waiters.lock().insert(id, Waiter::Thread(tx));
+        self.out.send(protocol::sd_invalidate_frame(id, handle, key));
+        (id, rx)
     }
 
     /// Waits for the answer to callback `id`. A worker waits as long as its request lives,
